@@ -1,0 +1,1 @@
+"""tokenmill.api: the router and the HTTP (TGI, OpenAI) and gRPC surfaces."""

@@ -1,0 +1,204 @@
+"""The backend contract: what a hardware plugin provides, as pluggy hook specifications.
+
+A vendor can write a plugin from this file alone. A plugin is a module (or any object) with functions
+named like the hooks below, marked with `tokenmill.hookimpl`, and registered under the entry-point
+group ``tokenmill.backends``::
+
+    [project.entry-points."tokenmill.backends"]
+    mychip = "tokenmill_mychip"
+
+How the hooks are called:
+
+* Every plugin answers `tokenmill_discover`, in its own try/except: a plugin that raises is reported
+  as failed, never takes the process down.
+* Once a backend is chosen, every other hook is called on that backend alone (plus the core's
+  torch-native defaults, registered ``trylast``, for the optional hooks). All hooks are
+  ``firstresult``: the chosen plugin's non-None answer wins, else the default's.
+* Hooks are called while the engine is built, never in the step loop: they return objects
+  (`tokenmill.interfaces`) that the engine then calls directly.
+* Required hooks: `tokenmill_discover` (checked at load) and, for a backend to be *usable*,
+  `tokenmill_init_device`, `tokenmill_kv_cache_layout` and `tokenmill_attention_backend`.
+  A plugin lacking them is listed as "incomplete" and cannot be chosen.
+* Arguments are passed by keyword; an implementation may accept fewer than the spec names
+  (pluggy's opt-in arguments), so the contract grows by adding arguments, never by renaming.
+
+A plugin is refused at load, with a message naming it, when it defines a ``tokenmill_*`` function
+that matches no hook here, when an implementation asks for an argument the spec does not give, or
+when it lacks `tokenmill_discover`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tokenmill.interfaces import (
+        AttentionBackend,
+        AttentionSpec,
+        Communicator,
+        DevicePlatform,
+        Discovery,
+        KVCacheLayout,
+        KVCacheShape,
+        MemoryRequest,
+        QuantMethod,
+        ShapeBuckets,
+        TensorParallelPlan,
+    )
+
+PROJECT = "tokenmill"
+ENTRY_POINT_GROUP = "tokenmill.backends"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+REQUIRED_AT_LOAD = ("tokenmill_discover",)
+REQUIRED_TO_RUN = ("tokenmill_init_device", "tokenmill_kv_cache_layout", "tokenmill_attention_backend")
+
+
+# --------------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tokenmill_discover() -> Discovery:
+    """Report whether this backend's hardware is here, which devices it has, and the backend's priority.
+
+    Called in the launcher process of every command, for every registered plugin, so it must be cheap:
+
+    * import a vendor library only if it is installed (check with ``importlib.util.find_spec``), and
+      prefer management libraries (NVML, amdsmi, HLML) or device files to the compute runtime;
+    * never initialise a device context in this process (a CUDA context breaks forked workers);
+    * explain a "no": the status, a reason a user can act on, and the ``install_extra`` that would
+      install the missing vendor library.
+
+    An exception raised here is caught and reported as status "discovery failed".
+    Required. Returns a `Discovery`.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Device and memory
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tokenmill_init_device(device_index: int) -> DevicePlatform:
+    """Set up device `device_index` in the process that will run the model, and describe it.
+
+    This is where a backend binds the process to its device (``torch.cuda.set_device``), sets thread
+    counts, or initialises its runtime. Returns a `DevicePlatform`: the torch device, the dtypes the
+    kernels support, and the dtype ``--dtype auto`` should become. Required to run.
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_memory_budget(device: torch.device, request: MemoryRequest) -> int:
+    """The bytes the KV cache may take on `device`, now that the weights are loaded.
+
+    `request` carries the weights' size, an explicit size if the user gave one (which should win) and
+    the fraction of device memory tokenmill may use. The core divides the answer by
+    `KVCacheLayout.bytes_per_block()` to size the cache. Default: the explicit size, else the
+    fraction of total memory minus the weights, at least one block's worth left to the core to check.
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_kv_cache_layout(shape: KVCacheShape, device: torch.device) -> KVCacheLayout:
+    """The paged KV cache's geometry for a model of this `shape` on `device`.
+
+    The returned `KVCacheLayout` fixes the block size (16 on CPU, 64 or 128 on others), how blocks are
+    laid out in memory, how they are allocated and how blocks are copied (prefix sharing, preemption).
+    The attention backend from `tokenmill_attention_backend` must read this layout. Required to run.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tokenmill_attention_backend(spec: AttentionSpec, layout: KVCacheLayout) -> AttentionBackend:
+    """The attention kernels for layers of this `spec` over caches of this `layout`.
+
+    Called once per distinct spec when the model is built. The returned `AttentionBackend` handles a
+    flattened ragged batch in which prefills, prefill chunks and decodes are mixed, and must not loop
+    over sequences in Python per layer. Required to run.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallelism
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tokenmill_communicator(world_size: int, rank: int, device: torch.device) -> Communicator:
+    """The communicator for tensor parallelism over `world_size` ranks, this process being `rank`.
+
+    Chooses the torch.distributed backend (gloo, nccl, xccl, hccl, XLA collectives) and initialises
+    the process group when `world_size` > 1. Default: gloo through torch.distributed.
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_tensor_parallel_plan(world_size: int) -> TensorParallelPlan:
+    """How weights are sharded over `world_size` ranks on this backend.
+
+    Default: even splits along the output (column) or input (row) features.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tokenmill_quantization_methods() -> list[QuantMethod]:
+    """The quantization methods this backend can run, each a `QuantMethod` object.
+
+    The core validates ``--quantize NAME`` against the names returned here, never against a list of
+    its own. Default: none.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Execution: compilation, graphs, static shapes, whole-model backends
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tokenmill_shape_buckets(max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
+    """The static shapes this backend compiles for, or None for dynamic shapes.
+
+    Backends that compile per shape (XLA, HPU graphs, Neuron) declare buckets up to the scheduler's
+    limits; the scheduler then pads each step's token and sequence counts up to a bucket and never
+    exceeds the largest. Default: None.
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_compile_model(model: nn.Module, buckets: ShapeBuckets | None) -> Any:
+    """Compile or capture the model's forward step; return the callable the engine will run.
+
+    For example ``torch.compile``, CUDA/HPU graph capture per bucket, or XLA compilation. The
+    callable takes the same arguments as ``model.forward``. Warm-up compiles every bucket before the
+    server reports healthy. Default: the model itself (eager).
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_model_executor(model_id: str, config: Any) -> nn.Module | None:
+    """A whole model step owned by the backend (Neuron's ahead-of-time compiled models), or None.
+
+    Returning a module here replaces the core's model implementation for `config` (a transformers
+    config); the core still schedules, samples and detokenizes. Default: None (core models).
+    """

@@ -1,0 +1,258 @@
+"""The objects that the backend hooks exchange with the core.
+
+`hookspecs.py` is the contract; this module holds the types it names. A backend returns these from its
+hooks once, when the engine is built, and the engine's step loop then calls the returned objects
+directly (a pluggy call costs ~20x a plain call, so no hook is called per layer or per token).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+
+# --------------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------------
+
+
+class BackendStatus(str, enum.Enum):
+    """Why a backend can or cannot run here; `tokenmill env` prints the value."""
+
+    USABLE = "usable"
+    LIBRARY_MISSING = "vendor library missing"
+    NO_DEVICE = "no device"
+    INCOMPLETE = "incomplete"  # hardware found, but the plugin lacks a hook the engine needs
+    ERROR = "discovery failed"
+    REFUSED = "refused at load"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One device a backend can run on."""
+
+    index: int
+    name: str
+    total_memory_bytes: int
+    free_memory_bytes: int | None = None
+    properties: Mapping[str, str] = field(default_factory=dict)  # ISA flags, compute capability...
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """A backend's answer to "can you run here?", cheap to compute and never raising."""
+
+    status: BackendStatus
+    reason: str  # one sentence a user can act on
+    priority: int  # the highest-priority usable backend is chosen
+    devices: tuple[DeviceInfo, ...] = ()
+    versions: Mapping[str, str] = field(default_factory=dict)  # torch, vendor libraries, drivers
+    install_extra: str | None = None  # the `tokenmill[...]` extra that installs the vendor library
+
+    @property
+    def is_usable(self) -> bool:
+        return self.status is BackendStatus.USABLE
+
+
+# --------------------------------------------------------------------------------------------------
+# Device
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePlatform:
+    """What the engine needs to know about the device it was given, after the backend set it up."""
+
+    device: torch.device
+    supported_dtypes: tuple[torch.dtype, ...]
+    preferred_dtype: torch.dtype  # what `--dtype auto` becomes
+    description: str = ""  # e.g. "2 threads, AVX512-BF16"
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache and attention
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVCacheShape:
+    """What a model needs cached per token, per layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+class KVCacheLayout(abc.ABC):
+    """A backend's paged KV-cache geometry on its device: block size, memory, allocation and copies.
+
+    The core only deals in block ids; what a block looks like in memory is the backend's business.
+    """
+
+    block_size: int  # tokens per block
+
+    @abc.abstractmethod
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes over all layers, keys and values together."""
+
+    @abc.abstractmethod
+    def allocate(self, num_blocks: int) -> list[torch.Tensor]:
+        """One cache tensor per layer, each holding `num_blocks` blocks of keys and values."""
+
+    @abc.abstractmethod
+    def copy_blocks(self, caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy block `src[i]` onto block `dst[i]` in every layer (copy-on-write, preemption swap)."""
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention layer's shape; layers that differ (sliding window) get their own backend object."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    dtype: torch.dtype
+    sliding_window: int | None = None  # a query sees at most this many most recent keys, itself included
+    logit_softcap: float | None = None  # Gemma 2: scores = softcap * tanh(scores / softcap)
+
+
+@dataclass
+class AttentionMetadata:
+    """The flattened batch as attention sees it, built once per step and shared by every layer.
+
+    Tokens of all sequences are concatenated without padding. Sequence `i` owns query tokens
+    `query_start_loc[i]:query_start_loc[i+1]`, which are the *last* tokens of its `seq_lens[i]`-token
+    context; every earlier token of that context is already in the cache at the blocks
+    `block_tables[i]`. A decode is a sequence with one query token; a prefill chunk has several.
+    """
+
+    query_start_loc: torch.Tensor  # (num_seqs + 1,) int32, cumulative query lengths
+    seq_lens: torch.Tensor  # (num_seqs,) int32, context length including this step's tokens
+    block_tables: torch.Tensor  # (num_seqs, max_blocks_per_seq) int32, padded with 0
+    slot_mapping: torch.Tensor  # (num_tokens,) int64, cache slot (block * block_size + offset) per token
+    max_query_len: int  # host-side copies, so kernels need no device sync
+    max_seq_len: int
+    backend_data: Any = None  # whatever `AttentionBackend.prepare` computed for this step
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class AttentionBackend(abc.ABC):
+    """Attention over the paged KV cache for a flattened, ragged batch (prefill, decode or both)."""
+
+    @abc.abstractmethod
+    def prepare(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        """Called once per step before the layers run: precompute what every layer reuses."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # (num_tokens, num_heads, head_dim)
+        key: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        value: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # this layer's tensor from KVCacheLayout.allocate
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
+        """Write this step's keys and values at `slot_mapping`, then attend causally over each context."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory, parallelism, quantization, execution
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """What the user asked of the KV cache's memory; the backend turns it into bytes."""
+
+    weights_bytes: int
+    kv_cache_bytes: int | None = None  # an explicit size wins over the fraction
+    memory_fraction: float = 0.9  # of the device memory that tokenmill may use in all
+
+
+class Communicator(abc.ABC):
+    """The collectives tensor parallelism needs, over one torch.distributed process group."""
+
+    dist_backend: str  # "gloo", "nccl", "xccl", "hccl", ...
+    world_size: int
+    rank: int
+
+    @abc.abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over all ranks; every rank gets the result."""
+
+    @abc.abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along `dim`, in rank order."""
+
+
+class ShardStyle(str, enum.Enum):
+    """How a linear layer's weight is split over tensor-parallel ranks."""
+
+    COLUMN = "column"  # output features split; outputs gathered or consumed locally
+    ROW = "row"  # input features split; outputs all-reduced
+    REPLICATE = "replicate"
+
+
+class TensorParallelPlan(abc.ABC):
+    """How a backend shards weights over ranks (alignment, padding, fused layouts are its choice)."""
+
+    @abc.abstractmethod
+    def shard(self, weight: torch.Tensor, style: ShardStyle, rank: int, world_size: int) -> torch.Tensor:
+        """This rank's part of a (out_features, in_features) weight, or of a bias for COLUMN."""
+
+
+class QuantMethod(abc.ABC):
+    """A quantization method a backend can run: prepare weights once, then matmul with them."""
+
+    name: str  # what `--quantize NAME` selects
+
+    @abc.abstractmethod
+    def prepare(self, weight: torch.Tensor) -> Any:
+        """Turn a dense (out_features, in_features) weight into this method's packed form."""
+
+    @abc.abstractmethod
+    def matmul(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """`x @ weight.T` with the prepared weight; `x` is (num_tokens, in_features)."""
+
+
+@dataclass(frozen=True)
+class ShapeBuckets:
+    """Static shapes for backends that compile per shape; the scheduler pads each step up to them.
+
+    `None` from the hook means dynamic shapes. Sizes are sorted; a step larger than the last bucket is
+    never scheduled.
+    """
+
+    num_tokens: tuple[int, ...]  # flattened batch sizes in tokens
+    num_seqs: tuple[int, ...]  # sequences per step
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "num_seqs"):
+            sizes = getattr(self, name)
+            if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+                raise ValueError(f"ShapeBuckets.{name} must be a non-empty increasing tuple of positive ints")
+
+    @staticmethod
+    def _bucket(sizes: tuple[int, ...], n: int) -> int | None:
+        return next((size for size in sizes if size >= n), None)
+
+    def pad_num_tokens(self, n: int) -> int | None:
+        """The smallest token bucket that holds `n`, or None when `n` is over the largest."""
+        return self._bucket(self.num_tokens, n)
+
+    def pad_num_seqs(self, n: int) -> int | None:
+        """The smallest sequence bucket that holds `n`, or None when `n` is over the largest."""
+        return self._bucket(self.num_seqs, n)
+
+
+ModelStep = Callable[..., torch.Tensor]
+"""A callable running one forward step of the model: what `tokenmill_compile_model` returns."""
