@@ -138,7 +138,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) int64, cache slot (block * block_size + offset) per token
     max_query_len: int  # host-side copies, so kernels need no device sync
     max_seq_len: int
-    backend_data: Any = None  # whatever `AttentionBackend.prepare` computed for this step
+    # What `AttentionBackend.prepare` computed for this step, under keys of the backend's choosing
+    # (layers with different specs share one metadata object).
+    backend_data: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -149,8 +151,11 @@ class AttentionBackend(abc.ABC):
     """Attention over the paged KV cache for a flattened, ragged batch (prefill, decode or both)."""
 
     @abc.abstractmethod
-    def prepare(self, metadata: AttentionMetadata) -> AttentionMetadata:
-        """Called once per step before the layers run: precompute what every layer reuses."""
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        """Called once per step before the layers run: precompute what every layer reuses.
+
+        Store it in `metadata.backend_data`; the metadata object is shared by every backend of the step.
+        """
 
     @abc.abstractmethod
     def forward(
