@@ -104,8 +104,8 @@ def tokenmill_memory_budget(device: torch.device, request: MemoryRequest) -> int
 
     `request` carries the weights' size, an explicit size if the user gave one (which should win) and
     the fraction of device memory tokenmill may use. The core divides the answer by
-    `KVCacheLayout.bytes_per_block()` to size the cache. Default: the explicit size, else the
-    fraction of total memory minus the weights, at least one block's worth left to the core to check.
+    `KVCacheLayout.bytes_per_block()` to size the cache. Default: the explicit size; without one the
+    default raises, since only the backend knows its device's memory.
     """
 
 

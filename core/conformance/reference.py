@@ -46,78 +46,89 @@ def reference_attention(
 
 
 @dataclass
-class PagedBatch:
-    """A random ragged batch whose earlier context already sits in scattered cache blocks."""
+class PagedStep:
+    """One attention call: its metadata and the new tokens' queries, keys and values."""
 
     metadata: AttentionMetadata
     query: torch.Tensor
-    new_keys: torch.Tensor
-    new_values: torch.Tensor
-    full_keys: list[torch.Tensor]  # per sequence, cached context followed by the new tokens
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
+class PagedBatch:
+    """A random ragged batch over scattered cache blocks, in two steps.
+
+    `fill` writes each sequence's earlier context through the backend's own `forward` (so any cache
+    layout works); `step` is the batch under test: each sequence's new tokens over that context.
+    """
+
+    fill: PagedStep | None  # None when no sequence has earlier context
+    step: PagedStep
+    full_keys: list[torch.Tensor]  # per sequence, the whole context: earlier tokens then new ones
     full_values: list[torch.Tensor]
-    query_lens: list[int]
+    query_lens: list[int]  # new tokens per sequence in `step`
+
+
+def _paged_step(
+    tables: list[list[int]], spans: list[tuple[int, int]], keys: list[torch.Tensor], values: list[torch.Tensor],
+    queries: list[torch.Tensor], block_size: int, device: torch.device,
+) -> PagedStep:
+    """Metadata for sequences whose tokens `start:end` (per `spans`) are this step's queries."""
+    max_blocks = max(len(t) for t in tables)
+    block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+    slots = []
+    for i, (table, (start, end)) in enumerate(zip(tables, spans)):
+        block_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    lens = torch.tensor([end - start for start, end in spans], dtype=torch.int32)
+    metadata = AttentionMetadata(
+        query_start_loc=torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]).to(device),
+        seq_lens=torch.tensor([end for _, end in spans], dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_query_len=int(lens.max()),
+        max_seq_len=max(end for _, end in spans),
+    )
+    return PagedStep(
+        metadata,
+        torch.cat([q[s:e] for q, (s, e) in zip(queries, spans)]).to(device),
+        torch.cat([k[s:e] for k, (s, e) in zip(keys, spans)]).to(device),
+        torch.cat([v[s:e] for v, (s, e) in zip(values, spans)]).to(device),
+    )
 
 
 def build_paged_batch(
     layout: KVCacheLayout,
-    kv_cache: torch.Tensor,
+    num_blocks: int,
     spec: AttentionSpec,
     seqs: list[tuple[int, int]],
     generator: torch.Generator,
     device: torch.device,
 ) -> PagedBatch:
-    """Fill `kv_cache` with random cached context for each ``(num_cached, num_new)`` in `seqs`.
+    """A batch of sequences, each ``(num_cached, num_new)`` tokens, over shuffled blocks.
 
-    Blocks are handed out in a shuffled order so no kernel can rely on contiguous blocks. The cached
-    part is written through the layout's own memory (keys at index 0, values at 1 along dim 0 of the
-    per-slot view), matching how `AttentionBackend.forward` writes new tokens.
+    Blocks are handed out in a random order so no kernel can rely on contiguous blocks.
     """
     block_size = layout.block_size
-    num_blocks = kv_cache.shape[1]
     blocks_needed = [math.ceil((cached + new) / block_size) for cached, new in seqs]
     if sum(blocks_needed) > num_blocks:
         raise ValueError("the cache is too small for this batch")
     order = torch.randperm(num_blocks, generator=generator).tolist()
-    max_blocks = max(blocks_needed)
-    block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-    flat = kv_cache.view(2, -1, spec.num_kv_heads, spec.head_dim)
+    tables = [[order.pop() for _ in range(n)] for n in blocks_needed]
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(spec.dtype)
+    def randn(length: int, heads: int) -> torch.Tensor:
+        return torch.randn(length, heads, spec.head_dim, generator=generator).to(spec.dtype)
 
-    slots, full_keys, full_values, query_lens = [], [], [], []
-    new_keys, new_values = [], []
-    for i, ((cached, new), n_blocks) in enumerate(zip(seqs, blocks_needed)):
-        table = [order.pop() for _ in range(n_blocks)]
-        block_tables[i, :n_blocks] = torch.tensor(table, dtype=torch.int32)
-        seq_slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(cached + new)])
-        k = randn(cached + new, spec.num_kv_heads, spec.head_dim)
-        v = randn(cached + new, spec.num_kv_heads, spec.head_dim)
-        flat[0][seq_slots[:cached].to(device)] = k[:cached].to(device, kv_cache.dtype)
-        flat[1][seq_slots[:cached].to(device)] = v[:cached].to(device, kv_cache.dtype)
-        slots.append(seq_slots[cached:])
-        full_keys.append(k)
-        full_values.append(v)
-        new_keys.append(k[cached:])
-        new_values.append(v[cached:])
-        query_lens.append(new)
+    keys = [randn(c + n, spec.num_kv_heads) for c, n in seqs]
+    values = [randn(c + n, spec.num_kv_heads) for c, n in seqs]
+    queries = [randn(c + n, spec.num_heads) for c, n in seqs]
 
-    lens = torch.tensor(query_lens, dtype=torch.int32)
-    metadata = AttentionMetadata(
-        query_start_loc=torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]).to(device),
-        seq_lens=torch.tensor([c + n for c, n in seqs], dtype=torch.int32, device=device),
-        block_tables=block_tables.to(device),
-        slot_mapping=torch.cat(slots).long().to(device),
-        max_query_len=max(query_lens),
-        max_seq_len=max(c + n for c, n in seqs),
-    )
-    query = randn(sum(query_lens), spec.num_heads, spec.head_dim)
-    return PagedBatch(
-        metadata=metadata,
-        query=query.to(device),
-        new_keys=torch.cat(new_keys).to(device),
-        new_values=torch.cat(new_values).to(device),
-        full_keys=full_keys,
-        full_values=full_values,
-        query_lens=query_lens,
-    )
+    with_context = [i for i, (cached, _) in enumerate(seqs) if cached]
+    fill = None
+    if with_context:
+        pick = lambda items: [items[i] for i in with_context]  # noqa: E731
+        fill = _paged_step(pick(tables), [(0, seqs[i][0]) for i in with_context], pick(keys), pick(values),
+                           pick(queries), block_size, device)
+    step = _paged_step(tables, [(c, c + n) for c, n in seqs], keys, values, queries, block_size, device)
+    return PagedBatch(fill, step, keys, values, [n for _, n in seqs])

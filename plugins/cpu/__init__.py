@@ -1,0 +1,61 @@
+"""The CPU backend: bf16 where the CPU has native bf16, batched paged attention, gloo, int8 weights.
+
+Hook implementations only; each delegates to the module that does the work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.hookspecs import hookimpl
+from tokenmill.interfaces import (
+    AttentionBackend,
+    AttentionSpec,
+    Communicator,
+    DevicePlatform,
+    Discovery,
+    KVCacheLayout,
+    KVCacheShape,
+    MemoryRequest,
+    QuantMethod,
+)
+from tokenmill.parallel import TorchDistributedCommunicator
+from tokenmill.plugins.cpu import discover as _discover
+from tokenmill.plugins.cpu import platform as _platform
+from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
+from tokenmill.plugins.cpu.quant import Int8WeightOnly
+
+
+@hookimpl
+def tokenmill_discover() -> Discovery:
+    return _discover.discover()
+
+
+@hookimpl
+def tokenmill_init_device(device_index: int) -> DevicePlatform:
+    return _platform.init_device()
+
+
+@hookimpl
+def tokenmill_memory_budget(request: MemoryRequest) -> int:
+    return _platform.memory_budget(request)
+
+
+@hookimpl
+def tokenmill_kv_cache_layout(shape: KVCacheShape, device: torch.device) -> KVCacheLayout:
+    return CPUKVCacheLayout(shape, device)
+
+
+@hookimpl
+def tokenmill_attention_backend(spec: AttentionSpec, layout: KVCacheLayout) -> AttentionBackend:
+    return CPUPagedAttention(spec, layout)
+
+
+@hookimpl
+def tokenmill_communicator(world_size: int, rank: int) -> Communicator:
+    return TorchDistributedCommunicator("gloo", world_size, rank)
+
+
+@hookimpl
+def tokenmill_quantization_methods() -> list[QuantMethod]:
+    return [Int8WeightOnly()]

@@ -1,0 +1,98 @@
+"""The chosen backend, its hooks resolved into plain objects once, when the engine is built.
+
+The engine never calls pluggy in its step loop: it asks `Backend` for an attention object per layer
+spec, a KV-cache layout, a communicator, and then calls those directly.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill import hookspecs
+from tokenmill.errors import ValidationError
+from tokenmill.interfaces import (
+    AttentionBackend,
+    AttentionSpec,
+    Communicator,
+    DevicePlatform,
+    KVCacheLayout,
+    KVCacheShape,
+    MemoryRequest,
+    QuantMethod,
+    ShapeBuckets,
+    TensorParallelPlan,
+)
+from tokenmill.registry import BackendRegistry, Selection, load_registry
+
+
+class Backend:
+    """One backend plugin seen through its hooks (plus the core's defaults for optional ones)."""
+
+    def __init__(self, registry: BackendRegistry, name: str):
+        self.registry = registry
+        self.name = name
+        self._hooks = {
+            hook: registry.subset_caller(name, hook)
+            for hook in dir(hookspecs)
+            if hook.startswith("tokenmill_")
+        }
+        self._attention: dict[AttentionSpec, AttentionBackend] = {}
+
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        result = self._hooks[hook](**kwargs)
+        if result is None:
+            raise ValidationError(f"backend {self.name!r} returned nothing from {hook}")
+        return result
+
+    def init_device(self, device_index: int = 0) -> DevicePlatform:
+        return self._call("tokenmill_init_device", device_index=device_index)
+
+    def memory_budget(self, device: torch.device, request: MemoryRequest) -> int:
+        return int(self._call("tokenmill_memory_budget", device=device, request=request))
+
+    def kv_cache_layout(self, shape: KVCacheShape, device: torch.device) -> KVCacheLayout:
+        return self._call("tokenmill_kv_cache_layout", shape=shape, device=device)
+
+    def attention(self, spec: AttentionSpec, layout: KVCacheLayout) -> AttentionBackend:
+        """One attention object per distinct spec, shared by the layers that have it."""
+        if spec not in self._attention:
+            self._attention[spec] = self._call("tokenmill_attention_backend", spec=spec, layout=layout)
+        return self._attention[spec]
+
+    def communicator(self, world_size: int, rank: int, device: torch.device) -> Communicator:
+        return self._call("tokenmill_communicator", world_size=world_size, rank=rank, device=device)
+
+    def tensor_parallel_plan(self, world_size: int) -> TensorParallelPlan:
+        return self._call("tokenmill_tensor_parallel_plan", world_size=world_size)
+
+    @cached_property
+    def quantization_methods(self) -> dict[str, QuantMethod]:
+        return {method.name: method for method in self._call("tokenmill_quantization_methods")}
+
+    def quantization_method(self, name: str) -> QuantMethod:
+        """The method `--quantize name` selects, validated against what this backend offers."""
+        methods = self.quantization_methods
+        if name not in methods:
+            offered = ", ".join(sorted(methods)) or "none"
+            raise ValidationError(f"backend {self.name!r} does not support quantization {name!r}; it offers: {offered}")
+        return methods[name]
+
+    def shape_buckets(self, max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
+        return self._hooks["tokenmill_shape_buckets"](max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)
+
+    def compile_model(self, model: nn.Module, buckets: ShapeBuckets | None) -> Any:
+        return self._call("tokenmill_compile_model", model=model, buckets=buckets)
+
+    def model_executor(self, model_id: str, config: Any) -> nn.Module | None:
+        return self._hooks["tokenmill_model_executor"](model_id=model_id, config=config)
+
+
+def resolve_backend(forced: str | None = None, registry: BackendRegistry | None = None) -> tuple[Backend, Selection]:
+    """Discover the plugins, choose one (or the forced one), and return it with the reason."""
+    registry = registry or load_registry()
+    selection = registry.select(forced)
+    return Backend(registry, selection.name), selection

@@ -1,0 +1,44 @@
+"""Setting up the CPU for the model process: threads, dtype, and how much memory the KV cache gets."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tokenmill.interfaces import DevicePlatform, MemoryRequest
+from tokenmill.plugins.cpu.discover import has_native_bf16, memory_bytes, usable_cores
+
+logger = logging.getLogger(__name__)
+
+# Without an explicit size, the KV cache takes this share of the memory still available after the
+# weights, capped like vLLM's CPU default (VLLM_CPU_KVCACHE_SPACE=4 GiB) so a laptop stays usable.
+KV_CACHE_SHARE = 0.5
+KV_CACHE_CAP_BYTES = 4 << 30
+
+
+def init_device() -> DevicePlatform:
+    threads = usable_cores()
+    # One intra-op thread per usable core; inter-op parallelism only oversubscribes a decode step.
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already fixed once parallel work has run in this process
+        logger.debug("inter-op threads already set")
+    dtypes = (torch.bfloat16, torch.float32) if has_native_bf16() else (torch.float32, torch.bfloat16)
+    description = f"{threads} threads, " + ("AVX512-BF16/AMX" if has_native_bf16() else "no native bf16")
+    return DevicePlatform(
+        device=torch.device("cpu"),
+        supported_dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        preferred_dtype=dtypes[0],
+        description=description,
+    )
+
+
+def memory_budget(request: MemoryRequest) -> int:
+    if request.kv_cache_bytes is not None:
+        return request.kv_cache_bytes
+    total, available = memory_bytes()
+    # `available` already excludes the loaded weights; without it, estimate from the total.
+    free = available if available is not None else int(total * request.memory_fraction) - request.weights_bytes
+    return max(0, min(int(free * KV_CACHE_SHARE), KV_CACHE_CAP_BYTES))
