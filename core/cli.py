@@ -38,6 +38,21 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     return run_conformance(args.backend or "", [a for a in args.extra_args if a != "--"])
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.backend import resolve_backend
+    from tokenmill.errors import BackendUnavailableError
+
+    try:
+        _, selection = resolve_backend(args.backend)
+    except BackendUnavailableError as exc:
+        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"backend: {selection.name} ({selection.reason})")
+    print("tokenmill serve: the HTTP and gRPC serving layer is not built yet (issue #4); nothing to start",
+          file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference server with pluggable hardware backends")
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
@@ -55,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_flag(conformance)
     conformance.set_defaults(accepts_extra_args=True)  # anything unrecognised goes to pytest, e.g. -q, -k
     conformance.set_defaults(func=_cmd_conformance)
+    serve = commands.add_parser("serve", help="start the server on the best discovered backend")
+    _add_backend_flag(serve)
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
