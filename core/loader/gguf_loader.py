@@ -1,0 +1,142 @@
+"""GGUF checkpoints: config and tokenizer from the metadata, weights dequantized to HF names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tokenmill.loader.errors import UnsupportedCheckpointError
+from tokenmill.loader.gguf_file import GGUFFile
+
+# GGUF architecture -> transformers model_type and architecture class name.
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+# llama.cpp tensor names -> transformers parameter names (per layer after the `blk.N.` prefix).
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_architecture(gguf: GGUFFile) -> str:
+    arch = gguf.fields.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedCheckpointError(
+            f"{gguf.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
+    return arch
+
+
+def config_from_gguf(gguf: GGUFFile) -> Any:
+    """A transformers config for the model the GGUF describes."""
+    from transformers import AutoConfig
+
+    arch = gguf_architecture(gguf)
+    model_type, class_name = ARCHITECTURES[arch]
+    f = gguf.fields
+
+    def key(name: str, default: Any = None) -> Any:
+        return f.get(f"{arch}.{name}", default)
+
+    num_heads = key("attention.head_count")
+    hidden = key("embedding_length")
+    vocab_size = key("vocab_size") or len(f["tokenizer.ggml.tokens"])
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=key("block_count"),
+        num_attention_heads=num_heads,
+        num_key_value_heads=key("attention.head_count_kv", num_heads),
+        max_position_embeddings=key("context_length"),
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
+        rope_theta=key("rope.freq_base", 10000.0),
+        tie_word_embeddings="output.weight" not in gguf.tensors,
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
+        architectures=[class_name],
+    )
+    head_dim = key("attention.key_length")
+    if head_dim and head_dim != hidden // num_heads:
+        kwargs["head_dim"] = head_dim
+    if arch == "qwen2":
+        kwargs["use_sliding_window"] = False
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of the rotary halves in Llama q/k rows."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return None
+
+
+def tensors_from_gguf(
+    gguf: GGUFFile, config: Any, dtype: torch.dtype, progress: Callable[[int], Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor, dequantized and renamed to transformers' names, cast to `dtype`."""
+    arch = gguf_architecture(gguf)
+    tensors = {}
+    for name in gguf.tensors:
+        target = hf_name(name)
+        if target is None:
+            if name.startswith("rope_freqs"):  # llama3 rope factors: recomputed from the config
+                continue
+            raise UnsupportedCheckpointError(f"{gguf.path}: unexpected tensor {name!r}")
+        array = gguf.load(name)
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+            array = _unpermute(array, heads)
+        if not array.flags.writeable:  # float32 tensors are views of the read-only file mapping
+            array = array.copy()
+        tensors[target] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if progress:
+            progress(1)
+    return tensors
+
+
+def tokenizer_from_gguf(path: Path) -> Any:
+    """transformers' fast tokenizer for the GGUF, with its chat template and special tokens."""
+    try:  # transformers 5: read the tokenizer metadata alone (about 1 s)
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:  # transformers 4.x: its generic GGUF path
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

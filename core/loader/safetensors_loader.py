@@ -1,0 +1,68 @@
+"""Hugging Face folders (config.json, safetensors shards, tokenizer files) and hub ids from the local cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
+
+
+def resolve_hub_id(model_id: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of hub id `model_id`; never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if model_id.count("/") > 1 or model_id.startswith((".", "/")):
+        raise ModelNotFoundError(f"{model_id!r} is not an existing path, and not a hub id of the form org/name")
+    try:
+        return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"model {model_id!r} is neither a local path nor in the local Hugging Face cache "
+            f"(tokenmill never downloads weights at run time; fetch it first with `huggingface-cli download "
+            f"{model_id}` where a network is available): {exc}"
+        ) from exc
+
+
+def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tokenmill.loader import Checkpoint, parse_dtype
+
+    if not (path / "config.json").exists():
+        raise UnsupportedCheckpointError(f"{path} has no config.json (nor a single .gguf file)")
+    config = AutoConfig.from_pretrained(str(path))
+    checkpoint_dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
+    default = checkpoint_dtype if checkpoint_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    torch_dtype = parse_dtype(dtype, default)
+    tensors = _read_safetensors(path, torch_dtype, progress)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    eos = config.eos_token_id
+    generation_config = path / "generation_config.json"
+    if generation_config.exists():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id", eos)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    return Checkpoint(config, tensors, tokenizer, str(path), "safetensors", eos_ids)
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedCheckpointError(f"{path} has no .safetensors files (pickled .bin weights are not loaded)")
+    tensors = {}
+    with tqdm(desc="loading weights", unit="tensor", disable=not progress) as bar:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    tensors[name] = handle.get_tensor(name).to(dtype)
+                    bar.update(1)
+    return tensors

@@ -1,0 +1,165 @@
+"""The Llama family on flattened token batches: Llama 2/3, SmolLM2, Mistral (sliding window).
+
+Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) reuse these blocks with their flags set, in
+their own files. Shapes: T tokens of all sequences concatenated, H heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, KVCacheShape
+from tokenmill.layers.attention import Attention
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+
+MakeAttention = Callable[[AttentionSpec], AttentionBackend]
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_cache_shape(config: Any, dtype: torch.dtype) -> KVCacheShape:
+    return KVCacheShape(config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config), dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, backend: AttentionBackend, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias or attention_bias, dtype)
+        self.o_proj = Linear(q_size, [config.hidden_size], attention_bias, dtype)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.attn = Attention(backend)
+        self.split = [q_size, kv_size, kv_size]
+
+    def forward(self, positions, hidden, rotary, kv_cache, metadata):
+        q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, K, D)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = self.attn(q, k, v, kv_cache, metadata)  # (T, H, D)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [size, size], False, dtype)
+        self.down_proj = Linear(size, [config.hidden_size], False, dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, backend, dtype, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, backend, dtype, qkv_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(self, positions, hidden, residual, rotary, kv_cache, metadata):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, rotary, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer over a flat batch; `forward` returns hidden states, `compute_logits` logits."""
+
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        head_dim = head_dim_of(config)
+        window = sliding_window_of(config)
+        spec = AttentionSpec(config.num_attention_heads, config.num_key_value_heads, head_dim, head_dim**-0.5,
+                             dtype, sliding_window=window)
+        backend = make_attention(spec)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, backend, dtype, self.qkv_bias, self.qk_norm)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        self.to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # (T, hidden)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, self.rotary, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    # Checkpoint tensors that land in a slice of a fused parameter: suffix -> (our module, shard).
+    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy transformers-named tensors in, fusing q/k/v and gate/up; unknown or missing names raise."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in tensors.items():
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            local = name.removeprefix("model.")
+            module_path, _, kind = local.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            if leaf in self.packed:
+                fused, shard = self.packed[leaf]
+                module = self.get_submodule(f"{parent}.{fused}")
+                module.load_shard(kind, tensor, shard)
+                loaded.add(f"{parent}.{fused}.{kind}")
+            elif local in params:
+                if params[local].shape != tensor.shape:
+                    raise ValueError(f"{name}: expected shape {tuple(params[local].shape)}, got {tuple(tensor.shape)}")
+                params[local].data.copy_(tensor)
+                loaded.add(local)
+            else:
+                raise ValueError(f"unexpected tensor {name!r} for {type(self).__name__}")
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+
+
+def sliding_window_of(config: Any) -> int | None:
+    """The sliding window if the config turns it on (Mistral; Qwen2 only with use_sliding_window)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
