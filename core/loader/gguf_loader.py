@@ -91,7 +91,7 @@ def config_from_gguf(gguf: GGUFFile) -> Any:
 def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's interleaving of the rotary halves in Llama q/k rows."""
     rows = weight.shape[0]
-    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def hf_name(gguf_name: str) -> str | None:

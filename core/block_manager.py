@@ -1,0 +1,113 @@
+"""Paged KV-cache blocks: allocation, reference counts and automatic prefix caching (no torch).
+
+Each *full* block of computed tokens is hashed together with its predecessor's hash, so a hash names
+a whole prefix. A new request walks its prompt's full blocks through that chain and shares every block
+already cached. Freed blocks keep their hash in an LRU free list and can be revived until reused.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from tokenmill.request import Request
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("the KV cache needs at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # prefix hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _hash(self, parent: int | None, tokens: list[int]) -> int:
+        return hash((parent, tuple(tokens)))
+
+    def allocate_prefix(self, request: Request) -> int:
+        """Share the cached blocks of the request's longest cached prefix; return its token count.
+
+        The last token is never taken from the cache: the step that computes it produces the logits.
+        """
+        assert not request.block_ids, "prefix lookup is for requests without blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        num_full = (request.num_tokens - 1) // bs
+        self.prefix_queries += request.num_tokens
+        parent = None
+        for index in range(num_full):
+            parent = self._hash(parent, request.token_ids[index * bs : (index + 1) * bs])
+            block = self.cached.get(parent)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            request.block_ids.append(block)
+        request.num_hashed_blocks = len(request.block_ids)
+        num_cached = len(request.block_ids) * bs
+        self.prefix_hits += num_cached
+        return num_cached
+
+    def can_append(self, request: Request, num_new_tokens: int) -> bool:
+        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+        return needed <= len(self.free)
+
+    def append(self, request: Request, num_new_tokens: int) -> bool:
+        """Give the request blocks for `num_new_tokens` more computed tokens; False if too few are free."""
+        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+        if needed > len(self.free):
+            return False
+        for _ in range(needed):
+            block, _ = self.free.popitem(last=False)
+            old_hash = self.block_hashes[block]
+            if old_hash is not None:  # evict: its content is about to be overwritten
+                if self.cached.get(old_hash) == block:
+                    del self.cached[old_hash]
+                self.block_hashes[block] = None
+            self.ref_counts[block] = 1
+            request.block_ids.append(block)
+        return True
+
+    def commit_full_blocks(self, request: Request) -> None:
+        """Register the blocks that became full of computed tokens, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = request.num_computed_tokens // bs
+        index = request.num_hashed_blocks
+        if index >= num_full:
+            return
+        parent = self.block_hashes[request.block_ids[index - 1]] if index else None
+        for index in range(index, num_full):
+            parent = self._hash(parent, request.token_ids[index * bs : (index + 1) * bs])
+            block = request.block_ids[index]
+            self.block_hashes[block] = parent
+            self.cached.setdefault(parent, block)
+        request.num_hashed_blocks = num_full
+
+    def free_request(self, request: Request) -> None:
+        """Release the request's blocks; tail blocks go to the free list first, so prefixes live longer."""
+        for block in reversed(request.block_ids):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        request.block_ids = []
+        request.num_hashed_blocks = 0

@@ -1,0 +1,315 @@
+"""The engine: schedule -> run the model -> sample -> update -> report, one step at a time.
+
+`Engine` is synchronous and single-threaded. `AsyncEngine` (in `async_engine.py`) runs it on a
+thread for the serving layer; the conformance suite and benchmarks use `Engine.generate`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from tokenmill.backend import Backend, resolve_backend
+from tokenmill.block_manager import BlockManager
+from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
+from tokenmill.errors import ValidationError
+from tokenmill.interfaces import MemoryRequest
+from tokenmill.loader import Checkpoint, load_checkpoint, parse_dtype
+from tokenmill.model_runner import ModelRunner, SequenceStep
+from tokenmill.models import get_model_class, kv_cache_shape
+from tokenmill.outputs import RequestOutput, TokenInfo
+from tokenmill.request import FinishReason, Request
+from tokenmill.sampler import Sampler, SamplingMetadata
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build the engine; the CLI fills it from flags and environment variables."""
+
+    model_id: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    dtype: str = "auto"  # auto: the backend's preferred dtype
+    backend: str | None = None  # None: the best discovered backend
+    kv_cache_bytes: int | None = None  # None: the backend's memory budget
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    max_model_len: int | None = None  # None: the model's context length
+    enable_prefix_caching: bool = True
+    quantize: str | None = None
+    seed: int = 0
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class _RequestState:
+    """Engine-side bookkeeping for one request beyond what the scheduler tracks."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    stop: StopChecker
+    arrival_time: float
+    prompt_logprobs: list[TokenInfo] | None = None
+    cumulative_logprob: float = 0.0
+    first_output_sent: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, backend: Backend | None = None, checkpoint: Checkpoint | None = None):
+        self.config = config
+        self.backend = backend or resolve_backend(config.backend)[0]
+        self.platform = self.backend.init_device(0)
+        self.device = self.platform.device
+        self.dtype = parse_dtype(config.dtype, self.platform.preferred_dtype)
+        if self.dtype not in self.platform.supported_dtypes:
+            raise ValidationError(f"backend {self.backend.name!r} does not support {self.dtype}")
+        start = time.perf_counter()
+        self.checkpoint = checkpoint or load_checkpoint(config.model_id, self.dtype, progress=config.progress,
+                                                        cache_dir=config.cache_dir)
+        self.load_time_s = time.perf_counter() - start
+        self.tokenizer = self.checkpoint.tokenizer
+        model_config = self.checkpoint.config
+        self.model_config = model_config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+
+        self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype), self.device)
+        self.model = get_model_class(model_config)(model_config, self._make_attention, self.dtype)
+        self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
+        self.model.to(self.device).eval()
+        self.checkpoint.tensors = {}  # the model owns the weights now
+        if config.quantize:
+            self._quantize(config.quantize)
+
+        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        budget = self.backend.memory_budget(self.device, MemoryRequest(weights_bytes, config.kv_cache_bytes))
+        self.num_blocks = budget // self.layout.bytes_per_block()
+        if self.num_blocks < 1:
+            raise ValidationError(f"the KV-cache budget ({budget} bytes) holds no block of "
+                                  f"{self.layout.bytes_per_block()} bytes; give more memory")
+        self.kv_caches = self.layout.allocate(self.num_blocks)
+        buckets = self.backend.shape_buckets(config.max_num_batched_tokens, config.max_num_seqs)
+        forward = self.backend.compile_model(self.model, buckets)
+        self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
+                                  self.layout.block_size, self.device)
+        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
+                                   self.block_manager, buckets)
+        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = set(self.checkpoint.eos_token_ids)
+        self._states: dict[str, _RequestState] = {}
+        self._arrivals = itertools.count()
+        self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
+
+    def _make_attention(self, spec):
+        if not hasattr(self, "_attention"):
+            self._attention = {}
+        backend = self.backend.attention(spec, self.layout)
+        self._attention[spec] = backend
+        return backend
+
+    def _quantize(self, name: str) -> None:
+        from tokenmill.layers.linear import Linear
+
+        method = self.backend.quantization_method(name)
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.quantize(method)
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.layout.block_size
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a request; it joins the running batch at the next step."""
+        if request_id in self._states:
+            raise ValidationError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValidationError("`inputs` cannot be empty")
+        total = len(prompt_token_ids) + params.max_new_tokens
+        limit = min(self.max_model_len, self.kv_capacity_tokens)
+        if total > limit:
+            raise ValidationError(f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: "
+                                  f"{len(prompt_token_ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`")
+        request = Request(request_id, list(prompt_token_ids), params, next(self._arrivals))
+        state = _RequestState(
+            request,
+            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+            StopChecker(params.stop, params.include_stop_str_in_output),
+            time.monotonic(),
+            prompt_logprobs=[TokenInfo(prompt_token_ids[0], None)] if params.prompt_logprobs else None,
+        )
+        self._states[request_id] = state
+        self.scheduler.add_request(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; its blocks are free when this returns."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.finish(state.request, FinishReason.ABORTED)
+        return self._output(state, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the news of every request that has some."""
+        plan = self.scheduler.schedule()
+        outputs = [self._fail(request) for request in plan.failed]
+        if plan.is_empty:
+            return outputs
+        steps, sampling = self._sequence_steps(plan)
+        logits = self.runner.execute(steps)
+        self.num_computed_prompt_tokens += sum(
+            max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens + s.num_new_tokens)
+                - s.request.num_computed_tokens) for s in plan.scheduled)
+        sample_rows, prompt_rows = self._split_logits(plan, steps)
+        if prompt_rows:
+            self._record_prompt_logprobs(logits, prompt_rows)
+        sampled: dict[str, int] = {}
+        sampler_out = None
+        if sampling:
+            requests = [plan.scheduled[i].request for i in sampling]
+            meta = SamplingMetadata.build([r.sampling_params for r in requests], [r.token_ids for r in requests],
+                                          [r.num_prompt_tokens for r in requests], logits.shape[-1], self.device)
+            sampler_out = self.sampler(logits[sample_rows], meta)
+            sampled = {r.request_id: t for r, t in zip(requests, sampler_out.token_ids.tolist())}
+        self.scheduler.update(plan, sampled)
+        if sampler_out is not None:
+            outputs += self._process_samples([plan.scheduled[i].request for i in sampling], sampler_out)
+        return outputs
+
+    def _sequence_steps(self, plan: SchedulerOutput) -> tuple[list[SequenceStep], list[int]]:
+        steps, sampling = [], []
+        for index, item in enumerate(plan.scheduled):
+            request, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
+            samples = start + n == request.num_tokens
+            wants_prompt = request.sampling_params.prompt_logprobs and start < request.num_prompt_tokens
+            steps.append(SequenceStep(request.token_ids[start : start + n], start, request.block_ids,
+                                      n if wants_prompt else int(samples)))
+            if samples:
+                sampling.append(index)
+        return steps, sampling
+
+    @staticmethod
+    def _split_logits(plan: SchedulerOutput, steps: list[SequenceStep]):
+        """Rows of the logits to sample from, and (request, position, row) for prompt logprobs."""
+        sample_rows, prompt_rows, row = [], [], 0
+        for item, step in zip(plan.scheduled, steps):
+            start = step.start_position
+            if step.num_logits > 1 or (step.num_logits == 1 and item.request.sampling_params.prompt_logprobs
+                                       and start < item.request.num_prompt_tokens):
+                for offset in range(step.num_logits):
+                    position = start + len(step.token_ids) - step.num_logits + offset
+                    if position + 1 < item.request.num_prompt_tokens:
+                        prompt_rows.append((item.request, position + 1, row + offset))
+            if start + len(step.token_ids) == item.request.num_tokens:
+                sample_rows.append(row + step.num_logits - 1)
+            row += step.num_logits
+        return sample_rows, prompt_rows
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Request, int, int]]) -> None:
+        index = torch.tensor([r for _, _, r in rows])
+        targets = torch.tensor([req.token_ids[pos] for req, pos, _ in rows])
+        logprobs = torch.log_softmax(logits[index], dim=-1).gather(1, targets[:, None]).squeeze(1).tolist()
+        for (request, position, _), logprob in zip(rows, logprobs):
+            token = request.token_ids[position]
+            self._states[request.request_id].prompt_logprobs.append(
+                TokenInfo(token, logprob, self.tokenizer.decode([token])))
+
+    def _process_samples(self, requests: list[Request], out) -> list[RequestOutput]:
+        outputs = []
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, request in enumerate(requests):
+            state = self._states[request.request_id]
+            params = request.sampling_params
+            token = request.token_ids[-1]
+            logprob = logprobs[i] if logprobs is not None else None
+            if logprob is not None:
+                state.cumulative_logprob += logprob
+            special = token in self.tokenizer.all_special_ids
+            info = TokenInfo(token, logprob, self.tokenizer.decode([token]), special)
+            tops = []
+            if params.top_n_tokens and top_ids is not None:
+                tops = [[TokenInfo(t, lp, self.tokenizer.decode([t]), t in self.tokenizer.all_special_ids)
+                         for t, lp in zip(top_ids[i][: params.top_n_tokens], top_lps[i][: params.top_n_tokens])]]
+            text, stopped = state.stop.add(state.detokenizer.add(token))
+            reason = self._finish_reason(request, token, stopped)
+            if reason is not None:
+                text += state.stop.flush()
+                self.scheduler.finish(request, reason)
+            outputs.append(self._output(state, [info], tops, text, finished=reason is not None))
+            if reason is not None:
+                del self._states[request.request_id]
+        return outputs
+
+    def _finish_reason(self, request: Request, token: int, stopped: bool) -> FinishReason | None:
+        params = request.sampling_params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.EOS_TOKEN
+        if stopped or token in params.stop_token_ids:
+            return FinishReason.STOP_SEQUENCE
+        if request.num_output_tokens >= params.max_new_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _fail(self, request: Request) -> RequestOutput:
+        state = self._states.pop(request.request_id)
+        return self._output(state, finished=True, error=request.finish_message)
+
+    def _output(self, state: _RequestState, tokens=(), tops=(), text: str = "", finished: bool = False,
+                error: str | None = None) -> RequestOutput:
+        request = state.request
+        out = RequestOutput(
+            request_id=request.request_id,
+            new_tokens=list(tokens),
+            new_top_tokens=list(tops),
+            text_delta=text,
+            finished=finished,
+            finish_reason=request.finish_reason.value if finished and request.finish_reason else None,
+            error=error,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generated_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            cumulative_logprob=state.cumulative_logprob,
+            seed=request.sampling_params.seed,
+        )
+        if not state.first_output_sent:
+            out.prompt_logprobs = state.prompt_logprobs
+            state.first_output_sent = True
+        if finished:
+            out.generated_text = state.stop.text
+        return out
+
+    # ---- batch API --------------------------------------------------------------------------------
+
+    def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[list[RequestOutput]]:
+        """Run the prompts to completion together; every output of each, in order."""
+        prompts = list(prompts)
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [f"batch-{next(self._arrivals)}-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(request_id, prompt, p)
+        results: dict[str, list[RequestOutput]] = {i: [] for i in ids}
+        while any(not results[i] or not results[i][-1].finished for i in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].append(out)
+        return [results[i] for i in ids]

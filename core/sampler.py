@@ -1,0 +1,215 @@
+"""Choosing the next token for every sequence of a step at once: tensor operations over the batch.
+
+Order of processing (TGI's): repetition, frequency and presence penalties, temperature, top-k, top-p,
+typical-p, min-p. Reported logprobs are the log-softmax of the processed logits (what TGI reports; for
+greedy requests that is the model's own distribution).
+
+Seeded requests draw with the exponential race (`argmax(p / E)`, `E ~ Exp(1)`), with `E` derived
+from a counter-based hash of (seed, step, token id): the draw of a seeded request depends on nothing
+else in the batch. Unseeded requests take `E` from the engine's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingMetadata:
+    """The batch's sampling settings as tensors, built once per step."""
+
+    all_greedy: bool
+    greedy: torch.Tensor  # (B,) bool
+    temperature: torch.Tensor  # (B, 1)
+    top_k: torch.Tensor | None  # (B,) int64, vocab size where off
+    top_p: torch.Tensor | None  # (B, 1)
+    typical_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    repetition_penalty: torch.Tensor | None  # (B, 1)
+    frequency_penalty: torch.Tensor | None
+    presence_penalty: torch.Tensor | None
+    history: torch.Tensor | None  # (B, L) prompt + output ids, padded with vocab_size
+    output_history: torch.Tensor | None  # (B, Lo) output ids, padded with vocab_size
+    seeds: torch.Tensor | None  # (B,) int64, -1 where unseeded
+    steps: torch.Tensor | None  # (B,) int64: index of the token being drawn, per request
+    max_top_n: int
+    needs_logprobs: bool
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]],
+              num_prompt_tokens: Sequence[int], vocab_size: int, device: torch.device) -> "SamplingMetadata":
+        batch = len(params)
+        max_top_n = max((p.top_n_tokens for p in params), default=0)
+        needs_logprobs = any(p.logprobs for p in params) or max_top_n > 0
+        greedy = [p.is_greedy for p in params]
+        all_greedy = all(greedy) and not any(p.needs_history for p in params)
+        if all_greedy:
+            return cls(True, torch.ones(batch, dtype=torch.bool), torch.ones(batch, 1), None, None, None, None,
+                       None, None, None, None, None, None, None, max_top_n, needs_logprobs)
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
+
+        def optional(name, off):
+            values = [getattr(p, name) for p in params]
+            return column(values) if any(v != off for v in values) else None
+
+        top_k = None
+        if any(p.top_k for p in params):
+            top_k = torch.tensor([p.top_k or vocab_size for p in params], dtype=torch.int64, device=device)
+        history = output_history = None
+        if any(p.needs_history for p in params):
+            history = _pad([list(t) for t in token_ids], vocab_size, device)
+            output_history = _pad([list(t[n:]) for t, n in zip(token_ids, num_prompt_tokens)], vocab_size, device)
+        seeds = steps = None
+        if any(p.seed is not None for p in params):
+            seeds = torch.tensor([-1 if p.seed is None else p.seed & _MASK32 for p in params], device=device)
+            steps = torch.tensor([len(t) - n for t, n in zip(token_ids, num_prompt_tokens)], device=device)
+        return cls(
+            all_greedy=False,
+            greedy=torch.tensor(greedy, device=device),
+            temperature=column([p.temperature or 1.0 for p in params]),
+            top_k=top_k,
+            top_p=optional("top_p", 1.0),
+            typical_p=optional("typical_p", 1.0),
+            min_p=optional("min_p", 0.0),
+            repetition_penalty=optional("repetition_penalty", 1.0),
+            frequency_penalty=optional("frequency_penalty", 0.0),
+            presence_penalty=optional("presence_penalty", 0.0),
+            history=history,
+            output_history=output_history,
+            seeds=seeds,
+            steps=steps,
+            max_top_n=max_top_n,
+            needs_logprobs=needs_logprobs,
+        )
+
+
+def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # (B,) int64
+    logprobs: torch.Tensor | None  # (B,) chosen tokens' logprobs
+    top_token_ids: torch.Tensor | None  # (B, max_top_n)
+    top_logprobs: torch.Tensor | None
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        if meta.all_greedy:
+            tokens = logits.argmax(dim=-1)
+            return self._report(logits, tokens, meta)
+        logits = self._apply_penalties(logits, meta)
+        greedy_tokens = logits.argmax(dim=-1)
+        processed = self._warp(logits / meta.temperature, meta)
+        probs = torch.softmax(processed, dim=-1)
+        sampled = (probs / self._exponentials(probs, meta)).argmax(dim=-1)
+        tokens = torch.where(meta.greedy, greedy_tokens, sampled)
+        # Greedy rows report the penalised distribution; sampled rows the fully processed one.
+        return self._report(torch.where(meta.greedy[:, None], logits, processed), tokens, meta)
+
+    def _report(self, logits: torch.Tensor, tokens: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if not meta.needs_logprobs:
+            return SamplerOutput(tokens, None, None, None)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_ids = top_lp = None
+        if meta.max_top_n:
+            top_lp, top_ids = logprobs.topk(meta.max_top_n, dim=-1)
+        return SamplerOutput(tokens, chosen, top_ids, top_lp)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        vocab = logits.shape[1]
+        if meta.repetition_penalty is not None:
+            seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool)
+            seen.scatter_(1, meta.history, True)
+            seen = seen[:, :vocab]
+            penalty = meta.repetition_penalty
+            penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(seen, penalised, logits)
+        if meta.frequency_penalty is not None or meta.presence_penalty is not None:
+            counts = torch.zeros(logits.shape[0], vocab + 1)
+            counts.scatter_add_(1, meta.output_history, torch.ones_like(meta.output_history, dtype=torch.float32))
+            counts = counts[:, :vocab]
+            if meta.frequency_penalty is not None:
+                logits = logits - meta.frequency_penalty * counts
+            if meta.presence_penalty is not None:
+                logits = logits - meta.presence_penalty * (counts > 0).float()
+        return logits
+
+    @staticmethod
+    def _warp(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        neg_inf = float("-inf")
+        if meta.top_k is not None:
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (meta.top_k - 1).clamp(min=0)[:, None])
+            logits = logits.masked_fill(logits < kth, neg_inf)
+        if meta.top_p is not None:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+            remove_sorted = before >= meta.top_p
+            remove_sorted[:, 0] = False
+            logits = logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), neg_inf)
+        if meta.typical_p is not None:
+            logits = _typical(logits, meta.typical_p)
+        if meta.min_p is not None:
+            probs = logits.softmax(dim=-1)
+            threshold = meta.min_p * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < threshold, neg_inf)
+        return logits
+
+    def _exponentials(self, probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        uniform = torch.rand(probs.shape, generator=self.generator).clamp_(min=1e-10)
+        if meta.seeds is not None:
+            seeded = meta.seeds >= 0
+            rows = seeded.nonzero().squeeze(1)
+            uniform[rows] = _hash_uniform(meta.seeds[rows], meta.steps[rows], probs.shape[1])
+        return -torch.log(uniform)
+
+
+def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens closest to the entropy, up to `mass` probability."""
+    log_probs = logits.log_softmax(dim=-1)
+    probs = log_probs.exp()
+    entropy = -(torch.nan_to_num(log_probs * probs)).sum(dim=-1, keepdim=True)
+    shifted = (-log_probs - entropy).abs()
+    sorted_shift, order = shifted.sort(dim=-1)
+    cumulative = probs.gather(1, order).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=logits.shape[1] - 1)
+    remove_sorted = sorted_shift > sorted_shift.gather(1, last)
+    return logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser on 32-bit values held in int64 (products wrap; the low bits are exact)."""
+    h = h & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def _hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniforms in (0, 1) from (seed, step, token id) alone: (rows, vocab)."""
+    row = _fmix32(_fmix32(seeds) + steps * 0x9E3779B1)[:, None]
+    h = _fmix32(row ^ _fmix32(torch.arange(vocab, dtype=torch.int64)[None, :] + 0x27D4EB2F))
+    return (h.double() + 0.5).div_(2**32).float()

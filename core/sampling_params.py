@@ -1,0 +1,62 @@
+"""What a request asks of generation: how to pick tokens, when to stop, what to report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; `temperature` None or 0 means greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float | None = None
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    typical_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repetition_penalty: float = 1.0  # transformers' semantics, over prompt and output tokens
+    frequency_penalty: float = 0.0  # OpenAI's semantics, over output tokens
+    presence_penalty: float = 0.0
+    seed: int | None = None  # the draw depends only on (seed, step): batch-independent
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = True  # TGI keeps the stop text; the OpenAI routes drop it
+    logprobs: bool = False  # report the chosen tokens' logprobs
+    top_n_tokens: int = 0  # report this many most likely alternatives per step
+    prompt_logprobs: bool = False  # TGI's decoder_input_details
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValidationError("`max_new_tokens` must be strictly positive")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValidationError("`temperature` must be strictly positive")
+        if self.top_k < 0:
+            raise ValidationError("`top_k` must be strictly positive")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
+        if not 0.0 < self.typical_p <= 1.0:
+            raise ValidationError("`typical_p` must be > 0.0 and <= 1.0")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValidationError("`min_p` must be >= 0.0 and <= 1.0")
+        if self.repetition_penalty <= 0:
+            raise ValidationError("`repetition_penalty` must be strictly positive")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValidationError(f"`{name}` must be >= -2.0 and <= 2.0")
+        if self.top_n_tokens < 0:
+            raise ValidationError("`top_n_tokens` must be >= 0")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValidationError("`seed` must be an unsigned 64-bit integer")
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.temperature
+
+    @property
+    def needs_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0

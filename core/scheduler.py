@@ -1,0 +1,200 @@
+"""Continuous batching under a token budget (no torch).
+
+One rule for every request: each step grants it some of the tokens it has not computed yet.
+Decodes are served first (one token each), then requests part-way through their prompt, then waiting
+requests in arrival order; a long prompt is cut to the remaining budget (chunked prefill), so it never
+stalls running decodes. When blocks run out, the most recently arrived running request is preempted:
+its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.block_manager import BlockManager
+from tokenmill.interfaces import ShapeBuckets
+from tokenmill.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # tokens per step (TGI: max_batch_prefill_tokens)
+    max_num_seqs: int = 128  # sequences per step and concurrently running
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens fed this step, starting at request.num_computed_tokens
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step did, for tests, metrics and tuning."""
+
+    step: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    request_ids: tuple[str, ...]
+    num_preempted: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_tokens: int
+    preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)  # finished with an error while scheduling
+    padded_num_tokens: int | None = None  # with shape buckets: the bucket this step is padded to
+    padded_num_seqs: int | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, buckets: ShapeBuckets | None = None,
+                 max_records: int = 4096):
+        self.config = config
+        self.blocks = block_manager
+        self.buckets = buckets
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.step_records: deque[StepRecord] = deque(maxlen=max_records)
+        self.num_preemptions = 0
+        self._step = 0
+        self.max_tokens_per_step = config.max_num_batched_tokens
+        self.max_seqs_per_step = config.max_num_seqs
+        if buckets is not None:
+            self.max_tokens_per_step = min(self.max_tokens_per_step, buckets.num_tokens[-1])
+            self.max_seqs_per_step = min(self.max_seqs_per_step, buckets.num_seqs[-1])
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_tokens_per_step
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        failed: list[Request] = []
+
+        # Decodes first, then prompts part-way through prefill; arrival order within each.
+        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.arrival_index))
+        for request in order:
+            if budget == 0 or len(scheduled) == self.max_seqs_per_step:
+                break
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.blocks.append(request, num_new):
+                victim = max((r for r in self.running if r.status is RequestStatus.RUNNING),
+                             key=lambda r: r.arrival_index)
+                self._preempt(victim)
+                preempted.append(victim)
+                for item in [item for item in scheduled if item.request is victim]:
+                    scheduled.remove(item)  # scheduled earlier in this step: give its tokens back
+                    budget += item.num_new_tokens
+                if victim is request:
+                    break
+            if request.status is RequestStatus.RUNNING:
+                scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs \
+                and len(scheduled) < self.max_seqs_per_step:
+            request = self.waiting[0]
+            if not request.block_ids:
+                request.num_cached_tokens = self.blocks.allocate_prefix(request)
+                request.num_computed_tokens = request.num_cached_tokens
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.blocks.append(request, num_new):
+                self.blocks.free_request(request)
+                request.num_computed_tokens = 0
+                if not self.running and not scheduled:
+                    # Nothing else holds blocks, so it can never fit: fail it rather than wait forever.
+                    self.waiting.popleft()
+                    self._finish(request, FinishReason.ERROR,
+                                 f"needs {self.blocks.blocks_needed(request.num_tokens)} KV-cache blocks, "
+                                 f"the cache has {self.blocks.num_blocks}")
+                    failed.append(request)
+                    continue
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+        self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        output = SchedulerOutput(scheduled, self.max_tokens_per_step - budget, preempted, failed)
+        if self.buckets is not None and scheduled:
+            output.padded_num_tokens = self.buckets.pad_num_tokens(output.num_tokens)
+            output.padded_num_seqs = self.buckets.pad_num_seqs(len(scheduled))
+        self._record(output)
+        return output
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance every scheduled request past this step's tokens and append its sampled token."""
+        for item in output.scheduled:
+            request = item.request
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            self.blocks.commit_full_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is not None:
+                request.token_ids.append(token)
+
+    def finish(self, request: Request, reason: FinishReason, message: str = "") -> None:
+        """End a request (stop condition met, client gone): its blocks are free at once."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._finish(request, reason, message)
+
+    def _finish(self, request: Request, reason: FinishReason, message: str) -> None:
+        self.blocks.free_request(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finish_message = message
+
+    def _preempt(self, request: Request) -> None:
+        self.blocks.free_request(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _record(self, output: SchedulerOutput) -> None:
+        decode = sum(1 for s in output.scheduled
+                     if s.num_new_tokens == 1 and s.request.num_computed_tokens >= s.request.num_prompt_tokens)
+        self.step_records.append(StepRecord(
+            step=self._step,
+            num_prefill_tokens=output.num_tokens - decode,
+            num_decode_tokens=decode,
+            request_ids=tuple(s.request.request_id for s in output.scheduled),
+            num_preempted=len(output.preempted),
+        ))
+        self._step += 1
