@@ -6,12 +6,14 @@ from typing import Any
 
 from tokenmill.errors import TokenmillError
 from tokenmill.models.llama import LlamaForCausalLM, kv_cache_shape
+from tokenmill.models.phi3 import Phi3ForCausalLM
 from tokenmill.models.qwen2 import Qwen2ForCausalLM
 from tokenmill.models.qwen3 import Qwen3ForCausalLM
 
 MODELS = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }

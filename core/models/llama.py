@@ -143,7 +143,10 @@ class LlamaForCausalLM(nn.Module):
             if leaf in self.packed:
                 fused, shard = self.packed[leaf]
                 module = self.get_submodule(f"{parent}.{fused}")
-                module.load_shard(kind, tensor, shard)
+                if shard is None:  # already fused in the checkpoint
+                    getattr(module, kind).data.copy_(tensor)
+                else:
+                    module.load_shard(kind, tensor, shard)
                 loaded.add(f"{parent}.{fused}.{kind}")
             elif local in params:
                 if params[local].shape != tensor.shape:
