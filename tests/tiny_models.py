@@ -57,9 +57,9 @@ class TinyModel:
         return out[0, len(prompt):].tolist()
 
 
-def build_tiny(name: str, seed: int = 0) -> TinyModel:
+def build_tiny(name: str, seed: int = 0, **overrides: Any) -> TinyModel:
     class_name, extra = FAMILIES[name]
-    config = getattr(transformers, class_name)(**{**COMMON, **extra})
+    config = getattr(transformers, class_name)(**{**COMMON, **extra, **overrides})
     config.architectures = [class_name.replace("Config", "ForCausalLM")]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
