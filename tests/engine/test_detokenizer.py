@@ -1,0 +1,48 @@
+"""Streaming text: deltas never split a character, stop strings are found across token boundaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
+from tokenmill.loader import load_checkpoint
+
+TEXTS = ["Plain ASCII text, with punctuation!", "Accents: café, naïve, déjà vu.", "CJK: 日本語のテキストです。",
+         "Emoji: 🎉🚀 and 👩‍👩‍👧 family", "Mixed: x² + y² = z², ∑ ∫ ≠ ≤"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_checkpoint(progress=False).tokenizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_deltas_add_up_to_the_full_decode(tokenizer, text) -> None:
+    prompt = tokenizer("Say:", add_special_tokens=False).input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_string_split_across_deltas_is_found_and_kept_for_tgi() -> None:
+    checker = StopChecker(["STOP"], include_stop=True)
+    emitted = [checker.add(d) for d in ["hello S", "TO", "P and more"]]
+    assert emitted[0] == ("hello ", False)  # "S" could start "STOP": held back
+    assert emitted[1] == ("", False)
+    assert emitted[2] == ("STOP", True)
+    assert checker.text == "hello STOP"
+
+
+def test_stop_string_is_dropped_for_openai() -> None:
+    checker = StopChecker(["\n\n", "END"], include_stop=False)
+    out = "".join(text for text, _ in (checker.add(d) for d in ["a\n", "b E", "N", "Dz"]))
+    assert out == "a\nb " and checker.text == "a\nb "
+
+
+def test_held_back_text_is_flushed_when_generation_ends() -> None:
+    checker = StopChecker(["STOP"], include_stop=True)
+    assert checker.add("ends with ST") == ("ends with ", False)
+    assert checker.flush() == "ST"

@@ -1,0 +1,102 @@
+"""The embedded SmolLM2-135M-Instruct: token-identical to transformers in float32, alone and batched."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tokenmill.engine import Engine, EngineConfig
+from tokenmill.loader import default_model_path, load_checkpoint
+from tokenmill.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain gravity to a five-year-old.",
+    "List three prime numbers and say why they are prime.",
+    "Translate 'good morning' into Spanish, French and German.",
+    "Write a Python function that reverses a string.",
+    "What are the three states of matter?",
+    "Give me a short motivational quote about learning.",
+]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(EngineConfig(backend="cpu", dtype="float32", kv_cache_bytes=256 << 20, progress=False,
+                               max_num_batched_tokens=256))
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[list[int]]:
+    tok = engine.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in QUESTIONS]
+    return [tok(t, add_special_tokens=False).input_ids for t in texts]
+
+
+@pytest.fixture(scope="module")
+def reference(prompts):
+    """transformers' own GGUF load and greedy generate, with the chosen tokens' logprobs."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    results = []
+    for prompt in prompts:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=2)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+        results.append((tokens, logprobs))
+    return results
+
+
+def _tokens(outputs):
+    return [t.id for o in outputs for t in o.new_tokens], [t.logprob for o in outputs for t in o.new_tokens]
+
+
+def test_each_prompt_alone_matches_transformers(engine, prompts, reference) -> None:
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=True)
+    for prompt, (ref_tokens, ref_logprobs) in zip(prompts, reference):
+        tokens, logprobs = _tokens(engine.generate([prompt], params)[0])
+        assert tokens == ref_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-4
+
+
+def test_all_prompts_in_one_continuous_batch_with_staggered_arrivals(engine, prompts, reference) -> None:
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=True)
+    results = {f"p{i}": [] for i in range(len(prompts))}
+    step = 0
+    while step < 2 * len(prompts) or engine.has_unfinished():
+        if step % 2 == 0 and step // 2 < len(prompts):
+            i = step // 2
+            engine.add_request(f"p{i}", prompts[i], params)
+        for out in engine.step():
+            results[out.request_id].append(out)
+        step += 1
+    for i, (ref_tokens, ref_logprobs) in enumerate(reference):
+        tokens, logprobs = _tokens(results[f"p{i}"])
+        assert tokens == ref_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-4
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_embedded_gguf_load_time_is_reported(tmp_path, capsys) -> None:
+    """Not a timed assertion: prints the figure the engine issue asks to report (cold, then warm)."""
+    start = time.perf_counter()
+    load_checkpoint(progress=False, cache_dir=tmp_path)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    checkpoint = load_checkpoint(progress=False, cache_dir=tmp_path)
+    warm = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\nembedded GGUF load: cold {cold:.2f} s, warm {warm:.2f} s ({checkpoint.timings_s})")
+    assert checkpoint.config.num_hidden_layers == 30
