@@ -83,6 +83,7 @@ class Engine:
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
 
         self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype), self.device)
+        self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
         self.model = get_model_class(model_config)(model_config, self._make_attention, self.dtype)
         self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
         self.model.to(self.device).eval()
@@ -111,8 +112,6 @@ class Engine:
         self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
 
     def _make_attention(self, spec):
-        if not hasattr(self, "_attention"):
-            self._attention = {}
         backend = self.backend.attention(spec, self.layout)
         self._attention[spec] = backend
         return backend

@@ -1,0 +1,68 @@
+"""Tiny random-weight models of every supported family, built on the spot (no download).
+
+Each comes with the transformers reference model (float32, eager attention) and a word-level
+tokenizer over the same vocabulary, so the engine can run end to end without any download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from tokenmill.loader import Checkpoint
+
+VOCAB = 256
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=1, bos_token_id=0,
+              tie_word_embeddings=False)
+
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=24)),
+    "qwen2": ("Qwen2Config", dict()),
+    "qwen3": ("Qwen3Config", dict(head_dim=32)),
+    "phi3": ("Phi3Config", dict(pad_token_id=2, sliding_window=None)),
+}
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w0", eos_token="w1",
+                                                unk_token="w3")
+
+
+@dataclass
+class TinyModel:
+    name: str
+    config: Any
+    reference: Any  # the transformers model
+
+    def checkpoint(self) -> Checkpoint:
+        tensors = {k: v.clone() for k, v in self.reference.state_dict().items()}
+        return Checkpoint(self.config, tensors, tiny_tokenizer(), f"tiny-{self.name}", "safetensors", (1,))
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """transformers' greedy continuation, never stopping early."""
+        out = self.reference.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens)
+        return out[0, len(prompt):].tolist()
+
+
+def build_tiny(name: str, seed: int = 0, **overrides: Any) -> TinyModel:
+    class_name, extra = FAMILIES[name]
+    config = getattr(transformers, class_name)(**{**COMMON, **extra, **overrides})
+    config.architectures = [class_name.replace("Config", "ForCausalLM")]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    return TinyModel(name, config, model)
