@@ -124,6 +124,23 @@ class Engine:
             if isinstance(module, Linear):
                 module.quantize(method)
 
+    def warmup(self, progress: bool | None = None) -> None:
+        """Run the step shapes the server will see once before serving (every bucket, if declared).
+
+        Compiling backends pay their compilation here; on any backend the first real request no
+        longer pays first-call costs. Leaves the cache empty.
+        """
+        from tqdm import tqdm
+
+        buckets = self.scheduler.buckets
+        sizes = list(buckets.num_tokens) if buckets else [min(self.config.max_num_batched_tokens, 64), 1]
+        sizes = [n for n in sizes if n <= self.kv_capacity_tokens - 1] or [1]
+        show = self.config.progress if progress is None else progress
+        for index, size in enumerate(tqdm(sizes, desc="warming up", unit="shape", disable=not show)):
+            self.generate([[0] * size], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, self.config.enable_prefix_caching)
+        self.scheduler.blocks = self.block_manager  # forget the warm-up's dummy prefixes
+
     # ---- requests ---------------------------------------------------------------------------------
 
     @property
@@ -162,6 +179,9 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._states)
 
     # ---- the step ---------------------------------------------------------------------------------
 

@@ -121,3 +121,48 @@ def test_abort_frees_blocks_at_once(tiny) -> None:
     out = engine.abort("x")
     assert out.finished and out.finish_reason == "aborted"
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_prompt_logprobs_and_top_tokens_are_reported(tiny) -> None:
+    import torch
+
+    engine = _engine(tiny, max_num_batched_tokens=16)  # the prompt spans several chunks
+    prompt = _prompt(random.Random(6), 40)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, prompt_logprobs=True, top_n_tokens=2, logprobs=True)
+    outputs = engine.generate([prompt], params)[0]
+    prefill = outputs[0].prompt_logprobs
+    assert [t.id for t in prefill] == prompt and prefill[0].logprob is None
+    with torch.no_grad():
+        reference = torch.log_softmax(tiny.reference(torch.tensor([prompt])).logits[0], dim=-1)
+    for i in range(1, len(prompt)):
+        assert abs(prefill[i].logprob - reference[i - 1, prompt[i]].item()) < 1e-4
+    for out in outputs:
+        assert len(out.new_top_tokens[0]) == 2 and out.new_top_tokens[0][0].id == out.new_tokens[0].id
+
+
+def test_async_engine_streams_and_cancels(tiny) -> None:
+    import asyncio
+
+    from tokenmill.async_engine import AsyncEngine
+
+    engine = _engine(tiny)
+    runner = AsyncEngine(engine).start()
+    prompt = _prompt(random.Random(7), 30)
+
+    async def main():
+        tokens = [t.id async for out in runner.generate("a", prompt, GREEDY) for t in out.new_tokens]
+        stream = runner.generate("b", prompt, SamplingParams(max_new_tokens=200, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()  # the client went away
+        for _ in range(100):
+            if engine.block_manager.num_free_blocks == engine.num_blocks and not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.05)
+        return tokens
+
+    try:
+        assert asyncio.run(main()) == tiny.greedy(prompt, 12)
+        assert engine.block_manager.num_free_blocks == engine.num_blocks
+    finally:
+        runner.stop()

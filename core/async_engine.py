@@ -1,0 +1,122 @@
+"""The engine on its own thread, with an asyncio stream per request, for the serving layer.
+
+The step loop never runs on the event loop: HTTP and gRPC handlers only enqueue commands and await
+their request's queue, so a long prefill cannot stall a health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence
+
+from tokenmill.engine import Engine
+from tokenmill.errors import TokenmillError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationError(TokenmillError):
+    """The model step failed while this request was in flight (HTTP 424)."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self.step_listeners: list[Callable[[Engine, list[RequestOutput]], None]] = []
+
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; leaving the loop early (client gone) aborts it."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.abort(request_id))
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except Exception as exc:  # noqa: BLE001 - delivered to the waiting handler, which maps it to a status
+            self._deliver(request_id, exc)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            while True:
+                try:
+                    self._commands.get_nowait()()
+                except queue.Empty:
+                    break
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail what was in flight, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            for listener in self.step_listeners:
+                listener(self.engine, outputs)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in self.engine.unfinished_request_ids():
+            self.engine.abort(request_id)
+            self._deliver(request_id, GenerationError(f"Request failed during generation: {exc}"))
