@@ -38,19 +38,67 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     return run_conformance(args.backend or "", [a for a in args.extra_args if a != "--"])
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from tokenmill.backend import resolve_backend
-    from tokenmill.errors import BackendUnavailableError
+def _env(name: str, default=None):
+    return os.environ.get(name, default)
 
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenmill.api.server import ServeOptions, serve
+    from tokenmill.engine import EngineConfig
+    from tokenmill.errors import TokenmillError
+
+    engine = EngineConfig(
+        model_id=args.model_id, dtype=args.dtype, backend=args.backend, kv_cache_bytes=args.kv_cache_bytes,
+        max_num_batched_tokens=args.max_batch_prefill_tokens, max_num_seqs=args.max_batch_size,
+        max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
+        cache_dir=Path(args.cache_dir).expanduser(),
+    )
+    options = ServeOptions(
+        engine=engine, hostname=args.hostname, port=args.port, max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens, max_concurrent_requests=args.max_concurrent_requests,
+        max_best_of=args.max_best_of, max_stop_sequences=args.max_stop_sequences,
+        max_top_n_tokens=args.max_top_n_tokens, max_client_batch_size=args.max_client_batch_size,
+        payload_limit=args.payload_limit, api_key=args.api_key, cors_allow_origin=tuple(args.cors_allow_origin),
+    )
     try:
-        _, selection = resolve_backend(args.backend)
-    except BackendUnavailableError as exc:
+        serve(options)
+    except TokenmillError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
-    print(f"backend: {selection.name} ({selection.reason})")
-    print("tokenmill serve: the HTTP and gRPC serving layer is not built yet (issue #4); nothing to start",
-          file=sys.stderr)
-    return 2
+    return 0
+
+
+def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
+    """Flags named as TGI's launcher names them, each with TGI's environment variable."""
+    def flag(name: str, env: str, default=None, type=str, help: str = "") -> None:
+        value = _env(env)
+        serve.add_argument(name, default=type(value) if value is not None else default, type=type,
+                           help=f"{help} [env: {env}]")
+
+    flag("--model-id", "MODEL_ID", None, help="local folder, .gguf file or cached hub id (default: embedded SmolLM2)")
+    flag("--dtype", "DTYPE", "auto", help="auto, float32, bfloat16 or float16")
+    flag("--quantize", "QUANTIZE", None, help="a quantization method the backend offers (cpu: int8)")
+    flag("--hostname", "HOSTNAME", "0.0.0.0", help="address to listen on")
+    flag("--port", "PORT", 3000, int, help="HTTP port")
+    flag("--max-input-tokens", "MAX_INPUT_TOKENS", None, int, help="longest prompt")
+    flag("--max-total-tokens", "MAX_TOTAL_TOKENS", None, int, help="longest prompt + generation")
+    flag("--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 128, int, help="beyond this, 429")
+    flag("--max-best-of", "MAX_BEST_OF", 2, int, help="largest best_of")
+    flag("--max-stop-sequences", "MAX_STOP_SEQUENCES", 4, int, help="most stop sequences per request")
+    flag("--max-top-n-tokens", "MAX_TOP_N_TOKENS", 5, int, help="largest top_n_tokens")
+    flag("--max-client-batch-size", "MAX_CLIENT_BATCH_SIZE", 4, int, help="most prompts per /v1/completions")
+    flag("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", 2048, int, help="tokens per engine step")
+    flag("--max-batch-size", "MAX_BATCH_SIZE", 128, int, help="sequences per engine step")
+    flag("--kv-cache-bytes", "KV_CACHE_BYTES", None, int, help="KV-cache size (default: the backend's budget)")
+    flag("--payload-limit", "PAYLOAD_LIMIT", 2_000_000, int, help="largest request body in bytes")
+    flag("--api-key", "API_KEY", None, help="require 'Authorization: Bearer KEY' on generation routes")
+    flag("--cache-dir", "TOKENMILL_CACHE_DIR", "~/.cache/tokenmill", help="where derived files are cached")
+    serve.add_argument("--cors-allow-origin", action="append", default=[], help="allowed CORS origin (repeatable)")
+    prefix = _env("PREFIX_CACHING", "1") not in ("0", "false", "False")
+    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=prefix,
+                       help="disable automatic prefix caching [env: PREFIX_CACHING=0]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.set_defaults(func=_cmd_conformance)
     serve = commands.add_parser("serve", help="start the server on the best discovered backend")
     _add_backend_flag(serve)
+    _add_serve_flags(serve)
     serve.set_defaults(func=_cmd_serve)
     return parser
 

@@ -192,6 +192,9 @@ class Engine:
         if plan.is_empty:
             return outputs
         steps, sampling = self._sequence_steps(plan)
+        now = time.monotonic()
+        for item in plan.scheduled:
+            self._states[item.request.request_id].timings.setdefault("first_scheduled", now)
         logits = self.runner.execute(steps)
         self.num_computed_prompt_tokens += sum(
             max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens + s.num_new_tokens)
@@ -314,6 +317,10 @@ class Engine:
             state.first_output_sent = True
         if finished:
             out.generated_text = state.stop.text
+            end = time.monotonic()
+            start = state.timings.get("first_scheduled", end)
+            out.queue_time_s = start - state.arrival_time
+            out.inference_time_s = end - start
         return out
 
     # ---- batch API --------------------------------------------------------------------------------

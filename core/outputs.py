@@ -31,3 +31,5 @@ class RequestOutput:
     generated_text: str | None = None  # the whole text, in the final output
     cumulative_logprob: float = 0.0
     seed: int | None = None
+    queue_time_s: float | None = None  # in the final output: arrival to first step
+    inference_time_s: float | None = None  # in the final output: first step to the end

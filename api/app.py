@@ -1,0 +1,48 @@
+"""The HTTP application: routes, middleware (auth, CORS, body limit) and error handlers, in that order."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from tokenmill.api import openai_api, tgi
+from tokenmill.api.errors import install_error_handlers
+from tokenmill.api.metrics import Metrics
+from tokenmill.api.service import GenerationService
+
+# TGI protects the generation routes only; info routes stay open.
+PROTECTED = ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize")
+
+
+def build_app(service: GenerationService, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="tokenmill", version=service.settings.version,
+                  description="TGI- and OpenAI-compatible text generation")
+    app.state.service = service
+    app.state.metrics = metrics
+    settings = service.settings
+
+    @app.middleware("http")
+    async def limits_and_auth(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.payload_limit:
+            return JSONResponse({"error": f"Payload too large: the limit is {settings.payload_limit} bytes",
+                                 "error_type": "payload_too_large"}, status_code=413)
+        is_protected = request.url.path in PROTECTED or (request.url.path == "/" and request.method == "POST")
+        if settings.api_key and is_protected:
+            expected = f"bearer {settings.api_key}".lower()
+            if request.headers.get("authorization", "").lower() != expected:
+                return Response(status_code=401)
+        return await call_next(request)
+
+    app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origin) or ["*"],
+                       allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
+    install_error_handlers(app, metrics)
+    app.include_router(tgi.router)
+    app.include_router(openai_api.router)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,63 @@
+"""Every user-facing failure mapped, in one place, to TGI's status codes and error body."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tokenmill.async_engine import GenerationError
+from tokenmill.errors import ValidationError
+
+
+class OverloadedError(Exception):
+    """More concurrent requests than --max-concurrent-requests (HTTP 429)."""
+
+
+class TemplateError(Exception):
+    """The chat template is missing or failed to render (HTTP 422)."""
+
+
+class UnsupportedError(Exception):
+    """A request feature this server does not offer, with its TGI error_type (HTTP 422)."""
+
+    def __init__(self, message: str, error_type: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """(status, {"error", "error_type"}) for an exception, as TGI answers it."""
+    if isinstance(exc, ValidationError):
+        return 422, {"error": f"Input validation error: {exc}", "error_type": "validation"}
+    if isinstance(exc, OverloadedError):
+        return 429, {"error": "Model is overloaded", "error_type": "overloaded"}
+    if isinstance(exc, GenerationError):
+        return 424, {"error": str(exc), "error_type": "generation"}
+    if isinstance(exc, TemplateError):
+        return 422, {"error": f"Template error: {exc}", "error_type": "template_error"}
+    if isinstance(exc, UnsupportedError):
+        return 422, {"error": str(exc), "error_type": exc.error_type}
+    return 500, {"error": f"Request failed: {exc}", "error_type": "incomplete_generation"}
+
+
+def install_error_handlers(app, metrics=None) -> None:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        status, body = error_body(exc)
+        if metrics is not None and not isinstance(exc, OverloadedError):  # overload is counted where refused
+            metrics.request_failure.labels(err=body["error_type"]).inc()
+        return JSONResponse(body, status_code=status)
+
+    async def handle_malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body that does not parse: 422 with the field path, in TGI's envelope.
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse({"error": f"Malformed JSON body: {first.get('msg', exc)}", "error_type": "validation"},
+                                status_code=400)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"Failed to deserialize the JSON body into the target type: {where}: {first.get('msg', exc)}"
+        return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
+
+    for exc_type in (ValidationError, OverloadedError, GenerationError, TemplateError, UnsupportedError):
+        app.add_exception_handler(exc_type, handle)
+    app.add_exception_handler(RequestValidationError, handle_malformed)

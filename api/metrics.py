@@ -1,0 +1,47 @@
+"""Prometheus metrics under TGI's names (`tgi_*`) where TGI has the metric, `tokenmill_*` for the rest."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# TGI: 35 geometric buckets from 0.15 ms, x1.5.
+DURATION_BUCKETS = tuple(0.00015 * 1.5**i for i in range(35))
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
+        self.request_success = Counter("tgi_request_success", "Requests that finished", registry=r)
+        self.request_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=r)
+        self.queue_size = Gauge("tgi_queue_size", "Requests waiting to be scheduled", registry=r)
+        self.batch_size = Gauge("tgi_batch_current_size", "Sequences in the running batch", registry=r)
+        self.request_duration = Histogram("tgi_request_duration", "End-to-end request time (s)",
+                                          buckets=DURATION_BUCKETS, registry=r)
+        self.queue_duration = Histogram("tgi_request_queue_duration", "Time in queue (s)",
+                                        buckets=DURATION_BUCKETS, registry=r)
+        self.inference_duration = Histogram("tgi_request_inference_duration", "Time from first step to end (s)",
+                                            buckets=DURATION_BUCKETS, registry=r)
+        self.time_per_token = Histogram("tgi_request_mean_time_per_token_duration", "Mean time per token (s)",
+                                        buckets=DURATION_BUCKETS, registry=r)
+        self.input_length = Histogram("tgi_request_input_length", "Prompt tokens", buckets=TOKEN_BUCKETS, registry=r)
+        self.generated_tokens = Histogram("tgi_request_generated_tokens", "Generated tokens", buckets=TOKEN_BUCKETS,
+                                          registry=r)
+        self.kv_usage = Gauge("tokenmill_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
+        self.prefix_hit_rate = Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
+                                     registry=r)
+        self.preemptions = Gauge("tokenmill_preemptions_total", "Requests preempted for recompute", registry=r)
+
+    def observe_engine(self, engine) -> None:
+        """Refresh the engine gauges (called after each step, from the engine thread)."""
+        blocks = engine.block_manager
+        self.queue_size.set(engine.scheduler.num_waiting)
+        self.batch_size.set(engine.scheduler.num_running)
+        self.kv_usage.set(blocks.usage)
+        self.prefix_hit_rate.set(blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0)
+        self.preemptions.set(engine.scheduler.num_preemptions)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,109 @@
+"""The router's view of generation: tokenize, admit (or refuse with 429), stream or collect outputs.
+
+Today it drives an in-process `AsyncEngine`; the gRPC model-server client will offer the same methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from tokenmill.api.errors import OverloadedError
+from tokenmill.api.settings import ServerSettings
+from tokenmill.async_engine import AsyncEngine, GenerationError
+from tokenmill.outputs import RequestOutput, TokenInfo
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class Generation:
+    """A finished request, its step outputs gathered."""
+
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    top_tokens: list[list[TokenInfo]] = field(default_factory=list)
+    finish_reason: str = "length"
+    num_prompt_tokens: int = 0
+    prompt_logprobs: list[TokenInfo] | None = None
+    seed: int | None = None
+    queue_time_s: float = 0.0
+    inference_time_s: float = 0.0
+
+    @property
+    def mean_logprob(self) -> float:
+        values = [t.logprob for t in self.tokens if t.logprob is not None]
+        return sum(values) / len(values) if values else float("-inf")
+
+    def add(self, out: RequestOutput) -> None:
+        self.tokens += out.new_tokens
+        self.top_tokens += out.new_top_tokens
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.seed = out.seed
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            self.text = out.generated_text or ""
+            self.finish_reason = out.finish_reason or "length"
+            self.queue_time_s = out.queue_time_s or 0.0
+            self.inference_time_s = out.inference_time_s or 0.0
+
+
+class GenerationService:
+    def __init__(self, engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, metrics: Any = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.in_flight = 0
+        self._ids = itertools.count()
+        self.ready = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    @contextlib.contextmanager
+    def admit(self):
+        """A permit for one client request, held for its whole stream (TGI's semaphore, no waiting)."""
+        if self.in_flight >= self.settings.max_concurrent_requests:
+            if self.metrics:
+                self.metrics.request_failure.labels(err="overloaded").inc()
+            raise OverloadedError()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def new_id(self) -> str:
+        return f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        m = self.metrics
+        if m:
+            m.request_count.inc()
+            m.input_length.observe(len(prompt_ids))
+        try:
+            async for out in self.engine.generate(self.new_id(), prompt_ids, params):
+                if out.error:
+                    raise GenerationError(f"Request failed during generation: {out.error}")
+                if out.finished and m:
+                    m.request_success.inc()
+                    m.generated_tokens.observe(out.num_generated_tokens)
+                    m.queue_duration.observe(out.queue_time_s or 0.0)
+                    m.inference_duration.observe(out.inference_time_s or 0.0)
+                    m.request_duration.observe((out.queue_time_s or 0.0) + (out.inference_time_s or 0.0))
+                    m.time_per_token.observe((out.inference_time_s or 0.0) / max(1, out.num_generated_tokens))
+                yield out
+        except GenerationError:
+            if m:
+                m.request_failure.labels(err="generation").inc()
+            raise
+
+    async def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+        generation = Generation()
+        async for out in self.stream(prompt_ids, params):
+            generation.add(out)
+        return generation

@@ -1,0 +1,109 @@
+"""TGI's request validation: parameter ranges, limits, token counts; TGI's messages word for word."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tokenmill.api.errors import UnsupportedError
+from tokenmill.api.schemas import GenerateParameters
+from tokenmill.api.settings import ServerSettings
+from tokenmill.errors import ValidationError
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    best_of: int
+    return_full_text: bool
+
+
+def _check_ranges(p: GenerateParameters, settings: ServerSettings) -> None:
+    if p.temperature is not None and p.temperature <= 0:
+        raise ValidationError("`temperature` must be strictly positive")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+    if p.top_k is not None and p.top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    if p.max_new_tokens == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    if len(p.stop) > settings.max_stop_sequences:
+        raise ValidationError(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
+    if p.top_n_tokens is not None and p.top_n_tokens > settings.max_top_n_tokens:
+        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {p.top_n_tokens}")
+    if p.grammar is not None:
+        raise UnsupportedError("grammar is not supported", "grammar_not_supported")
+
+
+def is_sampling(p: GenerateParameters) -> bool:
+    """TGI samples when asked to, or when any warper is set away from its neutral value."""
+    return bool(p.do_sample or (p.temperature is not None and p.temperature != 1.0) or p.top_k
+                or (p.top_p is not None and p.top_p < 1.0) or (p.typical_p is not None and p.typical_p < 1.0))
+
+
+def _check_best_of(p: GenerateParameters, settings: ServerSettings, stream: bool) -> int:
+    best_of = p.best_of or 1
+    if best_of == 1:
+        return 1
+    if settings.max_best_of == 1:
+        raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+    if best_of > settings.max_best_of:
+        raise ValidationError(f"`best_of` must be > 0 and <= {settings.max_best_of}. Given: {best_of}")
+    if not is_sampling(p):
+        raise ValidationError("you must use sampling when `best_of` is > 1")
+    if p.seed is not None:
+        raise ValidationError("`seed` must not be set when `best_of` > 1")
+    if stream:
+        raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+    return best_of
+
+
+def validate_generate(inputs: str, p: GenerateParameters, settings: ServerSettings, tokenizer,
+                      stream: bool = False, add_special_tokens: bool = True, default_full_text: bool = False
+                      ) -> ValidRequest:
+    """The token ids and sampling parameters for a TGI request, or a ValidationError."""
+    _check_ranges(p, settings)
+    best_of = _check_best_of(p, settings, stream)
+    if stream and p.decoder_input_details:
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+    if not inputs:
+        raise ValidationError("`inputs` cannot be empty")
+    ids = tokenizer(inputs, add_special_tokens=add_special_tokens).input_ids
+    if p.truncate is not None:
+        if not 0 < p.truncate <= settings.max_input_tokens:
+            raise ValidationError(f"`truncate` must be strictly positive and less than {settings.max_input_tokens}. "
+                                  f"Given: {p.truncate}")
+        ids = ids[-p.truncate :]
+    if len(ids) > settings.max_input_tokens:
+        raise ValidationError(f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {len(ids)}")
+    max_new = p.max_new_tokens or settings.max_total_tokens - len(ids)
+    if len(ids) + max_new > settings.max_total_tokens:
+        raise ValidationError(f"`inputs` tokens + `max_new_tokens` must be <= {settings.max_total_tokens}. "
+                              f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`")
+    sampling = is_sampling(p)
+    seed = p.seed if p.seed is not None else (random.getrandbits(63) if sampling else None)
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=(p.temperature or 1.0) if sampling else None,
+        top_k=p.top_k or 0,
+        top_p=p.top_p or 1.0,
+        typical_p=p.typical_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        seed=seed,
+        stop=tuple(p.stop),
+        include_stop_str_in_output=True,
+        logprobs=True,
+        top_n_tokens=p.top_n_tokens or 0,
+        prompt_logprobs=p.decoder_input_details,
+    )
+    full_text = p.return_full_text if p.return_full_text is not None else default_full_text
+    return ValidRequest(ids, params, best_of, full_text)
