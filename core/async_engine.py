@@ -96,11 +96,16 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
+            ran_commands = False
             while True:
                 try:
                     self._commands.get_nowait()()
+                    ran_commands = True
                 except queue.Empty:
                     break
+            if ran_commands and not self.engine.has_unfinished():
+                for listener in self.step_listeners:  # e.g. an abort freed blocks: gauges must see it
+                    listener(self.engine, [])
             if not self.engine.has_unfinished():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
