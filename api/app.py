@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -15,8 +18,33 @@ from tokenmill.api.service import GenerationService
 PROTECTED = ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize")
 
 
-def build_app(service: GenerationService, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="tokenmill", version=service.settings.version,
+def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        """Run the public gRPC server on this event loop; its health turns SERVING once warm."""
+        if grpc_address is None:
+            yield
+            return
+        from tokenmill.api.grpc.public_server import PublicGrpcServer
+
+        grpc_server = PublicGrpcServer(service, grpc_address)
+        app.state.grpc_server = grpc_server
+        await grpc_server.start()
+
+        async def follow_readiness() -> None:
+            while not service.ready:
+                await asyncio.sleep(0.2)
+            await grpc_server.set_serving(True)
+
+        watcher = asyncio.create_task(follow_readiness())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await grpc_server.set_serving(False)
+            await grpc_server.stop()
+
+    app = FastAPI(title="tokenmill", version=service.settings.version, lifespan=lifespan,
                   description="TGI- and OpenAI-compatible text generation")
     app.state.service = service
     app.state.metrics = metrics

@@ -28,6 +28,7 @@ class ServeOptions:
     engine: EngineConfig
     hostname: str = "0.0.0.0"
     port: int = 3000
+    grpc_port: int | None = 3001  # None: no public gRPC server
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     max_concurrent_requests: int = 128
@@ -68,7 +69,8 @@ def serve(options: ServeOptions) -> None:
     logger.info("model loaded in %.1f s on backend %s (%s blocks of %s tokens)", engine.load_time_s,
                 engine.backend.name, engine.num_blocks, engine.layout.block_size)
     service, metrics, runner = build_service(options, engine)
-    app = build_app(service, metrics)
+    grpc_address = f"{options.hostname}:{options.grpc_port}" if options.grpc_port else None
+    app = build_app(service, metrics, grpc_address)
 
     def warm_up() -> None:
         engine.warmup()

@@ -56,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir).expanduser(),
     )
     options = ServeOptions(
-        engine=engine, hostname=args.hostname, port=args.port, max_input_tokens=args.max_input_tokens,
+        engine=engine, hostname=args.hostname, port=args.port, grpc_port=args.grpc_port or None, max_input_tokens=args.max_input_tokens,
         max_total_tokens=args.max_total_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_best_of=args.max_best_of, max_stop_sequences=args.max_stop_sequences,
         max_top_n_tokens=args.max_top_n_tokens, max_client_batch_size=args.max_client_batch_size,
@@ -82,6 +82,7 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     flag("--quantize", "QUANTIZE", None, help="a quantization method the backend offers (cpu: int8)")
     flag("--hostname", "HOSTNAME", "0.0.0.0", help="address to listen on")
     flag("--port", "PORT", 3000, int, help="HTTP port")
+    flag("--grpc-port", "GRPC_PORT", 3001, int, help="public gRPC port (0: no gRPC server)")
     flag("--max-input-tokens", "MAX_INPUT_TOKENS", None, int, help="longest prompt")
     flag("--max-total-tokens", "MAX_TOTAL_TOKENS", None, int, help="longest prompt + generation")
     flag("--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 128, int, help="beyond this, 429")

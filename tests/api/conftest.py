@@ -58,8 +58,9 @@ class TinyServer:
         self.service.ready = True
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.service, self.metrics), host="127.0.0.1",
-                                                    port=port, log_level="warning"))
+        self.grpc_address = f"127.0.0.1:{free_port()}"
+        app = build_app(self.service, self.metrics, self.grpc_address)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_healthy(self.url, 30)

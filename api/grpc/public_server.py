@@ -1,0 +1,137 @@
+"""The public gRPC API (TextGeneration), with the standard health and reflection services.
+
+It shares the HTTP API's `GenerationService`, so validation, admission and limits are the same; errors
+map to gRPC status codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, INTERNAL). A cancelled call aborts its
+request, freeing its KV blocks.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from tokenmill.api.errors import OverloadedError, UnsupportedError
+from tokenmill.api.grpc import generate_pb2 as pb
+from tokenmill.api.grpc import generate_pb2_grpc as pb_grpc
+from tokenmill.api.schemas import GenerateParameters
+from tokenmill.api.service import GenerationService
+from tokenmill.api.validation import validate_generate
+from tokenmill.async_engine import GenerationError
+from tokenmill.errors import ValidationError
+from tokenmill.outputs import TokenInfo
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+
+
+def _parameters(p: pb.Parameters) -> GenerateParameters:
+    def opt(name):
+        return getattr(p, name) if p.HasField(name) else None
+
+    return GenerateParameters(
+        temperature=opt("temperature"), top_k=opt("top_k"), top_p=opt("top_p"), typical_p=opt("typical_p"),
+        repetition_penalty=opt("repetition_penalty"), frequency_penalty=opt("frequency_penalty"),
+        seed=opt("seed"), stop=list(p.stop), max_new_tokens=opt("max_new_tokens"), do_sample=p.do_sample,
+        top_n_tokens=p.top_n_tokens or None, decoder_input_details=p.decoder_input_details, truncate=opt("truncate"),
+    )
+
+
+def _token(t: TokenInfo, text: str | None = None) -> pb.Token:
+    token = pb.Token(id=t.id, text=t.text if text is None else text, special=t.special)
+    if t.logprob is not None:
+        token.logprob = t.logprob
+    return token
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, (ValidationError, UnsupportedError)):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Input validation error: {exc}")
+    if isinstance(exc, OverloadedError):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Model is overloaded")
+    if isinstance(exc, GenerationError):
+        await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+    raise exc
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServicer):
+    def __init__(self, service: GenerationService):
+        self.service = service
+
+    def _validate(self, request: pb.GenerateRequest, stream: bool):
+        return validate_generate(request.inputs, _parameters(request.parameters), self.service.settings,
+                                 self.service.tokenizer, stream=stream)
+
+    async def Generate(self, request, context):
+        try:
+            valid = self._validate(request, stream=False)
+            with self.service.admit():
+                g = await self.service.complete(valid.prompt_ids, valid.params)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            await _abort_with(context, exc)
+        response = pb.GenerateResponse(generated_text=g.text, finish_reason=g.finish_reason,
+                                       generated_tokens=len(g.tokens), input_tokens=g.num_prompt_tokens,
+                                       tokens=[_token(t) for t in g.tokens],
+                                       top_tokens=[pb.TopTokens(tokens=[_token(t) for t in s]) for s in g.top_tokens],
+                                       prefill=[_token(t) for t in (g.prompt_logprobs or [])])
+        if g.seed is not None:
+            response.seed = g.seed
+        return response
+
+    async def GenerateStream(self, request, context):
+        try:
+            valid = self._validate(request, stream=True)
+            with self.service.admit():
+                index = 0
+                async for out in self.service.stream(valid.prompt_ids, valid.params):
+                    for i, token in enumerate(out.new_tokens):
+                        index += 1
+                        message = pb.GenerateStreamResponse(index=index, token=_token(token, out.text_delta),
+                                                            generated_tokens=out.num_generated_tokens)
+                        if out.new_top_tokens:
+                            message.top_tokens.CopyFrom(pb.TopTokens(tokens=[_token(t) for t in out.new_top_tokens[i]]))
+                        if out.finished:
+                            message.generated_text = out.generated_text or ""
+                            message.finish_reason = out.finish_reason or ""
+                        yield message
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            await _abort_with(context, exc)
+
+    async def Tokenize(self, request, context):
+        tokenizer = self.service.tokenizer
+        ids = tokenizer(request.inputs, add_special_tokens=request.add_special_tokens).input_ids
+        return pb.TokenizeResponse(tokens=[pb.Token(id=i, text=tokenizer.decode([i])) for i in ids])
+
+    async def ModelInfo(self, request, context):
+        s = self.service.settings
+        return pb.ModelInfoResponse(model_id=s.model_id, max_input_tokens=s.max_input_tokens,
+                                    max_total_tokens=s.max_total_tokens,
+                                    max_concurrent_requests=s.max_concurrent_requests,
+                                    backend=s.compute_type, version=s.version)
+
+
+class PublicGrpcServer:
+    """grpc.aio server on the HTTP server's event loop: TextGeneration + health + reflection."""
+
+    def __init__(self, service: GenerationService, address: str):
+        self.service = service
+        self.address = address
+        self.server = grpc.aio.server()
+        pb_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(service), self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(address)
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(self.service.ready)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.server.stop(grace_s)
