@@ -48,10 +48,10 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
                   description="TGI- and OpenAI-compatible text generation")
     app.state.service = service
     app.state.metrics = metrics
-    settings = service.settings
 
     @app.middleware("http")
     async def limits_and_auth(request: Request, call_next):
+        settings = service.settings  # replaced once the model is known
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.payload_limit:
             return JSONResponse({"error": f"Payload too large: the limit is {settings.payload_limit} bytes",
@@ -63,7 +63,7 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
                 return Response(status_code=401)
         return await call_next(request)
 
-    app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origin) or ["*"],
+    app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_allow_origin) or ["*"],
                        allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
     install_error_handlers(app, metrics)
     app.include_router(tgi.router)

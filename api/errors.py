@@ -14,6 +14,10 @@ class OverloadedError(Exception):
     """More concurrent requests than --max-concurrent-requests (HTTP 429)."""
 
 
+class ModelLoadingError(Exception):
+    """The model is still loading or warming up (HTTP 503)."""
+
+
 class TemplateError(Exception):
     """The chat template is missing or failed to render (HTTP 422)."""
 
@@ -32,6 +36,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 422, {"error": f"Input validation error: {exc}", "error_type": "validation"}
     if isinstance(exc, OverloadedError):
         return 429, {"error": "Model is overloaded", "error_type": "overloaded"}
+    if isinstance(exc, ModelLoadingError):
+        return 503, {"error": "Model is loading, retry shortly", "error_type": "unhealthy"}
     if isinstance(exc, GenerationError):
         return 424, {"error": str(exc), "error_type": "generation"}
     if isinstance(exc, TemplateError):
@@ -58,6 +64,6 @@ def install_error_handlers(app, metrics=None) -> None:
         message = f"Failed to deserialize the JSON body into the target type: {where}: {first.get('msg', exc)}"
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
-    for exc_type in (ValidationError, OverloadedError, GenerationError, TemplateError, UnsupportedError):
+    for exc_type in (ValidationError, OverloadedError, ModelLoadingError, GenerationError, TemplateError, UnsupportedError):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(RequestValidationError, handle_malformed)

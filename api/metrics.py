@@ -33,6 +33,10 @@ class Metrics:
         self.prefix_hit_rate = Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("tokenmill_preemptions_total", "Requests preempted for recompute", registry=r)
+        self.replica_requests = Gauge("tokenmill_replica_requests", "Requests sent to each model server",
+                                      ["replica"], registry=r)
+        self.replica_healthy = Gauge("tokenmill_replica_healthy", "1 while a model server is healthy", ["replica"],
+                                     registry=r)
 
     def observe_engine(self, engine) -> None:
         """Refresh the engine gauges (called after each step, from the engine thread)."""
@@ -42,6 +46,18 @@ class Metrics:
         self.kv_usage.set(blocks.usage)
         self.prefix_hit_rate.set(blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0)
         self.preemptions.set(engine.scheduler.num_preemptions)
+
+    def observe_replicas(self, router) -> None:
+        """Refresh the engine gauges from the model servers' reports (after each health round)."""
+        infos = [r.info for r in router.replicas if r.healthy and r.info is not None]
+        self.queue_size.set(sum(i.num_waiting for i in infos))
+        self.batch_size.set(sum(i.num_running for i in infos))
+        self.kv_usage.set(sum(i.kv_cache_usage for i in infos) / len(infos) if infos else 0.0)
+        self.prefix_hit_rate.set(sum(i.prefix_cache_hit_rate for i in infos) / len(infos) if infos else 0.0)
+        self.preemptions.set(sum(i.num_preemptions for i in infos))
+        for replica in router.replicas:
+            self.replica_requests.labels(replica=replica.address).set(replica.num_requests)
+            self.replica_healthy.labels(replica=replica.address).set(1 if replica.healthy else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

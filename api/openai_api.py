@@ -65,6 +65,10 @@ def _service(request: Request) -> GenerationService:
     return request.app.state.service
 
 
+def _ready(request: Request) -> GenerationService:
+    return request.app.state.service.checked()
+
+
 def _text_of(message: ChatMessage) -> str:
     if isinstance(message.content, list):
         return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
@@ -129,7 +133,7 @@ async def models(request: Request):
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
-    service = _service(request)
+    service = _ready(request)
     tokenizer = service.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template not found")
@@ -209,7 +213,7 @@ async def _chat_stream(service, body: ChatRequest, prompt, params, model) -> Asy
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    service = _service(request)
+    service = _ready(request)
     if body.suffix:
         raise UnsupportedError("Suffix is not supported and can be achieved by preprocessing the prompt.",
                                "suffix not supported")

@@ -1,13 +1,21 @@
-"""`tokenmill serve`: load the model, warm it up, serve HTTP; `/health` answers 503 until warm.
+"""`tokenmill serve`: the launcher and router.
 
-For now the engine runs in the server process, on its own thread; the router / model-server split
-over gRPC (TGI's launcher, router and shards) is the next step of the serving issue.
+By default it starts one model-server process on a unix socket (TGI's launcher and shard) and serves
+HTTP and gRPC in front of it; with `--model-server ADDR` (repeatable) it fronts running replicas,
+local or remote, instead. HTTP is bound at once: `/health` says 503 until a replica is warm.
+`build_service` wires the same front end to an in-process engine (tests, embedding).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
-import threading
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +23,12 @@ import uvicorn
 
 from tokenmill.api.app import build_app
 from tokenmill.api.metrics import Metrics
+from tokenmill.api.router import ReplicaRouter
 from tokenmill.api.service import GenerationService
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine
 from tokenmill.engine import Engine, EngineConfig
+from tokenmill.loader import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,46 +49,94 @@ class ServeOptions:
     payload_limit: int = 2_000_000
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
+    model_servers: tuple[str, ...] = ()  # empty: launch one local model server
+    model_server_args: tuple[str, ...] = ()  # engine flags passed to the launched model server
+    startup_timeout_s: float = 600.0
+    graceful_shutdown_s: int = 30
 
 
-def model_name(engine_config: EngineConfig, source: str) -> str:
-    return engine_config.model_id or Path(source).stem
+def model_name(model_id: str | None, source: str) -> str:
+    return model_id or Path(source).stem
+
+
+def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, compute_type: str) -> ServerSettings:
+    max_total = options.max_total_tokens or max_model_tokens
+    return ServerSettings(
+        model_id=model_id, max_input_tokens=options.max_input_tokens or max_total - 1, max_total_tokens=max_total,
+        max_concurrent_requests=options.max_concurrent_requests, max_best_of=options.max_best_of,
+        max_stop_sequences=options.max_stop_sequences, max_top_n_tokens=options.max_top_n_tokens,
+        max_client_batch_size=options.max_client_batch_size, payload_limit=options.payload_limit,
+        api_key=options.api_key, cors_allow_origin=options.cors_allow_origin, compute_type=compute_type,
+    )
 
 
 def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationService, Metrics, AsyncEngine]:
-    """The service over an already loaded engine (tests use this with a tiny model)."""
-    max_total = options.max_total_tokens or min(engine.max_model_len, engine.kv_capacity_tokens)
-    max_input = options.max_input_tokens or max_total - 1
-    settings = ServerSettings(
-        model_id=model_name(options.engine, engine.checkpoint.source), max_input_tokens=max_input,
-        max_total_tokens=max_total, max_concurrent_requests=options.max_concurrent_requests,
-        max_best_of=options.max_best_of, max_stop_sequences=options.max_stop_sequences,
-        max_top_n_tokens=options.max_top_n_tokens, max_client_batch_size=options.max_client_batch_size,
-        payload_limit=options.payload_limit, api_key=options.api_key, cors_allow_origin=options.cors_allow_origin,
-        compute_type=f"1-{engine.backend.name}",
-    )
+    """The front end over an in-process engine (tests use this with a tiny model)."""
+    settings = make_settings(options, model_name(options.engine.model_id, engine.checkpoint.source),
+                             min(engine.max_model_len, engine.kv_capacity_tokens), f"1-{engine.backend.name}")
     metrics = Metrics()
     runner = AsyncEngine(engine)
     runner.step_listeners.append(lambda eng, _: metrics.observe_engine(eng))
-    service = GenerationService(runner, engine.tokenizer, settings, metrics)
-    return service, metrics, runner
+    return GenerationService(runner, engine.tokenizer, settings, metrics), metrics, runner
 
 
 def serve(options: ServeOptions) -> None:
-    engine = Engine(options.engine)
-    logger.info("model loaded in %.1f s on backend %s (%s blocks of %s tokens)", engine.load_time_s,
-                engine.backend.name, engine.num_blocks, engine.layout.block_size)
-    service, metrics, runner = build_service(options, engine)
+    child = None
+    addresses = options.model_servers
+    if not addresses:
+        socket_path = Path(tempfile.gettempdir()) / f"tokenmill-{os.getpid()}-{uuid.uuid4().hex[:6]}.sock"
+        addresses = (f"unix://{socket_path}",)
+        command = [sys.executable, "-m", "tokenmill.cli", "model-server", "--listen", addresses[0],
+                   *options.model_server_args]
+        logger.info("starting the model server: %s", " ".join(command))
+        child = subprocess.Popen(command)
+    try:
+        asyncio.run(_run_router(options, addresses, child))
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=options.graceful_shutdown_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: subprocess.Popen | None) -> None:
+    router = ReplicaRouter(addresses)
+    metrics = Metrics()
+    router.on_health.append(metrics.observe_replicas)
+    placeholder = make_settings(options, options.engine.model_id or "loading", 2, "loading")
+    service = GenerationService(router, None, placeholder, metrics)
     grpc_address = f"{options.hostname}:{options.grpc_port}" if options.grpc_port else None
     app = build_app(service, metrics, grpc_address)
-
-    def warm_up() -> None:
-        engine.warmup()
-        runner.start()
-        metrics.observe_engine(engine)
+    server = uvicorn.Server(uvicorn.Config(app, host=options.hostname, port=options.port, log_level="info",
+                                           timeout_graceful_shutdown=options.graceful_shutdown_s))
+    serving = asyncio.create_task(server.serve())
+    try:
+        info = await _wait_for_replica(router, child, options.startup_timeout_s)
+        tokenizer = await asyncio.to_thread(load_tokenizer, info.source, options.engine.cache_dir)
+        service.tokenizer = tokenizer
+        service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),
+                                         min(info.max_model_len, info.kv_capacity_tokens),
+                                         f"{len(addresses)}-{info.backend}")
+        router.start()
         service.ready = True
-        logger.info("warm: serving on http://%s:%s", options.hostname, options.port)
+        logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(addresses))
+        await serving
+    finally:
+        server.should_exit = True
+        await router.stop()
 
-    threading.Thread(target=warm_up, name="tokenmill-warmup", daemon=True).start()
-    uvicorn.run(app, host=options.hostname, port=options.port, log_level="info", timeout_graceful_shutdown=30)
-    runner.stop()
+
+async def _wait_for_replica(router: ReplicaRouter, child: subprocess.Popen | None, timeout_s: float):
+    waiting = asyncio.create_task(router.wait_ready(timeout_s))
+    while not waiting.done():
+        if child is not None and child.poll() is not None:
+            waiting.cancel()
+            raise RuntimeError(f"the model server exited during start-up (code {child.returncode})")
+        await asyncio.sleep(0.2)
+    return waiting.result()
+
+
+def with_engine(options: ServeOptions, **changes) -> ServeOptions:
+    return dataclasses.replace(options, engine=dataclasses.replace(options.engine, **changes))

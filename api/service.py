@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-from tokenmill.api.errors import OverloadedError
+from tokenmill.api.errors import ModelLoadingError, OverloadedError
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine, GenerationError
 from tokenmill.outputs import RequestOutput, TokenInfo
@@ -61,12 +61,20 @@ class GenerationService:
         self._ids = itertools.count()
         self.ready = False
 
+    def checked(self) -> "GenerationService":
+        """This service, if it can take generation requests yet (else 503)."""
+        if not self.ready:
+            raise ModelLoadingError()
+        return self
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     @contextlib.contextmanager
     def admit(self):
         """A permit for one client request, held for its whole stream (TGI's semaphore, no waiting)."""
+        if not self.ready:
+            raise ModelLoadingError()
         if self.in_flight >= self.settings.max_concurrent_requests:
             if self.metrics:
                 self.metrics.request_failure.labels(err="overloaded").inc()

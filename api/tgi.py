@@ -32,6 +32,10 @@ def _service(request: Request) -> GenerationService:
     return request.app.state.service
 
 
+def _ready(request: Request) -> GenerationService:
+    return request.app.state.service.checked()
+
+
 def _token(t: TokenInfo) -> Token:
     return Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
 
@@ -123,20 +127,20 @@ async def _stream_events(service: GenerationService, body: GenerateRequest, defa
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
 async def generate(body: GenerateRequest, request: Request):
     """Generate tokens (TGI)."""
-    return await _generate(_service(request), body, default_full_text=False)
+    return await _generate(_ready(request), body, default_full_text=False)
 
 
 @router.post("/generate_stream")
 async def generate_stream(body: GenerateRequest, request: Request):
     """Generate tokens as server-sent events (TGI)."""
-    return sse_response(_stream_events(_service(request), body, default_full_text=False),
+    return sse_response(_stream_events(_ready(request), body, default_full_text=False),
                         {"x-compute-type": _service(request).settings.compute_type})
 
 
 @router.post("/")
 async def compat_generate(body: CompatGenerateRequest, request: Request):
     """TGI's compatibility route: a list with one response, or the stream when `stream` is true."""
-    service = _service(request)
+    service = _ready(request)
     if body.stream:
         return sse_response(_stream_events(service, body, default_full_text=True))
     response = await _generate(service, body, default_full_text=True)
@@ -149,7 +153,7 @@ async def compat_generate(body: CompatGenerateRequest, request: Request):
 @router.post("/tokenize")
 async def tokenize(body: GenerateRequest, request: Request):
     """Tokens of `inputs` with their byte offsets (TGI)."""
-    tokenizer = _service(request).tokenizer
+    tokenizer = _ready(request).tokenizer
     encoding = tokenizer(body.inputs, add_special_tokens=body.add_special_tokens, return_offsets_mapping=True)
     ids, offsets = encoding.input_ids, encoding.offset_mapping
     if body.parameters.truncate:

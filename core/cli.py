@@ -42,64 +42,121 @@ def _env(name: str, default=None):
     return os.environ.get(name, default)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+ENGINE_FLAGS = ("--model-id", "--dtype", "--quantize", "--kv-cache-bytes", "--max-batch-prefill-tokens",
+                "--max-batch-size", "--max-total-tokens", "--cache-dir")
+
+
+def _engine_config(args: argparse.Namespace) -> "EngineConfig":
     from pathlib import Path
 
-    from tokenmill.api.server import ServeOptions, serve
     from tokenmill.engine import EngineConfig
-    from tokenmill.errors import TokenmillError
 
-    engine = EngineConfig(
+    return EngineConfig(
         model_id=args.model_id, dtype=args.dtype, backend=args.backend, kv_cache_bytes=args.kv_cache_bytes,
         max_num_batched_tokens=args.max_batch_prefill_tokens, max_num_seqs=args.max_batch_size,
         max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
         cache_dir=Path(args.cache_dir).expanduser(),
     )
+
+
+def _model_server_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The engine flags this command was given, passed on to the model server it launches."""
+    forwarded = []
+    for flag in ENGINE_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            forwarded += [flag, str(value)]
+    if args.backend:
+        forwarded += ["--backend", args.backend]
+    if not args.prefix_caching:
+        forwarded.append("--no-prefix-caching")
+    return tuple(forwarded)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.api.server import ServeOptions, serve
+    from tokenmill.api.tracing import setup_tracing
+
+    setup_tracing(args.otlp_endpoint, "tokenmill.router")
+    servers = tuple(args.model_server) or tuple(a for a in (_env("MODEL_SERVERS") or "").split(",") if a)
     options = ServeOptions(
-        engine=engine, hostname=args.hostname, port=args.port, grpc_port=args.grpc_port or None, max_input_tokens=args.max_input_tokens,
-        max_total_tokens=args.max_total_tokens, max_concurrent_requests=args.max_concurrent_requests,
-        max_best_of=args.max_best_of, max_stop_sequences=args.max_stop_sequences,
-        max_top_n_tokens=args.max_top_n_tokens, max_client_batch_size=args.max_client_batch_size,
-        payload_limit=args.payload_limit, api_key=args.api_key, cors_allow_origin=tuple(args.cors_allow_origin),
+        engine=_engine_config(args), hostname=args.hostname, port=args.port, grpc_port=args.grpc_port or None,
+        max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_total_tokens,
+        max_concurrent_requests=args.max_concurrent_requests, max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,
+        max_client_batch_size=args.max_client_batch_size, payload_limit=args.payload_limit, api_key=args.api_key,
+        cors_allow_origin=tuple(args.cors_allow_origin), model_servers=servers,
+        model_server_args=_model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
+                                                      if args.otlp_endpoint else ()),
+        graceful_shutdown_s=args.graceful_termination_timeout,
     )
+    serve(options)
+    return 0
+
+
+def _cmd_model_server(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tokenmill.api.grpc.model_server import run_model_server
+    from tokenmill.api.tracing import setup_tracing
+    from tokenmill.errors import TokenmillError
+
+    setup_tracing(args.otlp_endpoint, "tokenmill.model_server")
     try:
-        serve(options)
+        asyncio.run(run_model_server(_engine_config(args), args.listen, args.model_id or "",
+                                     grace_s=args.graceful_termination_timeout))
     except TokenmillError as exc:
-        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        print(f"tokenmill model-server: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
-    """Flags named as TGI's launcher names them, each with TGI's environment variable."""
+def _flag_adder(parser: argparse.ArgumentParser):
     def flag(name: str, env: str, default=None, type=str, help: str = "") -> None:
         value = _env(env)
-        serve.add_argument(name, default=type(value) if value is not None else default, type=type,
-                           help=f"{help} [env: {env}]")
+        parser.add_argument(name, default=type(value) if value is not None else default, type=type,
+                            help=f"{help} [env: {env}]")
+    return flag
 
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """How the model is loaded and scheduled; TGI's names and environment variables where TGI has them."""
+    flag = _flag_adder(parser)
     flag("--model-id", "MODEL_ID", None, help="local folder, .gguf file or cached hub id (default: embedded SmolLM2)")
     flag("--dtype", "DTYPE", "auto", help="auto, float32, bfloat16 or float16")
     flag("--quantize", "QUANTIZE", None, help="a quantization method the backend offers (cpu: int8)")
+    flag("--max-total-tokens", "MAX_TOTAL_TOKENS", None, int, help="longest prompt + generation")
+    flag("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", 2048, int, help="tokens per engine step")
+    flag("--max-batch-size", "MAX_BATCH_SIZE", 128, int, help="sequences per engine step")
+    flag("--kv-cache-bytes", "KV_CACHE_BYTES", None, int, help="KV-cache size (default: the backend's budget)")
+    flag("--cache-dir", "TOKENMILL_CACHE_DIR", "~/.cache/tokenmill", help="where derived files are cached")
+    flag("--otlp-endpoint", "OTLP_ENDPOINT", None, help="export OpenTelemetry spans over OTLP/gRPC")
+    flag("--graceful-termination-timeout", "GRACEFUL_TERMINATION_TIMEOUT", 30, int,
+         help="seconds in-flight requests get to finish on SIGTERM")
+    prefix = _env("PREFIX_CACHING", "1") not in ("0", "false", "False")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=prefix,
+                        help="disable automatic prefix caching [env: PREFIX_CACHING=0]")
+
+
+def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
+    """The router's flags, named as TGI's launcher names them, each with TGI's environment variable."""
+    _add_engine_flags(serve)
+    flag = _flag_adder(serve)
     flag("--hostname", "HOSTNAME", "0.0.0.0", help="address to listen on")
     flag("--port", "PORT", 3000, int, help="HTTP port")
     flag("--grpc-port", "GRPC_PORT", 3001, int, help="public gRPC port (0: no gRPC server)")
     flag("--max-input-tokens", "MAX_INPUT_TOKENS", None, int, help="longest prompt")
-    flag("--max-total-tokens", "MAX_TOTAL_TOKENS", None, int, help="longest prompt + generation")
     flag("--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 128, int, help="beyond this, 429")
     flag("--max-best-of", "MAX_BEST_OF", 2, int, help="largest best_of")
     flag("--max-stop-sequences", "MAX_STOP_SEQUENCES", 4, int, help="most stop sequences per request")
     flag("--max-top-n-tokens", "MAX_TOP_N_TOKENS", 5, int, help="largest top_n_tokens")
     flag("--max-client-batch-size", "MAX_CLIENT_BATCH_SIZE", 4, int, help="most prompts per /v1/completions")
-    flag("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", 2048, int, help="tokens per engine step")
-    flag("--max-batch-size", "MAX_BATCH_SIZE", 128, int, help="sequences per engine step")
-    flag("--kv-cache-bytes", "KV_CACHE_BYTES", None, int, help="KV-cache size (default: the backend's budget)")
     flag("--payload-limit", "PAYLOAD_LIMIT", 2_000_000, int, help="largest request body in bytes")
     flag("--api-key", "API_KEY", None, help="require 'Authorization: Bearer KEY' on generation routes")
-    flag("--cache-dir", "TOKENMILL_CACHE_DIR", "~/.cache/tokenmill", help="where derived files are cached")
     serve.add_argument("--cors-allow-origin", action="append", default=[], help="allowed CORS origin (repeatable)")
-    prefix = _env("PREFIX_CACHING", "1") not in ("0", "false", "False")
-    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=prefix,
-                       help="disable automatic prefix caching [env: PREFIX_CACHING=0]")
+    serve.add_argument("--model-server", action="append", default=[],
+                       help="front this running model server instead of launching one (repeatable) "
+                            "[env: MODEL_SERVERS, comma-separated]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_flag(serve)
     _add_serve_flags(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    model_server = commands.add_parser("model-server", help="serve one engine replica over the internal gRPC protocol")
+    _add_backend_flag(model_server)
+    _add_engine_flags(model_server)
+    _flag_adder(model_server)("--listen", "MODEL_SERVER_LISTEN", "unix:///tmp/tokenmill-model-server.sock",
+                              help="unix:///path or host:port")
+    model_server.set_defaults(func=_cmd_model_server)
     return parser
 
 

@@ -23,7 +23,7 @@ from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf, to
 from tokenmill.loader.safetensors_loader import load_hf_folder, resolve_hub_id
 
 __all__ = ["Checkpoint", "ModelNotFoundError", "UnsupportedCheckpointError", "default_model_path",
-           "load_checkpoint", "parse_dtype"]
+           "load_checkpoint", "load_tokenizer", "parse_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,21 @@ def load_checkpoint(
     if path.exists():
         raise UnsupportedCheckpointError(f"{path} is neither a .gguf file nor a model folder")
     return load_hf_folder(resolve_hub_id(model_id, revision), dtype, progress)
+
+
+def load_tokenizer(model_id: str | None = None, cache_dir: Path | None = None) -> Any:
+    """Only the tokenizer of `model_id` (the router needs no weights)."""
+    model_id = model_id or default_model_path()
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _cached_gguf_tokenizer(path, cache_dir)
+    from transformers import AutoTokenizer
+
+    folder = path if path.is_dir() else resolve_hub_id(model_id)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not (folder / "config.json").exists() and len(ggufs) == 1:
+        return _cached_gguf_tokenizer(ggufs[0], cache_dir)
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cache_dir: Path | None) -> Checkpoint:

@@ -1,0 +1,129 @@
+"""The router's client of its model-server replicas: least-loaded choice, health, failure isolation.
+
+`ReplicaRouter.generate` has the in-process `AsyncEngine.generate` signature, so the HTTP and gRPC
+front ends do not know whether the engine is local or behind the internal gRPC protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import grpc
+
+from tokenmill.api.grpc import model_server_pb2 as pb
+from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
+from tokenmill.api.grpc.convert import output_from_pb, params_to_pb
+from tokenmill.api.tracing import inject_context
+from tokenmill.async_engine import GenerationError
+from tokenmill.errors import ValidationError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.ModelServerStub
+    in_flight: int = 0
+    healthy: bool = False
+    info: pb.InfoResponse | None = None
+    num_requests: int = 0
+    num_failures: int = 0
+    tasks: set = field(default_factory=set)
+
+
+class ReplicaRouter:
+    def __init__(self, addresses: Sequence[str], health_interval_s: float = 1.0):
+        if not addresses:
+            raise ValueError("the router needs at least one model server address")
+        self.replicas = [self._connect(a) for a in addresses]
+        self.health_interval_s = health_interval_s
+        self._health_task: asyncio.Task | None = None
+        self.on_health: list = []  # callbacks(router) after each health round (metrics)
+
+    @staticmethod
+    def _connect(address: str) -> Replica:
+        channel = grpc.aio.insecure_channel(address)
+        return Replica(address, channel, pb_grpc.ModelServerStub(channel))
+
+    async def wait_ready(self, timeout_s: float) -> pb.InfoResponse:
+        """Block until one replica is ready; return its info (the model every replica must serve)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            await self.check_health()
+            ready = [r for r in self.replicas if r.healthy]
+            if ready:
+                return ready[0].info
+            if asyncio.get_running_loop().time() > deadline:
+                addresses = ", ".join(r.address for r in self.replicas)
+                raise TimeoutError(f"no model server became ready within {timeout_s:.0f} s ({addresses})")
+            await asyncio.sleep(0.5)
+
+    def start(self) -> None:
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def stop(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+        for replica in self.replicas:
+            await replica.channel.close()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        async def probe(replica: Replica) -> None:
+            try:
+                replica.info = await replica.stub.Info(pb.InfoRequest(), timeout=2.0)
+                healthy = replica.info.ready
+            except grpc.aio.AioRpcError:
+                healthy = False
+            if healthy != replica.healthy:
+                log = logger.info if healthy else logger.warning
+                log("model server %s is now %s", replica.address, "healthy" if healthy else "unhealthy")
+            replica.healthy = healthy
+
+        await asyncio.gather(*(probe(r) for r in self.replicas))
+        for callback in self.on_health:
+            callback(self)
+
+    def pick(self) -> Replica:
+        healthy = [r for r in self.replicas if r.healthy]
+        if not healthy:
+            raise GenerationError("Request failed during generation: no healthy model server")
+        return min(healthy, key=lambda r: (r.in_flight, r.num_requests))
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        replica = self.pick()
+        replica.in_flight += 1
+        replica.num_requests += 1
+        request = pb.EngineRequest(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                                   params=params_to_pb(params))
+        call = replica.stub.Generate(request, metadata=inject_context())
+        finished = False
+        try:
+            async for message in call:
+                out = output_from_pb(request_id, message)
+                finished = out.finished
+                yield out
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValidationError(exc.details()) from exc
+            replica.num_failures += 1
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+                replica.healthy = False  # stop sending it work until a health probe says otherwise
+            raise GenerationError(f"Request failed during generation: model server {replica.address} failed: "
+                                  f"{exc.code().name}: {exc.details()}") from exc
+        finally:
+            replica.in_flight -= 1
+            if not finished:
+                call.cancel()  # the client left: the model server aborts the request and frees its blocks
