@@ -13,6 +13,7 @@ from tokenmill.api import openai_api, tgi
 from tokenmill.api.errors import install_error_handlers
 from tokenmill.api.metrics import Metrics
 from tokenmill.api.service import GenerationService
+from tokenmill.api.tracing import extract_context, tracer
 
 # TGI protects the generation routes only; info routes stay open.
 PROTECTED = ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize")
@@ -56,6 +57,13 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
         if length and length.isdigit() and int(length) > settings.payload_limit:
             return JSONResponse({"error": f"Payload too large: the limit is {settings.payload_limit} bytes",
                                  "error_type": "payload_too_large"}, status_code=413)
+        if request.method == "POST":
+            with tracer().start_as_current_span(f"router {request.url.path}",
+                                                context=extract_context(dict(request.headers))):
+                return await _guarded(request, call_next, settings)
+        return await _guarded(request, call_next, settings)
+
+    async def _guarded(request: Request, call_next, settings):
         is_protected = request.url.path in PROTECTED or (request.url.path == "/" and request.method == "POST")
         if settings.api_key and is_protected:
             expected = f"bearer {settings.api_key}".lower()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tokenmill.api.errors import UnsupportedError
 from tokenmill.api.schemas import GenerateParameters
 from tokenmill.api.settings import ServerSettings
+from tokenmill.api.tracing import tracer
 from tokenmill.errors import ValidationError
 from tokenmill.sampling_params import SamplingParams
 
@@ -66,7 +67,13 @@ def _check_best_of(p: GenerateParameters, settings: ServerSettings, stream: bool
     return best_of
 
 
-def validate_generate(inputs: str, p: GenerateParameters, settings: ServerSettings, tokenizer,
+def validate_generate(*args, **kwargs) -> ValidRequest:
+    """`_validate_generate` inside a `validation` span."""
+    with tracer().start_as_current_span("validation"):
+        return _validate_generate(*args, **kwargs)
+
+
+def _validate_generate(inputs: str, p: GenerateParameters, settings: ServerSettings, tokenizer,
                       stream: bool = False, add_special_tokens: bool = True, default_full_text: bool = False
                       ) -> ValidRequest:
     """The token ids and sampling parameters for a TGI request, or a ValidationError."""

@@ -258,8 +258,10 @@ class Engine:
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        now = time.monotonic()
         for i, request in enumerate(requests):
             state = self._states[request.request_id]
+            state.timings.setdefault("first_token", now)
             params = request.sampling_params
             token = request.token_ids[-1]
             logprob = logprobs[i] if logprobs is not None else None
@@ -321,6 +323,7 @@ class Engine:
             start = state.timings.get("first_scheduled", end)
             out.queue_time_s = start - state.arrival_time
             out.inference_time_s = end - start
+            out.prefill_time_s = state.timings.get("first_token", end) - start
         return out
 
     # ---- batch API --------------------------------------------------------------------------------

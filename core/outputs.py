@@ -33,3 +33,4 @@ class RequestOutput:
     seed: int | None = None
     queue_time_s: float | None = None  # in the final output: arrival to first step
     inference_time_s: float | None = None  # in the final output: first step to the end
+    prefill_time_s: float | None = None  # in the final output: first step to first token (part of inference)

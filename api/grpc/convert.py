@@ -54,7 +54,8 @@ def output_to_pb(out: RequestOutput) -> pb.EngineOutput:
         prompt_logprobs=[token_to_pb(t) for t in out.prompt_logprobs or []],
         cumulative_logprob=out.cumulative_logprob,
     )
-    for name in ("finish_reason", "error", "generated_text", "seed", "queue_time_s", "inference_time_s"):
+    for name in ("finish_reason", "error", "generated_text", "seed", "queue_time_s", "inference_time_s",
+                 "prefill_time_s"):
         value = getattr(out, name)
         if value is not None:
             setattr(message, name, value)
@@ -75,4 +76,5 @@ def output_from_pb(request_id: str, message: pb.EngineOutput) -> RequestOutput:
         prompt_logprobs=[token_from_pb(t) for t in message.prompt_logprobs] if message.has_prompt_logprobs else None,
         generated_text=opt("generated_text"), cumulative_logprob=message.cumulative_logprob, seed=opt("seed"),
         queue_time_s=opt("queue_time_s"), inference_time_s=opt("inference_time_s"),
+        prefill_time_s=opt("prefill_time_s"),
     )

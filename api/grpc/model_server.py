@@ -63,15 +63,18 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
 
 
 def _record_phases(span, out) -> None:
-    """Queue and inference phases as child spans, with the engine's own timings."""
+    """Queue, prefill and decode as child spans, placed with the engine's own timings."""
     import time
 
     end_ns = time.time_ns()
     inference_ns = int((out.inference_time_s or 0.0) * 1e9)
-    queue_ns = int((out.queue_time_s or 0.0) * 1e9)
-    for name, start, stop in (("queue", end_ns - inference_ns - queue_ns, end_ns - inference_ns),
-                              ("inference", end_ns - inference_ns, end_ns)):
-        tracer().start_span(name, start_time=start).end(end_time=stop)
+    prefill_ns = int((out.prefill_time_s or 0.0) * 1e9)
+    start_ns = end_ns - inference_ns
+    phases = (("queue", start_ns - int((out.queue_time_s or 0.0) * 1e9), start_ns),
+              ("prefill", start_ns, start_ns + prefill_ns),
+              ("decode", start_ns + prefill_ns, end_ns))
+    for name, begin, finish in phases:
+        tracer().start_span(name, start_time=begin).end(end_time=finish)
     span.set_attribute("tokenmill.generated_tokens", out.num_generated_tokens)
 
 
