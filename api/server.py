@@ -87,7 +87,7 @@ def serve(options: ServeOptions) -> None:
         socket_path = Path(tempfile.gettempdir()) / f"tokenmill-{os.getpid()}-{uuid.uuid4().hex[:6]}.sock"
         addresses = (f"unix://{socket_path}",)
         command = [sys.executable, "-m", "tokenmill.cli", "model-server", "--listen", addresses[0],
-                   *options.model_server_args]
+                   "--parent-pid", str(os.getpid()), *options.model_server_args]
         logger.info("starting the model server: %s", " ".join(command))
         child = subprocess.Popen(command)
     try:

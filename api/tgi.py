@@ -179,8 +179,11 @@ async def info(request: Request):
     }
 
 
+@router.get("/")
 @router.get("/health")
+@router.get("/ping")
 async def health(request: Request):
+    """200 once the model is warm, 503 before (TGI's /, /health and /ping)."""
     if _service(request).ready:
         return Response(status_code=200)
     return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)

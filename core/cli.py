@@ -43,7 +43,7 @@ def _env(name: str, default=None):
 
 
 ENGINE_FLAGS = ("--model-id", "--dtype", "--quantize", "--kv-cache-bytes", "--max-batch-prefill-tokens",
-                "--max-batch-size", "--max-total-tokens", "--cache-dir")
+                "--max-batch-size", "--max-total-tokens", "--max-batch-total-tokens", "--cache-dir")
 
 
 def _engine_config(args: argparse.Namespace) -> "EngineConfig":
@@ -55,7 +55,7 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
         model_id=args.model_id, dtype=args.dtype, backend=args.backend, kv_cache_bytes=args.kv_cache_bytes,
         max_num_batched_tokens=args.max_batch_prefill_tokens, max_num_seqs=args.max_batch_size,
         max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
-        cache_dir=Path(args.cache_dir).expanduser(),
+        cache_dir=Path(args.cache_dir).expanduser(), max_batch_total_tokens=args.max_batch_total_tokens,
     )
 
 
@@ -104,7 +104,7 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
     setup_tracing(args.otlp_endpoint, "tokenmill.model_server")
     try:
         asyncio.run(run_model_server(_engine_config(args), args.listen, args.model_id or "",
-                                     grace_s=args.graceful_termination_timeout))
+                                     grace_s=args.graceful_termination_timeout, parent_pid=args.parent_pid))
     except TokenmillError as exc:
         print(f"tokenmill model-server: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +129,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     flag("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", 2048, int, help="tokens per engine step")
     flag("--max-batch-size", "MAX_BATCH_SIZE", 128, int, help="sequences per engine step")
     flag("--kv-cache-bytes", "KV_CACHE_BYTES", None, int, help="KV-cache size (default: the backend's budget)")
+    flag("--max-batch-total-tokens", "MAX_BATCH_TOTAL_TOKENS", None, int,
+         help="most tokens held in the KV cache at once (default: what the KV-cache budget holds)")
     flag("--cache-dir", "TOKENMILL_CACHE_DIR", "~/.cache/tokenmill", help="where derived files are cached")
     flag("--otlp-endpoint", "OTLP_ENDPOINT", None, help="export OpenTelemetry spans over OTLP/gRPC")
     flag("--graceful-termination-timeout", "GRACEFUL_TERMINATION_TIMEOUT", 30, int,
@@ -153,6 +155,8 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     flag("--max-client-batch-size", "MAX_CLIENT_BATCH_SIZE", 4, int, help="most prompts per /v1/completions")
     flag("--payload-limit", "PAYLOAD_LIMIT", 2_000_000, int, help="largest request body in bytes")
     flag("--api-key", "API_KEY", None, help="require 'Authorization: Bearer KEY' on generation routes")
+    flag("--waiting-served-ratio", "WAITING_SERVED_RATIO", 0.3, float,
+         help="accepted for TGI compatibility; like TGI with chunked prefill, it has no effect")
     serve.add_argument("--cors-allow-origin", action="append", default=[], help="allowed CORS origin (repeatable)")
     serve.add_argument("--model-server", action="append", default=[],
                        help="front this running model server instead of launching one (repeatable) "
@@ -162,8 +166,11 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference server with pluggable hardware backends")
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"),
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         help="logging level [env: LOG_LEVEL]")
+    parser.add_argument("--json-output", action="store_true",
+                        default=os.environ.get("JSON_OUTPUT", "") not in ("", "0", "false"),
+                        help="log one JSON object per line [env: JSON_OUTPUT]")
     commands = parser.add_subparsers(dest="command", required=True)
 
     env = commands.add_parser("env", help="list the backend plugins, their devices and which one would be chosen")
@@ -186,8 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(model_server)
     _flag_adder(model_server)("--listen", "MODEL_SERVER_LISTEN", "unix:///tmp/tokenmill-model-server.sock",
                               help="unix:///path or host:port")
+    model_server.add_argument("--parent-pid", type=int, default=None,
+                              help="stop when this process (the launcher) is gone; set by `tokenmill serve`")
     model_server.set_defaults(func=_cmd_model_server)
     return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {"timestamp": self.formatTime(record), "level": record.levelname, "target": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter() if as_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_extra_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.log_level.upper(), args.json_output)
     return args.func(args)
 
 

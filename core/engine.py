@@ -40,6 +40,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: the backend's preferred dtype
     backend: str | None = None  # None: the best discovered backend
     kv_cache_bytes: int | None = None  # None: the backend's memory budget
+    max_batch_total_tokens: int | None = None  # cap on tokens held in the KV cache (TGI's flag)
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     max_model_len: int | None = None  # None: the model's context length
@@ -94,6 +95,8 @@ class Engine:
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         budget = self.backend.memory_budget(self.device, MemoryRequest(weights_bytes, config.kv_cache_bytes))
         self.num_blocks = budget // self.layout.bytes_per_block()
+        if config.max_batch_total_tokens:
+            self.num_blocks = min(self.num_blocks, -(-config.max_batch_total_tokens // self.layout.block_size))
         if self.num_blocks < 1:
             raise ValidationError(f"the KV-cache budget ({budget} bytes) holds no block of "
                                   f"{self.layout.bytes_per_block()} bytes; give more memory")

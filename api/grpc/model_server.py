@@ -78,7 +78,18 @@ def _record_phases(span, out) -> None:
     span.set_attribute("tokenmill.generated_tokens", out.num_generated_tokens)
 
 
-async def run_model_server(config: EngineConfig, listen: str, model_id: str, grace_s: float = 30.0) -> None:
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    """A model server launched by `tokenmill serve` ends with its launcher, however the launcher ended."""
+    import os
+
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    logger.warning("the launcher (pid %s) is gone; stopping", parent_pid)
+    stop.set()
+
+
+async def run_model_server(config: EngineConfig, listen: str, model_id: str, grace_s: float = 30.0,
+                           parent_pid: int | None = None) -> None:
     engine = Engine(config)
     runner = AsyncEngine(engine)
     servicer = ModelServerServicer(engine, runner, model_id)
@@ -103,7 +114,10 @@ async def run_model_server(config: EngineConfig, listen: str, model_id: str, gra
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid else None
     await stop.wait()
+    if orphan_watch:
+        orphan_watch.cancel()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace_s)
