@@ -113,15 +113,17 @@ def tensors_from_gguf(
     for name in gguf.tensors:
         target = hf_name(name)
         if target is None:
-            if name.startswith("rope_freqs"):  # llama3 rope factors: recomputed from the config
-                continue
+            if name.startswith("rope_freqs"):
+                # llama.cpp keeps Llama 3.1's RoPE scaling only as per-frequency factors; without them the
+                # model would run with the wrong rotary frequencies, so refuse rather than drift.
+                raise UnsupportedCheckpointError(
+                    f"{gguf.path}: GGUF files with rope_freqs (Llama 3.1+ RoPE scaling) are not supported yet; "
+                    "load the model's Hugging Face folder instead")
             raise UnsupportedCheckpointError(f"{gguf.path}: unexpected tensor {name!r}")
         array = gguf.load(name)
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
             array = _unpermute(array, heads)
-        if not array.flags.writeable:  # float32 tensors are views of the read-only file mapping
-            array = array.copy()
         tensors[target] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
         if progress:
             progress(1)
