@@ -53,6 +53,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
@@ -134,6 +137,10 @@ async def models(request: Request):
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     service = _ready(request)
+    if body.tools:
+        raise UnsupportedError("tools are not supported yet", "tool_error")
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise ValidationError("grammar is not supported")
     tokenizer = service.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template not found")

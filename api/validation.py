@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tokenmill.api.errors import UnsupportedError
 from tokenmill.api.schemas import GenerateParameters
 from tokenmill.api.settings import ServerSettings
 from tokenmill.api.tracing import tracer
@@ -41,7 +40,7 @@ def _check_ranges(p: GenerateParameters, settings: ServerSettings) -> None:
     if p.top_n_tokens is not None and p.top_n_tokens > settings.max_top_n_tokens:
         raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {p.top_n_tokens}")
     if p.grammar is not None:
-        raise UnsupportedError("grammar is not supported", "grammar_not_supported")
+        raise ValidationError("grammar is not supported")
 
 
 def is_sampling(p: GenerateParameters) -> bool:

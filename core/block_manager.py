@@ -7,6 +7,8 @@ already cached. Freed blocks keep their hash in an LRU free list and can be revi
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from tokenmill.request import Request
@@ -20,8 +22,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # prefix hash -> block id
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # prefix hash -> block id
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
@@ -37,8 +39,12 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hash(self, parent: int | None, tokens: list[int]) -> int:
-        return hash((parent, tuple(tokens)))
+    def _hash(self, parent: bytes | None, tokens: list[int]) -> bytes:
+        # A cryptographic digest: Python's hash() of int tuples is predictable, and a crafted collision
+        # would hand one request another's KV cache.
+        digest = hashlib.blake2b(parent or b"", digest_size=16)
+        digest.update(array("q", tokens).tobytes())
+        return digest.digest()
 
     def allocate_prefix(self, request: Request) -> int:
         """Share the cached blocks of the request's longest cached prefix; return its token count.

@@ -68,7 +68,8 @@ class StopChecker:
         found = [(self.text.find(s, start), s) for s in self.stops]
         found = [(i, s) for i, s in found if i >= 0]
         if found:
-            index, stop = min(found)
+            # The stop that *ends* first, so the outcome does not depend on how the text was chunked.
+            index, stop = min(found, key=lambda item: (item[0] + len(item[1]), item[0]))
             self.stopped_by = stop
             self.text = self.text[: index + len(stop)] if self.include_stop else self.text[:index]
             return self._emit(len(self.text)), True

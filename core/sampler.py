@@ -57,9 +57,13 @@ class SamplingMetadata:
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
 
-        def optional(name, off):
+        def optional(name, off, unreachable=None):
+            # Rows that turned a filter off get a value the filter can never act on, so float rounding
+            # in cumulative sums cannot trim their tails.
             values = [getattr(p, name) for p in params]
-            return column(values) if any(v != off for v in values) else None
+            if all(v == off for v in values):
+                return None
+            return column([unreachable if unreachable is not None and v == off else v for v in values])
 
         top_k = None
         if any(p.top_k for p in params):
@@ -70,15 +74,16 @@ class SamplingMetadata:
             output_history = _pad([list(t[n:]) for t, n in zip(token_ids, num_prompt_tokens)], vocab_size, device)
         seeds = steps = None
         if any(p.seed is not None for p in params):
-            seeds = torch.tensor([-1 if p.seed is None else p.seed & _MASK32 for p in params], device=device)
+            # All 64 bits of the seed count: its halves are folded together into a 32-bit key.
+            seeds = torch.tensor([-1 if p.seed is None else _fold_seed(p.seed) for p in params], device=device)
             steps = torch.tensor([len(t) - n for t, n in zip(token_ids, num_prompt_tokens)], device=device)
         return cls(
             all_greedy=False,
             greedy=torch.tensor(greedy, device=device),
             temperature=column([p.temperature or 1.0 for p in params]),
             top_k=top_k,
-            top_p=optional("top_p", 1.0),
-            typical_p=optional("typical_p", 1.0),
+            top_p=optional("top_p", 1.0, unreachable=2.0),
+            typical_p=optional("typical_p", 1.0, unreachable=2.0),
             min_p=optional("min_p", 0.0),
             repetition_penalty=optional("repetition_penalty", 1.0),
             frequency_penalty=optional("frequency_penalty", 0.0),
@@ -196,6 +201,18 @@ def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=logits.shape[1] - 1)
     remove_sorted = sorted_shift > sorted_shift.gather(1, last)
     return logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+
+
+def _fold_seed(seed: int) -> int:
+    """A 32-bit key from a 64-bit seed (MurmurHash3's finaliser over both halves, in Python ints)."""
+    def fmix(h: int) -> int:
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & _MASK32
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & _MASK32
+        return h ^ (h >> 16)
+
+    return fmix((seed & _MASK32) ^ fmix((seed >> 32) & _MASK32))
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,12 @@ class Scheduler:
             while not self.blocks.append(request, num_new):
                 victim = max((r for r in self.running if r.status is RequestStatus.RUNNING),
                              key=lambda r: r.arrival_index)
+                if victim is request and self._only_one_holding_blocks(request):
+                    # Alone and still out of blocks: it can never finish, so fail it instead of looping.
+                    self._finish(request, FinishReason.ERROR, f"needs more than the {self.blocks.num_blocks} "
+                                                              "KV-cache blocks the cache has")
+                    failed.append(request)
+                    break
                 self._preempt(victim)
                 preempted.append(victim)
                 for item in [item for item in scheduled if item.request is victim]:
@@ -172,6 +178,9 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._finish(request, reason, message)
+
+    def _only_one_holding_blocks(self, request: Request) -> bool:
+        return all(r is request or r.status is not RequestStatus.RUNNING for r in self.running)
 
     def _finish(self, request: Request, reason: FinishReason, message: str) -> None:
         self.blocks.free_request(request)

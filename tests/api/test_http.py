@@ -39,6 +39,7 @@ def _generate(inputs="w5 w6 w7", **parameters) -> dict:
     (_generate(inputs=""), "`inputs` cannot be empty"),
     (_generate(inputs=LONG), "`inputs` must have less than"),
     (_generate(max_new_tokens=100_000), "`inputs` tokens + `max_new_tokens` must be <="),
+    (_generate(grammar={"type": "regex", "value": "a+"}), "grammar is not supported"),
 ])
 def test_tgi_validation_errors(tiny_server, body, message) -> None:
     response = _post(tiny_server, "/generate", body)
@@ -66,6 +67,10 @@ def test_malformed_oversized_and_mistyped_bodies(tiny_server) -> None:
     assert huge.status_code == 413 and huge.json()["error_type"] == "payload_too_large"
     no_suffix = _post(tiny_server, "/v1/completions", {"prompt": "w5", "suffix": "w6"})
     assert no_suffix.status_code == 422 and no_suffix.json()["error_type"] == "suffix not supported"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with_tools = _post(tiny_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}],
+                                                             "tools": tools})
+    assert with_tools.status_code == 422 and with_tools.json()["error_type"] == "tool_error"
 
 
 def test_the_server_stays_healthy_and_leaks_no_blocks_after_bad_input(tiny_server) -> None:

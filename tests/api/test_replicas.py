@@ -50,6 +50,9 @@ def collector():
     server.stop(0)
 
 
+cluster_router: list[subprocess.Popen] = []  # the router process, for the shutdown test
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, collector):
     """Two model servers on TCP ports and a router fronting both, all as subprocesses."""
@@ -80,6 +83,7 @@ def cluster(tmp_path_factory, collector):
         deadline = time.monotonic() + 60  # both replicas healthy in the router's eyes
         while time.monotonic() < deadline and _metric(url, "tokenmill_replica_healthy") < 2:
             time.sleep(0.3)
+        cluster_router[:] = [router]
         yield url, replicas, addresses
     finally:
         for process in [router, *replicas]:
@@ -131,6 +135,20 @@ def test_one_trace_id_spans_router_and_model_server(cluster, collector) -> None:
     assert {"validation", "model_server.generate", "queue", "prefill", "decode"} <= names
 
 
+def test_a_disconnected_stream_frees_blocks_on_the_model_server(cluster) -> None:
+    url, _, _ = cluster
+    body = {"inputs": "w5 w6", "parameters": {"max_new_tokens": 1000}}
+    with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i > 10:
+                break
+    deadline = time.monotonic() + 15  # the router refreshes the replicas' KV usage every second
+    while time.monotonic() < deadline and _metric(url, "tokenmill_kv_cache_usage_ratio") > 0:
+        time.sleep(0.3)
+    assert _metric(url, "tokenmill_kv_cache_usage_ratio") == 0.0
+    assert _metric(url, "tgi_batch_current_size") == 0
+
+
 def test_stopping_a_replica_fails_only_its_requests(cluster) -> None:
     url, replicas, _ = cluster
     started = threading.Semaphore(0)
@@ -163,3 +181,32 @@ def test_stopping_a_replica_fails_only_its_requests(cluster) -> None:
     after = [_generate(url, 5) for _ in range(5)]
     assert all(r.status_code == 200 for r in after)
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_sigterm_finishes_in_flight_streams_and_refuses_new_ones(cluster) -> None:
+    """Last in this module: it stops the router."""
+    url, _, _ = cluster
+    router = cluster_router[0]
+    endings: list[dict] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        body = {"inputs": "w5 w6", "parameters": {"max_new_tokens": 300}}
+        last = None
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    last = json.loads(line[5:])
+                    first.set()
+        endings.append(last)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert first.wait(30)
+    router.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert endings and endings[0].get("generated_text") is not None  # the stream finished
+    time.sleep(1)
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"{url}/generate", json={"inputs": "w5", "parameters": {"max_new_tokens": 2}}, timeout=5)
+    assert router.wait(timeout=60) is not None

@@ -46,3 +46,12 @@ def test_held_back_text_is_flushed_when_generation_ends() -> None:
     checker = StopChecker(["STOP"], include_stop=True)
     assert checker.add("ends with ST") == ("ends with ", False)
     assert checker.flush() == "ST"
+
+
+def test_the_stop_that_ends_first_wins_however_the_text_is_chunked() -> None:
+    whole = StopChecker(["abcd", "bc"], include_stop=True)
+    whole.add("xabcdy")
+    piecewise = StopChecker(["abcd", "bc"], include_stop=True)
+    for char in "xabcdy":
+        piecewise.add(char)
+    assert whole.text == piecewise.text == "xabc"

@@ -130,3 +130,19 @@ def test_seeded_samples_follow_the_distribution_too() -> None:
 def test_invalid_parameters_are_rejected_with_a_message(bad) -> None:
     with pytest.raises(ValidationError, match="`"):
         SamplingParams(**bad)
+
+
+def test_seeds_differing_only_in_high_bits_draw_differently() -> None:
+    logits = torch.zeros(1, VOCAB)
+    draws = set()
+    for high in range(8):
+        meta = _meta([SamplingParams(temperature=1.0, seed=(high << 40) | 7)])
+        draws.add(Sampler()(logits, meta).token_ids.item())
+    assert len(draws) > 1
+
+
+def test_rows_with_filters_off_keep_every_token_beside_rows_with_them_on() -> None:
+    logits = _logits(2, seed=4)
+    batch = [SamplingParams(temperature=1.0, top_p=0.3, typical_p=0.5), SamplingParams(temperature=1.0)]
+    warped = Sampler._warp(logits.clone(), _meta(batch))
+    assert torch.isfinite(warped[1]).all()

@@ -125,3 +125,15 @@ def test_shape_buckets_cap_and_pad_each_step() -> None:
         for s in output.scheduled:
             if s.request.num_output_tokens >= 3:
                 scheduler.finish(s.request, FinishReason.LENGTH)
+
+
+def test_a_request_outgrowing_the_cache_fails_without_prefix_caching_too() -> None:
+    scheduler = Scheduler(SchedulerConfig(32, 16), BlockManager(4, 4, enable_prefix_caching=False))
+    request = _add(scheduler, "grows", 10, 20, 0)  # fits at first, needs 8 blocks by the end
+    rng = random.Random(6)
+    for _ in range(200):
+        if not scheduler.has_unfinished():
+            break
+        _step(scheduler, rng)
+    assert request.finish_reason is FinishReason.ERROR and "KV-cache blocks" in request.finish_message
+    assert scheduler.blocks.num_free_blocks == 4
