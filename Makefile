@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokenmill-installed
+BENCH_STAMP := $(VENV)/.tokenmill-bench-installed
 # The CPU path pins torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install serve test conformance env clean
+.PHONY: install serve test conformance env bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,15 @@ test: $(STAMP)
 
 conformance: $(STAMP)
 	$(VENV)/bin/tokenmill conformance --backend $(or $(BACKEND),cpu)
+
+# Side by side with llama-server and vLLM (built and installed once under ~/.cache/tokenmill-bench);
+# writes benchmarks/results/REPORT.md. ARGS="--passes 1 --levels 1,16" for a quick look.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[cpu,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run $(ARGS)
 
 env: $(STAMP)
 	$(VENV)/bin/tokenmill env

@@ -43,6 +43,8 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0)
     logprobs: Any = None
     top_logprobs: int | None = Field(None, ge=0)
+    # vLLM's extension, which benchmarks and load tools send to get a fixed number of tokens.
+    ignore_eos: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -96,7 +98,7 @@ def _sampling(body: _Common, service: GenerationService, prompt_len: int, top_n:
         max_new_tokens=max_new, temperature=temperature or None, top_p=body.top_p or 1.0, seed=body.seed,
         stop=tuple(stops), include_stop_str_in_output=False, logprobs=True, top_n_tokens=top_n,
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        repetition_penalty=body.repetition_penalty or 1.0, ignore_eos=body.ignore_eos,
     )
 
 

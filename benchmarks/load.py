@@ -1,0 +1,128 @@
+"""A small OpenAI-compatible load generator: streaming chat requests, closed-loop or open-loop (Poisson).
+
+Hand-written rather than guidellm: every figure the report needs (TTFT, inter-token gaps, end-to-end
+latency, tokens per second) falls out of the timestamps of one streamed response, guidellm pulls in a
+large dependency tree, and a client this small costs the shared 2 cores little.
+"""
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from benchmarks.prompts import PROMPTS
+
+OUTPUT_TOKENS = 128
+
+
+@dataclass
+class RequestRecord:
+    """Timestamps of one streamed response, relative to when the request was sent."""
+
+    ok: bool = False
+    error: str | None = None
+    sent: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # one entry per chunk that carried text
+    output_tokens: int = 0
+    finished: float = 0.0
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.sent
+
+    @property
+    def latency(self) -> float:
+        return self.finished - self.sent
+
+    @property
+    def inter_token_gaps(self) -> list[float]:
+        times = self.token_times
+        return [b - a for a, b in zip(times, times[1:])]
+
+
+def chat_body(model: str, prompt: str) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": OUTPUT_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> RequestRecord:
+    record = RequestRecord(sent=time.perf_counter())
+    try:
+        async with session.post(url, json=chat_body(model, prompt)) as response:
+            if response.status != 200:
+                record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return record
+            chunks = 0
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                event = json.loads(payload)
+                for choice in event.get("choices") or ():
+                    if (choice.get("delta") or {}).get("content"):
+                        record.token_times.append(time.perf_counter())
+                        chunks += 1
+                usage = event.get("usage")
+                if usage:
+                    record.output_tokens = usage.get("completion_tokens", 0)
+            record.output_tokens = record.output_tokens or chunks
+            record.ok = bool(record.token_times)
+            if not record.ok:
+                record.error = "no tokens streamed"
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        record.finished = time.perf_counter()
+    return record
+
+
+def _session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit + 4),
+        timeout=aiohttp.ClientTimeout(total=1800),
+    )
+
+
+async def closed_loop(base_url: str, model: str, concurrency: int, total_requests: int
+                      ) -> tuple[list[RequestRecord], float]:
+    """`concurrency` clients, each sending its next request as soon as the last one ends."""
+    url = f"{base_url}/v1/chat/completions"
+    records: list[RequestRecord] = []
+    counter = iter(range(total_requests))
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for index in counter:
+            records.append(await stream_chat(session, url, model, PROMPTS[index % len(PROMPTS)]))
+
+    async with _session(concurrency) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        return records, time.perf_counter() - start
+
+
+async def open_loop(base_url: str, model: str, rate: float, total_requests: int, seed: int = 0
+                    ) -> tuple[list[RequestRecord], float]:
+    """Requests arriving as a Poisson process of `rate` per second, whatever the server's pace."""
+    url = f"{base_url}/v1/chat/completions"
+    gaps = random.Random(seed)
+    async with _session(total_requests) as session:
+        start = time.perf_counter()
+        tasks = []
+        for index in range(total_requests):
+            tasks.append(asyncio.create_task(stream_chat(session, url, model, PROMPTS[index % len(PROMPTS)])))
+            await asyncio.sleep(gaps.expovariate(rate))
+        records = await asyncio.gather(*tasks)
+        return list(records), time.perf_counter() - start

@@ -1,0 +1,169 @@
+"""The Markdown report and its plots, from the medians `run.py` collected."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen here
+import matplotlib.pyplot as plt  # noqa: E402
+
+OURS = "tokenmill"
+PEERS = ("llama-server", "vllm")
+
+
+def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _level(results: dict, server: str, level: str) -> dict | None:
+    return results["servers"].get(server, {}).get("levels", {}).get(level)
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return ours / theirs if ours and theirs else None
+
+
+def acceptance_rows(results: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue #7's acceptance points, each with the measured figure and whether it holds."""
+    rows = []
+
+    def figure(server, level, key):
+        entry = _level(results, server, level)
+        return entry.get(key) if entry else None
+
+    itl = _ratio(figure(OURS, "1", "itl_p50_s"), figure("llama-server", "1", "itl_p50_s"))
+    rows.append(("c=1: ITL p50 ≤ 1.2× llama-server's", f"{_fmt(itl, digits=2)}×", itl is not None and itl <= 1.2))
+    for level, llama_factor in (("16", 2.0), ("64", 3.0)):
+        vs_vllm = _ratio(figure(OURS, level, "output_tok_s"), figure("vllm", level, "output_tok_s"))
+        vs_llama = _ratio(figure(OURS, level, "output_tok_s"), figure("llama-server", level, "output_tok_s"))
+        rows.append((f"c={level}: tok/s ≥ 1.2× vLLM's", f"{_fmt(vs_vllm, digits=2)}×",
+                     vs_vllm is not None and vs_vllm >= 1.2))
+        rows.append((f"c={level}: tok/s ≥ {llama_factor:g}× llama-server's", f"{_fmt(vs_llama, digits=2)}×",
+                     vs_llama is not None and vs_llama >= llama_factor))
+    peers_ttft = [figure(peer, "16", "ttft_p99_s") for peer in PEERS]
+    peers_ttft = [t for t in peers_ttft if t is not None]
+    ours_ttft = figure(OURS, "16", "ttft_p99_s")
+    rows.append(("c=16: TTFT p99 ≤ the lower peer's", f"{_fmt(ours_ttft, digits=2)} s vs "
+                 f"{_fmt(min(peers_ttft) if peers_ttft else None, digits=2)} s",
+                 bool(ours_ttft and peers_ttft and ours_ttft <= min(peers_ttft))))
+    ours = results["servers"].get(OURS, {})
+    vllm = results["servers"].get("vllm", {})
+    rows.append(("start-up to first answer ≤ 10 s", f"{_fmt(ours.get('startup_s'))} s",
+                 ours.get("startup_s") is not None and ours["startup_s"] <= 10))
+    rss = _ratio(ours.get("peak_rss_gib"), vllm.get("peak_rss_gib"))
+    rows.append(("peak RSS ≤ 1/3 of vLLM's", f"{_fmt(rss, digits=2)}×", rss is not None and rss <= 1 / 3))
+    return rows
+
+
+def _plots(results: dict, out: Path) -> list[str]:
+    servers = list(results["servers"])
+    closed = [lv for lv in results["levels"] if lv != "poisson"]
+    names = []
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for server in servers:
+        points = [(int(lv), _level(results, server, lv)["output_tok_s"]) for lv in closed
+                  if _level(results, server, lv)]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=server)
+    axis.set(xscale="log", xlabel="concurrent streams", ylabel="output tokens/s",
+             title="Throughput against concurrency")
+    axis.set_xticks([int(lv) for lv in closed], [lv for lv in closed])
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "throughput_vs_concurrency.png", dpi=110)
+    names.append("throughput_vs_concurrency.png")
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for server in servers:
+        points = [(_level(results, server, lv)["output_tok_s"], 1000 * _level(results, server, lv)["itl_p50_s"])
+                  for lv in closed if _level(results, server, lv) and _level(results, server, lv).get("itl_p50_s")]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=server)
+    axis.set(xlabel="output tokens/s", ylabel="inter-token latency p50 (ms)", title="Latency against throughput")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "latency_vs_throughput.png", dpi=110)
+    names.append("latency_vs_throughput.png")
+    plt.close(figure)
+    return names
+
+
+def write(results: dict, out: Path) -> Path:
+    machine = results["machine"]
+    lines = [f"# tokenmill vs llama-server vs vLLM — {results['started']}", ""]
+    lines += [f"Command: `{results['command']}`. Model: SmolLM2-135M-Instruct (embedded GGUF; vLLM gets it "
+              "exported to bf16 safetensors). Load: streaming chat, 128 output tokens, ignore_eos, temperature 0, "
+              f"{machine['threads']} threads per server. Medians of {results['passes']} alternating passes.", ""]
+    lines += ["## Machine (measured in this run)", "",
+              f"- CPU: {machine['cpu']}; {machine['usable_cores']} usable cores; flags: {', '.join(machine['flags'])}",
+              f"- memory: {machine['memory_gib']} GiB; read bandwidth {machine['read_bandwidth_gbs']} GB/s; "
+              f"bf16 matmul {machine['bf16_matmul_gflops']} GFLOP/s ({machine['threads']} threads); "
+              f"torch {machine['torch']}", ""]
+
+    lines += ["## Acceptance (issue #7)", "", "| point | measured | holds |", "|---|---|---|"]
+    for point, measured, holds in acceptance_rows(results):
+        lines.append(f"| {point} | {measured} | {'yes' if holds else '**no**'} |")
+    lines.append("")
+
+    lines += ["## Per load level", "",
+              "| load | server | output tok/s | req/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | e2e p50 (s) | errors |",
+              "|---|---|---|---|---|---|---|---|"]
+    for level in results["levels"]:
+        for server in results["servers"]:
+            entry = _level(results, server, level)
+            if not entry:
+                continue
+            label = f"c={level}" if level != "poisson" else "Poisson"
+            lines.append(
+                f"| {label} | {server} | {_fmt(entry.get('output_tok_s'))} | {_fmt(entry.get('requests_s'), digits=2)} "
+                f"| {_fmt(entry.get('ttft_p50_s'), digits=2)} / {_fmt(entry.get('ttft_p99_s'), digits=2)} "
+                f"| {_fmt(entry.get('itl_p50_s'), 1000)} / {_fmt(entry.get('itl_p99_s'), 1000)} "
+                f"| {_fmt(entry.get('e2e_p50_s'), digits=2)} | {entry.get('errors', 0)} |")
+    lines.append("")
+
+    lines += ["## Ratios tokenmill / peer", "", "| load | vs | output tok/s | ITL p50 | TTFT p99 |", "|---|---|---|---|---|"]
+    for level in results["levels"]:
+        ours = _level(results, OURS, level)
+        for peer in PEERS:
+            theirs = _level(results, peer, level)
+            if ours and theirs:
+                lines.append(
+                    f"| {level} | {peer} | {_fmt(_ratio(ours['output_tok_s'], theirs['output_tok_s']), digits=2)}× "
+                    f"| {_fmt(_ratio(ours.get('itl_p50_s'), theirs.get('itl_p50_s')), digits=2)}× "
+                    f"| {_fmt(_ratio(ours.get('ttft_p99_s'), theirs.get('ttft_p99_s')), digits=2)}× |")
+    lines.append("")
+
+    lines += ["## Start-up and memory", "", "| server | start-up to first answer (s) | peak RSS of process tree (GiB) |",
+              "|---|---|---|"]
+    for server, figures in results["servers"].items():
+        lines.append(f"| {server} | {_fmt(figures['startup_s'])} | {_fmt(figures['peak_rss_gib'], digits=2)} |")
+    lines.append("")
+
+    bytes_bf16 = results.get("model_bf16_bytes")
+    ours = results["servers"].get(OURS)
+    if bytes_bf16 and ours:
+        bound_ms = bytes_bf16 / (machine["read_bandwidth_gbs"] * 1e9) * 1000
+        compute_tok_s = machine["bf16_matmul_gflops"] * 1e9 / (2 * bytes_bf16 / 2)
+        itl = (ours["levels"].get("1") or {}).get("itl_p50_s")
+        best = max((lv.get("output_tok_s", 0) for lv in ours["levels"].values()), default=0)
+        lines += ["## Distance from the machine's bounds", "",
+                  f"- Batch-1 decode reads {bytes_bf16 / 1e6:.0f} MB of bf16 weights per token: "
+                  f"{bound_ms:.1f} ms at the measured bandwidth. tokenmill's ITL p50 at c=1: "
+                  f"{_fmt(itl, 1000)} ms ({_fmt(_ratio(itl * 1000 if itl else None, bound_ms), digits=2)}× the bound).",
+                  f"- Batched decode at 2 FLOPs per weight per token: {compute_tok_s:.0f} tok/s compute bound. "
+                  f"tokenmill's best: {best:.0f} tok/s ({100 * best / compute_tok_s:.0f} % of it).", ""]
+
+    if results.get("transformers"):
+        lines += ["## transformers `generate` (plain PyTorch baseline)", "", "| configuration | output tok/s |",
+                  "|---|---|"]
+        lines += [f"| {name} | {value} |" for name, value in results["transformers"].items()]
+        lines.append("")
+
+    for name in _plots(results, out):
+        lines += [f"![{name}]({name})", ""]
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path

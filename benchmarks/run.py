@@ -1,0 +1,139 @@
+"""`make bench`: tokenmill, llama-server and vLLM side by side on the same model and load; writes the report.
+
+Servers alternate within each pass (A B C, A B C, ...), one up at a time, and the report quotes medians
+across passes, because this machine is shared and noisy.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.hf_baseline import transformers_baseline
+from benchmarks.load import closed_loop, open_loop
+from benchmarks.machine import describe_machine
+from benchmarks.servers import RunningServer, ServerSpec
+from benchmarks.setup_llama_server import build_llama_server
+from benchmarks.setup_vllm import export_hf_folder, install_vllm
+from benchmarks.specs import THREADS, llama_server_spec, tokenmill_spec, vllm_spec
+from benchmarks.stats import median_of_passes, summarise
+
+SERVERS = ("tokenmill", "llama-server", "vllm")
+POISSON_RATE = 1.5  # requests/s: ~190 output tok/s offered, between the peers' batch-1 and saturated rates
+
+
+def requests_for(concurrency: int) -> int:
+    """Enough requests that every client runs at least twice (four alone, to cover a long prompt)."""
+    return max(4, 2 * concurrency)
+
+
+def run_levels(server: RunningServer, levels: list[str], poisson_requests: int) -> dict:
+    results = {}
+    for level in levels:
+        if level == "poisson":
+            records, duration = asyncio.run(open_loop(server.base_url, server.spec.model, POISSON_RATE,
+                                                      poisson_requests))
+        else:
+            concurrency = int(level)
+            records, duration = asyncio.run(closed_loop(server.base_url, server.spec.model, concurrency,
+                                                        requests_for(concurrency)))
+        results[level] = summarise(records, duration)
+        print(f"    {server.spec.name:>18} {level:>7}: {results[level]['output_tok_s']:7.1f} tok/s, "
+              f"ITL p50 {1000 * (results[level]['itl_p50_s'] or 0):6.1f} ms, "
+              f"TTFT p99 {results[level]['ttft_p99_s'] or 0:6.2f} s, errors {results[level]['errors']}",
+              flush=True)
+    return results
+
+
+def run_server(spec: ServerSpec, levels: list[str], poisson_requests: int, log_dir: Path) -> dict:
+    print(f"  starting {spec.name}", flush=True)
+    server = RunningServer(spec, log_dir)
+    try:
+        print(f"    {spec.name} answered after {server.startup_s:.1f} s", flush=True)
+        figures = run_levels(server, levels, poisson_requests)
+    finally:
+        server.stop()
+    return {"startup_s": server.startup_s, "peak_rss_gib": server.peak_rss_bytes / 2**30, "levels": figures}
+
+
+def run_pass(name: str, levels: list[str], gguf: Path, hf_folder: Path | None, poisson_requests: int,
+             log_dir: Path) -> dict:
+    """One server's share of a pass. llama-server gets as many slots as the concurrency needs."""
+    if name == "tokenmill":
+        return run_server(tokenmill_spec(), levels, poisson_requests, log_dir)
+    if name.startswith("vllm"):
+        return run_server(vllm_spec(hf_folder, bind_threads=name == "vllm"), levels, poisson_requests, log_dir)
+    small = [lv for lv in levels if lv == "poisson" or int(lv) <= 16]
+    large = [lv for lv in levels if lv not in small]
+    result = run_server(llama_server_spec(gguf, 16), small, poisson_requests, log_dir) if small else None
+    for level in large:
+        wide = run_server(llama_server_spec(gguf, int(level)), [level], poisson_requests, log_dir)
+        if result is None:
+            result = wide
+        else:
+            result["levels"].update(wide["levels"])
+            result["peak_rss_gib"] = max(result["peak_rss_gib"], wide["peak_rss_gib"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--levels", default="1,4,16,64,poisson")
+    parser.add_argument("--poisson-requests", type=int, default=48)
+    parser.add_argument("--no-vllm-default-bind", action="store_true",
+                        help="skip the extra vLLM pass with its default thread binding")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    servers = [s for s in args.servers.split(",") if s]
+    levels = [lv for lv in args.levels.split(",") if lv]
+
+    from tokenmill.loader import default_model_path
+
+    gguf = Path(default_model_path())
+    if "llama-server" in servers:
+        build_llama_server()
+    hf_folder = export_hf_folder(gguf)
+    if "vllm" in servers:
+        install_vllm()
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_dir = Path.home() / ".cache" / "tokenmill-bench" / "logs" / stamp
+    results: dict = {"started": stamp, "machine": describe_machine(THREADS), "passes": args.passes,
+                     "levels": levels, "servers": {}, "command": " ".join(sys.argv),
+                     "model_bf16_bytes": sum(f.stat().st_size for f in hf_folder.glob("*.safetensors"))}
+    print(f"machine: {results['machine']}", flush=True)
+    raw: dict[str, list[dict]] = {name: [] for name in servers}
+    for index in range(args.passes):
+        print(f"pass {index + 1}/{args.passes}", flush=True)
+        for name in servers:
+            raw[name].append(run_pass(name, levels, gguf, hf_folder, args.poisson_requests, log_dir))
+    if "vllm" in servers and not args.no_vllm_default_bind:
+        print("vLLM with its default thread binding (one pass)", flush=True)
+        raw["vllm-default-bind"] = [run_pass("vllm-default-bind", [lv for lv in levels if lv in ("1", "16")],
+                                             gguf, hf_folder, args.poisson_requests, log_dir)]
+    for name, passes in raw.items():
+        results["servers"][name] = {
+            "startup_s": median_of_passes([{"v": p["startup_s"]} for p in passes])["v"],
+            "peak_rss_gib": max(p["peak_rss_gib"] for p in passes),
+            "levels": {lv: median_of_passes([p["levels"][lv] for p in passes])
+                       for lv in passes[0]["levels"]},
+            "raw": passes,
+        }
+    if not args.no_transformers:
+        print("transformers generate baseline", flush=True)
+        results["transformers"] = transformers_baseline(hf_folder, THREADS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2))
+    path = report.write(results, args.out)
+    print(f"report: {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""How each server is configured for the benchmark: same model, same 2 threads, enough slots for the load."""
+
+import os
+import sys
+from pathlib import Path
+
+from benchmarks.servers import ServerSpec, free_port
+from benchmarks.setup_llama_server import llama_server_binary
+from benchmarks.setup_vllm import iomp_path, tcmalloc_path, vllm_python
+
+THREADS = 2
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tokenmill_spec() -> ServerSpec:
+    port = free_port()
+    tokenmill = Path(sys.executable).parent / "tokenmill"
+    return ServerSpec(
+        name="tokenmill",
+        command=[str(tokenmill), "serve", "--hostname", "127.0.0.1", "--port", str(port),
+                 "--grpc-port", str(free_port()), "--max-concurrent-requests", "256"],
+        model="tokenmill",
+        port=port,
+    )
+
+
+def llama_server_spec(gguf: Path, slots: int) -> ServerSpec:
+    """llama-server on the same GGUF; each slot gets a 2k context (the longest prompt + 128 fits)."""
+    port = free_port()
+    return ServerSpec(
+        name=f"llama-server-np{slots}",
+        command=[str(llama_server_binary()), "-m", str(gguf), "-t", str(THREADS), "-np", str(slots),
+                 "-c", str(2048 * slots), "--host", "127.0.0.1", "--port", str(port), "--log-disable"],
+        model=gguf.stem,
+        port=port,
+    )
+
+
+def vllm_spec(hf_folder: Path, bind_threads: bool = True) -> ServerSpec:
+    """vLLM's CPU build as issue #7 tuned it; `bind_threads=False` leaves its default OpenMP binding."""
+    port = free_port()
+    preload = [str(path) for path in (tcmalloc_path(), iomp_path()) if path]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "LD_PRELOAD": ":".join(preload)}
+    if bind_threads:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{THREADS - 1}"
+    return ServerSpec(
+        name="vllm" if bind_threads else "vllm-default-bind",
+        command=[str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_folder),
+                 "--served-model-name", "smollm2", "--dtype", "bfloat16", "--max-model-len", "4096",
+                 "--host", "127.0.0.1", "--port", str(port)],
+        model="smollm2",
+        env={**env, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "OMP_NUM_THREADS": os.environ.get(
+            "OMP_NUM_THREADS", str(THREADS))},
+        port=port,
+    )
