@@ -81,6 +81,9 @@ class Backend:
             raise ValidationError(f"backend {self.name!r} does not support quantization {name!r}; it offers: {offered}")
         return methods[name]
 
+    def dense_linear_method(self, dtype: torch.dtype) -> QuantMethod | None:
+        return self._hooks["tokenmill_dense_linear_method"](dtype=dtype)
+
     def shape_buckets(self, max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
         return self._hooks["tokenmill_shape_buckets"](max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)
 

@@ -62,6 +62,11 @@ def tokenmill_quantization_methods() -> list[QuantMethod]:
 
 
 @hookimpl(trylast=True)
+def tokenmill_dense_linear_method(dtype: torch.dtype) -> QuantMethod | None:
+    return None
+
+
+@hookimpl(trylast=True)
 def tokenmill_shape_buckets(max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
     return None
 

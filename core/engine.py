@@ -90,7 +90,9 @@ class Engine:
         self.model.to(self.device).eval()
         self.checkpoint.tensors = {}  # the model owns the weights now
         if config.quantize:
-            self._quantize(config.quantize)
+            self._prepare_linears(self.backend.quantization_method(config.quantize))
+        elif (dense := self.backend.dense_linear_method(self.dtype)) is not None:
+            self._prepare_linears(dense)
 
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         budget = self.backend.memory_budget(self.device, MemoryRequest(weights_bytes, config.kv_cache_bytes))
@@ -119,10 +121,9 @@ class Engine:
         self._attention[spec] = backend
         return backend
 
-    def _quantize(self, name: str) -> None:
+    def _prepare_linears(self, method) -> None:
         from tokenmill.layers.linear import Linear
 
-        method = self.backend.quantization_method(name)
         for module in self.model.modules():
             if isinstance(module, Linear):
                 module.quantize(method)

@@ -109,7 +109,10 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        self.lm_head = Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        if self.tie_word_embeddings:
+            # Same tensor; a backend's dense-linear method may still give the head its own packed copy.
+            self.lm_head.weight = self.embed_tokens.weight
         self.to(dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -122,8 +125,6 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
     # Checkpoint tensors that land in a slice of a fused parameter: suffix -> (our module, shard).
@@ -135,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded = set()
         for name, tensor in tensors.items():
-            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.tie_word_embeddings):
                 continue
             local = name.removeprefix("model.")
             module_path, _, kind = local.rpartition(".")

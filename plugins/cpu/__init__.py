@@ -23,7 +23,7 @@ from tokenmill.parallel import TorchDistributedCommunicator
 from tokenmill.plugins.cpu import discover as _discover
 from tokenmill.plugins.cpu import platform as _platform
 from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
-from tokenmill.plugins.cpu.quant import Int8WeightOnly
+from tokenmill.plugins.cpu.quant import Int8WeightOnly, OneDNNPackedLinear, onednn_linear_available
 
 
 @hookimpl
@@ -59,3 +59,11 @@ def tokenmill_communicator(world_size: int, rank: int) -> Communicator:
 @hookimpl
 def tokenmill_quantization_methods() -> list[QuantMethod]:
     return [Int8WeightOnly()]
+
+
+@hookimpl
+def tokenmill_dense_linear_method(dtype: torch.dtype) -> QuantMethod | None:
+    # fp32 stays on F.linear (MKL), the kernel the fp32 reference results come from.
+    if dtype == torch.bfloat16 and onednn_linear_available():
+        return OneDNNPackedLinear()
+    return None
