@@ -1,11 +1,13 @@
-"""Build hook: generate the gRPC Python modules from api/grpc/*.proto with grpcio-tools.
+"""Build hooks: generate the gRPC Python modules from api/grpc/*.proto with grpcio-tools, and compile the
+CPU backend's C kernels.
 
 Everything else about the package is declared in pyproject.toml.
 """
 
+import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
@@ -36,4 +38,14 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+# Built for the machine it is installed on (AVX-512 where there is AVX-512); set TOKENMILL_CPU_ARCH
+# (e.g. x86-64-v3) to build a package for other machines.
+CPU_ARCH = os.environ.get("TOKENMILL_CPU_ARCH", "native")
+CPU_KERNELS = Extension(
+    "tokenmill.plugins.cpu._paged_attention",
+    sources=["plugins/cpu/csrc/paged_attention.c"],
+    extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp-simd"],
+    extra_link_args=["-lpthread"],
+)
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[CPU_KERNELS])

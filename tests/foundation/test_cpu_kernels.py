@@ -1,0 +1,37 @@
+"""The CPU backend's compiled decode-attention kernel: built by the install, and equal to the PyTorch path."""
+
+import pytest
+import torch
+
+from tokenmill.interfaces import AttentionSpec
+from tokenmill.plugins.cpu import kernels
+from tokenmill.plugins.cpu.attention import _decode_attention
+
+
+def test_the_install_built_the_kernel() -> None:
+    assert kernels._paged_attention is not None, "plugins/cpu/csrc was not compiled; reinstall with a C compiler"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(9, 3, 64, None), (4, 4, 32, 7), (8, 2, 40, None)])
+def test_kernel_matches_batched_matmuls(dtype, heads, kv_heads, head_dim, window) -> None:
+    torch.manual_seed(0)
+    block_size, num_blocks, num_seqs = 16, 64, 5
+    cache = torch.randn(2, num_blocks * block_size, kv_heads, head_dim).to(dtype)
+    seq_lens = torch.tensor([1, 17, 40, 3, 100], dtype=torch.int32)
+    block_tables = torch.randperm(num_blocks)[: num_seqs * 8].view(num_seqs, 8).to(torch.int32)
+    query = torch.randn(num_seqs, heads, head_dim).to(dtype)
+    spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5, dtype, sliding_window=window)
+
+    out = kernels.paged_decode_attention(query, cache[0], cache[1], block_tables, seq_lens, int(seq_lens.sum()),
+                                         block_size, window, spec.scale)
+
+    positions = torch.arange(int(seq_lens.max()))
+    slots = block_tables.long()[:, positions // block_size] * block_size + positions % block_size
+    mask = positions[None, :] < seq_lens[:, None]
+    if window:
+        mask &= positions[None, :] >= (seq_lens[:, None] - window)
+    expected = _decode_attention(query, cache[0][slots].transpose(1, 2), cache[1][slots].transpose(1, 2),
+                                 mask[:, None, None, :], spec)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
