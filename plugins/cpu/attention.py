@@ -110,16 +110,19 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
 
 
 def _build_groups(meta: AttentionMetadata, block_size: int, sliding_window: int | None) -> list[_Group]:
-    """Decodes in one group, prefill chunks in another, so a long chunk does not pad every decode to its length."""
+    """Decodes in one group; prefill chunks grouped by length class (within 2x of each other).
+
+    Padding is per group, so a 2,000-token chunk never pads the decodes or a 30-token chunk beside it
+    to 2,000 query rows. A step has at most one group per power of two, never one per sequence.
+    """
     if meta.max_query_len == 1:
         return [_build_group(meta, None, block_size, sliding_window)]
-    query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
-    is_decode = query_lens == 1
-    if not bool(is_decode.any()):
+    query_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
+    length_class = torch.where(query_lens == 1, 0, 1 + torch.log2(query_lens.double()).ceil().long())
+    classes = torch.unique(length_class)
+    if classes.numel() == 1:
         return [_build_group(meta, None, block_size, sliding_window)]
-    decodes, prefills = is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()
-    return [_build_group(meta, decodes, block_size, sliding_window),
-            _build_group(meta, prefills, block_size, sliding_window)]
+    return [_build_group(meta, (length_class == c).nonzero().flatten(), block_size, sliding_window) for c in classes]
 
 
 class CPUPagedAttention(AttentionBackend):
