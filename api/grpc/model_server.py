@@ -90,8 +90,8 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
 
 async def run_model_server(config: EngineConfig, listen: str, model_id: str, grace_s: float = 30.0,
                            parent_pid: int | None = None) -> None:
-    engine = Engine(config)
-    runner = AsyncEngine(engine)
+    runner = AsyncEngine(build=lambda: Engine(config)).start()  # all tensor work on the engine thread
+    engine = await asyncio.wrap_future(runner.built)
     servicer = ModelServerServicer(engine, runner, model_id)
     server = grpc.aio.server()
     pb_grpc.add_ModelServerServicer_to_server(servicer, server)
@@ -103,8 +103,7 @@ async def run_model_server(config: EngineConfig, listen: str, model_id: str, gra
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     logger.info("model server listening on %s, warming up", listen)
-    await asyncio.to_thread(engine.warmup)
-    runner.start()
+    await runner.call(engine.warmup)
     servicer.ready = True
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
