@@ -90,8 +90,10 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, prom
 
 
 def _session(limit: int) -> aiohttp.ClientSession:
+    # A fresh connection per request: llama-server closes idle keep-alive connections after a few
+    # seconds, and a request written to one that was just closed fails before the server sees it.
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit + 4),
+        connector=aiohttp.TCPConnector(limit=limit + 4, force_close=True),
         timeout=aiohttp.ClientTimeout(total=1800),
     )
 

@@ -55,40 +55,35 @@ def acceptance_rows(results: dict) -> list[tuple[str, str, bool | None]]:
     return rows
 
 
-def _plots(results: dict, out: Path) -> list[str]:
-    servers = list(results["servers"])
+def _plot(results: dict, out: Path, name: str, point, axes: dict) -> str:
+    """One line per server through `point(entry, level)` for each closed-loop level; saved as `name`."""
     closed = [lv for lv in results["levels"] if lv != "poisson"]
-    names = []
     figure, axis = plt.subplots(figsize=(6, 4))
-    for server in servers:
-        points = [(int(lv), _level(results, server, lv)["output_tok_s"]) for lv in closed
-                  if _level(results, server, lv)]
+    for server in results["servers"]:
+        entries = [(lv, _level(results, server, lv)) for lv in closed]
+        points = [point(entry, lv) for lv, entry in entries if entry and entry.get("itl_p50_s")]
         if points:
             axis.plot(*zip(*points), marker="o", label=server)
-    axis.set(xscale="log", xlabel="concurrent streams", ylabel="output tokens/s",
-             title="Throughput against concurrency")
-    axis.set_xticks([int(lv) for lv in closed], [lv for lv in closed])
+    axis.set(**axes)
+    if axes.get("xscale") == "log":
+        axis.set_xticks([int(lv) for lv in closed], closed)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(out / "throughput_vs_concurrency.png", dpi=110)
-    names.append("throughput_vs_concurrency.png")
+    figure.savefig(out / name, dpi=110)
     plt.close(figure)
+    return name
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for server in servers:
-        points = [(_level(results, server, lv)["output_tok_s"], 1000 * _level(results, server, lv)["itl_p50_s"])
-                  for lv in closed if _level(results, server, lv) and _level(results, server, lv).get("itl_p50_s")]
-        if points:
-            axis.plot(*zip(*points), marker="o", label=server)
-    axis.set(xlabel="output tokens/s", ylabel="inter-token latency p50 (ms)", title="Latency against throughput")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "latency_vs_throughput.png", dpi=110)
-    names.append("latency_vs_throughput.png")
-    plt.close(figure)
-    return names
+
+def _plots(results: dict, out: Path) -> list[str]:
+    return [
+        _plot(results, out, "throughput_vs_concurrency.png", lambda e, lv: (int(lv), e["output_tok_s"]),
+              {"xscale": "log", "xlabel": "concurrent streams", "ylabel": "output tokens/s",
+               "title": "Throughput against concurrency"}),
+        _plot(results, out, "latency_vs_throughput.png", lambda e, lv: (e["output_tok_s"], 1000 * e["itl_p50_s"]),
+              {"xlabel": "output tokens/s", "ylabel": "inter-token latency p50 (ms)",
+               "title": "Latency against throughput"}),
+    ]
 
 
 def write(results: dict, out: Path) -> Path:
@@ -167,3 +162,11 @@ def write(results: dict, out: Path) -> Path:
     path = out / "REPORT.md"
     path.write_text("\n".join(lines))
     return path
+
+
+if __name__ == "__main__":  # regenerate a report: python -m benchmarks.report benchmarks/results/latest.json
+    import json
+    import sys
+
+    source = Path(sys.argv[1])
+    print(write(json.loads(source.read_text()), source.parent))

@@ -59,6 +59,11 @@ static inline void load_row(const void *base, long index, int dtype, int n, floa
     }
 }
 
+/* Row of (position p, kv head) in the flat cache, through the sequence's block table. */
+static inline long cache_row(const Job *job, const int32_t *table, int p, int kv_head) {
+    return ((long)table[p / job->block_size] * job->block_size + p % job->block_size) * job->num_kv_heads + kv_head;
+}
+
 #ifdef __AVX512F__
 /* 16 consecutive elements of a row as float32 lanes. */
 static inline __m512 load16(const void *base, long index, int dtype) {
@@ -70,6 +75,7 @@ static inline __m512 load16(const void *base, long index, int dtype) {
 }
 
 #define MAX_VECS (MAX_HEAD_DIM / 16)
+
 
 /* exp(x) for 16 lanes: x = n ln2 + y with |y| <= ln2 / 2, e^y by its Taylor series to degree 7 (relative
  * error under 1e-8), then scaled by 2^n. Scalar expf in the softmax cost as much as the dot products. */
@@ -109,7 +115,7 @@ static inline float softmax_numerators(float *s, int span, float max) {
 
 /* One (sequence, kv head) work item, vectorised along the head dimension (head_dim % 16 == 0). */
 static void attend_item_avx512(const Job *job, long seq, int kv_head, float *scores, int first, int span) {
-    const int D = job->head_dim, K = job->num_kv_heads, G = job->num_heads / job->num_kv_heads, V = D / 16;
+    const int D = job->head_dim, G = job->num_heads / job->num_kv_heads, V = D / 16;
     const int32_t *table = job->block_tables + seq * job->table_stride;
     __m512 q[MAX_GROUP][MAX_VECS], acc[MAX_GROUP][MAX_VECS];
     float max_score[MAX_GROUP], total[MAX_GROUP];
@@ -120,8 +126,7 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, float *sco
         max_score[g] = -INFINITY;
     }
     for (int i = 0; i < span; i++) {
-        const int p = first + i;
-        const long row = ((long)table[p / job->block_size] * job->block_size + p % job->block_size) * K + kv_head;
+        const long row = cache_row(job, table, first + i, kv_head);
         __m512 k[MAX_VECS];
         for (int j = 0; j < V; j++) k[j] = load16(job->k_cache, row * D + 16 * j, job->dtype);
         for (int g = 0; g < G; g++) {
@@ -137,8 +142,7 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, float *sco
         for (int j = 0; j < V; j++) acc[g][j] = _mm512_setzero_ps();
     }
     for (int i = 0; i < span; i++) {
-        const int p = first + i;
-        const long row = ((long)table[p / job->block_size] * job->block_size + p % job->block_size) * K + kv_head;
+        const long row = cache_row(job, table, first + i, kv_head);
         __m512 v[MAX_VECS];
         for (int j = 0; j < V; j++) v[j] = load16(job->v_cache, row * D + 16 * j, job->dtype);
         for (int g = 0; g < G; g++) {
@@ -195,8 +199,7 @@ static void *run_job(void *arg) {
         float max_score[MAX_GROUP];
         for (int g = 0; g < G; g++) max_score[g] = -INFINITY;
         for (int p = first; p < seq_len; p++) {
-            const long slot = (long)table[p / job->block_size] * job->block_size + p % job->block_size;
-            load_row(job->k_cache, (slot * K + kv_head) * D, job->dtype, D, row);
+            load_row(job->k_cache, cache_row(job, table, p, kv_head) * D, job->dtype, D, row);
             for (int g = 0; g < G; g++) {
                 float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -218,8 +221,7 @@ static void *run_job(void *arg) {
             memset(acc[g], 0, (size_t)D * sizeof(float));
         }
         for (int p = first; p < seq_len; p++) {
-            const long slot = (long)table[p / job->block_size] * job->block_size + p % job->block_size;
-            load_row(job->v_cache, (slot * K + kv_head) * D, job->dtype, D, row);
+            load_row(job->v_cache, cache_row(job, table, p, kv_head) * D, job->dtype, D, row);
             for (int g = 0; g < G; g++) {
                 const float w = scores[(long)g * span + (p - first)];
 #pragma omp simd

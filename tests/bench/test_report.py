@@ -1,0 +1,62 @@
+"""The benchmark's figures and report, on synthetic timings (the real run is `make bench`)."""
+
+from benchmarks import report
+from benchmarks.load import RequestRecord
+from benchmarks.stats import median_of_passes, summarise
+
+
+def _record(sent: float, gaps: list[float], ttft: float) -> RequestRecord:
+    times = [sent + ttft]
+    for gap in gaps:
+        times.append(times[-1] + gap)
+    return RequestRecord(ok=True, sent=sent, token_times=times, output_tokens=len(times), finished=times[-1])
+
+
+def test_summary_figures() -> None:
+    records = [_record(0.0, [0.01] * 9, 0.5), _record(0.0, [0.03] * 9, 1.5),
+               RequestRecord(ok=False, error="HTTP 500")]
+    summary = summarise(records, duration_s=2.0)
+    assert summary["errors"] == 1 and summary["first_error"] == "HTTP 500"
+    assert summary["output_tok_s"] == 10.0  # 20 tokens in 2 s
+    assert abs(summary["ttft_p50_s"] - 1.0) < 1e-9
+    assert abs(summary["itl_p50_s"] - 0.02) < 1e-9
+    merged = median_of_passes([summary, {**summary, "output_tok_s": 30.0, "errors": 0}, {**summary, "output_tok_s": 20.0}])
+    assert merged["output_tok_s"] == 20.0 and merged["errors"] == 2
+
+
+def _results(ours_tok_s: float) -> dict:
+    def level(tok_s, itl, ttft):
+        return {"output_tok_s": tok_s, "itl_p50_s": itl, "ttft_p99_s": ttft, "requests_s": 1.0, "errors": 0}
+
+    return {
+        "started": "now", "command": "test", "passes": 1, "levels": ["1", "16", "64"],
+        "machine": {"cpu": "x", "usable_cores": 2, "flags": [], "memory_gib": 1, "threads": 2,
+                    "read_bandwidth_gbs": 30.0, "bf16_matmul_gflops": 400.0, "torch": "t"},
+        "model_bf16_bytes": 269_000_000,
+        "servers": {
+            "tokenmill": {"startup_s": 5.0, "peak_rss_gib": 1.0, "levels": {
+                "1": level(100, 0.010, 0.1), "16": level(ours_tok_s, 0.03, 0.4), "64": level(800, 0.08, 1.0)}},
+            "llama-server": {"startup_s": 1.0, "peak_rss_gib": 1.0, "levels": {
+                "1": level(100, 0.009, 0.1), "16": level(200, 0.07, 1.0), "64": level(200, 0.3, 9.0)}},
+            "vllm": {"startup_s": 90.0, "peak_rss_gib": 6.0, "levels": {
+                "1": level(50, 0.02, 0.5), "16": level(400, 0.036, 0.5), "64": level(600, 0.09, 2.0)}},
+        },
+    }
+
+
+def test_acceptance_rows_follow_the_issue() -> None:
+    rows = {point: holds for point, _, holds in report.acceptance_rows(_results(ours_tok_s=500))}
+    assert rows["c=1: ITL p50 ≤ 1.2× llama-server's"] is True  # 10 ms vs 9 ms
+    assert rows["c=16: tok/s ≥ 1.2× vLLM's"] is True  # 500 vs 400
+    assert rows["c=16: TTFT p99 ≤ the lower peer's"] is True
+    assert rows["peak RSS ≤ 1/3 of vLLM's"] is True
+    slower = {point: holds for point, _, holds in report.acceptance_rows(_results(ours_tok_s=450))}
+    assert slower["c=16: tok/s ≥ 1.2× vLLM's"] is False  # 450 < 480
+
+
+def test_report_and_plots_are_written(tmp_path) -> None:
+    path = report.write(_results(ours_tok_s=500), tmp_path)
+    text = path.read_text()
+    assert "| c=16 | tokenmill | 500.0 |" in text and "Acceptance" in text
+    assert (tmp_path / "throughput_vs_concurrency.png").stat().st_size > 0
+    assert (tmp_path / "latency_vs_throughput.png").stat().st_size > 0
