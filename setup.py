@@ -44,8 +44,8 @@ CPU_ARCH = os.environ.get("TOKENMILL_CPU_ARCH", "native")
 CPU_KERNELS = Extension(
     "tokenmill.plugins.cpu._paged_attention",
     sources=["plugins/cpu/csrc/paged_attention.c"],
-    extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp-simd"],
-    extra_link_args=["-lpthread"],
+    extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
 )
 
 setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[CPU_KERNELS])

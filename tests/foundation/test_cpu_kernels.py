@@ -12,8 +12,15 @@ def test_the_install_built_the_kernel() -> None:
     assert kernels._paged_attention is not None, "plugins/cpu/csrc was not compiled; reinstall with a C compiler"
 
 
+def test_the_kernel_shares_pytorchs_openmp_runtime() -> None:
+    """A second OpenMP runtime would keep its own threads spinning against PyTorch's for the two cores."""
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(9, 3, 64, None), (4, 4, 32, 7), (8, 2, 40, None)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(9, 3, 64, None), (16, 4, 128, 33), (4, 4, 32, 7), (8, 2, 40, None)])
 def test_kernel_matches_batched_matmuls(dtype, heads, kv_heads, head_dim, window) -> None:
     torch.manual_seed(0)
     block_size, num_blocks, num_seqs = 16, 64, 5
