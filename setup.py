@@ -41,11 +41,13 @@ class BuildPyWithProtos(build_py):
 # Built for the machine it is installed on (AVX-512 where there is AVX-512); set TOKENMILL_CPU_ARCH
 # (e.g. x86-64-v3) to build a package for other machines.
 CPU_ARCH = os.environ.get("TOKENMILL_CPU_ARCH", "native")
-CPU_KERNELS = Extension(
-    "tokenmill.plugins.cpu._paged_attention",
-    sources=["plugins/cpu/csrc/paged_attention.c"],
-    extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp"],
-    extra_link_args=["-fopenmp"],
-)
 
-setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[CPU_KERNELS])
+
+def cpu_extension(name: str) -> Extension:
+    """plugins/cpu/csrc/NAME.c as tokenmill.plugins.cpu._NAME; OpenMP through libgomp.so.1, the
+    soname of PyTorch's own copy, so its parallel loops run on PyTorch's thread pool."""
+    return Extension(f"tokenmill.plugins.cpu._{name}", sources=[f"plugins/cpu/csrc/{name}.c"],
+                     extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp"], extra_link_args=["-fopenmp"])
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[cpu_extension("paged_attention"), cpu_extension("layer_ops")])

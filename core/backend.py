@@ -21,6 +21,7 @@ from tokenmill.interfaces import (
     DevicePlatform,
     KVCacheLayout,
     KVCacheShape,
+    LayerOps,
     MemoryRequest,
     QuantMethod,
     ShapeBuckets,
@@ -83,6 +84,10 @@ class Backend:
 
     def dense_linear_method(self, dtype: torch.dtype) -> QuantMethod | None:
         return self._hooks["tokenmill_dense_linear_method"](dtype=dtype)
+
+    def layer_ops(self, dtype: torch.dtype) -> LayerOps:
+        """The backend's fused elementwise ops for `dtype`, or the PyTorch reference ops."""
+        return self._hooks["tokenmill_layer_ops"](dtype=dtype) or LayerOps()
 
     def shape_buckets(self, max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
         return self._hooks["tokenmill_shape_buckets"](max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)

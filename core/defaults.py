@@ -13,6 +13,7 @@ from torch import nn
 from tokenmill.hookspecs import hookimpl
 from tokenmill.interfaces import (
     Communicator,
+    LayerOps,
     MemoryRequest,
     QuantMethod,
     ShapeBuckets,
@@ -63,6 +64,11 @@ def tokenmill_quantization_methods() -> list[QuantMethod]:
 
 @hookimpl(trylast=True)
 def tokenmill_dense_linear_method(dtype: torch.dtype) -> QuantMethod | None:
+    return None
+
+
+@hookimpl(trylast=True)
+def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
     return None
 
 

@@ -19,7 +19,7 @@ from tokenmill.backend import Backend, resolve_backend
 from tokenmill.block_manager import BlockManager
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
-from tokenmill.interfaces import MemoryRequest
+from tokenmill.interfaces import LayerOps, MemoryRequest
 from tokenmill.loader import Checkpoint, load_checkpoint, parse_dtype
 from tokenmill.model_runner import ModelRunner, SequenceStep
 from tokenmill.models import get_model_class, kv_cache_shape
@@ -94,6 +94,8 @@ class Engine:
         elif (dense := self.backend.dense_linear_method(self.dtype)) is not None:
             self._prepare_linears(dense)
 
+        self._bind_layer_ops(self.backend.layer_ops(self.dtype))
+
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         budget = self.backend.memory_budget(self.device, MemoryRequest(weights_bytes, config.kv_cache_bytes))
         self.num_blocks = budget // self.layout.bytes_per_block()
@@ -127,6 +129,12 @@ class Engine:
         for module in self.model.modules():
             if isinstance(module, Linear):
                 module.quantize(method)
+
+    def _bind_layer_ops(self, ops: LayerOps) -> None:
+        """Point every module that runs elementwise layer ops (norms, rotary, MLP) at the backend's."""
+        for module in self.model.modules():
+            if isinstance(getattr(module, "ops", None), LayerOps):
+                module.ops = ops
 
     def warmup(self, progress: bool | None = None) -> None:
         """Run the step shapes the server will see once before serving (every bucket, if declared).

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         Discovery,
         KVCacheLayout,
         KVCacheShape,
+        LayerOps,
         MemoryRequest,
         QuantMethod,
         ShapeBuckets,
@@ -178,6 +179,17 @@ def tokenmill_dense_linear_method(dtype: torch.dtype) -> QuantMethod | None:
     CPU backend pre-packs bf16 weights for oneDNN, twice as fast as `F.linear` at decode sizes) and
     whose `matmul` must give the same result as ``x @ weight.T``. Applied to every linear layer,
     the output head included, when no ``--quantize`` is given. Default: None (`F.linear`).
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
+    """Fused kernels for the elementwise ops between matmuls in `dtype`, as a `LayerOps` subclass.
+
+    Residual add + RMSNorm, rotary embedding and SiLU-and-multiply run once per layer per step; as
+    PyTorch ops they are ~25 small kernels a layer, which at decode sizes cost as much as attention.
+    Each override must match `LayerOps`' result up to the dtype's rounding. Default: None (the
+    PyTorch reference ops).
     """
 
 

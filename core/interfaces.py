@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +228,48 @@ class QuantMethod(abc.ABC):
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         """`x @ weight.T` with the prepared weight; `x` is (num_tokens, in_features)."""
+
+
+class LayerOps:
+    """The elementwise ops between a decoder layer's matmuls, written as plain PyTorch: the reference.
+
+    A backend returns a subclass from `tokenmill_layer_ops` to run any of them as fused kernels (in
+    PyTorch each is several ops, each paying dispatch for a few thousand elements). An override must
+    give the reference's result up to the dtype's rounding; the conformance suite checks it.
+    """
+
+    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0):
+        """`x (+ residual)` over its root mean square, times `weight + offset`, computed in float32.
+
+        Without a residual returns the normalised tensor; with one, `(normalised, x + residual)`, the
+        sum being the next layer's residual.
+        """
+        if residual is not None:
+            x = x + residual
+            residual = x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        out = (h * (weight.float() + offset)).to(x.dtype)
+        return out if residual is None else (out, residual)
+
+    def rotary(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half RoPE: query (tokens, heads, head_dim), key (tokens, kv_heads, head_dim), tables
+        (max_positions, head_dim) indexed by each token's position. An override may rotate in place."""
+        cos = cos[positions].unsqueeze(1)
+        sin = sin[positions].unsqueeze(1)
+        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """`silu(gate) * up` where gate and up are the two halves of the last dimension."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenmill.interfaces import LayerOps
+
 
 class RMSNorm(nn.Module):
     """`x / rms(x) * weight`, computed in float32 as the reference implementations do.
 
-    `offset=1.0` gives Gemma's `(1 + weight)` form.
+    `offset=1.0` gives Gemma's `(1 + weight)` form. `ops` is the backend's (set by the engine).
     """
+
+    ops = LayerOps()
 
     def __init__(self, size: int, eps: float, offset: float = 0.0):
         super().__init__()
@@ -19,11 +23,4 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = (h * (self.weight.float() + self.offset)).to(dtype)
-        return out if residual is None else (out, residual)
+        return self.ops.rms_norm(x, residual, self.weight, self.eps, self.offset)

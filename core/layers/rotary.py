@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.interfaces import LayerOps
+
 
 def rope_parameters(config: Any) -> dict[str, Any]:
     """`rope_type`, `rope_theta` and scaling fields, from transformers 4.x or 5.x configs alike."""
@@ -49,6 +51,8 @@ def _llama3_frequencies(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch
 class RotaryEmbedding(nn.Module):
     """Applies RoPE (the rotate-half convention of transformers' Llama) to queries and keys."""
 
+    ops = LayerOps()  # the backend's, set by the engine
+
     def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any], dtype: torch.dtype):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, params)
@@ -60,11 +64,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         # query: (tokens, heads, head_dim), key: (tokens, kv_heads, head_dim)
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return self.ops.rotary(positions, query, key, self.cos, self.sin)

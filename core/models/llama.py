@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, KVCacheShape
+from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, KVCacheShape, LayerOps
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
@@ -57,6 +56,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    ops = LayerOps()  # the backend's, set by the engine
+
     def __init__(self, config: Any, dtype: torch.dtype):
         super().__init__()
         size = config.intermediate_size
@@ -64,8 +65,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(size, [config.hidden_size], False, dtype)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -16,6 +16,7 @@ from tokenmill.interfaces import (
     Discovery,
     KVCacheLayout,
     KVCacheShape,
+    LayerOps,
     MemoryRequest,
     QuantMethod,
 )
@@ -23,6 +24,7 @@ from tokenmill.parallel import TorchDistributedCommunicator
 from tokenmill.plugins.cpu import discover as _discover
 from tokenmill.plugins.cpu import platform as _platform
 from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
+from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps, fused_layer_ops_available
 from tokenmill.plugins.cpu.quant import Int8WeightOnly, OneDNNPackedLinear, onednn_linear_available
 
 
@@ -66,4 +68,12 @@ def tokenmill_dense_linear_method(dtype: torch.dtype) -> QuantMethod | None:
     # fp32 stays on F.linear (MKL), the kernel the fp32 reference results come from.
     if dtype == torch.bfloat16 and onednn_linear_available():
         return OneDNNPackedLinear()
+    return None
+
+
+@hookimpl
+def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
+    # bf16 only, like the dense linears: the fp32 reference results come from PyTorch's own ops.
+    if dtype == torch.bfloat16 and fused_layer_ops_available():
+        return CPUFusedLayerOps()
     return None
