@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import subprocess
-import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
 from tokenmill.api.app import build_app
+from tokenmill.api.launch import start_model_server
 from tokenmill.api.metrics import Metrics
 from tokenmill.api.router import ReplicaRouter
 from tokenmill.api.service import GenerationService
@@ -80,16 +77,12 @@ def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationServ
     return GenerationService(runner, engine.tokenizer, settings, metrics), metrics, runner
 
 
-def serve(options: ServeOptions) -> None:
-    child = None
-    addresses = options.model_servers
-    if not addresses:
-        socket_path = Path(tempfile.gettempdir()) / f"tokenmill-{os.getpid()}-{uuid.uuid4().hex[:6]}.sock"
-        addresses = (f"unix://{socket_path}",)
-        command = [sys.executable, "-m", "tokenmill.cli", "model-server", "--listen", addresses[0],
-                   "--parent-pid", str(os.getpid()), *options.model_server_args]
-        logger.info("starting the model server: %s", " ".join(command))
-        child = subprocess.Popen(command)
+def serve(options: ServeOptions, launched: tuple[str, subprocess.Popen] | None = None) -> None:
+    """Serve until stopped. `launched` is a local model server already started (address, process);
+    without it and without `options.model_servers`, one is started here."""
+    if launched is None and not options.model_servers:
+        launched = start_model_server(options.model_server_args)
+    addresses, child = ((launched[0],), launched[1]) if launched else (options.model_servers, None)
     try:
         asyncio.run(_run_router(options, addresses, child))
     finally:
@@ -112,10 +105,14 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
     server = uvicorn.Server(uvicorn.Config(app, host=options.hostname, port=options.port, log_level="info",
                                            timeout_graceful_shutdown=options.graceful_shutdown_s))
     serving = asyncio.create_task(server.serve())
+    # A local child loads the very model of these options: read its tokenizer while it starts up.
+    early_tokenizer = (asyncio.create_task(asyncio.to_thread(load_tokenizer, options.engine.model_id,
+                                                             options.engine.cache_dir))
+                       if child is not None else None)
     try:
         info = await _wait_for_replica(router, child, options.startup_timeout_s)
-        tokenizer = await asyncio.to_thread(load_tokenizer, info.source, options.engine.cache_dir)
-        service.tokenizer = tokenizer
+        service.tokenizer = await (early_tokenizer or asyncio.to_thread(load_tokenizer, info.source,
+                                                                        options.engine.cache_dir))
         service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),
                                          min(info.max_model_len, info.kv_capacity_tokens),
                                          f"{len(addresses)}-{info.backend}")

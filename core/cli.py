@@ -74,11 +74,19 @@ def _model_server_args(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    servers = tuple(args.model_server) or tuple(a for a in (_env("MODEL_SERVERS") or "").split(",") if a)
+    model_server_args = _model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
+                                                    if args.otlp_endpoint else ())
+    launched = None
+    if not servers:  # start the child first: its start-up then overlaps the router's imports below
+        from tokenmill.api.launch import start_model_server
+
+        launched = start_model_server(model_server_args)
+
     from tokenmill.api.server import ServeOptions, serve
     from tokenmill.api.tracing import setup_tracing
 
     setup_tracing(args.otlp_endpoint, "tokenmill.router")
-    servers = tuple(args.model_server) or tuple(a for a in (_env("MODEL_SERVERS") or "").split(",") if a)
     options = ServeOptions(
         engine=_engine_config(args), hostname=args.hostname, port=args.port, grpc_port=args.grpc_port or None,
         max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_total_tokens,
@@ -86,11 +94,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,
         max_client_batch_size=args.max_client_batch_size, payload_limit=args.payload_limit, api_key=args.api_key,
         cors_allow_origin=tuple(args.cors_allow_origin), model_servers=servers,
-        model_server_args=_model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
-                                                      if args.otlp_endpoint else ()),
-        graceful_shutdown_s=args.graceful_termination_timeout,
+        model_server_args=model_server_args, graceful_shutdown_s=args.graceful_termination_timeout,
     )
-    serve(options)
+    serve(options, launched)
     return 0
 
 
