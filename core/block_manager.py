@@ -3,6 +3,9 @@
 Each *full* block of computed tokens is hashed together with its predecessor's hash, so a hash names
 a whole prefix. A new request walks its prompt's full blocks through that chain and shares every block
 already cached. Freed blocks keep their hash in an LRU free list and can be revived until reused.
+
+Blocks never written yet are handed out only when no freed block is left: a backend whose cache memory
+is committed on first write (the CPU's) then holds the peak working set in memory, not the whole pool.
 """
 
 from __future__ import annotations
@@ -24,17 +27,18 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # prefix hash -> block id
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
+        self.free: OrderedDict[int, None] = OrderedDict()  # blocks used before, least recently freed first
+        self.untouched = list(range(num_blocks - 1, -1, -1))  # never used; popped lowest id first
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free) + len(self.untouched)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -74,15 +78,15 @@ class BlockManager:
 
     def can_append(self, request: Request, num_new_tokens: int) -> bool:
         needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-        return needed <= len(self.free)
+        return needed <= self.num_free_blocks
 
     def append(self, request: Request, num_new_tokens: int) -> bool:
         """Give the request blocks for `num_new_tokens` more computed tokens; False if too few are free."""
         needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-        if needed > len(self.free):
+        if needed > self.num_free_blocks:
             return False
         for _ in range(needed):
-            block, _ = self.free.popitem(last=False)
+            block = self.free.popitem(last=False)[0] if self.free else self.untouched.pop()
             old_hash = self.block_hashes[block]
             if old_hash is not None:  # evict: its content is about to be overwritten
                 if self.cached.get(old_hash) == block:

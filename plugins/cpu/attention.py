@@ -10,9 +10,11 @@ decode beside it to 2,000 query rows; decodes need no query padding at all.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,15 +45,27 @@ class CPUKVCacheLayout(KVCacheLayout):
 
     def allocate(self, num_blocks: int) -> list[torch.Tensor]:
         s = self.shape
-        return [
-            torch.zeros(2, num_blocks, self.block_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=self.device)
-            for _ in range(s.num_layers)
-        ]
+        shape = (2, num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
+        return [_zeros_committed_on_write(shape, s.dtype) for _ in range(s.num_layers)]
 
     def copy_blocks(self, caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         for cache in caches:
             cache[:, dst] = cache[:, src]
 
+
+
+CACHE_LINE = 64
+
+
+def _zeros_committed_on_write(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages the OS commits on first write: numpy's zeros is calloc, which maps
+    fresh zero pages for large sizes, where torch.zeros writes every byte up front. With the block
+    manager handing out used blocks first, resident memory follows the working set, not the pool.
+    """
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = np.zeros(num_bytes + CACHE_LINE, dtype=np.uint8)
+    start = -buffer.ctypes.data % CACHE_LINE  # blocks start on cache lines, as torch's allocator would
+    return torch.from_numpy(buffer[start : start + num_bytes]).view(dtype).view(shape)
 
 @dataclass
 class _Group:

@@ -56,3 +56,21 @@ def test_append_fails_cleanly_when_blocks_run_out() -> None:
     request = _request(range(12))
     assert not manager.append(request, 12)
     assert request.block_ids == [] and manager.num_free_blocks == 2
+
+
+def test_freed_blocks_are_reused_before_untouched_ones() -> None:
+    # The CPU cache commits memory on first write, so serving one request after another must keep
+    # writing the same few blocks rather than walk through the whole pool.
+    manager = BlockManager(num_blocks=64, block_size=4)
+    touched: set[int] = set()
+    for index in range(20):
+        request = _request(range(index * 100, index * 100 + 10), f"r{index}")
+        _compute(manager, request, 10)
+        touched.update(request.block_ids)
+        manager.free_request(request)
+    assert len(touched) == 3
+    both = [_request(range(1000, 1010), "x"), _request(range(2000, 2010), "y")]
+    for request in both:
+        _compute(manager, request, 10)
+        touched.update(request.block_ids)
+    assert len(touched) == 6 and manager.num_free_blocks == 58
