@@ -4,8 +4,10 @@ Each *full* block of computed tokens is hashed together with its predecessor's h
 a whole prefix. A new request walks its prompt's full blocks through that chain and shares every block
 already cached. Freed blocks keep their hash in an LRU free list and can be revived until reused.
 
-Blocks never written yet are handed out only when no freed block is left: a backend whose cache memory
-is committed on first write (the CPU's) then holds the peak working set in memory, not the whole pool.
+Untouched blocks (never written) are handed out first while fewer than `resident_limit` blocks have
+been used, then only when no freed block is left. A backend whose cache memory is committed on first
+write (the CPU's) thus holds the working set plus a bounded prefix cache in memory, not the whole pool;
+with no limit, freed prefixes stay cached until every block is in use.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from tokenmill.request import Request
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 resident_limit: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.num_blocks = num_blocks
+        self.resident_limit = num_blocks if resident_limit is None else resident_limit
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
@@ -86,7 +90,7 @@ class BlockManager:
         if needed > self.num_free_blocks:
             return False
         for _ in range(needed):
-            block = self.free.popitem(last=False)[0] if self.free else self.untouched.pop()
+            block = self._take_free_block()
             old_hash = self.block_hashes[block]
             if old_hash is not None:  # evict: its content is about to be overwritten
                 if self.cached.get(old_hash) == block:
@@ -95,6 +99,12 @@ class BlockManager:
             self.ref_counts[block] = 1
             request.block_ids.append(block)
         return True
+
+    def _take_free_block(self) -> int:
+        num_used = self.num_blocks - len(self.untouched)
+        if self.untouched and (num_used < self.resident_limit or not self.free):
+            return self.untouched.pop()
+        return self.free.popitem(last=False)[0]  # least recently freed
 
     def commit_full_blocks(self, request: Request) -> None:
         """Register the blocks that became full of computed tokens, so later requests can share them."""

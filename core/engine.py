@@ -109,7 +109,8 @@ class Engine:
         forward = self.backend.compile_model(self.model, buckets)
         self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
                                   self.layout.block_size, self.device)
-        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, config.enable_prefix_caching,
+                                          self.layout.resident_block_limit(self.num_blocks))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
                                    self.block_manager, buckets)
         self.sampler = Sampler(config.seed)

@@ -109,6 +109,16 @@ class KVCacheLayout(abc.ABC):
     def copy_blocks(self, caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy block `src[i]` onto block `dst[i]` in every layer (copy-on-write, preemption swap)."""
 
+    def resident_block_limit(self, num_blocks: int) -> int | None:
+        """How many blocks may hold freed prefixes before those are reused instead of fresh blocks.
+
+        None (the default) suits memory committed at allocation (device memory): every block is paid
+        for, so freed prefixes stay cached until the whole pool is in use. A layout whose memory is
+        committed on first write returns a bound: its resident memory is then the larger of the
+        working set and that many blocks.
+        """
+        return None
+
 
 @dataclass(frozen=True)
 class AttentionSpec:

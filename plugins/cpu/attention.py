@@ -52,9 +52,17 @@ class CPUKVCacheLayout(KVCacheLayout):
         for cache in caches:
             cache[:, dst] = cache[:, src]
 
+    def resident_block_limit(self, num_blocks: int) -> int | None:
+        # Pages are committed on first write (see allocate), so retaining freed prefixes costs memory:
+        # keep RESIDENT_CACHE_BYTES' worth before reusing them.
+        return min(num_blocks, max(1, RESIDENT_CACHE_BYTES // self.bytes_per_block()))
+
 
 
 CACHE_LINE = 64
+# Cached prefixes kept resident beyond the working set's own blocks; 512 MiB holds ~23k tokens of
+# SmolLM2-135M, many system prompts and long documents.
+RESIDENT_CACHE_BYTES = 512 * 2**20
 
 
 def _zeros_committed_on_write(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

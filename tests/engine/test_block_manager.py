@@ -58,10 +58,21 @@ def test_append_fails_cleanly_when_blocks_run_out() -> None:
     assert request.block_ids == [] and manager.num_free_blocks == 2
 
 
-def test_freed_blocks_are_reused_before_untouched_ones() -> None:
+def test_untouched_blocks_are_used_first_without_a_resident_limit() -> None:
+    manager = BlockManager(num_blocks=8, block_size=4)
+    first = _request(range(8), "a")
+    _compute(manager, first, 8)
+    manager.free_request(first)
+    second = _request(range(100, 108), "b")
+    _compute(manager, second, 8)
+    assert not set(first.block_ids) & set(second.block_ids)
+    assert manager.allocate_prefix(_request(range(9), "c")) == 8  # the first prompt is still cached
+
+
+def test_beyond_the_resident_limit_freed_blocks_are_reused_before_untouched_ones() -> None:
     # The CPU cache commits memory on first write, so serving one request after another must keep
     # writing the same few blocks rather than walk through the whole pool.
-    manager = BlockManager(num_blocks=64, block_size=4)
+    manager = BlockManager(num_blocks=64, block_size=4, resident_limit=2)
     touched: set[int] = set()
     for index in range(20):
         request = _request(range(index * 100, index * 100 + 10), f"r{index}")
