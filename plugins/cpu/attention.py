@@ -1,10 +1,11 @@
 """Paged attention on the CPU: one batched gather plus one SDPA call per layer, no loop over sequences.
 
-The KV cache of a layer is one tensor ``(2, num_blocks, block_size, num_kv_heads, head_dim)``. Each step,
+The KV cache of a layer is one tensor ``(2, num_blocks, num_kv_heads, block_size, head_dim)``: head-major
+inside a block, so the decode kernel reads each head's rows of a block as one contiguous run. Each step,
 `prepare` splits the sequences into decodes and prefill chunks and turns each group's block tables into a
-padded ``(num_seqs, max_seq_len)`` slot index and a boolean mask ``(num_seqs, 1, max_query_len,
-max_seq_len)``; every layer then gathers its keys and values with that index and runs
-``scaled_dot_product_attention`` once per group. Grouping keeps a 2,000-token chunk from padding every
+padded ``(num_seqs, num_kv_heads, max_seq_len)`` row index and a boolean mask ``(num_seqs, 1,
+max_query_len, max_seq_len)``; every layer then gathers its keys and values with that index and runs
+``scaled_dot_product_attention`` once per group (decodes go to a compiled kernel instead). Grouping keeps a 2,000-token chunk from padding every
 decode beside it to 2,000 query rows; decodes need no query padding at all.
 """
 
@@ -17,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from tokenmill.interfaces import (
     AttentionBackend,
@@ -28,10 +30,11 @@ from tokenmill.interfaces import (
 from tokenmill.plugins.cpu.kernels import decode_attention_kernel_available, paged_decode_attention
 
 DEFAULT_BLOCK_SIZE = 16
+CAUSAL = "causal"  # `_prefill_mask`'s answer for SDPA's own is_causal
 
 
 class CPUKVCacheLayout(KVCacheLayout):
-    """Blocks as ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` per layer, keys then values."""
+    """Blocks as ``(2, num_blocks, num_kv_heads, block_size, head_dim)`` per layer, keys then values."""
 
     def __init__(self, shape: KVCacheShape, device: torch.device, block_size: int = DEFAULT_BLOCK_SIZE):
         self.shape = shape
@@ -45,7 +48,7 @@ class CPUKVCacheLayout(KVCacheLayout):
 
     def allocate(self, num_blocks: int) -> list[torch.Tensor]:
         s = self.shape
-        shape = (2, num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
+        shape = (2, num_blocks, s.num_kv_heads, self.block_size, s.head_dim)
         return [_zeros_committed_on_write(shape, s.dtype) for _ in range(s.num_layers)]
 
     def copy_blocks(self, caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -81,7 +84,7 @@ class _Group:
 
     token_index: torch.Tensor | None  # (group_tokens,) rows of the step's tokens; None = all, in order
     token_to_padded: torch.Tensor | None  # row of each group token in the padded (B * max_q) layout; None if max_q == 1
-    kv_slots: torch.Tensor  # (B, max_seq_len) cache slot of each context position (0 where padding)
+    kv_rows: torch.Tensor  # (B, kv_heads, max_seq_len) cache row of each context position (block 0 where padding)
     mask: torch.Tensor | None  # (B, 1, max_q, max_seq_len) True where the query may attend; None = attend all
     num_seqs: int
     max_query_len: int
@@ -90,7 +93,14 @@ class _Group:
     total_positions: int
 
 
-def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size: int,
+def _cache_rows(blocks: torch.Tensor, offsets: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """Row of the flattened ``(2, rows, head_dim)`` cache per (position, kv head): shape ``blocks.shape
+    + (num_kv_heads,)``."""
+    heads = torch.arange(num_kv_heads, device=blocks.device)
+    return ((blocks * num_kv_heads).unsqueeze(-1) + heads) * block_size + offsets.unsqueeze(-1)
+
+
+def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size: int, num_kv_heads: int,
                  sliding_window: int | None) -> _Group:
     """Index and mask for the sequences `seqs` of the step (None: every sequence, tokens in order)."""
     device = meta.seq_lens.device
@@ -106,7 +116,7 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
     positions = torch.arange(max_kv, device=device)
     blocks = block_tables.long().gather(1, (positions // block_size).expand(num_seqs, -1).clamp(
         max=block_tables.shape[1] - 1))
-    kv_slots = blocks * block_size + positions % block_size
+    kv_rows = _cache_rows(blocks, (positions % block_size).expand(num_seqs, -1), num_kv_heads, block_size)
 
     # Query row r of a sequence sits at absolute position (seq_len - query_len + r).
     query_positions = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
@@ -127,24 +137,27 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
         token_index = starts[seq_of_token] + offset_in_query
     if max_q > 1:
         token_to_padded = seq_of_token * max_q + offset_in_query
-    return _Group(token_index, token_to_padded, kv_slots, None if mask is None else mask[:, None], num_seqs, max_q,
+    return _Group(token_index, token_to_padded, kv_rows.transpose(1, 2).contiguous(),
+                  None if mask is None else mask[:, None], num_seqs, max_q,
                   block_tables.contiguous(), seq_lens.to(torch.int32).contiguous(), int(seq_lens.sum()))
 
 
-def _build_groups(meta: AttentionMetadata, block_size: int, sliding_window: int | None) -> list[_Group]:
+def _build_groups(meta: AttentionMetadata, block_size: int, num_kv_heads: int,
+                  sliding_window: int | None) -> list[_Group]:
     """Decodes in one group; prefill chunks grouped by length class (within 2x of each other).
 
     Padding is per group, so a 2,000-token chunk never pads the decodes or a 30-token chunk beside it
     to 2,000 query rows. A step has at most one group per power of two, never one per sequence.
     """
     if meta.max_query_len == 1:
-        return [_build_group(meta, None, block_size, sliding_window)]
+        return [_build_group(meta, None, block_size, num_kv_heads, sliding_window)]
     query_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
     length_class = torch.where(query_lens == 1, 0, 1 + torch.log2(query_lens.double()).ceil().long())
     classes = torch.unique(length_class)
     if classes.numel() == 1:
-        return [_build_group(meta, None, block_size, sliding_window)]
-    return [_build_group(meta, (length_class == c).nonzero().flatten(), block_size, sliding_window) for c in classes]
+        return [_build_group(meta, None, block_size, num_kv_heads, sliding_window)]
+    return [_build_group(meta, (length_class == c).nonzero().flatten(), block_size, num_kv_heads, sliding_window)
+            for c in classes]
 
 
 class CPUPagedAttention(AttentionBackend):
@@ -158,7 +171,11 @@ class CPUPagedAttention(AttentionBackend):
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         if self._key not in metadata.backend_data:
-            metadata.backend_data[self._key] = _build_groups(metadata, self.block_size, self.spec.sliding_window)
+            slots = metadata.slot_mapping.long()
+            write_rows = _cache_rows(slots // self.block_size, slots % self.block_size, self.spec.num_kv_heads,
+                                     self.block_size).flatten()
+            groups = _build_groups(metadata, self.block_size, self.spec.num_kv_heads, self.spec.sliding_window)
+            metadata.backend_data[self._key] = (write_rows, groups)
 
     def forward(
         self,
@@ -169,28 +186,28 @@ class CPUPagedAttention(AttentionBackend):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         spec = self.spec
-        flat_cache = kv_cache.view(2, -1, spec.num_kv_heads, spec.head_dim)
-        flat_cache[0].index_copy_(0, metadata.slot_mapping, key.to(kv_cache.dtype))
-        flat_cache[1].index_copy_(0, metadata.slot_mapping, value.to(kv_cache.dtype))
+        write_rows, groups = metadata.backend_data[self._key]
+        rows = kv_cache.view(2, -1, spec.head_dim)
+        rows[0].index_copy_(0, write_rows, key.reshape(-1, spec.head_dim).to(kv_cache.dtype))
+        rows[1].index_copy_(0, write_rows, value.reshape(-1, spec.head_dim).to(kv_cache.dtype))
 
-        groups: list[_Group] = metadata.backend_data[self._key]
         if len(groups) == 1 and groups[0].token_index is None:
-            return self._attend(groups[0], query, flat_cache)
+            return self._attend(groups[0], query, kv_cache)
         out = torch.empty_like(query)
         for group in groups:
-            out[group.token_index] = self._attend(group, query[group.token_index], flat_cache)
+            out[group.token_index] = self._attend(group, query[group.token_index], kv_cache)
         return out
 
-    def _attend(self, group: _Group, query: torch.Tensor, flat_cache: torch.Tensor) -> torch.Tensor:
+    def _attend(self, group: _Group, query: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """Attention of the group's (tokens, heads, head_dim) queries; same shape out."""
         spec = self.spec
         num_seqs, max_q = group.num_seqs, group.max_query_len
-        if max_q == 1 and self.decode_kernel and spec.logit_softcap is None and flat_cache.dtype == query.dtype:
-            return paged_decode_attention(query, flat_cache[0], flat_cache[1], group.block_tables, group.seq_lens,
+        if max_q == 1 and self.decode_kernel and spec.logit_softcap is None and kv_cache.dtype == query.dtype:
+            return paged_decode_attention(query, kv_cache[0], kv_cache[1], group.block_tables, group.seq_lens,
                                           group.total_positions, self.block_size, spec.sliding_window, spec.scale)
-        # (B, max_seq_len, kv_heads, D) -> (B, kv_heads, max_seq_len, D)
-        keys = flat_cache[0][group.kv_slots].transpose(1, 2).to(query.dtype)
-        values = flat_cache[1][group.kv_slots].transpose(1, 2).to(query.dtype)
+        rows = kv_cache.view(2, -1, spec.head_dim)
+        keys = rows[0][group.kv_rows].to(query.dtype)  # (B, kv_heads, max_seq_len, D)
+        values = rows[1][group.kv_rows].to(query.dtype)
         if group.token_to_padded is None:  # one query token per sequence: no padding needed
             padded = query.unsqueeze(2)  # (B, H, 1, D)
         else:
@@ -201,9 +218,10 @@ class CPUPagedAttention(AttentionBackend):
         if spec.logit_softcap is None and max_q == 1:
             return _decode_attention(query, keys, values, group.mask, spec)
         if spec.logit_softcap is None:
+            mask = self._prefill_mask(group, keys.shape[2])
             out = F.scaled_dot_product_attention(
-                padded, keys, values, attn_mask=group.mask, scale=spec.scale,
-                enable_gqa=spec.num_heads != spec.num_kv_heads,
+                padded, keys, values, attn_mask=None if mask is CAUSAL else mask, is_causal=mask is CAUSAL,
+                scale=spec.scale, enable_gqa=spec.num_heads != spec.num_kv_heads,
             )
         else:
             out = _softcapped_attention(padded, keys, values, group.mask, spec)
@@ -211,6 +229,20 @@ class CPUPagedAttention(AttentionBackend):
             return out.squeeze(2)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, spec.num_heads, spec.head_dim)
         return out[group.token_to_padded]
+
+    def _prefill_mask(self, group: _Group, context_len: int):
+        """The group's mask, or for one sequence without a window, causality SDPA applies itself.
+
+        PyTorch's CPU flash kernel skips the key blocks a causal bias rules out but reads a boolean
+        mask whole: a lone 1,000-token prompt attends ~1.5x faster (measured 22 -> 14 ms a layer).
+        A chunk after cached positions needs the bias aligned lower-right (its queries are the
+        context's last positions); a whole prompt is plain `is_causal` (CAUSAL), the fastest.
+        """
+        if group.num_seqs != 1 or self.spec.sliding_window is not None or group.max_query_len == 1:
+            return group.mask
+        if group.max_query_len == context_len:
+            return CAUSAL
+        return causal_lower_right(group.max_query_len, context_len)
 
 
 def _decode_attention(

@@ -22,7 +22,7 @@ def decode_attention_kernel_available(dtype: torch.dtype) -> bool:
 
 def paged_decode_attention(
     query: torch.Tensor,  # (num_seqs, num_heads, head_dim), contiguous
-    key_cache: torch.Tensor,  # (num_slots, num_kv_heads, head_dim), contiguous
+    key_cache: torch.Tensor,  # (num_blocks, num_kv_heads, block_size, head_dim), contiguous
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,  # (num_seqs, max_blocks) int32, contiguous rows
     seq_lens: torch.Tensor,  # (num_seqs,) int32

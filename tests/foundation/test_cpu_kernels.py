@@ -24,7 +24,7 @@ def test_the_kernel_shares_pytorchs_openmp_runtime() -> None:
 def test_kernel_matches_batched_matmuls(dtype, heads, kv_heads, head_dim, window) -> None:
     torch.manual_seed(0)
     block_size, num_blocks, num_seqs = 16, 64, 5
-    cache = torch.randn(2, num_blocks * block_size, kv_heads, head_dim).to(dtype)
+    cache = torch.randn(2, num_blocks, kv_heads, block_size, head_dim).to(dtype)  # head-major blocks
     seq_lens = torch.tensor([1, 17, 40, 3, 100], dtype=torch.int32)
     block_tables = torch.randperm(num_blocks)[: num_seqs * 8].view(num_seqs, 8).to(torch.int32)
     query = torch.randn(num_seqs, heads, head_dim).to(dtype)
@@ -34,11 +34,11 @@ def test_kernel_matches_batched_matmuls(dtype, heads, kv_heads, head_dim, window
                                          block_size, window, spec.scale)
 
     positions = torch.arange(int(seq_lens.max()))
-    slots = block_tables.long()[:, positions // block_size] * block_size + positions % block_size
+    blocks, offsets = block_tables.long()[:, positions // block_size], positions % block_size
     mask = positions[None, :] < seq_lens[:, None]
     if window:
         mask &= positions[None, :] >= (seq_lens[:, None] - window)
-    expected = _decode_attention(query, cache[0][slots].transpose(1, 2), cache[1][slots].transpose(1, 2),
-                                 mask[:, None, None, :], spec)
+    keys, values = (c[blocks, :, offsets].transpose(1, 2) for c in cache)  # (seqs, kv_heads, positions, D)
+    expected = _decode_attention(query, keys, values, mask[:, None, None, :], spec)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
