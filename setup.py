@@ -50,4 +50,4 @@ def cpu_extension(name: str) -> Extension:
                      extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp"], extra_link_args=["-fopenmp"])
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[cpu_extension("paged_attention"), cpu_extension("layer_ops")])
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[cpu_extension(name) for name in ("paged_attention", "layer_ops", "bf16_gemm")])

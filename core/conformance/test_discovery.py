@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenmill.interfaces import BackendStatus, DevicePlatform, Discovery, MemoryRequest
@@ -56,3 +57,23 @@ def test_quantization_methods_approximate_the_dense_matmul(backend, platform: De
         got = method.matmul(x.to(platform.device, dtype), prepared).float()
         error = (got - expected).norm() / expected.norm()
         assert error < 0.05, f"quantization {name!r}: relative error {error:.3f}"
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 8, 13, 64])
+@pytest.mark.parametrize("out_features,in_features", [(64, 128), (50, 96), (960, 576), (24, 33)])
+def test_the_dense_linear_method_matches_f_linear(backend, platform: DevicePlatform, rows, out_features,
+                                                   in_features) -> None:
+    # The backend's unquantized linears (packed weights, own kernels) stand in for F.linear at every
+    # batch size and shape, including ragged ones: same result up to the dtype's rounding.
+    for dtype in platform.supported_dtypes:
+        method = backend.dense_linear_method(dtype)
+        if method is None:
+            continue
+        generator = torch.Generator().manual_seed(rows)
+        weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
+        x = torch.randn(rows, in_features, generator=generator).to(dtype)
+        expected = torch.nn.functional.linear(x.float(), weight.float())
+        got = method.matmul(x.to(platform.device), method.prepare(weight.to(platform.device))).float().cpu()
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)

@@ -25,7 +25,13 @@ from tokenmill.plugins.cpu import discover as _discover
 from tokenmill.plugins.cpu import platform as _platform
 from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps, fused_layer_ops_available
-from tokenmill.plugins.cpu.quant import Int8WeightOnly, OneDNNPackedLinear, onednn_linear_available
+from tokenmill.plugins.cpu.quant import (
+    Int8WeightOnly,
+    OneDNNPackedLinear,
+    PackedBF16Linear,
+    bf16_gemm_available,
+    onednn_linear_available,
+)
 
 
 @hookimpl
@@ -66,9 +72,11 @@ def tokenmill_quantization_methods() -> list[QuantMethod]:
 @hookimpl
 def tokenmill_dense_linear_method(dtype: torch.dtype) -> QuantMethod | None:
     # fp32 stays on F.linear (MKL), the kernel the fp32 reference results come from.
-    if dtype == torch.bfloat16 and onednn_linear_available():
-        return OneDNNPackedLinear()
-    return None
+    if dtype != torch.bfloat16:
+        return None
+    if bf16_gemm_available():
+        return PackedBF16Linear()
+    return OneDNNPackedLinear() if onednn_linear_available() else None
 
 
 @hookimpl
