@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "cpu_math.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -53,20 +54,6 @@ static int reserve(Scratch *s, long span, int group) {
     s->scores = (float *)malloc((size_t)s->capacity * group * sizeof(float));
     s->weights = (uint16_t *)malloc((size_t)(s->capacity + 1) * group * sizeof(uint16_t));
     return s->rows && s->scores && s->weights;
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even */
-    return (uint16_t)(bits >> 16);
 }
 
 static inline void load_row(const void *base, long index, int dtype, int n, float *dst) {
@@ -119,23 +106,6 @@ static inline __m512 load16(const void *base, long index, int dtype) {
 #ifndef KEY_PREFETCH_CHUNKS
 #define KEY_PREFETCH_CHUNKS 1 /* key rows requested this many chunks ahead */
 #endif
-
-/* exp(x) for 16 lanes: x = n ln2 + y with |y| <= ln2 / 2, e^y by its Taylor series to degree 7 (relative
- * error under 1e-8), then scaled by 2^n. Scalar expf in the softmax cost as much as the dot products. */
-static inline __m512 exp16(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 y = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 720));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Lane i of the result is the sum of the 16 lanes of r[i]: a transpose-and-add butterfly, about three
  * instructions per vector instead of a full horizontal reduction each. */
