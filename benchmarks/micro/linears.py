@@ -1,0 +1,47 @@
+"""A decode step's linears (SmolLM2-135M shapes, 30 layers + logits): our AVX512-BF16 kernel against
+oneDNN's packed weights, alternating in one process, at several batch sizes.
+
+    python -m benchmarks.micro.linears
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tokenmill.plugins.cpu.quant import OneDNNPackedLinear, PackedBF16Linear, bf16_gemm_available
+
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down: (out, in)
+LOGITS_SHAPE = (49152, 576)
+NUM_LAYERS = 30
+
+
+def _run(method, prepared, inputs) -> float:
+    start = time.perf_counter()
+    for weight, x in zip(prepared, inputs):
+        method.matmul(x, weight)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    shapes = LAYER_SHAPES * NUM_LAYERS + [LOGITS_SHAPE]
+    weights = [torch.randn(shape, dtype=torch.bfloat16) * 0.05 for shape in shapes]
+    methods = {"onednn": OneDNNPackedLinear()}
+    if bf16_gemm_available():
+        methods["avx512-bf16"] = PackedBF16Linear()
+    prepared = {name: [m.prepare(w) for w in weights] for name, m in methods.items()}
+    for rows in (1, 4, 16, 64, 512):
+        inputs = [torch.randn(rows, shape[1], dtype=torch.bfloat16) for shape in shapes]
+        best = {name: float("inf") for name in methods}
+        for _ in range(3):  # alternate, keep each one's best
+            for name, method in methods.items():
+                best[name] = min(best[name], _run(method, prepared[name], inputs))
+        flops = 2 * rows * sum(out * inp for out, inp in shapes)
+        line = "  ".join(f"{name} {1000 * t:6.1f} ms ({flops / t / 1e9:4.0f} GFLOP/s)" for name, t in best.items())
+        print(f"M={rows:4d}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
