@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = Path.home() / ".cache" / "tokenmill-bench" / "logs" / stamp
     results: dict = {"started": stamp, "machine": describe_machine(THREADS), "passes": args.passes,
-                     "levels": levels, "servers": {}, "command": " ".join(sys.argv),
+                     "levels": levels, "servers": {}, "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
                      "model_bf16_bytes": sum(f.stat().st_size for f in hf_folder.glob("*.safetensors"))}
     print(f"machine: {results['machine']}", flush=True)
     raw: dict[str, list[dict]] = {name: [] for name in servers}
