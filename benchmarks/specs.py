@@ -17,8 +17,9 @@ def tokenmill_spec() -> ServerSpec:
     tokenmill = Path(sys.executable).parent / "tokenmill"
     return ServerSpec(
         name="tokenmill",
+        # `make serve`'s configuration: only the addresses differ.
         command=[str(tokenmill), "serve", "--hostname", "127.0.0.1", "--port", str(port),
-                 "--grpc-port", str(free_port()), "--max-concurrent-requests", "256"],
+                 "--grpc-port", str(free_port())],
         model="tokenmill",
         port=port,
     )
