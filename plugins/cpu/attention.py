@@ -5,8 +5,9 @@ inside a block, so the decode kernel reads each head's rows of a block as one co
 `prepare` splits the sequences into decodes and prefill chunks and turns each group's block tables into a
 padded ``(num_seqs, num_kv_heads, max_seq_len)`` row index and a boolean mask ``(num_seqs, 1,
 max_query_len, max_seq_len)``; every layer then gathers its keys and values with that index and runs
-``scaled_dot_product_attention`` once per group (decodes go to a compiled kernel instead). Grouping keeps a 2,000-token chunk from padding every
-decode beside it to 2,000 query rows; decodes need no query padding at all.
+``scaled_dot_product_attention`` once per group; decodes go to a compiled kernel that reads the blocks
+in place instead. Grouping keeps a 2,000-token chunk from padding every decode beside it to 2,000 query
+rows; decodes need no query padding at all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from tokenmill.interfaces import (
     AttentionBackend,
@@ -30,7 +31,7 @@ from tokenmill.interfaces import (
 from tokenmill.plugins.cpu.kernels import decode_attention_kernel_available, paged_decode_attention
 
 DEFAULT_BLOCK_SIZE = 16
-CAUSAL = "causal"  # `_prefill_mask`'s answer for SDPA's own is_causal
+CAUSAL = "causal"  # a group mask meaning: SDPA's own is_causal
 
 
 class CPUKVCacheLayout(KVCacheLayout):
@@ -43,8 +44,7 @@ class CPUKVCacheLayout(KVCacheLayout):
 
     def bytes_per_block(self) -> int:
         s = self.shape
-        element_size = torch.empty((), dtype=s.dtype).element_size()
-        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * element_size
+        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * s.dtype.itemsize
 
     def allocate(self, num_blocks: int) -> list[torch.Tensor]:
         s = self.shape
@@ -73,7 +73,7 @@ def _zeros_committed_on_write(shape: tuple[int, ...], dtype: torch.dtype) -> tor
     fresh zero pages for large sizes, where torch.zeros writes every byte up front. With the block
     manager handing out used blocks first, resident memory follows the working set, not the pool.
     """
-    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    num_bytes = math.prod(shape) * dtype.itemsize
     buffer = np.zeros(num_bytes + CACHE_LINE, dtype=np.uint8)
     start = -buffer.ctypes.data % CACHE_LINE  # blocks start on cache lines, as torch's allocator would
     return torch.from_numpy(buffer[start : start + num_bytes]).view(dtype).view(shape)
@@ -84,8 +84,10 @@ class _Group:
 
     token_index: torch.Tensor | None  # (group_tokens,) rows of the step's tokens; None = all, in order
     token_to_padded: torch.Tensor | None  # row of each group token in the padded (B * max_q) layout; None if max_q == 1
-    kv_rows: torch.Tensor  # (B, kv_heads, max_seq_len) cache row of each context position (block 0 where padding)
-    mask: torch.Tensor | None  # (B, 1, max_q, max_seq_len) True where the query may attend; None = attend all
+    # Gather index and mask, None for decodes the compiled kernel takes (it reads the blocks in place):
+    kv_rows: torch.Tensor | None  # (B, kv_heads, max_seq_len) cache row of each context position (block 0 where padding)
+    mask: torch.Tensor | CausalBias | str | None  # (B, 1, max_q, max_seq_len) True where the query may attend;
+    # None = attend all; CAUSAL or a lower-right CausalBias: one sequence, causality left to SDPA
     num_seqs: int
     max_query_len: int
     block_tables: torch.Tensor  # (B, max_blocks) int32, for the compiled decode kernel
@@ -100,8 +102,8 @@ def _cache_rows(blocks: torch.Tensor, offsets: torch.Tensor, num_kv_heads: int, 
     return ((blocks * num_kv_heads).unsqueeze(-1) + heads) * block_size + offsets.unsqueeze(-1)
 
 
-def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size: int, num_kv_heads: int,
-                 sliding_window: int | None) -> _Group:
+def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size: int, spec: AttentionSpec,
+                 kernel_decodes: bool) -> _Group:
     """Index and mask for the sequences `seqs` of the step (None: every sequence, tokens in order)."""
     device = meta.seq_lens.device
     starts = meta.query_start_loc[:-1].long()
@@ -113,21 +115,14 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
     num_seqs = int(seq_lens.shape[0])
     max_q, max_kv = int(query_lens.max()), int(seq_lens.max())
 
-    positions = torch.arange(max_kv, device=device)
-    blocks = block_tables.long().gather(1, (positions // block_size).expand(num_seqs, -1).clamp(
-        max=block_tables.shape[1] - 1))
-    kv_rows = _cache_rows(blocks, (positions % block_size).expand(num_seqs, -1), num_kv_heads, block_size)
-
-    # Query row r of a sequence sits at absolute position (seq_len - query_len + r).
-    query_positions = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
-    mask = positions[None, None, :] <= query_positions[:, :, None]
-    if sliding_window is not None:
-        mask &= positions[None, None, :] > query_positions[:, :, None] - sliding_window
-    # Padded query rows (past the query length) attend to position 0 only, so softmax stays finite.
-    is_padding = torch.arange(max_q, device=device)[None, :] >= query_lens[:, None]
-    mask[is_padding] = positions == 0
-    if max_q == 1 and sliding_window is None and bool((seq_lens == max_kv).all()):
-        mask = None  # decodes of equal length attend to everything gathered
+    kv_rows = mask = None
+    if max_q > 1 or not kernel_decodes:
+        positions = torch.arange(max_kv, device=device)
+        blocks = block_tables.long().gather(1, (positions // block_size).expand(num_seqs, -1).clamp(
+            max=block_tables.shape[1] - 1))
+        kv_rows = _cache_rows(blocks, (positions % block_size).expand(num_seqs, -1), spec.num_kv_heads,
+                              block_size).transpose(1, 2).contiguous()
+        mask = _mask(seq_lens, query_lens, max_q, max_kv, spec)
 
     token_index = token_to_padded = None
     group_tokens = int(query_lens.sum())
@@ -137,26 +132,50 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
         token_index = starts[seq_of_token] + offset_in_query
     if max_q > 1:
         token_to_padded = seq_of_token * max_q + offset_in_query
-    return _Group(token_index, token_to_padded, kv_rows.transpose(1, 2).contiguous(),
-                  None if mask is None else mask[:, None], num_seqs, max_q,
+    return _Group(token_index, token_to_padded, kv_rows, mask, num_seqs, max_q,
                   block_tables.contiguous(), seq_lens.to(torch.int32).contiguous(), int(seq_lens.sum()))
 
 
-def _build_groups(meta: AttentionMetadata, block_size: int, num_kv_heads: int,
-                  sliding_window: int | None) -> list[_Group]:
+def _mask(seq_lens: torch.Tensor, query_lens: torch.Tensor, max_q: int, max_kv: int, spec: AttentionSpec):
+    """What the group's queries may attend to, in the form the attention call runs fastest with.
+
+    PyTorch's CPU flash kernel skips the key blocks its own causal flag rules out but reads a boolean
+    mask whole: a lone 1,000-token prompt attends ~1.5x faster (measured 22 -> 14 ms a layer). So one
+    sequence without a window or soft cap gets CAUSAL (a whole prompt) or a lower-right causal bias (a
+    chunk after cached positions: its queries are the context's last positions).
+    """
+    if len(seq_lens) == 1 and max_q > 1 and spec.sliding_window is None and spec.logit_softcap is None:
+        return CAUSAL if max_q == max_kv else causal_lower_right(max_q, max_kv)
+    device = seq_lens.device
+    positions = torch.arange(max_kv, device=device)
+    # Query row r of a sequence sits at absolute position (seq_len - query_len + r).
+    query_positions = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
+    mask = positions[None, None, :] <= query_positions[:, :, None]
+    if spec.sliding_window is not None:
+        mask &= positions[None, None, :] > query_positions[:, :, None] - spec.sliding_window
+    # Padded query rows (past the query length) attend to position 0 only, so softmax stays finite.
+    is_padding = torch.arange(max_q, device=device)[None, :] >= query_lens[:, None]
+    mask[is_padding] = positions == 0
+    if max_q == 1 and spec.sliding_window is None and bool((seq_lens == max_kv).all()):
+        return None  # decodes of equal length attend to everything gathered
+    return mask[:, None]
+
+
+def _build_groups(meta: AttentionMetadata, block_size: int, spec: AttentionSpec,
+                  kernel_decodes: bool) -> list[_Group]:
     """Decodes in one group; prefill chunks grouped by length class (within 2x of each other).
 
     Padding is per group, so a 2,000-token chunk never pads the decodes or a 30-token chunk beside it
     to 2,000 query rows. A step has at most one group per power of two, never one per sequence.
     """
     if meta.max_query_len == 1:
-        return [_build_group(meta, None, block_size, num_kv_heads, sliding_window)]
+        return [_build_group(meta, None, block_size, spec, kernel_decodes)]
     query_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
     length_class = torch.where(query_lens == 1, 0, 1 + torch.log2(query_lens.double()).ceil().long())
     classes = torch.unique(length_class)
     if classes.numel() == 1:
-        return [_build_group(meta, None, block_size, num_kv_heads, sliding_window)]
-    return [_build_group(meta, (length_class == c).nonzero().flatten(), block_size, num_kv_heads, sliding_window)
+        return [_build_group(meta, None, block_size, spec, kernel_decodes)]
+    return [_build_group(meta, (length_class == c).nonzero().flatten(), block_size, spec, kernel_decodes)
             for c in classes]
 
 
@@ -167,14 +186,15 @@ class CPUPagedAttention(AttentionBackend):
         self.spec = spec
         self.block_size = layout.block_size
         self._key = ("cpu-attention", spec.sliding_window)
-        self.decode_kernel = decode_attention_kernel_available(spec.dtype)
+        # Queries and cache are both in spec.dtype, so whether decodes take the kernel is known now.
+        self.kernel_decodes = decode_attention_kernel_available(spec.dtype) and spec.logit_softcap is None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         if self._key not in metadata.backend_data:
             slots = metadata.slot_mapping.long()
             write_rows = _cache_rows(slots // self.block_size, slots % self.block_size, self.spec.num_kv_heads,
                                      self.block_size).flatten()
-            groups = _build_groups(metadata, self.block_size, self.spec.num_kv_heads, self.spec.sliding_window)
+            groups = _build_groups(metadata, self.block_size, self.spec, self.kernel_decodes)
             metadata.backend_data[self._key] = (write_rows, groups)
 
     def forward(
@@ -202,7 +222,7 @@ class CPUPagedAttention(AttentionBackend):
         """Attention of the group's (tokens, heads, head_dim) queries; same shape out."""
         spec = self.spec
         num_seqs, max_q = group.num_seqs, group.max_query_len
-        if max_q == 1 and self.decode_kernel and spec.logit_softcap is None and kv_cache.dtype == query.dtype:
+        if max_q == 1 and self.kernel_decodes:
             return paged_decode_attention(query, kv_cache[0], kv_cache[1], group.block_tables, group.seq_lens,
                                           group.total_positions, self.block_size, spec.sliding_window, spec.scale)
         rows = kv_cache.view(2, -1, spec.head_dim)
@@ -218,9 +238,9 @@ class CPUPagedAttention(AttentionBackend):
         if spec.logit_softcap is None and max_q == 1:
             return _decode_attention(query, keys, values, group.mask, spec)
         if spec.logit_softcap is None:
-            mask = self._prefill_mask(group, keys.shape[2])
+            causal = group.mask is CAUSAL
             out = F.scaled_dot_product_attention(
-                padded, keys, values, attn_mask=None if mask is CAUSAL else mask, is_causal=mask is CAUSAL,
+                padded, keys, values, attn_mask=None if causal else group.mask, is_causal=causal,
                 scale=spec.scale, enable_gqa=spec.num_heads != spec.num_kv_heads,
             )
         else:
@@ -229,20 +249,6 @@ class CPUPagedAttention(AttentionBackend):
             return out.squeeze(2)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, spec.num_heads, spec.head_dim)
         return out[group.token_to_padded]
-
-    def _prefill_mask(self, group: _Group, context_len: int):
-        """The group's mask, or for one sequence without a window, causality SDPA applies itself.
-
-        PyTorch's CPU flash kernel skips the key blocks a causal bias rules out but reads a boolean
-        mask whole: a lone 1,000-token prompt attends ~1.5x faster (measured 22 -> 14 ms a layer).
-        A chunk after cached positions needs the bias aligned lower-right (its queries are the
-        context's last positions); a whole prompt is plain `is_causal` (CAUSAL), the fastest.
-        """
-        if group.num_seqs != 1 or self.spec.sliding_window is not None or group.max_query_len == 1:
-            return group.mask
-        if group.max_query_len == context_len:
-            return CAUSAL
-        return causal_lower_right(group.max_query_len, context_len)
 
 
 def _decode_attention(
