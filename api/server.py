@@ -121,6 +121,8 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
         logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(addresses))
         await serving
     finally:
+        if early_tokenizer is not None:
+            early_tokenizer.cancel()  # start-up failed before it was awaited: no orphaned task error
         server.should_exit = True
         await router.stop()
 
