@@ -40,15 +40,19 @@ def prompts(engine) -> list[list[int]]:
     return [tok(t, add_special_tokens=False).input_ids for t in texts]
 
 
-@pytest.fixture(scope="module")
-def reference(prompts):
-    """transformers' own GGUF load and greedy generate, with the chosen tokens' logprobs."""
+def _transformers_model(dtype: torch.dtype):
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
     path = Path(default_model_path())
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(prompts):
+    """transformers' own GGUF load and greedy generate: tokens, their logprobs, each step's top 5."""
+    model = _transformers_model(torch.float32)
     results = []
     for prompt in prompts:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
@@ -102,7 +106,6 @@ def test_embedded_gguf_load_time_is_reported(tmp_path, capsys) -> None:
     assert checkpoint.config.num_hidden_layers == 30
 
 
-
 # The served configuration: `dtype auto` is bf16 where the CPU has AVX512-BF16, run by the CPU plugin's own
 # kernels (packed bf16 linears, fused layer ops, paged decode attention). bf16 results depend on the order
 # of every sum, so greedy tokens part from the float32 reference where two candidates are within rounding
@@ -118,12 +121,7 @@ def _tokens_before_parting(tokens: list[int], ref_tokens: list[int]) -> int:
 
 @pytest.fixture(scope="module")
 def transformers_bf16_tokens(prompts) -> list[list[int]]:
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    path = Path(default_model_path())
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16).eval()
+    model = _transformers_model(torch.bfloat16)
     return [model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                            pad_token_id=2)[0, len(prompt):].tolist() for prompt in prompts]
 
