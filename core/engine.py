@@ -93,6 +93,7 @@ class Engine:
             self._prepare_linears(self.backend.quantization_method(config.quantize))
         elif (dense := self.backend.dense_linear_method(self.dtype)) is not None:
             self._prepare_linears(dense)
+        self.checkpoint.ggml_weights = {}
 
         self._bind_layer_ops(self.backend.layer_ops(self.dtype))
 
@@ -127,6 +128,7 @@ class Engine:
     def _prepare_linears(self, method) -> None:
         from tokenmill.layers.linear import Linear
 
+        self.model.load_ggml_weights(self.checkpoint.ggml_weights)
         for module in self.model.modules():
             if isinstance(module, Linear):
                 module.quantize(method)

@@ -226,6 +226,20 @@ class TensorParallelPlan(abc.ABC):
         """This rank's part of a (out_features, in_features) weight, or of a bias for COLUMN."""
 
 
+@dataclass(frozen=True)
+class GGMLWeight:
+    """A linear weight as a GGUF checkpoint stores it: each row a run of ggml quantization blocks.
+
+    The loader dequantizes every weight for the model, and keeps the blocks of the quantized ones so a
+    backend whose kernels read a ggml type can run the checkpoint's own bytes (Q4_1: 0.625 bytes a
+    weight against bf16's 2) with the numbers of the dequantized weight.
+    """
+
+    ggml_type: str  # gguf's GGMLQuantizationType name: "Q4_1", "Q8_0", ...
+    blocks: torch.Tensor  # (out_features, bytes per row) uint8
+    in_features: int
+
+
 class QuantMethod(abc.ABC):
     """A quantization method a backend can run: prepare weights once, then matmul with them."""
 
@@ -234,6 +248,15 @@ class QuantMethod(abc.ABC):
     @abc.abstractmethod
     def prepare(self, weight: torch.Tensor) -> Any:
         """Turn a dense (out_features, in_features) weight into this method's packed form."""
+
+    def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> Any | None:
+        """The prepared form of a weight from its GGUF blocks, or None (the default) to use `prepare`.
+
+        `weight` is the blocks dequantized to the model's dtype. `matmul` with the result must compute
+        `x @ weight.T` at least as exactly as with `prepare(weight)` (the conformance suite checks it
+        against the float64 product with the blocks' exact values): a speed path, not a new quantization.
+        """
+        return None
 
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""A decode step's linears (SmolLM2-135M shapes, 30 layers + logits): our AVX512-BF16 kernel against
-oneDNN's packed weights, alternating in one process, at several batch sizes.
+"""A decode step's linears (SmolLM2-135M shapes, 30 layers + logits): our AVX512-BF16 kernel, on dense
+bf16 weights and on the GGUF's Q4_1 blocks (the logits stay dense, as the GGUF's Q8_0 head does),
+against oneDNN's packed weights, alternating in one process, at several batch sizes.
 
     python -m benchmarks.micro.linears
 """
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
 
+from tokenmill.interfaces import GGMLWeight
 from tokenmill.plugins.cpu.quant import OneDNNPackedLinear, PackedBF16Linear, bf16_gemm_available
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down: (out, in)
@@ -24,14 +29,22 @@ def _run(method, prepared, inputs) -> float:
     return time.perf_counter() - start
 
 
+def _q4_1(method: PackedBF16Linear, weight: torch.Tensor):
+    blocks = quantize(weight.float().numpy(), GGMLQuantizationType.Q4_1)
+    return method.prepare_ggml(weight, GGMLWeight("Q4_1", torch.from_numpy(np.ascontiguousarray(blocks)),
+                                                  weight.shape[1]))
+
+
 def main() -> None:
     torch.manual_seed(0)
     shapes = LAYER_SHAPES * NUM_LAYERS + [LOGITS_SHAPE]
     weights = [torch.randn(shape, dtype=torch.bfloat16) * 0.05 for shape in shapes]
     methods = {"onednn": OneDNNPackedLinear()}
+    prepared = {"onednn": [methods["onednn"].prepare(w) for w in weights]}
     if bf16_gemm_available():
-        methods["avx512-bf16"] = PackedBF16Linear()
-    prepared = {name: [m.prepare(w) for w in weights] for name, m in methods.items()}
+        methods["avx512-bf16"] = methods["avx512-q4_1"] = dense = PackedBF16Linear()
+        prepared["avx512-bf16"] = [dense.prepare(w) for w in weights]
+        prepared["avx512-q4_1"] = [_q4_1(dense, w) for w in weights[:-1]] + prepared["avx512-bf16"][-1:]
     for rows in (1, 4, 16, 64, 512):
         inputs = [torch.randn(rows, shape[1], dtype=torch.bfloat16) for shape in shapes]
         best = {name: float("inf") for name in methods}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.interfaces import BackendStatus, DevicePlatform, Discovery, MemoryRequest
+from tokenmill.interfaces import BackendStatus, DevicePlatform, Discovery, GGMLWeight, MemoryRequest
 
 
 def test_discovery_reports_a_usable_device(discovery: Discovery) -> None:
@@ -77,3 +77,32 @@ def test_the_dense_linear_method_matches_f_linear(backend, platform: DevicePlatf
         assert got.shape == expected.shape and got.dtype == torch.float32
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 5, 13, 40])
+@pytest.mark.parametrize("out_features,in_features", [(64, 128), (50, 96), (960, 576)])
+def test_linear_methods_run_ggml_blocks_at_least_as_exactly_as_their_dense_weight(
+        backend, platform: DevicePlatform, ggml_type, rows, out_features, in_features) -> None:
+    # A method that takes a GGUF weight's own blocks is a speed path: against the product with the
+    # blocks' exact values, no worse than the same method on the weight dequantized to the dtype.
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    generator = torch.Generator().manual_seed(rows)
+    kind = GGMLQuantizationType[ggml_type]
+    blocks = quantize((torch.randn(out_features, in_features, generator=generator) * 0.05).numpy(), kind)
+    exact = torch.from_numpy(dequantize(blocks, kind)).double()
+    ggml = GGMLWeight(ggml_type, torch.from_numpy(blocks), in_features)
+    methods = [backend.dense_linear_method(dtype) for dtype in platform.supported_dtypes]
+    for dtype, method in zip(platform.supported_dtypes, methods):
+        weight = exact.to(dtype).to(platform.device)
+        prepared = method.prepare_ggml(weight, ggml) if method is not None else None
+        if prepared is None:
+            continue
+        x = torch.randn(rows, in_features, generator=generator).to(dtype)
+        expected = x.double() @ exact.T
+        got = method.matmul(x.to(platform.device), prepared).double().cpu()
+        dense = method.matmul(x.to(platform.device), method.prepare(weight)).double().cpu()
+        assert got.shape == expected.shape
+        assert (got - expected).norm() <= 1.1 * (dense - expected).norm() + 1e-6, (dtype, ggml_type, rows)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.interfaces import QuantMethod
+from tokenmill.interfaces import GGMLWeight, QuantMethod
 
 
 class Linear(nn.Module):
@@ -26,6 +26,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.quant_method: QuantMethod | None = None
         self.quantized: Any = None
+        self._ggml_shards: dict[int | None, GGMLWeight] = {}  # shard (None: the whole weight) -> blocks
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
@@ -34,11 +35,31 @@ class Linear(nn.Module):
             raise ValueError(f"{name} shard {shard}: expected {(end - start, *target.shape[1:])}, got {tuple(tensor.shape)}")
         target.data[start:end].copy_(tensor)
 
+    def load_ggml_shard(self, weight: GGMLWeight, shard: int | None = None) -> None:
+        """Keep the GGUF blocks of one shard (None: the whole weight) for `quantize`; the dense values
+        must be loaded too, through `load_shard`."""
+        self._ggml_shards[shard] = weight
+
+    def ggml_weight(self) -> GGMLWeight | None:
+        """The whole weight's ggml blocks, if every shard came with blocks of one type."""
+        shards = self._ggml_shards
+        if None in shards:
+            return shards[None]
+        count = len(self.shard_offsets) - 1
+        if set(shards) != set(range(count)) or len({weight.ggml_type for weight in shards.values()}) != 1:
+            return None
+        first = shards[0]
+        return GGMLWeight(first.ggml_type, torch.cat([shards[i].blocks for i in range(count)]), first.in_features)
+
     def quantize(self, method: QuantMethod) -> None:
-        """Prepare the weight for `method` once; the dense weight is dropped."""
+        """Prepare the weight for `method` once, from its ggml blocks where the method takes them; the
+        dense weight and the blocks are dropped."""
         self.quant_method = method
-        self.quantized = method.prepare(self.weight.data)
+        ggml = self.ggml_weight()
+        prepared = method.prepare_ggml(self.weight.data, ggml) if ggml is not None else None
+        self.quantized = method.prepare(self.weight.data) if prepared is None else prepared
         self.weight = None
+        self._ggml_shards = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:

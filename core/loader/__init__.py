@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tokenmill.interfaces import GGMLWeight
 from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
 from tokenmill.loader.gguf_file import GGUFFile
 from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf, tokenizer_from_gguf
@@ -43,6 +44,8 @@ class Checkpoint:
     format: str  # "gguf" or "safetensors"
     eos_token_ids: tuple[int, ...] = ()
     timings_s: dict[str, float] = field(default_factory=dict)
+    # GGUF only: quantized weights' blocks as stored (the same weights as in `tensors`), by name.
+    ggml_weights: dict[str, GGMLWeight] = field(default_factory=dict)
 
 
 def default_model_path() -> str:
@@ -125,7 +128,7 @@ def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cach
 
     start = time.perf_counter()
     with tqdm(total=len(gguf.tensors), desc="loading weights", unit="tensor", disable=not progress) as bar:
-        tensors = tensors_from_gguf(gguf, config, torch_dtype, progress=bar.update)
+        tensors, ggml_weights = tensors_from_gguf(gguf, config, torch_dtype, progress=bar.update)
     timings["weights"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -133,7 +136,7 @@ def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cach
     timings["tokenizer"] = time.perf_counter() - start
     eos = config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    return Checkpoint(config, tensors, tokenizer, str(path), "gguf", eos_ids, timings)
+    return Checkpoint(config, tensors, tokenizer, str(path), "gguf", eos_ids, timings, ggml_weights)
 
 
 def _cached_gguf_tokenizer(path: Path, cache_dir: Path | None) -> Any:

@@ -69,14 +69,20 @@ class GGUFFile:
         for name, shape, ggml_type, offset in infos:
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset)
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor `name` as float32 (float16 for F16 tensors), in numpy order, in memory of its own."""
+    def raw(self, name: str) -> np.ndarray:
+        """The bytes of tensor `name` as stored, one row per row of the tensor, in memory of its own."""
         info = self.tensors[name]
         block_size, type_size = GGML_QUANT_SIZES[info.ggml_type]
-        num_elements = int(np.prod(info.shape))
-        num_bytes = num_elements // block_size * type_size
+        num_bytes = int(np.prod(info.shape)) // block_size * type_size
         # One read into a plain array: dequantizing a flat buffer is faster than row views of the mapping.
         raw = np.array(self._buffer[info.offset : info.offset + num_bytes])
+        return raw.reshape(int(np.prod(info.shape[:-1])), -1)
+
+    def load(self, name: str, raw: np.ndarray | None = None) -> np.ndarray:
+        """The tensor `name` (from its `raw` bytes, if already read) as float32 (float16 for F16
+        tensors), in numpy order."""
+        info = self.tensors[name]
+        raw = (self.raw(name) if raw is None else raw).reshape(-1)
         if info.ggml_type == GGMLQuantizationType.F32:
             return raw.view(np.float32).reshape(info.shape)
         if info.ggml_type == GGMLQuantizationType.F16:

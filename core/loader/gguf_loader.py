@@ -8,7 +8,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
+from tokenmill.interfaces import GGMLWeight
 from tokenmill.loader.errors import UnsupportedCheckpointError
 from tokenmill.loader.gguf_file import GGUFFile
 
@@ -104,12 +106,17 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+# Stored as plain floats: nothing for a backend to gain from their bytes.
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+
+
 def tensors_from_gguf(
     gguf: GGUFFile, config: Any, dtype: torch.dtype, progress: Callable[[int], Any] | None = None
-) -> dict[str, torch.Tensor]:
-    """Every tensor, dequantized and renamed to transformers' names, cast to `dtype`."""
+) -> tuple[dict[str, torch.Tensor], dict[str, GGMLWeight]]:
+    """Every tensor, dequantized and renamed to transformers' names, cast to `dtype`; and the quantized
+    2-D weights also as their ggml blocks (rows in the same order), for backends that run them."""
     arch = gguf_architecture(gguf)
-    tensors = {}
+    tensors, ggml_weights = {}, {}
     for name in gguf.tensors:
         target = hf_name(name)
         if target is None:
@@ -120,14 +127,19 @@ def tensors_from_gguf(
                     f"{gguf.path}: GGUF files with rope_freqs (Llama 3.1+ RoPE scaling) are not supported yet; "
                     "load the model's Hugging Face folder instead")
             raise UnsupportedCheckpointError(f"{gguf.path}: unexpected tensor {name!r}")
-        array = gguf.load(name)
+        info = gguf.tensors[name]
+        raw = gguf.raw(name)
+        array = gguf.load(name, raw)
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
-            array = _unpermute(array, heads)
+            array, raw = _unpermute(array, heads), _unpermute(raw, heads)
         tensors[target] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if len(info.shape) == 2 and info.ggml_type not in _FLOAT_TYPES:
+            ggml_weights[target] = GGMLWeight(info.ggml_type.name, torch.from_numpy(np.ascontiguousarray(raw)),
+                                              info.shape[1])
         if progress:
             progress(1)
-    return tensors
+    return tensors, ggml_weights
 
 
 def tokenizer_from_gguf(path: Path) -> Any:

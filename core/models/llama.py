@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, KVCacheShape, LayerOps
+from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, GGMLWeight, KVCacheShape, LayerOps
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
@@ -159,6 +159,19 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+
+    def load_ggml_weights(self, weights: dict[str, GGMLWeight]) -> None:
+        """Give each linear layer the GGUF blocks of its (transformers-named) weight, for backends whose
+        linear method runs them; call after `load_weights`. Non-linear weights are ignored."""
+        for name, weight in weights.items():
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            module_path, _, kind = name.removeprefix("model.").rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            fused, shard = self.packed.get(leaf, (leaf, None))
+            module = self.get_submodule(f"{parent}.{fused}" if parent else fused)
+            if isinstance(module, Linear) and kind == "weight":
+                module.load_ggml_shard(weight, shard)
 
 
 def sliding_window_of(config: Any) -> int | None:

@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.loader import default_model_path, load_checkpoint
+from tokenmill.plugins.cpu.quant import PackedQ4_1Weight, bf16_gemm_available
 from tokenmill.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -130,6 +131,8 @@ def test_the_served_bf16_configuration_stays_within_bf16_drift(prompts, referenc
     engine = Engine(EngineConfig(backend="cpu", kv_cache_bytes=256 << 20, progress=False))
     if engine.dtype != torch.bfloat16:
         pytest.skip("this CPU serves float32 by default")
+    if bf16_gemm_available():  # what make serve runs here: the GGUF's Q4_1 layers from their own blocks
+        assert isinstance(engine.model.layers[0].mlp.down_proj.quantized, PackedQ4_1Weight)
     outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))  # one continuous batch
     ours, theirs = [], []
     for output, (ref_tokens, _, ref_top5), bf16_tokens in zip(outputs, reference, transformers_bf16_tokens):

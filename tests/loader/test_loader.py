@@ -103,6 +103,26 @@ def test_embedded_gguf_matches_transformers_own_gguf_loader() -> None:
             == ref_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
 
 
+def test_gguf_quantized_weights_keep_their_blocks_in_the_dense_tensors_row_order() -> None:
+    # Backends may run a linear from its ggml blocks instead of the dense tensor: the blocks must be the
+    # very same weight, rows un-interleaved for q/k like the dense one.
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    checkpoint = load_checkpoint(dtype="float32", progress=False)
+    layer = "model.layers.3."
+    names = [layer + part for part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                       "self_attn.v_proj.weight", "mlp.down_proj.weight")]
+    assert set(names) <= set(checkpoint.ggml_weights)
+    assert "model.layers.3.input_layernorm.weight" not in checkpoint.ggml_weights  # stored as F32
+    for name in names:
+        ggml = checkpoint.ggml_weights[name]
+        dense = checkpoint.tensors[name]
+        values = dequantize(ggml.blocks.numpy(), GGMLQuantizationType[ggml.ggml_type])
+        assert ggml.blocks.dtype == torch.uint8 and ggml.in_features == dense.shape[1]
+        assert torch.equal(torch.from_numpy(values.reshape(dense.shape)), dense), name
+
+
 def test_missing_embedded_model_says_how_to_install_it(monkeypatch) -> None:
     import importlib.util
 
