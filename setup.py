@@ -47,7 +47,7 @@ def cpu_extension(name: str) -> Extension:
     """plugins/cpu/csrc/NAME.c as tokenmill.plugins.cpu._NAME; OpenMP through libgomp.so.1, the
     soname of PyTorch's own copy, so its parallel loops run on PyTorch's thread pool."""
     return Extension(f"tokenmill.plugins.cpu._{name}", sources=[f"plugins/cpu/csrc/{name}.c"],
-                     depends=["plugins/cpu/csrc/cpu_math.h"],
+                     depends=[str(header) for header in (ROOT / "plugins/cpu/csrc").glob("*.h")],
                      extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp"], extra_link_args=["-fopenmp"])
 
 

@@ -1,192 +1,9 @@
 /*
- * bf16 linear layers for the CPU backend: y = x @ W^T on AVX512-BF16, W either dense bf16 or the GGUF
- * checkpoint's own Q4_1 blocks.
- *
- * Dense layout: W (N, K) becomes (N_pad / 16, K_pad / 2, 16, 2): for each panel of 16 output features,
- * consecutive pairs of input features, so one 512-bit load holds 16 outputs x 2 inputs and one
- * `vdpbf16ps` against a broadcast pair of x adds both products into 16 float32 accumulators. Each
- * weight load serves a tile of up to 8 rows of x, weights are read once per tile of rows from L1/L2,
- * and output features are spread over PyTorch's OpenMP threads (the extension links the same libgomp).
- * Accumulation is float32, rounded to bf16 once at the end, as oneDNN's bf16 GEMM does.
- *
- * Q4_1 layout (see quant.py's `pack_q4_1`): per panel of 16 outputs and block of 32 inputs, 320 bytes:
- * the 16 fp16 scales d, the 16 fp16 minimums m, then 4 chunks of 32 16-bit words whose nibble s holds
- * the q of input pair 4c + s, laid out as one dense 16 x 2 vector. A shift and one logic op make the
- * words 0x4300 | q, the exact bf16 of 128 + q; per block, vdpbf16ps sums S = sum (128 + q) x, and the
- * output gains d S + (m - 128 d) sum(x) in float32. That is the exact value of the dequantized weight
- * d q + m times x, without rounding the weight to bf16 first (so it is closer to the float32 reference
- * than the dense kernel), from 0.625 bytes per weight instead of 2. The two per-block multiply-adds
- * cost more than the bytes saved once rows are many: quant.py switches to the dense form there.
+ * bf16 linear layers for the CPU backend, as a CPython extension: see gemm_kernels.h for the kernels.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define HAVE_BF16_GEMM 1
-#else
-#define HAVE_BF16_GEMM 0
-#endif
-
-#define ROWS_PER_TILE 8 /* rows of x sharing each weight load (4 and 12 measured slower) */
-#define PANELS_PER_BLOCK 2 /* 16-feature panels per work item: 32 output features */
-#define Q4_BLOCK 32 /* inputs per Q4_1 block */
-#define Q4_BLOCK_BYTES 320 /* one panel's block: 32 bytes of d, 32 of m, 4 chunks of 64 bytes of nibbles */
-#define Q4_MAX_PANELS 4 /* panels per work item at one or two rows */
-
-#if HAVE_BF16_GEMM
-typedef struct {
-    const uint16_t *x;
-    const void *w;
-    uint16_t *y;
-    long m, n, k_pairs, x_stride, y_stride;
-} Gemm;
-
-static inline long num_panels(const Gemm *g) { return g->n / 16 + (g->n % 16 != 0); }
-
-/* Rows m0 .. m0+MT-1 of output panel v (features 16v .. 16v+15) from float32 accumulators. */
-static inline __attribute__((always_inline)) void store_panel(const Gemm *g, const __m512 *acc, long v, long m0,
-                                                              const int MT) {
-    const long left = g->n - v * 16;
-    if (left <= 0) return;
-    const __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-    for (int r = 0; r < MT; r++)
-        _mm256_mask_storeu_epi16(g->y + (m0 + r) * g->y_stride + v * 16, mask, (__m256i)_mm512_cvtneps_pbh(acc[r]));
-}
-
-/* Rows m0 .. m0+MT-1 against two dense packed panels w0, w1 (w1 == w0 when there is one). */
-static inline __attribute__((always_inline)) void dense_tile(const Gemm *g, const uint16_t *w0, const uint16_t *w1,
-                                                             long v0, int nv, long m0, const int MT) {
-    __m512 acc0[ROWS_PER_TILE], acc1[ROWS_PER_TILE];
-    for (int r = 0; r < MT; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
-    const int32_t *x_pairs[ROWS_PER_TILE];
-    for (int r = 0; r < MT; r++) x_pairs[r] = (const int32_t *)(g->x + (m0 + r) * g->x_stride);
-    for (long p = 0; p < g->k_pairs; p++) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 32);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 32);
-        for (int r = 0; r < MT; r++) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(x_pairs[r][p]);
-            acc0[r] = _mm512_dpbf16_ps(acc0[r], b0, a);
-            acc1[r] = _mm512_dpbf16_ps(acc1[r], b1, a);
-        }
-    }
-    store_panel(g, acc0, v0, m0, MT);
-    if (nv > 1) store_panel(g, acc1, v0 + 1, m0, MT);
-}
-
-/* Every row of x against dense panels w0, w1, in tiles of ROWS_PER_TILE rows. */
-static void dense_rows(const Gemm *g, const uint16_t *w0, const uint16_t *w1, long v0, int nv) {
-    long m0 = 0;
-    for (; m0 + ROWS_PER_TILE <= g->m; m0 += ROWS_PER_TILE) dense_tile(g, w0, w1, v0, nv, m0, ROWS_PER_TILE);
-    switch (g->m - m0) {
-#define TAIL(t) case t: dense_tile(g, w0, w1, v0, nv, m0, t); break;
-        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
-#undef TAIL
-        default: break;
-    }
-}
-
-static void dense_block(const Gemm *g, long block) {
-    const long v0 = block * PANELS_PER_BLOCK, panels = num_panels(g);
-    const int nv = panels - v0 < PANELS_PER_BLOCK ? (int)(panels - v0) : PANELS_PER_BLOCK;
-    const uint16_t *w0 = (const uint16_t *)g->w + v0 * g->k_pairs * 32;
-    dense_rows(g, w0, nv > 1 ? w0 + g->k_pairs * 32 : w0, v0, nv);
-}
-
-/* ---- Q4_1 ---------------------------------------------------------------------------------------- */
-
-/* 128 + q (q a nibble) is exactly the bf16 bit pattern 0x4300 | q: one logic op turns 32 nibbles of a
- * chunk, shifted to the bottom of each 16-bit word, into 32 exact bf16 weights. */
-static inline __attribute__((always_inline)) __m512bh q4_nibbles(__m512i chunk, const int shift) {
-    const __m512i v = shift ? _mm512_srli_epi16(chunk, shift) : chunk;
-    return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);
-}
-
-/* Rows m0 .. m0+MT-1 against NP Q4_1 panels from panel v0 (those past the last are computed from the
- * last and not stored). Per block of 32 inputs, S = sum (128 + q) x by vdpbf16ps, then y += d S +
- * (m - 128 d) sum(x) in float32: the exact sum of d q x + m x. Each output's arithmetic is the same
- * whatever NP and MT are, so a row's result does not depend on the batch it runs in; NP only sets how
- * many independent chains of vdpbf16ps there are to hide its latency when rows are few. */
-static inline __attribute__((always_inline)) void q4_tile(const Gemm *g, const float *x_sums, long v0, long m0,
-                                                          const int MT, const int NP) {
-    const long blocks = g->k_pairs * 2 / Q4_BLOCK, panels = num_panels(g);
-    const uint8_t *panel[Q4_MAX_PANELS];
-    for (int j = 0; j < NP; j++)
-        panel[j] = (const uint8_t *)g->w + (v0 + j < panels ? v0 + j : panels - 1) * blocks * Q4_BLOCK_BYTES;
-    const int32_t *x_pairs[ROWS_PER_TILE];
-    for (int r = 0; r < MT; r++) x_pairs[r] = (const int32_t *)(g->x + (m0 + r) * g->x_stride);
-    __m512 acc[Q4_MAX_PANELS][ROWS_PER_TILE];
-    for (int j = 0; j < NP; j++)
-        for (int r = 0; r < MT; r++) acc[j][r] = _mm512_setzero_ps();
-    for (long b = 0; b < blocks; b++) {
-        __m512 sums[Q4_MAX_PANELS][ROWS_PER_TILE];
-        for (int j = 0; j < NP; j++)
-            for (int r = 0; r < MT; r++) sums[j][r] = _mm512_setzero_ps();
-        for (int c = 0; c < 4; c++) {
-            const long pair = b * (Q4_BLOCK / 2) + c * 4; /* chunk c holds pairs 4c .. 4c+3 */
-            __m512i chunk[Q4_MAX_PANELS];
-            for (int j = 0; j < NP; j++) chunk[j] = _mm512_loadu_si512(panel[j] + b * Q4_BLOCK_BYTES + 64 + c * 64);
-            for (int sh = 0; sh < 4; sh++)
-                for (int j = 0; j < NP; j++) {
-                    const __m512bh w = q4_nibbles(chunk[j], 4 * sh);
-                    for (int r = 0; r < MT; r++)
-                        sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair + sh]));
-                }
-        }
-        for (int j = 0; j < NP; j++) {
-            const uint8_t *block = panel[j] + b * Q4_BLOCK_BYTES;
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)block));
-            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 32)));
-            const __m512 min = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), d, m);
-            for (int r = 0; r < MT; r++)
-                acc[j][r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums[(m0 + r) * blocks + b]),
-                                            _mm512_fmadd_ps(d, sums[j][r], acc[j][r]));
-        }
-    }
-    for (int j = 0; j < NP; j++) store_panel(g, acc[j], v0 + j, m0, MT);
-}
-
-/* Work item `item` of Q4_1: NP panels against every row, in tiles of ROWS_PER_TILE rows. */
-static inline __attribute__((always_inline)) void q4_item(const Gemm *g, const float *x_sums, long item,
-                                                          const int NP) {
-    const long v0 = item * NP;
-    long m0 = 0;
-    for (; m0 + ROWS_PER_TILE <= g->m; m0 += ROWS_PER_TILE) q4_tile(g, x_sums, v0, m0, ROWS_PER_TILE, NP);
-    switch (g->m - m0) {
-#define TAIL(t) case t: q4_tile(g, x_sums, v0, m0, t, NP); break;
-        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
-#undef TAIL
-        default: break;
-    }
-}
-
-/* Panels per Q4_1 work item: 4 at one or two rows (more chains in flight), else 2. */
-static inline int q4_panels_per_item(long m) { return m <= 2 ? Q4_MAX_PANELS : 2; }
-
-static void q4_run(const Gemm *g, const float *x_sums, long item) {
-    if (q4_panels_per_item(g->m) == Q4_MAX_PANELS) q4_item(g, x_sums, item, Q4_MAX_PANELS);
-    else q4_item(g, x_sums, item, 2);
-}
-
-/* sum(x) over each row's blocks of 32 inputs, (m, blocks) float32. */
-static void block_sums(const Gemm *g, float *x_sums) {
-    const long blocks = g->k_pairs * 2 / Q4_BLOCK;
-    for (long r = 0; r < g->m; r++)
-        for (long b = 0; b < blocks; b++) {
-            const __m512i raw = _mm512_loadu_si512(g->x + r * g->x_stride + b * Q4_BLOCK);
-            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-            const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xFFFF0000)));
-            x_sums[r * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-        }
-}
-#endif
-
-/* Below this many multiply-adds, waking a second thread costs more than it saves. */
-#define PARALLEL_THRESHOLD 200000
-
-enum { DENSE = 0, Q4_1 = 1 };
+#include "gemm_kernels.h"
 
 static PyObject *run_linear(PyObject *args, int format) {
     unsigned long long x, w, y;
@@ -195,29 +12,16 @@ static PyObject *run_linear(PyObject *args, int format) {
     if (!PyArg_ParseTuple(args, "KKKllllli", &x, &w, &y, &m, &n, &k_pairs, &x_stride, &y_stride, &threads))
         return NULL;
 #if HAVE_BF16_GEMM
-    if (format == Q4_1 && (k_pairs * 2) % Q4_BLOCK) {
+    if (format == GEMM_Q4_1 && (k_pairs * 2) % Q4_BLOCK) {
         PyErr_Format(PyExc_ValueError, "Q4_1 weights need a multiple of %d inputs, got %ld", Q4_BLOCK, k_pairs * 2);
         return NULL;
     }
-    const Gemm g = {(const uint16_t *)x, (const void *)w, (uint16_t *)y, m, n, k_pairs, x_stride, y_stride};
-    const Gemm *gp = &g;
-    const long per_item = format == Q4_1 ? q4_panels_per_item(m) : PANELS_PER_BLOCK;
-    const long items = (num_panels(gp) + per_item - 1) / per_item;
-    const int workers = m * n * k_pairs * 2 >= PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
-    float *x_sums = NULL;
-    if (format == Q4_1) {
-        x_sums = malloc(sizeof(float) * (size_t)(m * k_pairs * 2 / Q4_BLOCK + 1));
-        if (!x_sums) return PyErr_NoMemory();
-    }
+    int ok;
     Py_BEGIN_ALLOW_THREADS
-    if (x_sums) block_sums(&g, x_sums);
-#pragma omp parallel for num_threads(workers) schedule(static)
-    for (long item = 0; item < items; item++) {
-        if (format == DENSE) dense_block(&g, item);
-        else q4_run(&g, x_sums, item);
-    }
+    ok = gemm_linear(format, (const uint16_t *)x, (const void *)w, (uint16_t *)y, m, n, k_pairs, x_stride, y_stride,
+                     threads);
     Py_END_ALLOW_THREADS
-    free(x_sums);
+    if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     PyErr_SetString(PyExc_RuntimeError, "bf16 linear needs a build with AVX512-BF16");
@@ -225,10 +29,9 @@ static PyObject *run_linear(PyObject *args, int format) {
 #endif
 }
 
-static PyObject *linear(PyObject *self, PyObject *args) { return run_linear(args, DENSE); }
+static PyObject *linear(PyObject *self, PyObject *args) { return run_linear(args, GEMM_DENSE); }
 
-static PyObject *linear_q4_1(PyObject *self, PyObject *args) { return run_linear(args, Q4_1); }
-
+static PyObject *linear_q4_1(PyObject *self, PyObject *args) { return run_linear(args, GEMM_Q4_1); }
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
 
 static PyMethodDef methods[] = {

@@ -1,0 +1,393 @@
+/*
+ * Decode attention over the paged KV cache, for the CPU backend.
+ *
+ * One query token per sequence; keys and values are read straight from the cache blocks the block
+ * table names (no gather into a padded copy). Each (sequence, kv head) pair is one work item: the
+ * query heads grouped under that kv head share every key and value load. Scores, softmax and the
+ * weighted sum are in float32 whatever the storage type. Large batches are spread over PyTorch's
+ * intra-op threads; paged_attention.c wraps this for Python, decode_stack.c calls it per layer.
+ *
+ * Layout: q, out (num_seqs, num_heads, head_dim); k_cache, v_cache (num_blocks, num_kv_heads,
+ * block_size, head_dim): head-major inside a block, so one kv head's rows of a block are one contiguous
+ * run the hardware prefetcher follows (interleaved heads read half as fast from DRAM);
+ * block_tables (num_seqs, table_stride) int32; seq_lens int32.
+ */
+#ifndef TOKENMILL_ATTENTION_KERNELS_H
+#define TOKENMILL_ATTENTION_KERNELS_H
+
+#include "cpu_math.h"
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { DTYPE_BF16 = 0, DTYPE_F32 = 1 };
+#define MAX_GROUP 32
+#define MAX_HEAD_DIM 256
+
+typedef struct {
+    const void *q, *k_cache, *v_cache;
+    const int32_t *block_tables, *seq_lens;
+    void *out;
+    long table_stride;
+    int num_heads, num_kv_heads, head_dim, block_size, window, dtype;
+    float scale;
+} Job;
+
+/* Per-thread scratch: the item's cache rows, and its scores (group x span). */
+typedef struct {
+    long *rows;
+    float *scores;
+    uint16_t *weights; /* the scores as bf16, each group's row padded to an even length */
+    long capacity; /* positions */
+} Scratch;
+
+static int reserve(Scratch *s, long span, int group) {
+    if (span <= s->capacity) return 1;
+    free(s->rows);
+    free(s->scores);
+    free(s->weights);
+    s->capacity = span * 2;
+    s->rows = (long *)malloc((size_t)s->capacity * sizeof(long));
+    s->scores = (float *)malloc((size_t)s->capacity * group * sizeof(float));
+    s->weights = (uint16_t *)malloc((size_t)(s->capacity + 1) * group * sizeof(uint16_t));
+    return s->rows && s->scores && s->weights;
+}
+
+static inline void load_row(const void *base, long index, int dtype, int n, float *dst) {
+    if (dtype == DTYPE_BF16) {
+        const uint16_t *src = (const uint16_t *)base + index;
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    } else {
+        memcpy(dst, (const float *)base + index, (size_t)n * sizeof(float));
+    }
+}
+
+static inline void store_row(void *base, long index, int dtype, int n, const float *src, float scale) {
+    if (dtype == DTYPE_BF16) {
+        uint16_t *dst = (uint16_t *)base + index;
+        for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i] * scale);
+    } else {
+        float *dst = (float *)base + index;
+        for (int i = 0; i < n; i++) dst[i] = src[i] * scale;
+    }
+}
+
+/* Cache row (position first + i, kv_head) for i < span, walking the block table without dividing per position. */
+static void item_rows(const Job *job, const int32_t *table, int first, int span, int kv_head, long *rows) {
+    const int bs = job->block_size;
+    int block = first / bs, offset = first % bs;
+    for (int i = 0; i < span; i++) {
+        rows[i] = ((long)table[block] * job->num_kv_heads + kv_head) * bs + offset;
+        if (++offset == bs) {
+            offset = 0;
+            block++;
+        }
+    }
+}
+
+#ifdef __AVX512F__
+/* 16 consecutive elements of a row as float32 lanes. */
+static inline __m512 load16(const void *base, long index, int dtype) {
+    if (dtype == DTYPE_BF16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + index);
+}
+
+#define MAX_VECS (MAX_HEAD_DIM / 16)
+#define CHUNK 16
+#define PREFETCH_AHEAD 48 /* value rows requested this many positions ahead (16 measured slower) */
+
+/* Lane i of the result is the sum of the 16 lanes of r[i]: a transpose-and-add butterfly, about three
+ * instructions per vector instead of a full horizontal reduction each. */
+static inline __m512 sum_lanes16(const __m512 r[16]) {
+    __m512 pairs[8], quads[4];
+    for (int k = 0; k < 8; k++)
+        pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]), _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]));
+    for (int k = 0; k < 4; k++) {
+        const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
+        quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    /* quads[k], 128-bit lane L: the lane-L partial sums of r[4k .. 4k+3]; add the four lanes up. */
+    const __m512 lo = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+    const __m512 hi = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x88), _mm512_shuffle_f32x4(lo, hi, 0xDD));
+}
+
+/* s[i] = exp(s[i] - max) in place; returns their sum. */
+static inline float softmax_numerators(float *s, int span, float max) {
+    const __m512 m = _mm512_set1_ps(max);
+    __m512 sum = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= span; i += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
+        _mm512_storeu_ps(s + i, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (i < span) {
+        const __mmask16 tail = (__mmask16)((1u << (span - i)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + i), m));
+        _mm512_mask_storeu_ps(s + i, tail, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* One (sequence, kv head) work item, vectorised along the head dimension (head_dim % 16 == 0). Keys are
+ * taken 16 positions at a time, converted to float32 once and shared by the query heads of the group. */
+static void attend_item_avx512(const Job *job, long seq, int kv_head, const long *rows, float *scores, int span) {
+    const int D = job->head_dim, G = job->num_heads / job->num_kv_heads, V = D / 16;
+    __m512 q[MAX_GROUP][MAX_VECS], acc[MAX_GROUP][MAX_VECS], max_score[MAX_GROUP];
+    float keys[CHUNK * MAX_HEAD_DIM];
+    for (int g = 0; g < G; g++) {
+        const long base = (seq * job->num_heads + (long)kv_head * G + g) * D;
+        for (int j = 0; j < V; j++) q[g][j] = _mm512_mul_ps(load16(job->q, base + 16 * j, job->dtype),
+                                                            _mm512_set1_ps(job->scale));
+        max_score[g] = _mm512_set1_ps(-INFINITY);
+    }
+    for (int c = 0; c < span; c += CHUNK) {
+        const int n = span - c < CHUNK ? span - c : CHUNK;
+        const __mmask16 valid = (__mmask16)((1u << n) - 1);
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < V; j++)
+                _mm512_storeu_ps(keys + i * D + 16 * j, load16(job->k_cache, rows[c + i] * D + 16 * j, job->dtype));
+        for (int g = 0; g < G; g++) {
+            __m512 dots[CHUNK];
+            for (int i = 0; i < CHUNK; i++) {
+                __m512 dot = _mm512_setzero_ps();
+                if (i < n)
+                    for (int j = 0; j < V; j++) dot = _mm512_fmadd_ps(q[g][j], _mm512_loadu_ps(keys + i * D + 16 * j), dot);
+                dots[i] = dot;
+            }
+            const __m512 s = sum_lanes16(dots);
+            _mm512_mask_storeu_ps(scores + (long)g * span + c, valid, s);
+            max_score[g] = _mm512_mask_max_ps(max_score[g], valid, max_score[g], s);
+        }
+    }
+    float total[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        total[g] = softmax_numerators(scores + (long)g * span, span, _mm512_reduce_max_ps(max_score[g]));
+        for (int j = 0; j < V; j++) acc[g][j] = _mm512_setzero_ps();
+    }
+    for (int i = 0; i < span; i++) {
+        __m512 v[MAX_VECS];
+        for (int j = 0; j < V; j++) v[j] = load16(job->v_cache, rows[i] * D + 16 * j, job->dtype);
+        for (int g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(scores[(long)g * span + i]);
+            for (int j = 0; j < V; j++) acc[g][j] = _mm512_fmadd_ps(w, v[j], acc[g][j]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float lanes[MAX_HEAD_DIM];
+        for (int j = 0; j < V; j++) _mm512_storeu_ps(lanes + 16 * j, acc[g][j]);
+        store_row(job->out, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, lanes, 1.f / total[g]);
+    }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* bf16 caches on CPUs with AVX512-BF16: dot products straight on the stored bf16 pairs (vdpbf16ps), no
+ * conversion to float32. Scores: 32 key dims per instruction, 16 positions summed at once. Weighted sum:
+ * two positions per instruction, their value rows interleaved, the softmax numerators rounded to bf16 as
+ * the matmul path's `probs.to(bfloat16)` does. G query heads per kv head and D dims are compile-time
+ * constants in each instantiation, so accumulators stay in registers. */
+static inline __attribute__((always_inline)) void attend_bf16(const Job *job, long seq, int kv_head,
+                                                              const long *rows, float *scores,
+                                                              uint16_t *weights, int span, const int G,
+                                                              const int D) {
+    const int W = D / 32; /* 512-bit words per row */
+    const uint16_t *k_cache = (const uint16_t *)job->k_cache, *v_cache = (const uint16_t *)job->v_cache;
+    const long q_base = (seq * job->num_heads + (long)kv_head * G) * D;
+    __m512bh q[MAX_GROUP][MAX_HEAD_DIM / 32];
+    __m512 max_score[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        for (int w = 0; w < W; w++)
+            q[g][w] = (__m512bh)_mm512_loadu_si512((const uint16_t *)job->q + q_base + g * D + 32 * w);
+        max_score[g] = _mm512_set1_ps(-INFINITY);
+    }
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    for (int c = 0; c < span; c += CHUNK) {
+        const int n = span - c < CHUNK ? span - c : CHUNK;
+        const __mmask16 valid = (__mmask16)((1u << n) - 1);
+        __m512 dots[MAX_GROUP][CHUNK];
+        /* Rows are scattered over blocks, too irregular for the hardware prefetcher: ask for the next
+         * chunk's keys while this one is computed. */
+        for (int i = c + CHUNK; i < span && i < c + 2 * CHUNK; i++)
+            for (int w = 0; w < W; w++) _mm_prefetch((const char *)(k_cache + rows[i] * D + 32 * w), _MM_HINT_T0);
+        for (int i = 0; i < CHUNK; i++) {
+            __m512bh k[MAX_HEAD_DIM / 32];
+            for (int w = 0; w < W; w++)
+                k[w] = (__m512bh)(i < n ? _mm512_loadu_si512(k_cache + rows[c + i] * D + 32 * w) : _mm512_setzero_si512());
+            for (int g = 0; g < G; g++) {
+                __m512 dot = _mm512_setzero_ps();
+                for (int w = 0; w < W; w++) dot = _mm512_dpbf16_ps(dot, q[g][w], k[w]);
+                dots[g][i] = dot;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const __m512 s = _mm512_mul_ps(sum_lanes16(dots[g]), scale);
+            _mm512_mask_storeu_ps(scores + (long)g * span + c, valid, s);
+            max_score[g] = _mm512_mask_max_ps(max_score[g], valid, max_score[g], s);
+        }
+    }
+    const int pairs = (span + 1) / 2, padded = 2 * pairs;
+    float total[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        float *s = scores + (long)g * span;
+        uint16_t *w = weights + (long)g * padded;
+        total[g] = softmax_numerators(s, span, _mm512_reduce_max_ps(max_score[g]));
+        int i = 0;
+        for (; i + 16 <= span; i += 16) _mm256_storeu_si256((__m256i *)(w + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
+        if (i < span) {
+            const __mmask16 tail = (__mmask16)((1u << (span - i)) - 1);
+            _mm256_mask_storeu_epi16(w + i, tail, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, s + i)));
+        }
+        if (span % 2) w[span] = 0;
+    }
+    /* acc[g][2w] holds dims 8L..8L+3 of word w's 128-bit lanes L, acc[g][2w+1] dims 8L+4..8L+7. */
+    __m512 acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < 2 * W; j++) acc[g][j] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; p++) {
+        const int i = 2 * p;
+        const int has_second = i + 1 < span;
+        if (i + PREFETCH_AHEAD < span)
+            for (int w = 0; w < W; w++) {
+                _mm_prefetch((const char *)(v_cache + rows[i + PREFETCH_AHEAD] * D + 32 * w), _MM_HINT_T0);
+                if (i + PREFETCH_AHEAD + 1 < span)
+                    _mm_prefetch((const char *)(v_cache + rows[i + PREFETCH_AHEAD + 1] * D + 32 * w), _MM_HINT_T0);
+            }
+        for (int w = 0; w < W; w++) {
+            const __m512i a = _mm512_loadu_si512(v_cache + rows[i] * D + 32 * w);
+            const __m512i b = has_second ? _mm512_loadu_si512(v_cache + rows[i + 1] * D + 32 * w) : _mm512_setzero_si512();
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+            for (int g = 0; g < G; g++) {
+                uint32_t pair;
+                memcpy(&pair, weights + (long)g * padded + i, sizeof pair);
+                const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)pair);
+                acc[g][2 * w] = _mm512_dpbf16_ps(acc[g][2 * w], lo, weight);
+                acc[g][2 * w + 1] = _mm512_dpbf16_ps(acc[g][2 * w + 1], hi, weight);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float lanes[MAX_HEAD_DIM], ordered[MAX_HEAD_DIM];
+        for (int j = 0; j < 2 * W; j++) _mm512_storeu_ps(lanes + 16 * j, acc[g][j]);
+        for (int w = 0; w < W; w++)
+            for (int lane = 0; lane < 4; lane++)
+                for (int m = 0; m < 4; m++) {
+                    ordered[32 * w + 8 * lane + m] = lanes[32 * w + 4 * lane + m];
+                    ordered[32 * w + 8 * lane + 4 + m] = lanes[32 * w + 16 + 4 * lane + m];
+                }
+        store_row(job->out, q_base + g * D, DTYPE_BF16, D, ordered, 1.f / total[g]);
+    }
+}
+
+/* The shapes of common models get their own instantiation; returns 0 for any other shape. */
+static int attend_item_bf16(const Job *job, long seq, int kv_head, const long *rows, float *scores,
+                            uint16_t *weights, int span) {
+    const int G = job->num_heads / job->num_kv_heads;
+#define SHAPE(g, d) if (G == g && job->head_dim == d) { attend_bf16(job, seq, kv_head, rows, scores, weights, span, g, d); return 1; }
+    SHAPE(1, 64) SHAPE(2, 64) SHAPE(3, 64) SHAPE(4, 64) SHAPE(5, 64) SHAPE(6, 64) SHAPE(7, 64) SHAPE(8, 64)
+    SHAPE(1, 128) SHAPE(2, 128) SHAPE(3, 128) SHAPE(4, 128) SHAPE(5, 128) SHAPE(6, 128) SHAPE(7, 128) SHAPE(8, 128)
+#undef SHAPE
+    return 0;
+}
+#endif
+
+/* Portable path for head sizes the vector path does not take. */
+static void attend_item_scalar(const Job *job, long seq, int kv_head, const long *rows, float *scores, int span) {
+    const int D = job->head_dim, G = job->num_heads / job->num_kv_heads;
+    float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], row[MAX_HEAD_DIM];
+    float max_score[MAX_GROUP], total[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        load_row(job->q, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, q[g]);
+        max_score[g] = -INFINITY;
+    }
+    for (int i = 0; i < span; i++) {
+        load_row(job->k_cache, rows[i] * D, job->dtype, D, row);
+        for (int g = 0; g < G; g++) {
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < D; d++) dot += q[g][d] * row[d];
+            dot *= job->scale;
+            scores[(long)g * span + i] = dot;
+            if (dot > max_score[g]) max_score[g] = dot;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float sum = 0.f;
+        float *s = scores + (long)g * span;
+        for (int i = 0; i < span; i++) {
+            s[i] = expf(s[i] - max_score[g]);
+            sum += s[i];
+        }
+        total[g] = sum;
+        memset(acc[g], 0, (size_t)D * sizeof(float));
+    }
+    for (int i = 0; i < span; i++) {
+        load_row(job->v_cache, rows[i] * D, job->dtype, D, row);
+        for (int g = 0; g < G; g++) {
+            const float w = scores[(long)g * span + i];
+#pragma omp simd
+            for (int d = 0; d < D; d++) acc[g][d] += w * row[d];
+        }
+    }
+    for (int g = 0; g < G; g++)
+        store_row(job->out, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, acc[g], 1.f / total[g]);
+}
+
+/* Work item seq * num_kv_heads + kv_head; returns 0 when scratch memory ran out. */
+static int attend_item(const Job *job, long item, Scratch *scratch) {
+    const int K = job->num_kv_heads, G = job->num_heads / job->num_kv_heads;
+    const long seq = item / K;
+    const int kv_head = (int)(item % K);
+    const int seq_len = job->seq_lens[seq];
+    const int first = job->window > 0 && seq_len > job->window ? seq_len - job->window : 0;
+    const int span = seq_len - first;
+    if (!reserve(scratch, span, G)) return 0;
+    item_rows(job, job->block_tables + seq * job->table_stride, first, span, kv_head, scratch->rows);
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (job->dtype == DTYPE_BF16 && attend_item_bf16(job, seq, kv_head, scratch->rows, scratch->scores,
+                                                      scratch->weights, span))
+        return 1;
+#endif
+#ifdef __AVX512F__
+    if (job->head_dim % 16 == 0) {
+        attend_item_avx512(job, seq, kv_head, scratch->rows, scratch->scores, span);
+        return 1;
+    }
+#endif
+    attend_item_scalar(job, seq, kv_head, scratch->rows, scratch->scores, span);
+    return 1;
+}
+
+/* Below this many (position x kv head) reads, waking a second thread costs more than it saves. */
+#define ATTENTION_PARALLEL_THRESHOLD 4096
+
+/* Every (sequence, kv head) of the job; 0 when scratch memory ran out. The extension links libgomp.so.1,
+ * the soname PyTorch's own copy has, so once torch is imported this is PyTorch's intra-op thread pool:
+ * no second pool spinning against it for the cores. */
+static int decode_attention_run(const Job *job, long num_seqs, long total_positions, int threads) {
+    const long items = num_seqs * job->num_kv_heads;
+    const int workers = total_positions * job->num_kv_heads >= ATTENTION_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(workers) reduction(| : failed)
+    {
+        Scratch scratch = {NULL, NULL, NULL, 0};
+#pragma omp for schedule(dynamic, 1)
+        for (long item = 0; item < items; item++)
+            if (!failed && !attend_item(job, item, &scratch)) failed = 1;
+        free(scratch.rows);
+        free(scratch.scores);
+        free(scratch.weights);
+    }
+    return !failed;
+}
+
+#endif
