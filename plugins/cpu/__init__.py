@@ -5,6 +5,8 @@ Hook implementations only; each delegates to the module that does the work.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from tokenmill.hookspecs import hookimpl
@@ -24,6 +26,7 @@ from tokenmill.parallel import TorchDistributedCommunicator
 from tokenmill.plugins.cpu import discover as _discover
 from tokenmill.plugins.cpu import platform as _platform
 from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
+from tokenmill.plugins.cpu.decode_stack import compile_model
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps, fused_layer_ops_available
 from tokenmill.plugins.cpu.quant import (
     Int8WeightOnly,
@@ -85,3 +88,9 @@ def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
     if dtype == torch.bfloat16 and fused_layer_ops_available():
         return CPUFusedLayerOps()
     return None
+
+
+@hookimpl
+def tokenmill_compile_model(model: torch.nn.Module, buckets) -> Any:
+    # Pure decode steps of Llama-family models as one C call; everything else eager.
+    return compile_model(model)

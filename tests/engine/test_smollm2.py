@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.loader import default_model_path, load_checkpoint
+from tokenmill.plugins.cpu.decode_stack import CapturedForward
 from tokenmill.plugins.cpu.quant import PackedQ4_1Weight, bf16_gemm_available
 from tokenmill.sampling_params import SamplingParams
 
@@ -131,8 +132,9 @@ def test_the_served_bf16_configuration_stays_within_bf16_drift(prompts, referenc
     engine = Engine(EngineConfig(backend="cpu", kv_cache_bytes=256 << 20, progress=False))
     if engine.dtype != torch.bfloat16:
         pytest.skip("this CPU serves float32 by default")
-    if bf16_gemm_available():  # what make serve runs here: the GGUF's Q4_1 layers from their own blocks
+    if bf16_gemm_available():  # what make serve runs here: Q4_1 layers from their blocks, decodes in one C call
         assert isinstance(engine.model.layers[0].mlp.down_proj.quantized, PackedQ4_1Weight)
+        assert isinstance(engine.runner.forward, CapturedForward)
     outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))  # one continuous batch
     ours, theirs = [], []
     for output, (ref_tokens, _, ref_top5), bf16_tokens in zip(outputs, reference, transformers_bf16_tokens):
@@ -147,3 +149,18 @@ def test_the_served_bf16_configuration_stays_within_bf16_drift(prompts, referenc
             assert gap < NEAR_TIE_NATS, f"parted at token {agreed} by {gap:.3f} nats: not a near tie"
     print(f"\nbf16 tokens equal to the float32 reference before parting: ours {ours}, transformers' {theirs}")
     assert sum(ours) >= 0.75 * sum(theirs)
+
+
+def test_the_served_models_captured_decode_steps_match_its_module_forward_bit_for_bit(prompts) -> None:
+    # The Q4_1 kernels inside the one-call decode step: same numbers as the modules calling them.
+    engine = Engine(EngineConfig(backend="cpu", kv_cache_bytes=64 << 20, progress=False, enable_prefix_caching=False))
+    if not isinstance(engine.runner.forward, CapturedForward):
+        pytest.skip("this CPU serves without the decode stack")
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=True)
+
+    def run() -> list[list[tuple[int, float]]]:
+        return [[(t.id, t.logprob) for o in outs for t in o.new_tokens] for outs in engine.generate(prompts, params)]
+
+    captured = run()
+    engine.runner.forward = engine.model
+    assert run() == captured

@@ -1,0 +1,147 @@
+/*
+ * A whole decode step of a Llama-family decoder stack in one call, for the CPU backend.
+ *
+ * At one token a step runs ~300 small kernels; dispatching each from Python (module calls, tensor
+ * allocation, argument checks) cost ~200 us a layer, half of a batch-1 step. This file chains the
+ * same kernels (gemm_kernels.h, layer_kernels.h, attention_kernels.h) over every layer in C, with
+ * the same arguments the Python path gives them, so the hidden states are bit-identical to the
+ * module-by-module forward (tests/foundation/test_decode_stack.py checks it).
+ *
+ * Per layer: add + RMSNorm, fused QKV projection, rotary on queries and keys, the new keys and values
+ * written to their cache slots, paged decode attention, output projection, add + RMSNorm, fused
+ * gate/up projection, SiLU-and-multiply, down projection; then the final norm. Each sequence has
+ * exactly one query token (a pure decode step); decode_stack.py takes every other step to the
+ * module-by-module forward.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "attention_kernels.h"
+#include "gemm_kernels.h"
+#include "layer_kernels.h"
+
+/* One linear layer: the Q4_1 form (0 if none) and the dense packed form, out and in features. */
+typedef struct {
+    int64_t q4, dense, out_features, in_features;
+} LinearPlan;
+
+/* One decoder layer, as decode_stack.py lays it out in an int64 tensor (pointers and sizes). */
+typedef struct {
+    int64_t input_norm, post_norm;
+    LinearPlan qkv, o, gate_up, down;
+} LayerPlan;
+
+typedef struct {
+    long rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, q4_max_rows;
+    int threads;
+} Shape;
+
+static int run_linear(const LinearPlan *p, const Shape *s, const uint16_t *x, uint16_t *y) {
+    const int q4 = p->q4 && s->rows < s->q4_max_rows;
+    return gemm_linear(q4 ? GEMM_Q4_1 : GEMM_DENSE, x, (const void *)(q4 ? p->q4 : p->dense), y, s->rows,
+                       p->out_features, p->in_features / 2, p->in_features, p->out_features, s->threads);
+}
+
+/* Keys and values of this step's tokens into their slots of the head-major cache blocks. */
+static void write_cache(const Shape *s, const uint16_t *qkv, long qkv_stride, const int64_t *slots, long block_size,
+                        uint16_t *k_cache, uint16_t *v_cache) {
+    const long q_size = s->num_heads * s->head_dim, kv_size = s->num_kv_heads * s->head_dim;
+    const size_t row_bytes = (size_t)s->head_dim * sizeof(uint16_t);
+    for (long t = 0; t < s->rows; t++) {
+        const long block = slots[t] / block_size, offset = slots[t] % block_size;
+        for (long h = 0; h < s->num_kv_heads; h++) {
+            const long row = ((block * s->num_kv_heads + h) * block_size + offset) * s->head_dim;
+            memcpy(k_cache + row, qkv + t * qkv_stride + q_size + h * s->head_dim, row_bytes);
+            memcpy(v_cache + row, qkv + t * qkv_stride + q_size + kv_size + h * s->head_dim, row_bytes);
+        }
+    }
+}
+
+static PyObject *decode(PyObject *self, PyObject *args) {
+    unsigned long long hidden_in, out, plan_ptr, caches_ptr, final_norm, positions, slots, block_tables, seq_lens,
+        cos, sin;
+    long num_layers, table_stride, block_size, total_positions;
+    float eps, scale;
+    Shape s;
+    if (!PyArg_ParseTuple(args, "KKKKlKlllllllfKKKKlllKKfi", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
+                          &final_norm, &s.rows, &s.hidden, &s.num_heads, &s.num_kv_heads, &s.head_dim,
+                          &s.intermediate, &s.q4_max_rows, &eps, &positions, &slots, &block_tables, &seq_lens,
+                          &table_stride, &block_size, &total_positions, &cos, &sin, &scale, &s.threads))
+        return NULL;
+#if HAVE_BF16_GEMM
+    if (s.num_heads % s.num_kv_heads || s.num_heads / s.num_kv_heads > MAX_GROUP || s.head_dim > MAX_HEAD_DIM ||
+        s.head_dim % 2) {
+        PyErr_SetString(PyExc_ValueError, "decode_stack: unsupported head layout");
+        return NULL;
+    }
+    const LayerPlan *plan = (const LayerPlan *)plan_ptr;
+    const int64_t *caches = (const int64_t *)caches_ptr; /* per layer: key blocks, value blocks */
+    const long rows = s.rows, q_size = s.num_heads * s.head_dim;
+    const long qkv_size = q_size + 2 * s.num_kv_heads * s.head_dim;
+    /* Work space: residual, normed, layer output, qkv, contiguous queries, attention out, gate/up, act. */
+    const long sizes[] = {s.hidden, s.hidden, s.hidden, qkv_size, q_size, q_size, 2 * s.intermediate, s.intermediate};
+    uint16_t *buffers[8];
+    long total = 0;
+    for (int i = 0; i < 8; i++) total += rows * sizes[i] + 32; /* keep each start 64-byte aligned */
+    uint16_t *arena = aligned_alloc(64, (size_t)total * sizeof(uint16_t));
+    if (!arena) return PyErr_NoMemory();
+    for (int i = 0, at = 0; i < 8; at += rows * sizes[i] + 32, i++) buffers[i] = arena + at;
+    uint16_t *residual = buffers[0], *normed = buffers[1], *hidden = buffers[2], *qkv = buffers[3], *query = buffers[4],
+             *attended = buffers[5], *gate_up = buffers[6], *act = buffers[7];
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    memcpy(residual, (const void *)hidden_in, (size_t)(rows * s.hidden) * sizeof(uint16_t));
+    for (long l = 0; l < num_layers && ok; l++) {
+        const LayerPlan *p = &plan[l];
+        uint16_t *k_cache = (uint16_t *)caches[2 * l], *v_cache = (uint16_t *)caches[2 * l + 1];
+        if (l == 0)
+            add_rms_norm_rows(residual, NULL, (const uint16_t *)p->input_norm, normed, NULL, rows, s.hidden, eps, 0.f,
+                              s.threads);
+        else
+            add_rms_norm_rows(hidden, residual, (const uint16_t *)p->input_norm, normed, residual, rows, s.hidden, eps,
+                              0.f, s.threads);
+        ok &= run_linear(&p->qkv, &s, normed, qkv);
+        rotary_rows(qkv, rows, qkv_size, (int)(s.num_heads + s.num_kv_heads), (int)s.head_dim,
+                    (const int64_t *)positions, (const uint16_t *)cos, (const uint16_t *)sin, s.threads);
+        write_cache(&s, qkv, qkv_size, (const int64_t *)slots, block_size, k_cache, v_cache);
+        for (long t = 0; t < rows; t++)
+            memcpy(query + t * q_size, qkv + t * qkv_size, (size_t)q_size * sizeof(uint16_t));
+        const Job job = {query, k_cache, v_cache, (const int32_t *)block_tables, (const int32_t *)seq_lens, attended,
+                         table_stride, (int)s.num_heads, (int)s.num_kv_heads, (int)s.head_dim, (int)block_size, 0,
+                         DTYPE_BF16, scale};
+        ok &= decode_attention_run(&job, rows, total_positions, s.threads);
+        ok &= run_linear(&p->o, &s, attended, hidden);
+        add_rms_norm_rows(hidden, residual, (const uint16_t *)p->post_norm, normed, residual, rows, s.hidden, eps, 0.f,
+                          s.threads);
+        ok &= run_linear(&p->gate_up, &s, normed, gate_up);
+        silu_and_mul_rows(gate_up, act, rows, s.intermediate, s.threads);
+        ok &= run_linear(&p->down, &s, act, hidden);
+    }
+    if (ok)
+        add_rms_norm_rows(hidden, residual, (const uint16_t *)final_norm, (uint16_t *)out, residual, rows, s.hidden,
+                          eps, 0.f, s.threads);
+    Py_END_ALLOW_THREADS
+    free(arena);
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "decode_stack needs a build with AVX512-BF16");
+    return NULL;
+#endif
+}
+
+static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
+
+static PyMethodDef methods[] = {
+    {"decode", decode, METH_VARARGS,
+     "decode(hidden, out, plan, caches, num_layers, final_norm, rows, hidden_size, num_heads, num_kv_heads, "
+     "head_dim, intermediate, q4_max_rows, eps, positions, slots, block_tables, seq_lens, table_stride, "
+     "block_size, total_positions, cos, sin, scale, threads): one decode step over every layer; data "
+     "pointers of bf16 tensors (positions, slots int64; block tables, seq_lens int32); writes out."},
+    {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernels."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_stack",
+                                    "Whole decode steps of a Llama-family decoder stack for the CPU backend.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__decode_stack(void) { return PyModule_Create(&module); }

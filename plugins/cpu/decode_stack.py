@@ -1,0 +1,146 @@
+"""Whole decode steps of a Llama-family model in one C call (csrc/decode_stack.c): the CPU backend's
+`tokenmill_compile_model`, a captured forward for the step shape that dominates serving.
+
+Module by module, a batch-1 decode step of SmolLM2-135M spent ~6 ms of its ~12 in Python dispatch
+(~300 module calls, tensor allocations and argument checks for kernels of a few microseconds each).
+The C call chains the very kernels those modules call, with the same arguments, so its hidden states
+are bit-identical to theirs; steps with any prefill token, and models or configurations it does not
+cover (biases, q/k norms, sliding windows, other linear methods), run module by module as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from tokenmill.interfaces import AttentionMetadata
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from tokenmill.plugins.cpu.attention import CPUPagedAttention
+from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps
+from tokenmill.plugins.cpu.quant import Q4_1_MAX_ROWS, PackedBF16Weight, PackedQ4_1Weight
+
+try:
+    from tokenmill.plugins.cpu import _decode_stack
+except ImportError:  # pragma: no cover - depends on the build
+    _decode_stack = None
+
+
+def _linear_plan(linear: Linear) -> list[int] | None:
+    """(Q4_1 form or 0, dense packed form, out, in) as decode_stack.c's LinearPlan, if it can run it."""
+    prepared = linear.quantized
+    if linear.bias is not None or prepared is None or prepared.in_features % 2:
+        return None
+    if isinstance(prepared, PackedQ4_1Weight):
+        return [prepared.packed.data_ptr(), prepared.dense.packed.data_ptr(), prepared.out_features,
+                prepared.in_features]
+    if isinstance(prepared, PackedBF16Weight):
+        return [0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
+    return None
+
+
+def _layer_plan(layer: nn.Module, eps: float) -> list[int] | None:
+    """decode_stack.c's LayerPlan for a plain Llama decoder layer, or None where it differs."""
+    if not (type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
+            and type(layer.mlp) is LlamaMLP):
+        return None
+    attention, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if attention.q_norm is not None or any(n.eps != eps or n.offset != 0.0 for n in norms):
+        return None
+    if not all(isinstance(module.ops, CPUFusedLayerOps) for module in (*norms, mlp)):
+        return None
+    linears = [_linear_plan(linear) for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
+                                                   mlp.down_proj)]
+    if any(plan is None for plan in linears):
+        return None
+    return [norms[0].weight.data_ptr(), norms[1].weight.data_ptr()] + [field for plan in linears for field in plan]
+
+
+class DecodeStack:
+    """The captured decode step of one model; `supports` says which steps it takes."""
+
+    def __init__(self, model: LlamaForCausalLM, plan: torch.Tensor, attention: CPUPagedAttention):
+        self.model = model
+        self.plan = plan  # (num_layers, 18) int64; the tensors it points into live in the model
+        self.spec = attention.spec
+        self.block_size = attention.block_size
+        config = model.config
+        self.shape = (config.hidden_size, self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim,
+                      config.intermediate_size)
+        self._caches: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def build(cls, model: nn.Module) -> DecodeStack | None:
+        """The captured step for `model`, or None where the C path does not cover it."""
+        if _decode_stack is None or not _decode_stack.available():
+            return None
+        if not isinstance(model, LlamaForCausalLM) or type(model.rotary) is not RotaryEmbedding:
+            return None
+        if model.embed_tokens.weight.dtype != torch.bfloat16 or not isinstance(model.norm.ops, CPUFusedLayerOps):
+            return None
+        backends = {id(layer.self_attn.attn.backend): layer.self_attn.attn.backend for layer in model.layers}
+        if len(backends) != 1:
+            return None
+        (attention,) = backends.values()
+        spec = attention.spec
+        if not (isinstance(attention, CPUPagedAttention) and attention.kernel_decodes and spec.sliding_window is None
+                and spec.dtype == torch.bfloat16 and spec.head_dim % 2 == 0 and model.norm.offset == 0.0):
+            return None
+        plans = [_layer_plan(layer, model.norm.eps) for layer in model.layers]
+        if any(plan is None for plan in plans):
+            return None
+        return cls(model, torch.tensor(plans, dtype=torch.int64), attention)
+
+    def supports(self, metadata: AttentionMetadata) -> bool:
+        return metadata.max_query_len == 1
+
+    def _cache_pointers(self, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per layer, the key and value blocks' addresses (the engine's caches never move)."""
+        if self._caches is None or self._caches[0] is not kv_caches:
+            pointers = [[cache[0].data_ptr(), cache[1].data_ptr()] for cache in kv_caches]
+            self._caches = (kv_caches, torch.tensor(pointers, dtype=torch.int64))
+        return self._caches[1]
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: Sequence[torch.Tensor],
+                 metadata: AttentionMetadata) -> torch.Tensor:
+        model, spec = self.model, self.spec
+        hidden = model.embed_tokens(input_ids)
+        out = torch.empty_like(hidden)
+        positions = positions.contiguous()
+        slots = metadata.slot_mapping.contiguous()
+        block_tables = metadata.block_tables.contiguous()
+        seq_lens = metadata.seq_lens.contiguous()
+        hidden_size, num_heads, num_kv_heads, head_dim, intermediate = self.shape
+        _decode_stack.decode(
+            hidden.data_ptr(), out.data_ptr(), self.plan.data_ptr(), self._cache_pointers(kv_caches).data_ptr(),
+            len(model.layers), model.norm.weight.data_ptr(), hidden.shape[0], hidden_size, num_heads, num_kv_heads,
+            head_dim, intermediate, Q4_1_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
+            block_tables.data_ptr(), seq_lens.data_ptr(), block_tables.stride(0), self.block_size,
+            int(seq_lens.sum()), model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), spec.scale,
+            torch.get_num_threads(),
+        )
+        return out
+
+
+class CapturedForward:
+    """The model's forward, with pure decode steps taken by its `DecodeStack`."""
+
+    def __init__(self, model: nn.Module, stack: DecodeStack):
+        self.model = model
+        self.stack = stack
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: Sequence[torch.Tensor],
+                 metadata: AttentionMetadata) -> torch.Tensor:
+        if self.stack.supports(metadata):
+            return self.stack(input_ids, positions, kv_caches, metadata)
+        return self.model(input_ids, positions, kv_caches, metadata)
+
+
+def compile_model(model: nn.Module) -> Any:
+    """`CapturedForward` where the decode stack covers the model, else the model itself."""
+    stack = DecodeStack.build(model)
+    return model if stack is None else CapturedForward(model, stack)
