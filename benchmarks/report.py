@@ -151,6 +151,16 @@ def write(results: dict, out: Path) -> Path:
                   f"- Batched decode at 2 FLOPs per weight per token: {compute_tok_s:.0f} tok/s compute bound. "
                   f"tokenmill's best: {best:.0f} tok/s ({100 * best / compute_tok_s:.0f} % of it).", ""]
 
+    quality = results.get("quality")
+    if quality:
+        reference = quality["perplexity"].get("transformers float32 (reference)")
+        lines += ["## Quality: perplexity on a fixed text", "",
+                  f"{quality['tokens']} tokens of `benchmarks/perplexity_text.txt`; the benchmarked server is the "
+                  "served default.", "", "| mode | perplexity | vs float32 reference |", "|---|---|---|"]
+        lines += [f"| {name} | {value:.3f} | {_fmt(_ratio(value, reference), digits=4)}× |"
+                  for name, value in quality["perplexity"].items()]
+        lines.append("")
+
     if results.get("transformers"):
         lines += ["## transformers `generate` (plain PyTorch baseline)", "", "| configuration | output tok/s |",
                   "|---|---|"]

@@ -15,6 +15,7 @@ from benchmarks import report
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
+from benchmarks.quality import perplexities
 from benchmarks.servers import RunningServer, ServerSpec
 from benchmarks.setup_llama_server import build_llama_server
 from benchmarks.setup_vllm import export_hf_folder, install_vllm
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-vllm-default-bind", action="store_true",
                         help="skip the extra vLLM pass with its default thread binding")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-quality", action="store_true", help="skip the perplexity of each serving mode")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_transformers:
         print("transformers generate baseline", flush=True)
         results["transformers"] = transformers_baseline(hf_folder, THREADS)
+    if not args.no_quality:
+        print("perplexity of each serving mode on the fixed text", flush=True)
+        results["quality"] = perplexities(THREADS)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     path = report.write(results, args.out)

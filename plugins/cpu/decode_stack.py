@@ -32,14 +32,14 @@ except ImportError:  # pragma: no cover - depends on the build
 def _linear_plan(linear: Linear) -> list[int] | None:
     """(Q4_1 form or 0, dense packed form, out, in) as decode_stack.c's LinearPlan, if it can run it."""
     prepared = linear.quantized
-    if linear.bias is not None or prepared is None or prepared.in_features % 2:
+    if linear.bias is not None or not isinstance(prepared, (PackedQ4_1Weight, PackedBF16Weight)):
+        return None  # another method (--quantize int8, oneDNN) or none
+    if prepared.in_features % 2:
         return None
     if isinstance(prepared, PackedQ4_1Weight):
         return [prepared.packed.data_ptr(), prepared.dense.packed.data_ptr(), prepared.out_features,
                 prepared.in_features]
-    if isinstance(prepared, PackedBF16Weight):
-        return [0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
-    return None
+    return [0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
 
 
 def _layer_plan(layer: nn.Module, eps: float) -> list[int] | None:

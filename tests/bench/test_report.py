@@ -55,8 +55,11 @@ def test_acceptance_rows_follow_the_issue() -> None:
 
 
 def test_report_and_plots_are_written(tmp_path) -> None:
-    path = report.write(_results(ours_tok_s=500), tmp_path)
+    results = _results(ours_tok_s=500)
+    results["quality"] = {"tokens": 650, "perplexity": {"transformers float32 (reference)": 34.0, "served": 34.34}}
+    path = report.write(results, tmp_path)
     text = path.read_text()
     assert "| c=16 | tokenmill | 500.0 |" in text and "Acceptance" in text
+    assert "| served | 34.340 | 1.0100× |" in text
     assert (tmp_path / "throughput_vs_concurrency.png").stat().st_size > 0
     assert (tmp_path / "latency_vs_throughput.png").stat().st_size > 0

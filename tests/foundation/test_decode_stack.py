@@ -16,10 +16,10 @@ from tokenmill.sampling_params import SamplingParams
 pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the decode stack needs AVX512-BF16 kernels")
 
 
-def _engine(family: str, dtype: str = "bfloat16") -> Engine:
+def _engine(family: str, dtype: str = "bfloat16", quantize: str | None = None) -> Engine:
     # No prefix cache: the second run must recompute the prompts exactly as the first did.
     config = EngineConfig(backend="cpu", dtype=dtype, kv_cache_bytes=16 << 20, progress=False,
-                          enable_prefix_caching=False)
+                          enable_prefix_caching=False, quantize=quantize)
     return Engine(config, checkpoint=build_tiny(family).checkpoint())
 
 
@@ -40,10 +40,12 @@ def test_captured_decode_steps_match_the_module_forward_bit_for_bit(family, num_
     assert _tokens_and_logprobs(engine, prompts) == captured
 
 
-@pytest.mark.parametrize("family,dtype", [("qwen2", "bfloat16"), ("mistral", "bfloat16"), ("qwen3", "bfloat16"),
-                                          ("llama", "float32")])
-def test_models_the_decode_stack_does_not_cover_run_module_by_module(family, dtype) -> None:
-    # q/k/v biases, a sliding window, q/k norms, float32: the C path has none of them.
-    engine = _engine(family, dtype)
+@pytest.mark.parametrize("family,dtype,quantize", [("qwen2", "bfloat16", None), ("mistral", "bfloat16", None),
+                                                   ("qwen3", "bfloat16", None), ("llama", "float32", None),
+                                                   ("llama", "bfloat16", "int8")])
+def test_models_the_decode_stack_does_not_cover_run_module_by_module(family, dtype, quantize) -> None:
+    # q/k/v biases, a sliding window, q/k norms, float32, int8 weights: the C path has none of them.
+    engine = _engine(family, dtype, quantize)
     assert DecodeStack.build(engine.model) is None
     assert engine.runner.forward is engine.model
+    assert len(engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]) == 3

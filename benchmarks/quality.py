@@ -1,0 +1,67 @@
+"""Quality next to speed: perplexity of each way tokenmill can serve the embedded model, on one fixed text.
+
+The benchmarked server runs `make serve`'s defaults: bf16 activations over the GGUF's Q4_1 weights,
+read from their own blocks (the exact dequantized values, not a new quantization). Beside it: the same
+engine in float32, `--quantize int8`, and transformers' own float32 forward on the exported bf16-free
+reference weights, all on the same tokens of `perplexity_text.txt` (plain English prose written for
+this file, so no model has seen it).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+TEXT = Path(__file__).resolve().parent / "perplexity_text.txt"
+
+# Engine configurations to score: name -> EngineConfig overrides.
+MODES = {
+    "tokenmill float32": {"dtype": "float32"},
+    "tokenmill served default (bf16, Q4_1 blocks as stored)": {},
+    "tokenmill --quantize int8 (bf16)": {"quantize": "int8"},
+}
+
+
+def _perplexity(logprobs: list[float]) -> float:
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def _engine_perplexity(overrides: dict, token_ids: list[int]) -> float:
+    from tokenmill.engine import Engine, EngineConfig
+    from tokenmill.sampling_params import SamplingParams
+
+    engine = Engine(EngineConfig(backend="cpu", progress=False, enable_prefix_caching=False, **overrides))
+    (outputs,) = engine.generate([token_ids], SamplingParams(max_new_tokens=1, prompt_logprobs=True))
+    return _perplexity([token.logprob for token in outputs[0].prompt_logprobs[1:]])
+
+
+def _transformers_perplexity(token_ids: list[int]) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.loader import default_model_path
+
+    path = Path(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([token_ids])).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(token_ids[1:])[:, None])
+    return _perplexity(logprobs.flatten().tolist())
+
+
+def perplexities(threads: int) -> dict:
+    """Perplexity per mode on the fixed text, and the number of tokens scored."""
+    from tokenmill.loader import load_tokenizer
+
+    torch.set_num_threads(threads)
+    token_ids = load_tokenizer()(TEXT.read_text()).input_ids
+    results = {"tokens": len(token_ids) - 1,
+               "perplexity": {"transformers float32 (reference)": round(_transformers_perplexity(token_ids), 4)}}
+    for name, overrides in MODES.items():
+        results["perplexity"][name] = round(_engine_perplexity(overrides, token_ids), 4)
+    return results
+
+
+if __name__ == "__main__":  # python -m benchmarks.quality
+    print(perplexities(threads=2))
