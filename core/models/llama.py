@@ -164,7 +164,8 @@ class LlamaForCausalLM(nn.Module):
         """Give each linear layer the GGUF blocks of its (transformers-named) weight, for backends whose
         linear method runs them; call after `load_weights`. Non-linear weights are ignored."""
         for name, weight in weights.items():
-            if name == "lm_head.weight" and self.tie_word_embeddings:
+            if name == "model.embed_tokens.weight" and self.tie_word_embeddings:
+                self.lm_head.load_ggml_shard(weight)  # the head is the embedding: its matmuls may read the blocks
                 continue
             module_path, _, kind = name.removeprefix("model.").rpartition(".")
             parent, _, leaf = module_path.rpartition(".")

@@ -21,7 +21,7 @@ from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from tokenmill.plugins.cpu.attention import CPUPagedAttention
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps
-from tokenmill.plugins.cpu.quant import Q4_1_MAX_ROWS, PackedBF16Weight, PackedQ4_1Weight
+from tokenmill.plugins.cpu.quant import GGML_FORMAT_CODES, GGML_MAX_ROWS, PackedBF16Weight, PackedGGMLWeight
 
 try:
     from tokenmill.plugins.cpu import _decode_stack
@@ -30,16 +30,17 @@ except ImportError:  # pragma: no cover - depends on the build
 
 
 def _linear_plan(linear: Linear) -> list[int] | None:
-    """(Q4_1 form or 0, dense packed form, out, in) as decode_stack.c's LinearPlan, if it can run it."""
+    """(ggml form or 0, its format, dense packed form, out, in) as decode_stack.c's LinearPlan, if it can
+    run the linear."""
     prepared = linear.quantized
-    if linear.bias is not None or not isinstance(prepared, (PackedQ4_1Weight, PackedBF16Weight)):
+    if linear.bias is not None or not isinstance(prepared, (PackedGGMLWeight, PackedBF16Weight)):
         return None  # another method (--quantize int8, oneDNN) or none
     if prepared.in_features % 2:
         return None
-    if isinstance(prepared, PackedQ4_1Weight):
-        return [prepared.packed.data_ptr(), prepared.dense.packed.data_ptr(), prepared.out_features,
-                prepared.in_features]
-    return [0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
+    if isinstance(prepared, PackedGGMLWeight):
+        return [prepared.packed.data_ptr(), GGML_FORMAT_CODES[prepared.ggml_type], prepared.dense.packed.data_ptr(),
+                prepared.out_features, prepared.in_features]
+    return [0, 0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
 
 
 def _layer_plan(layer: nn.Module, eps: float) -> list[int] | None:
@@ -65,7 +66,7 @@ class DecodeStack:
 
     def __init__(self, model: LlamaForCausalLM, plan: torch.Tensor, attention: CPUPagedAttention):
         self.model = model
-        self.plan = plan  # (num_layers, 18) int64; the tensors it points into live in the model
+        self.plan = plan  # (num_layers, 22) int64; the tensors it points into live in the model
         self.spec = attention.spec
         self.block_size = attention.block_size
         config = model.config
@@ -118,7 +119,7 @@ class DecodeStack:
         _decode_stack.decode(
             hidden.data_ptr(), out.data_ptr(), self.plan.data_ptr(), self._cache_pointers(kv_caches).data_ptr(),
             len(model.layers), model.norm.weight.data_ptr(), hidden.shape[0], hidden_size, num_heads, num_kv_heads,
-            head_dim, intermediate, Q4_1_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
+            head_dim, intermediate, GGML_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
             block_tables.data_ptr(), seq_lens.data_ptr(), block_tables.stride(0), self.block_size,
             int(seq_lens.sum()), model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), spec.scale,
             torch.get_num_threads(),

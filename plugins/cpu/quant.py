@@ -3,9 +3,9 @@
 - `PackedBF16Linear`: dense bf16 weights packed for the AVX512-BF16 kernel in csrc/bf16_gemm.c, the
   default where the CPU has AVX512-BF16. Measured against oneDNN's packed weights over SmolLM2-135M's
   linears: 1.8x faster at one token, ~1.2x at 16 to 64, 1.07x at 512, with the same results. A GGUF
-  checkpoint's Q4_1 weights it also runs from their own blocks below `Q4_1_MAX_ROWS` rows: a third of
-  the bytes, and the exact dequantized weight rather than its bf16 rounding (2x faster at one token,
-  1.15x at 16; slower from ~32 rows, where the dense copy takes over).
+  checkpoint's Q4_1 and Q8_0 weights it also runs from their own blocks below `GGML_MAX_ROWS` rows: a
+  third (Q8_0: half) of the bytes, and the exact dequantized weight rather than its bf16 rounding (Q4_1:
+  2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over).
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
   without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form
   reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
@@ -28,8 +28,9 @@ except ImportError:  # pragma: no cover - depends on the build
     _bf16_gemm = None
 
 LANES = 16  # output features per packed weight vector
-Q4_1_BLOCK = 32  # inputs per Q4_1 block: fp16 d, fp16 m, 16 bytes of nibbles
-Q4_1_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
+GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
+GGML_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
+GGML_FORMAT_CODES = {"Q4_1": 1, "Q8_0": 2}  # gemm_kernels.h's GEMM_Q4_1, GEMM_Q8_0
 
 
 def bf16_gemm_available() -> bool:
@@ -44,24 +45,30 @@ class PackedBF16Weight:
 
 
 @dataclass(frozen=True)
-class PackedQ4_1Weight:
-    packed: torch.Tensor  # (out_pad / 16, in / 32, 320) uint8, see pack_q4_1
+class PackedGGMLWeight:
+    ggml_type: str  # "Q4_1" or "Q8_0"
+    packed: torch.Tensor  # (out_pad / 16, in / 32, bytes per block) uint8, see pack_q4_1 and pack_q8_0
     dense: PackedBF16Weight  # for many rows
     out_features: int
     in_features: int
 
 
+def _panels(blocks: np.ndarray, block_bytes: int) -> np.ndarray:
+    """Rows of ggml blocks (out, in / 32 * block_bytes) as (panel, block, output in panel, bytes)."""
+    out_features = blocks.shape[0]
+    raw = np.pad(blocks.reshape(out_features, -1, block_bytes), ((0, -out_features % LANES), (0, 0), (0, 0)))
+    return raw.reshape(raw.shape[0] // LANES, LANES, raw.shape[1], block_bytes).transpose(0, 2, 1, 3)
+
+
 def pack_q4_1(blocks: np.ndarray) -> np.ndarray:
-    """Rows of ggml Q4_1 blocks (out, in / 32 * 20 bytes) in the layout of csrc/bf16_gemm.c.
+    """Rows of ggml Q4_1 blocks (out, in / 32 * 20 bytes) in the layout of csrc/gemm_kernels.h.
 
     Per panel of 16 outputs and block of 32 inputs, 320 bytes: the 16 d (fp16), the 16 m (fp16), then
     4 chunks of 32 little-endian 16-bit words, word 2o + i of chunk c holding in its nibble s the q of
     output o, input 2 (4c + s) + i: a shift and a mask give the 16 x 2 weights of one input pair.
     """
-    out_features = blocks.shape[0]
-    raw = np.pad(blocks.reshape(out_features, -1, 20), ((0, -out_features % LANES), (0, 0), (0, 0)))
-    panels, num_blocks = raw.shape[0] // LANES, raw.shape[1]
-    raw = raw.reshape(panels, LANES, num_blocks, 20).transpose(0, 2, 1, 3)  # (panel, block, output, bytes)
+    raw = _panels(blocks, 20)  # (panel, block, output, bytes)
+    panels, num_blocks = raw.shape[:2]
     scales = raw[..., :4].reshape(panels, num_blocks, LANES, 2, 2).transpose(0, 1, 3, 2, 4)  # d row, then m
     packed_nibbles = raw[..., 4:]
     # ggml's nibble order: input i < 16 is the low nibble of byte i, input 16 + i its high nibble.
@@ -73,16 +80,32 @@ def pack_q4_1(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([scales.reshape(panels, num_blocks, -1), nibbles], axis=-1)
 
 
+def pack_q8_0(blocks: np.ndarray) -> np.ndarray:
+    """Rows of ggml Q8_0 blocks (out, in / 32 * 34 bytes) in the layout of csrc/gemm_kernels.h.
+
+    Per panel of 16 outputs and block of 32 inputs, 544 bytes: the 16 d (fp16), then per input pair
+    32 int8, output o's two inputs at 2o and 2o + 1: the dense 16 x 2 layout.
+    """
+    raw = _panels(blocks, 34)
+    panels, num_blocks = raw.shape[:2]
+    scales = raw[..., :2].reshape(panels, num_blocks, -1)
+    q = raw[..., 2:].reshape(panels, num_blocks, LANES, GGML_BLOCK // 2, 2).transpose(0, 1, 3, 2, 4)
+    return np.concatenate([scales, q.reshape(panels, num_blocks, -1)], axis=-1)
+
+
+_PACKERS = {"Q4_1": pack_q4_1, "Q8_0": pack_q8_0}
+
+
 class PackedBF16Linear(QuantMethod):
     """Unquantized bf16 weights, packed so each 512-bit load is 16 outputs x 2 inputs (`vdpbf16ps`)."""
 
     name = "avx512-bf16"
 
-    def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedQ4_1Weight | None:
-        if ggml.ggml_type != "Q4_1" or ggml.in_features % Q4_1_BLOCK:
+    def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
+        if ggml.ggml_type not in _PACKERS or ggml.in_features % GGML_BLOCK:
             return None
-        packed = torch.from_numpy(np.ascontiguousarray(pack_q4_1(ggml.blocks.numpy())))
-        return PackedQ4_1Weight(packed, self.prepare(weight), weight.shape[0], ggml.in_features)
+        packed = torch.from_numpy(np.ascontiguousarray(_PACKERS[ggml.ggml_type](ggml.blocks.numpy())))
+        return PackedGGMLWeight(ggml.ggml_type, packed, self.prepare(weight), weight.shape[0], ggml.in_features)
 
     def prepare(self, weight: torch.Tensor) -> PackedBF16Weight:
         out_features, in_features = weight.shape
@@ -91,11 +114,11 @@ class PackedBF16Linear(QuantMethod):
         packed = padded.view(rows // LANES, LANES, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
         return PackedBF16Weight(packed, out_features, in_features)
 
-    def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedQ4_1Weight) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight) -> torch.Tensor:
         kernel = _bf16_gemm.linear
-        if isinstance(prepared, PackedQ4_1Weight):
-            if x.shape[0] < Q4_1_MAX_ROWS:
-                kernel = _bf16_gemm.linear_q4_1
+        if isinstance(prepared, PackedGGMLWeight):
+            if x.shape[0] < GGML_MAX_ROWS:
+                kernel = _bf16_gemm.linear_q4_1 if prepared.ggml_type == "Q4_1" else _bf16_gemm.linear_q8_0
             else:
                 prepared = prepared.dense
         x = x.to(torch.bfloat16)

@@ -12,8 +12,8 @@ static PyObject *run_linear(PyObject *args, int format) {
     if (!PyArg_ParseTuple(args, "KKKllllli", &x, &w, &y, &m, &n, &k_pairs, &x_stride, &y_stride, &threads))
         return NULL;
 #if HAVE_BF16_GEMM
-    if (format == GEMM_Q4_1 && (k_pairs * 2) % Q4_BLOCK) {
-        PyErr_Format(PyExc_ValueError, "Q4_1 weights need a multiple of %d inputs, got %ld", Q4_BLOCK, k_pairs * 2);
+    if (format != GEMM_DENSE && (k_pairs * 2) % GGML_BLOCK) {
+        PyErr_Format(PyExc_ValueError, "ggml weights need a multiple of %d inputs, got %ld", GGML_BLOCK, k_pairs * 2);
         return NULL;
     }
     int ok;
@@ -32,6 +32,8 @@ static PyObject *run_linear(PyObject *args, int format) {
 static PyObject *linear(PyObject *self, PyObject *args) { return run_linear(args, GEMM_DENSE); }
 
 static PyObject *linear_q4_1(PyObject *self, PyObject *args) { return run_linear(args, GEMM_Q4_1); }
+
+static PyObject *linear_q8_0(PyObject *self, PyObject *args) { return run_linear(args, GEMM_Q8_0); }
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
 
 static PyMethodDef methods[] = {
@@ -41,6 +43,7 @@ static PyMethodDef methods[] = {
     {"linear_q4_1", linear_q4_1, METH_VARARGS,
      "linear_q4_1(x, packed_q4_1, y, m, n, k_pairs, x_stride, y_stride, threads): as linear, with W given "
      "as packed Q4_1 blocks (inputs a multiple of 32)."},
+    {"linear_q8_0", linear_q8_0, METH_VARARGS, "linear_q8_0(...): as linear_q4_1, for packed Q8_0 blocks."},
     {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernel."},
     {NULL, NULL, 0, NULL}};
 

@@ -19,9 +19,10 @@
 #include "gemm_kernels.h"
 #include "layer_kernels.h"
 
-/* One linear layer: the Q4_1 form (0 if none) and the dense packed form, out and in features. */
+/* One linear layer: the ggml form (0 if none) and its GEMM_ format, the dense packed form, out and in
+ * features. */
 typedef struct {
-    int64_t q4, dense, out_features, in_features;
+    int64_t ggml, format, dense, out_features, in_features;
 } LinearPlan;
 
 /* One decoder layer, as decode_stack.py lays it out in an int64 tensor (pointers and sizes). */
@@ -31,13 +32,13 @@ typedef struct {
 } LayerPlan;
 
 typedef struct {
-    long rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, q4_max_rows;
+    long rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, ggml_max_rows;
     int threads;
 } Shape;
 
 static int run_linear(const LinearPlan *p, const Shape *s, const uint16_t *x, uint16_t *y) {
-    const int q4 = p->q4 && s->rows < s->q4_max_rows;
-    return gemm_linear(q4 ? GEMM_Q4_1 : GEMM_DENSE, x, (const void *)(q4 ? p->q4 : p->dense), y, s->rows,
+    const int ggml = p->ggml && s->rows < s->ggml_max_rows;
+    return gemm_linear(ggml ? (int)p->format : GEMM_DENSE, x, (const void *)(ggml ? p->ggml : p->dense), y, s->rows,
                        p->out_features, p->in_features / 2, p->in_features, p->out_features, s->threads);
 }
 
@@ -64,7 +65,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Shape s;
     if (!PyArg_ParseTuple(args, "KKKKlKlllllllfKKKKlllKKfi", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
                           &final_norm, &s.rows, &s.hidden, &s.num_heads, &s.num_kv_heads, &s.head_dim,
-                          &s.intermediate, &s.q4_max_rows, &eps, &positions, &slots, &block_tables, &seq_lens,
+                          &s.intermediate, &s.ggml_max_rows, &eps, &positions, &slots, &block_tables, &seq_lens,
                           &table_stride, &block_size, &total_positions, &cos, &sin, &scale, &s.threads))
         return NULL;
 #if HAVE_BF16_GEMM
@@ -134,7 +135,7 @@ static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromL
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(hidden, out, plan, caches, num_layers, final_norm, rows, hidden_size, num_heads, num_kv_heads, "
-     "head_dim, intermediate, q4_max_rows, eps, positions, slots, block_tables, seq_lens, table_stride, "
+     "head_dim, intermediate, ggml_max_rows, eps, positions, slots, block_tables, seq_lens, table_stride, "
      "block_size, total_positions, cos, sin, scale, threads): one decode step over every layer; data "
      "pointers of bf16 tensors (positions, slots int64; block tables, seq_lens int32); writes out."},
     {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernels."},

@@ -33,9 +33,12 @@
 
 #define ROWS_PER_TILE 8 /* rows of x sharing each weight load (4 and 12 measured slower) */
 #define PANELS_PER_BLOCK 2 /* 16-feature panels per work item: 32 output features */
-#define Q4_BLOCK 32 /* inputs per Q4_1 block */
+#define GGML_BLOCK 32 /* inputs per Q4_1 or Q8_0 block */
 #define Q4_BLOCK_BYTES 320 /* one panel's block: 32 bytes of d, 32 of m, 4 chunks of 64 bytes of nibbles */
-#define Q4_MAX_PANELS 4 /* panels per work item at one or two rows */
+#define Q8_BLOCK_BYTES 544 /* one panel's block: 32 bytes of d, 16 pairs x 32 int8 */
+#define GGML_MAX_PANELS 4 /* panels per work item at one or two rows */
+
+enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1, GEMM_Q8_0 = 2 };
 
 #if HAVE_BF16_GEMM
 typedef struct {
@@ -105,78 +108,108 @@ static inline __attribute__((always_inline)) __m512bh q4_nibbles(__m512i chunk, 
     return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);
 }
 
-/* Rows m0 .. m0+MT-1 against NP Q4_1 panels from panel v0 (those past the last are computed from the
- * last and not stored). Per block of 32 inputs, S = sum (128 + q) x by vdpbf16ps, then y += d S +
- * (m - 128 d) sum(x) in float32: the exact sum of d q x + m x. Each output's arithmetic is the same
- * whatever NP and MT are, so a row's result does not depend on the batch it runs in; NP only sets how
- * many independent chains of vdpbf16ps there are to hide its latency when rows are few. */
-static inline __attribute__((always_inline)) void q4_tile(const Gemm *g, const float *x_sums, long v0, long m0,
-                                                          const int MT, const int NP) {
-    const long blocks = g->k_pairs * 2 / Q4_BLOCK, panels = num_panels(g);
-    const uint8_t *panel[Q4_MAX_PANELS];
+/* One input pair of a Q8_0 panel's block (16 outputs x 2 inputs of int8) as exact bf16 weights. */
+static inline __attribute__((always_inline)) __m512bh q8_pair(const int8_t *q) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Rows m0 .. m0+MT-1 against NP panels of ggml blocks from panel v0 (those past the last are computed
+ * from the last and not stored). Per block of 32 inputs, vdpbf16ps sums S = sum w x over exact bf16
+ * integers w, then float32 scales it in: Q4_1 (w = 128 + q) y += d S + (m - 128 d) sum(x), the exact
+ * sum of (d q + m) x; Q8_0 (w = q) y += d S. Each output's arithmetic is the same whatever NP and MT
+ * are, so a row's result does not depend on the batch it runs in; NP only sets how many independent
+ * chains of vdpbf16ps hide its latency when rows are few. */
+static inline __attribute__((always_inline)) void ggml_tile(const Gemm *g, const float *x_sums, long v0, long m0,
+                                                            const int MT, const int NP, const int FORMAT) {
+    const long blocks = g->k_pairs * 2 / GGML_BLOCK, panels = num_panels(g);
+    const long block_bytes = FORMAT == GEMM_Q4_1 ? Q4_BLOCK_BYTES : Q8_BLOCK_BYTES;
+    const uint8_t *panel[GGML_MAX_PANELS];
     for (int j = 0; j < NP; j++)
-        panel[j] = (const uint8_t *)g->w + (v0 + j < panels ? v0 + j : panels - 1) * blocks * Q4_BLOCK_BYTES;
+        panel[j] = (const uint8_t *)g->w + (v0 + j < panels ? v0 + j : panels - 1) * blocks * block_bytes;
     const int32_t *x_pairs[ROWS_PER_TILE];
     for (int r = 0; r < MT; r++) x_pairs[r] = (const int32_t *)(g->x + (m0 + r) * g->x_stride);
-    __m512 acc[Q4_MAX_PANELS][ROWS_PER_TILE];
+    __m512 acc[GGML_MAX_PANELS][ROWS_PER_TILE];
     for (int j = 0; j < NP; j++)
         for (int r = 0; r < MT; r++) acc[j][r] = _mm512_setzero_ps();
     for (long b = 0; b < blocks; b++) {
-        __m512 sums[Q4_MAX_PANELS][ROWS_PER_TILE];
+        __m512 sums[GGML_MAX_PANELS][ROWS_PER_TILE];
         for (int j = 0; j < NP; j++)
             for (int r = 0; r < MT; r++) sums[j][r] = _mm512_setzero_ps();
-        for (int c = 0; c < 4; c++) {
-            const long pair = b * (Q4_BLOCK / 2) + c * 4; /* chunk c holds pairs 4c .. 4c+3 */
-            __m512i chunk[Q4_MAX_PANELS];
-            for (int j = 0; j < NP; j++) chunk[j] = _mm512_loadu_si512(panel[j] + b * Q4_BLOCK_BYTES + 64 + c * 64);
-            for (int sh = 0; sh < 4; sh++)
+        if (FORMAT == GEMM_Q4_1) {
+            for (int c = 0; c < 4; c++) {
+                const long pair = b * (GGML_BLOCK / 2) + c * 4; /* chunk c holds pairs 4c .. 4c+3 */
+                __m512i chunk[GGML_MAX_PANELS];
+                for (int j = 0; j < NP; j++) chunk[j] = _mm512_loadu_si512(panel[j] + b * block_bytes + 64 + c * 64);
+                for (int sh = 0; sh < 4; sh++)
+                    for (int j = 0; j < NP; j++) {
+                        const __m512bh w = q4_nibbles(chunk[j], 4 * sh);
+                        for (int r = 0; r < MT; r++)
+                            sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w,
+                                                          (__m512bh)_mm512_set1_epi32(x_pairs[r][pair + sh]));
+                    }
+            }
+        } else {
+            for (int p = 0; p < GGML_BLOCK / 2; p++)
                 for (int j = 0; j < NP; j++) {
-                    const __m512bh w = q4_nibbles(chunk[j], 4 * sh);
+                    const __m512bh w = q8_pair((const int8_t *)(panel[j] + b * block_bytes + 32 + p * 32));
                     for (int r = 0; r < MT; r++)
-                        sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair + sh]));
+                        sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w,
+                                                      (__m512bh)_mm512_set1_epi32(x_pairs[r][b * (GGML_BLOCK / 2) + p]));
                 }
         }
         for (int j = 0; j < NP; j++) {
-            const uint8_t *block = panel[j] + b * Q4_BLOCK_BYTES;
+            const uint8_t *block = panel[j] + b * block_bytes;
             const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)block));
-            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 32)));
-            const __m512 min = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), d, m);
-            for (int r = 0; r < MT; r++)
-                acc[j][r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums[(m0 + r) * blocks + b]),
-                                            _mm512_fmadd_ps(d, sums[j][r], acc[j][r]));
+            if (FORMAT == GEMM_Q4_1) {
+                const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 32)));
+                const __m512 min = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), d, m);
+                for (int r = 0; r < MT; r++)
+                    acc[j][r] = _mm512_fmadd_ps(min, _mm512_set1_ps(x_sums[(m0 + r) * blocks + b]),
+                                                _mm512_fmadd_ps(d, sums[j][r], acc[j][r]));
+            } else {
+                for (int r = 0; r < MT; r++) acc[j][r] = _mm512_fmadd_ps(d, sums[j][r], acc[j][r]);
+            }
         }
     }
     for (int j = 0; j < NP; j++) store_panel(g, acc[j], v0 + j, m0, MT);
 }
 
-/* Work item `item` of Q4_1: NP panels against every row, in tiles of ROWS_PER_TILE rows. */
-static inline __attribute__((always_inline)) void q4_item(const Gemm *g, const float *x_sums, long item,
-                                                          const int NP) {
+/* Work item `item` of a ggml format: NP panels against every row, in tiles of ROWS_PER_TILE rows. */
+static inline __attribute__((always_inline)) void ggml_item(const Gemm *g, const float *x_sums, long item,
+                                                            const int NP, const int FORMAT) {
     const long v0 = item * NP;
     long m0 = 0;
-    for (; m0 + ROWS_PER_TILE <= g->m; m0 += ROWS_PER_TILE) q4_tile(g, x_sums, v0, m0, ROWS_PER_TILE, NP);
+    for (; m0 + ROWS_PER_TILE <= g->m; m0 += ROWS_PER_TILE) ggml_tile(g, x_sums, v0, m0, ROWS_PER_TILE, NP, FORMAT);
     switch (g->m - m0) {
-#define TAIL(t) case t: q4_tile(g, x_sums, v0, m0, t, NP); break;
+#define TAIL(t) case t: ggml_tile(g, x_sums, v0, m0, t, NP, FORMAT); break;
         TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
 #undef TAIL
         default: break;
     }
 }
 
-/* Panels per Q4_1 work item: 4 at one or two rows (more chains in flight), else 2. */
-static inline int q4_panels_per_item(long m) { return m <= 2 ? Q4_MAX_PANELS : 2; }
+/* Panels per ggml work item: 4 at one or two rows (more chains in flight), else 2. */
+static inline int ggml_panels_per_item(long m) { return m <= 2 ? GGML_MAX_PANELS : 2; }
 
-static void q4_run(const Gemm *g, const float *x_sums, long item) {
-    if (q4_panels_per_item(g->m) == Q4_MAX_PANELS) q4_item(g, x_sums, item, Q4_MAX_PANELS);
-    else q4_item(g, x_sums, item, 2);
+static void ggml_run(const Gemm *g, const float *x_sums, long item, int format) {
+    const int wide = ggml_panels_per_item(g->m) == GGML_MAX_PANELS;
+    if (format == GEMM_Q4_1) {
+        if (wide) ggml_item(g, x_sums, item, GGML_MAX_PANELS, GEMM_Q4_1);
+        else ggml_item(g, x_sums, item, 2, GEMM_Q4_1);
+    } else {
+        if (wide) ggml_item(g, x_sums, item, GGML_MAX_PANELS, GEMM_Q8_0);
+        else ggml_item(g, x_sums, item, 2, GEMM_Q8_0);
+    }
 }
 
 /* sum(x) over each row's blocks of 32 inputs, (m, blocks) float32. */
 static void block_sums(const Gemm *g, float *x_sums) {
-    const long blocks = g->k_pairs * 2 / Q4_BLOCK;
+    const long blocks = g->k_pairs * 2 / GGML_BLOCK;
     for (long r = 0; r < g->m; r++)
         for (long b = 0; b < blocks; b++) {
-            const __m512i raw = _mm512_loadu_si512(g->x + r * g->x_stride + b * Q4_BLOCK);
+            const __m512i raw = _mm512_loadu_si512(g->x + r * g->x_stride + b * GGML_BLOCK);
             const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
             const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xFFFF0000)));
             x_sums[r * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
@@ -188,27 +221,25 @@ static void block_sums(const Gemm *g, float *x_sums) {
 /* Below this many multiply-adds, waking a second thread costs more than it saves. */
 #define GEMM_PARALLEL_THRESHOLD 200000
 
-enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1 };
-
 /* y (m, n) = x (m, 2 k_pairs) @ W^T with W packed in `format`; 0 when out of memory. Needs
- * HAVE_BF16_GEMM; Q4_1 needs 2 k_pairs to be a multiple of Q4_BLOCK (the caller checks). */
+ * HAVE_BF16_GEMM; ggml formats need 2 k_pairs to be a multiple of GGML_BLOCK (the caller checks). */
 static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y, long m, long n, long k_pairs,
                        long x_stride, long y_stride, int threads) {
 #if HAVE_BF16_GEMM
     const Gemm g = {x, w, y, m, n, k_pairs, x_stride, y_stride};
-    const long per_item = format == GEMM_Q4_1 ? q4_panels_per_item(m) : PANELS_PER_BLOCK;
+    const long per_item = format == GEMM_DENSE ? PANELS_PER_BLOCK : ggml_panels_per_item(m);
     const long items = (num_panels(&g) + per_item - 1) / per_item;
     const int workers = m * n * k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
     float *x_sums = NULL;
     if (format == GEMM_Q4_1) {
-        x_sums = malloc(sizeof(float) * (size_t)(m * k_pairs * 2 / Q4_BLOCK + 1));
+        x_sums = malloc(sizeof(float) * (size_t)(m * k_pairs * 2 / GGML_BLOCK + 1));
         if (!x_sums) return 0;
         block_sums(&g, x_sums);
     }
 #pragma omp parallel for num_threads(workers) schedule(static)
     for (long item = 0; item < items; item++) {
         if (format == GEMM_DENSE) dense_block(&g, item);
-        else q4_run(&g, x_sums, item);
+        else ggml_run(&g, x_sums, item, format);
     }
     free(x_sums);
     return 1;
