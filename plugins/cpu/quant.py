@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,53 +46,30 @@ class PackedBF16Weight:
 @dataclass(frozen=True)
 class PackedGGMLWeight:
     ggml_type: str  # "Q4_1" or "Q8_0"
-    packed: torch.Tensor  # (out_pad / 16, in / 32, bytes per block) uint8, see pack_q4_1 and pack_q8_0
+    packed: torch.Tensor  # (out_pad / 16, in / 32, bytes per block) uint8, see pack_ggml
     dense: PackedBF16Weight  # for many rows
     out_features: int
     in_features: int
 
 
-def _panels(blocks: np.ndarray, block_bytes: int) -> np.ndarray:
-    """Rows of ggml blocks (out, in / 32 * block_bytes) as (panel, block, output in panel, bytes)."""
-    out_features = blocks.shape[0]
-    raw = np.pad(blocks.reshape(out_features, -1, block_bytes), ((0, -out_features % LANES), (0, 0), (0, 0)))
-    return raw.reshape(raw.shape[0] // LANES, LANES, raw.shape[1], block_bytes).transpose(0, 2, 1, 3)
+# ggml type -> (bytes of one block in the file, bytes of one panel's block packed, packer in csrc).
+_GGML_LAYOUTS = {"Q4_1": (20, 320, "pack_q4_1"), "Q8_0": (34, 544, "pack_q8_0")}
 
 
-def pack_q4_1(blocks: np.ndarray) -> np.ndarray:
-    """Rows of ggml Q4_1 blocks (out, in / 32 * 20 bytes) in the layout of csrc/gemm_kernels.h.
+def pack_ggml(ggml_type: str, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows of ggml blocks (out, in / 32 * file block bytes) in the panel layout of csrc/gemm_kernels.h.
 
-    Per panel of 16 outputs and block of 32 inputs, 320 bytes: the 16 d (fp16), the 16 m (fp16), then
-    4 chunks of 32 little-endian 16-bit words, word 2o + i of chunk c holding in its nibble s the q of
-    output o, input 2 (4c + s) + i: a shift and a mask give the 16 x 2 weights of one input pair.
+    Per panel of 16 outputs and block of 32 inputs: the 16 fp16 d (Q4_1: then the 16 fp16 m), then
+    the weights so that one 512-bit vector is 16 outputs x 2 inputs, output o's pair at 2o, 2o + 1.
+    Q8_0: 16 pairs of 32 int8. Q4_1: 4 chunks of 32 16-bit words, nibble s of word 2o + i in chunk c
+    the q of output o, input 2 (4c + s) + i, so a shift and a mask give one input pair's vector.
     """
-    raw = _panels(blocks, 20)  # (panel, block, output, bytes)
-    panels, num_blocks = raw.shape[:2]
-    scales = raw[..., :4].reshape(panels, num_blocks, LANES, 2, 2).transpose(0, 1, 3, 2, 4)  # d row, then m
-    packed_nibbles = raw[..., 4:]
-    # ggml's nibble order: input i < 16 is the low nibble of byte i, input 16 + i its high nibble.
-    q = np.concatenate([packed_nibbles & 0x0F, packed_nibbles >> 4], axis=-1).astype(np.uint16)
-    q = q.reshape(panels, num_blocks, LANES, 4, 4, 2)  # input = 2 (4 chunk + nibble) + i
-    q = q.transpose(0, 1, 3, 2, 5, 4)  # (panel, block, chunk, output, i, nibble)
-    words = q[..., 0] | (q[..., 1] << 4) | (q[..., 2] << 8) | (q[..., 3] << 12)
-    nibbles = words.astype("<u2").reshape(panels, num_blocks, -1).view(np.uint8)
-    return np.concatenate([scales.reshape(panels, num_blocks, -1), nibbles], axis=-1)
-
-
-def pack_q8_0(blocks: np.ndarray) -> np.ndarray:
-    """Rows of ggml Q8_0 blocks (out, in / 32 * 34 bytes) in the layout of csrc/gemm_kernels.h.
-
-    Per panel of 16 outputs and block of 32 inputs, 544 bytes: the 16 d (fp16), then per input pair
-    32 int8, output o's two inputs at 2o and 2o + 1: the dense 16 x 2 layout.
-    """
-    raw = _panels(blocks, 34)
-    panels, num_blocks = raw.shape[:2]
-    scales = raw[..., :2].reshape(panels, num_blocks, -1)
-    q = raw[..., 2:].reshape(panels, num_blocks, LANES, GGML_BLOCK // 2, 2).transpose(0, 1, 3, 2, 4)
-    return np.concatenate([scales, q.reshape(panels, num_blocks, -1)], axis=-1)
-
-
-_PACKERS = {"Q4_1": pack_q4_1, "Q8_0": pack_q8_0}
+    file_bytes, packed_bytes, packer = _GGML_LAYOUTS[ggml_type]
+    out_features, num_blocks = blocks.shape[0], blocks.shape[1] // file_bytes
+    blocks = blocks.contiguous()
+    packed = torch.empty(-(-out_features // LANES), num_blocks, packed_bytes, dtype=torch.uint8)
+    getattr(_bf16_gemm, packer)(blocks.data_ptr(), packed.data_ptr(), out_features, num_blocks)
+    return packed
 
 
 class PackedBF16Linear(QuantMethod):
@@ -102,10 +78,10 @@ class PackedBF16Linear(QuantMethod):
     name = "avx512-bf16"
 
     def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
-        if ggml.ggml_type not in _PACKERS or ggml.in_features % GGML_BLOCK:
+        if ggml.ggml_type not in _GGML_LAYOUTS or ggml.in_features % GGML_BLOCK:
             return None
-        packed = torch.from_numpy(np.ascontiguousarray(_PACKERS[ggml.ggml_type](ggml.blocks.numpy())))
-        return PackedGGMLWeight(ggml.ggml_type, packed, self.prepare(weight), weight.shape[0], ggml.in_features)
+        return PackedGGMLWeight(ggml.ggml_type, pack_ggml(ggml.ggml_type, ggml.blocks), self.prepare(weight),
+                                weight.shape[0], ggml.in_features)
 
     def prepare(self, weight: torch.Tensor) -> PackedBF16Weight:
         out_features, in_features = weight.shape

@@ -34,6 +34,20 @@ static PyObject *linear(PyObject *self, PyObject *args) { return run_linear(args
 static PyObject *linear_q4_1(PyObject *self, PyObject *args) { return run_linear(args, GEMM_Q4_1); }
 
 static PyObject *linear_q8_0(PyObject *self, PyObject *args) { return run_linear(args, GEMM_Q8_0); }
+static PyObject *pack(PyObject *args, void (*packer)(const uint8_t *, uint8_t *, long, long)) {
+    unsigned long long src, dst;
+    long out, blocks;
+    if (!PyArg_ParseTuple(args, "KKll", &src, &dst, &out, &blocks)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    packer((const uint8_t *)src, (uint8_t *)dst, out, blocks);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *pack_q4_1(PyObject *self, PyObject *args) { return pack(args, pack_q4_1_rows); }
+
+static PyObject *pack_q8_0(PyObject *self, PyObject *args) { return pack(args, pack_q8_0_rows); }
+
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
 
 static PyMethodDef methods[] = {
@@ -44,6 +58,10 @@ static PyMethodDef methods[] = {
      "linear_q4_1(x, packed_q4_1, y, m, n, k_pairs, x_stride, y_stride, threads): as linear, with W given "
      "as packed Q4_1 blocks (inputs a multiple of 32)."},
     {"linear_q8_0", linear_q8_0, METH_VARARGS, "linear_q8_0(...): as linear_q4_1, for packed Q8_0 blocks."},
+    {"pack_q4_1", pack_q4_1, METH_VARARGS,
+     "pack_q4_1(src, dst, out, blocks): ggml Q4_1 rows into the kernel's panels (dst: ceil(out / 16) x "
+     "blocks x 320 bytes)."},
+    {"pack_q8_0", pack_q8_0, METH_VARARGS, "pack_q8_0(src, dst, out, blocks): as pack_q4_1, 544 bytes a block."},
     {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernel."},
     {NULL, NULL, 0, NULL}};
 

@@ -218,6 +218,46 @@ static void block_sums(const Gemm *g, float *x_sums) {
 #endif
 
 
+/* ---- Packing: ggml rows of blocks into the panel layouts above (once, at load) ------------------- */
+
+/* Q4_1 rows (out, blocks x 20 bytes: fp16 d, fp16 m, 16 bytes whose low nibbles are inputs 0-15 and high
+ * nibbles 16-31) into panels of Q4_BLOCK_BYTES per block; outputs past `out` are zero. */
+static void pack_q4_1_rows(const uint8_t *src, uint8_t *dst, long out, long blocks) {
+    const long panels = (out + 15) / 16;
+    memset(dst, 0, (size_t)(panels * blocks * Q4_BLOCK_BYTES));
+    for (long row = 0; row < out; row++) {
+        const int o = (int)(row % 16);
+        for (long b = 0; b < blocks; b++) {
+            const uint8_t *s = src + (row * blocks + b) * 20;
+            uint8_t *block = dst + ((row / 16) * blocks + b) * Q4_BLOCK_BYTES;
+            memcpy(block + 2 * o, s, 2);
+            memcpy(block + 32 + 2 * o, s + 2, 2);
+            uint16_t *words = (uint16_t *)(block + 64); /* 4 chunks x 32 words, little-endian */
+            for (int k = 0; k < GGML_BLOCK; k++) {
+                const int q = k < 16 ? s[4 + k] & 15 : s[4 + k - 16] >> 4;
+                const int pair = k / 2, chunk = pair / 4, nibble = pair % 4;
+                words[chunk * 32 + 2 * o + k % 2] |= (uint16_t)(q << (4 * nibble));
+            }
+        }
+    }
+}
+
+/* Q8_0 rows (out, blocks x 34 bytes: fp16 d, 32 int8) into panels of Q8_BLOCK_BYTES per block. */
+static void pack_q8_0_rows(const uint8_t *src, uint8_t *dst, long out, long blocks) {
+    const long panels = (out + 15) / 16;
+    memset(dst, 0, (size_t)(panels * blocks * Q8_BLOCK_BYTES));
+    for (long row = 0; row < out; row++) {
+        const int o = (int)(row % 16);
+        for (long b = 0; b < blocks; b++) {
+            const uint8_t *s = src + (row * blocks + b) * 34;
+            uint8_t *block = dst + ((row / 16) * blocks + b) * Q8_BLOCK_BYTES;
+            memcpy(block + 2 * o, s, 2);
+            for (int pair = 0; pair < GGML_BLOCK / 2; pair++)
+                memcpy(block + 32 + pair * 32 + 2 * o, s + 2 + 2 * pair, 2);
+        }
+    }
+}
+
 /* Below this many multiply-adds, waking a second thread costs more than it saves. */
 #define GEMM_PARALLEL_THRESHOLD 200000
 
