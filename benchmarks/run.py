@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path.home() / ".cache" / "tokenmill-bench" / "logs" / stamp
     results: dict = {"started": stamp, "machine": describe_machine(THREADS), "passes": args.passes,
                      "levels": levels, "servers": {}, "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
-                     "model_bf16_bytes": sum(f.stat().st_size for f in hf_folder.glob("*.safetensors"))}
+                     "model_bf16_bytes": sum(f.stat().st_size for f in hf_folder.glob("*.safetensors")),
+                     "model_served_bytes": report.served_weight_bytes()}
     print(f"machine: {results['machine']}", flush=True)
     raw: dict[str, list[dict]] = {name: [] for name in servers}
     for index in range(args.passes):

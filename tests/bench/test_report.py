@@ -32,7 +32,7 @@ def _results(ours_tok_s: float) -> dict:
         "started": "now", "command": "test", "passes": 1, "levels": ["1", "16", "64"],
         "machine": {"cpu": "x", "usable_cores": 2, "flags": [], "memory_gib": 1, "threads": 2,
                     "read_bandwidth_gbs": 30.0, "bf16_matmul_gflops": 400.0, "torch": "t"},
-        "model_bf16_bytes": 269_000_000,
+        "model_bf16_bytes": 269_000_000, "model_served_bytes": 97_000_000,
         "servers": {
             "tokenmill": {"startup_s": 5.0, "peak_rss_gib": 1.0, "levels": {
                 "1": level(100, 0.010, 0.1), "16": level(ours_tok_s, 0.03, 0.4), "64": level(800, 0.08, 1.0)}},
