@@ -81,11 +81,14 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     /* Work space: residual, normed, layer output, qkv, contiguous queries, attention out, gate/up, act. */
     const long sizes[] = {s.hidden, s.hidden, s.hidden, qkv_size, q_size, q_size, 2 * s.intermediate, s.intermediate};
     uint16_t *buffers[8];
-    long total = 0;
-    for (int i = 0; i < 8; i++) total += rows * sizes[i] + 32; /* keep each start 64-byte aligned */
+    long lengths[8], total = 0;
+    for (int i = 0; i < 8; i++) { /* each rounded up to 64 bytes: every buffer starts on a cache line */
+        lengths[i] = (rows * sizes[i] + 31) / 32 * 32;
+        total += lengths[i];
+    }
     uint16_t *arena = aligned_alloc(64, (size_t)total * sizeof(uint16_t));
     if (!arena) return PyErr_NoMemory();
-    for (int i = 0, at = 0; i < 8; at += rows * sizes[i] + 32, i++) buffers[i] = arena + at;
+    for (long i = 0, at = 0; i < 8; at += lengths[i], i++) buffers[i] = arena + at;
     uint16_t *residual = buffers[0], *normed = buffers[1], *hidden = buffers[2], *qkv = buffers[3], *query = buffers[4],
              *attended = buffers[5], *gate_up = buffers[6], *act = buffers[7];
     int ok = 1;
