@@ -84,7 +84,9 @@ def test_the_server_stays_healthy_and_leaks_no_blocks_after_bad_input(tiny_serve
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
-def test_overload_answers_429(tiny_server) -> None:
+def _fifth_request_with_four_held(tiny_server) -> tuple[int, httpx.Response, int]:
+    """Hold every admission slot with a long stream and send one more request: (requests in flight
+    when it was sent, its response, requests in flight once it was answered)."""
     release = threading.Event()
 
     def hold() -> None:
@@ -100,12 +102,23 @@ def test_overload_answers_429(tiny_server) -> None:
     deadline = time.monotonic() + 30
     while tiny_server.service.in_flight < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
-    in_flight = tiny_server.service.in_flight
+    before = tiny_server.service.in_flight
     response = _post(tiny_server, "/generate", _generate())
+    after = tiny_server.service.in_flight
     release.set()
     for t in threads:
         t.join()
-    assert in_flight == 4
+    return before, response, after
+
+
+def test_overload_answers_429(tiny_server) -> None:
+    # The tiny model can finish a held 1,000-token stream in about a second on a busy machine, freeing
+    # a slot before the fifth request lands: only a try where that happened is repeated.
+    for _ in range(3):
+        before, response, after = _fifth_request_with_four_held(tiny_server)
+        if response.status_code == 429 or after == 4:
+            break
+    assert before == 4
     assert response.status_code == 429
     assert response.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
 
