@@ -120,6 +120,11 @@ def write(results: dict, out: Path) -> Path:
     for point, measured, holds in acceptance_rows(results):
         lines.append(f"| {point} | {measured} | {'yes' if holds else '**no**'} |")
     lines.append("")
+    earlier = [lv for lv in results["levels"] if lv != "poisson" and int(lv) < 16]
+    if "16" in results["levels"]:
+        lines += [f"Levels share one prompt set and run in order, so c=16 starts with each server's prompt caches "
+                  f"holding what levels {', '.join(earlier) or 'none'} sent; its TTFT p99 is the burst of 16 "
+                  "first requests over that state.", ""]
 
     lines += ["## Per load level", "",
               "| load | server | output tok/s | req/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | e2e p50 (s) | errors |",
