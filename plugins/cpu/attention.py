@@ -190,12 +190,20 @@ class CPUPagedAttention(AttentionBackend):
         self.kernel_decodes = decode_attention_kernel_available(spec.dtype) and spec.logit_softcap is None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        if self._key not in metadata.backend_data:
+        # Nothing up front: the first layer that attends builds the step's index (`_step_data`), so a
+        # step the decode stack runs in C (decode_stack.py, no layer calls forward) builds none.
+        pass
+
+    def _step_data(self, metadata: AttentionMetadata) -> tuple[torch.Tensor, list[_Group]]:
+        """The step's cache rows to write and attention groups, built once and shared by every layer."""
+        data = metadata.backend_data.get(self._key)
+        if data is None:
             slots = metadata.slot_mapping.long()
             write_rows = _cache_rows(slots // self.block_size, slots % self.block_size, self.spec.num_kv_heads,
                                      self.block_size).flatten()
-            groups = _build_groups(metadata, self.block_size, self.spec, self.kernel_decodes)
-            metadata.backend_data[self._key] = (write_rows, groups)
+            data = write_rows, _build_groups(metadata, self.block_size, self.spec, self.kernel_decodes)
+            metadata.backend_data[self._key] = data
+        return data
 
     def forward(
         self,
@@ -206,7 +214,7 @@ class CPUPagedAttention(AttentionBackend):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         spec = self.spec
-        write_rows, groups = metadata.backend_data[self._key]
+        write_rows, groups = self._step_data(metadata)
         rows = kv_cache.view(2, -1, spec.head_dim)
         rows[0].index_copy_(0, write_rows, key.reshape(-1, spec.head_dim).to(kv_cache.dtype))
         rows[1].index_copy_(0, write_rows, value.reshape(-1, spec.head_dim).to(kv_cache.dtype))
