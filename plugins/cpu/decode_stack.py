@@ -21,7 +21,7 @@ from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from tokenmill.plugins.cpu.attention import CPUPagedAttention
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps
-from tokenmill.plugins.cpu.quant import GGML_FORMAT_CODES, GGML_MAX_ROWS, PackedBF16Weight, PackedGGMLWeight
+from tokenmill.plugins.cpu.quant import GGML_MAX_ROWS, PackedBF16Weight, PackedGGMLWeight
 
 try:
     from tokenmill.plugins.cpu import _decode_stack
@@ -38,7 +38,7 @@ def _linear_plan(linear: Linear) -> list[int] | None:
     if prepared.in_features % 2:
         return None
     if isinstance(prepared, PackedGGMLWeight):
-        return [prepared.packed.data_ptr(), GGML_FORMAT_CODES[prepared.ggml_type], prepared.dense.packed.data_ptr(),
+        return [prepared.packed.data_ptr(), prepared.format.code, prepared.dense.packed.data_ptr(),
                 prepared.out_features, prepared.in_features]
     return [0, 0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
 

@@ -1,6 +1,6 @@
 """Linear-layer methods of the CPU backend.
 
-- `PackedBF16Linear`: dense bf16 weights packed for the AVX512-BF16 kernel in csrc/bf16_gemm.c, the
+- `PackedBF16Linear`: dense bf16 weights packed for the AVX512-BF16 kernel in csrc/gemm_kernels.h, the
   default where the CPU has AVX512-BF16. Measured against oneDNN's packed weights over SmolLM2-135M's
   linears: 1.8x faster at one token, ~1.2x at 16 to 64, 1.07x at 512, with the same results. A GGUF
   checkpoint's Q4_1 and Q8_0 weights it also runs from their own blocks below `GGML_MAX_ROWS` rows: a
@@ -29,7 +29,19 @@ except ImportError:  # pragma: no cover - depends on the build
 LANES = 16  # output features per packed weight vector
 GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
 GGML_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
-GGML_FORMAT_CODES = {"Q4_1": 1, "Q8_0": 2}  # gemm_kernels.h's GEMM_Q4_1, GEMM_Q8_0
+DENSE_FORMAT = 0  # gemm_kernels.h's GEMM_DENSE
+
+
+@dataclass(frozen=True)
+class GGMLFormat:
+    """A ggml type the AVX512-BF16 kernels read (csrc/gemm_kernels.h)."""
+
+    code: int  # gemm_kernels.h's GEMM_Q4_1 / GEMM_Q8_0
+    file_block_bytes: int  # one block of 32 inputs in the GGUF
+    packed_block_bytes: int  # one panel's block (16 outputs x 32 inputs) packed
+
+
+GGML_FORMATS = {"Q4_1": GGMLFormat(1, 20, 320), "Q8_0": GGMLFormat(2, 34, 544)}
 
 
 def bf16_gemm_available() -> bool:
@@ -45,18 +57,14 @@ class PackedBF16Weight:
 
 @dataclass(frozen=True)
 class PackedGGMLWeight:
-    ggml_type: str  # "Q4_1" or "Q8_0"
+    format: GGMLFormat
     packed: torch.Tensor  # (out_pad / 16, in / 32, bytes per block) uint8, see pack_ggml
     dense: PackedBF16Weight  # for many rows
     out_features: int
     in_features: int
 
 
-# ggml type -> (bytes of one block in the file, bytes of one panel's block packed, packer in csrc).
-_GGML_LAYOUTS = {"Q4_1": (20, 320, "pack_q4_1"), "Q8_0": (34, 544, "pack_q8_0")}
-
-
-def pack_ggml(ggml_type: str, blocks: torch.Tensor) -> torch.Tensor:
+def pack_ggml(ggml_format: GGMLFormat, blocks: torch.Tensor) -> torch.Tensor:
     """Rows of ggml blocks (out, in / 32 * file block bytes) in the panel layout of csrc/gemm_kernels.h.
 
     Per panel of 16 outputs and block of 32 inputs: the 16 fp16 d (Q4_1: then the 16 fp16 m), then
@@ -64,11 +72,10 @@ def pack_ggml(ggml_type: str, blocks: torch.Tensor) -> torch.Tensor:
     Q8_0: 16 pairs of 32 int8. Q4_1: 4 chunks of 32 16-bit words, nibble s of word 2o + i in chunk c
     the q of output o, input 2 (4c + s) + i, so a shift and a mask give one input pair's vector.
     """
-    file_bytes, packed_bytes, packer = _GGML_LAYOUTS[ggml_type]
-    out_features, num_blocks = blocks.shape[0], blocks.shape[1] // file_bytes
+    out_features, num_blocks = blocks.shape[0], blocks.shape[1] // ggml_format.file_block_bytes
     blocks = blocks.contiguous()
-    packed = torch.empty(-(-out_features // LANES), num_blocks, packed_bytes, dtype=torch.uint8)
-    getattr(_bf16_gemm, packer)(blocks.data_ptr(), packed.data_ptr(), out_features, num_blocks)
+    packed = torch.empty(-(-out_features // LANES), num_blocks, ggml_format.packed_block_bytes, dtype=torch.uint8)
+    _bf16_gemm.pack_ggml(ggml_format.code, blocks.data_ptr(), packed.data_ptr(), out_features, num_blocks)
     return packed
 
 
@@ -78,9 +85,10 @@ class PackedBF16Linear(QuantMethod):
     name = "avx512-bf16"
 
     def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
-        if ggml.ggml_type not in _GGML_LAYOUTS or ggml.in_features % GGML_BLOCK:
+        ggml_format = GGML_FORMATS.get(ggml.ggml_type)
+        if ggml_format is None or ggml.in_features % GGML_BLOCK:
             return None
-        return PackedGGMLWeight(ggml.ggml_type, pack_ggml(ggml.ggml_type, ggml.blocks), self.prepare(weight),
+        return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), self.prepare(weight),
                                 weight.shape[0], ggml.in_features)
 
     def prepare(self, weight: torch.Tensor) -> PackedBF16Weight:
@@ -91,10 +99,10 @@ class PackedBF16Linear(QuantMethod):
         return PackedBF16Weight(packed, out_features, in_features)
 
     def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight) -> torch.Tensor:
-        kernel = _bf16_gemm.linear
+        weight_format = DENSE_FORMAT
         if isinstance(prepared, PackedGGMLWeight):
             if x.shape[0] < GGML_MAX_ROWS:
-                kernel = _bf16_gemm.linear_q4_1 if prepared.ggml_type == "Q4_1" else _bf16_gemm.linear_q8_0
+                weight_format = prepared.format.code
             else:
                 prepared = prepared.dense
         x = x.to(torch.bfloat16)
@@ -102,8 +110,8 @@ class PackedBF16Linear(QuantMethod):
             x = F.pad(x, (0, 1))
         x = x.contiguous()
         y = x.new_empty(x.shape[0], prepared.out_features)
-        kernel(x.data_ptr(), prepared.packed.data_ptr(), y.data_ptr(), x.shape[0], prepared.out_features,
-               x.shape[1] // 2, x.stride(0), y.stride(0), torch.get_num_threads())
+        _bf16_gemm.linear(weight_format, x.data_ptr(), prepared.packed.data_ptr(), y.data_ptr(), x.shape[0],
+                          prepared.out_features, x.shape[1] // 2, x.stride(0), y.stride(0), torch.get_num_threads())
         return y
 
 

@@ -9,7 +9,7 @@
  * and output features are spread over PyTorch's OpenMP threads (the extension links the same libgomp).
  * Accumulation is float32, rounded to bf16 once at the end, as oneDNN's bf16 GEMM does.
  *
- * Q4_1 layout (see quant.py's `pack_q4_1`): per panel of 16 outputs and block of 32 inputs, 320 bytes:
+ * Q4_1 layout (packed by `pack_ggml_rows` below): per panel of 16 outputs and block of 32 inputs, 320 bytes:
  * the 16 fp16 scales d, the 16 fp16 minimums m, then 4 chunks of 32 16-bit words whose nibble s holds
  * the q of input pair 4c + s, laid out as one dense 16 x 2 vector. A shift and one logic op make the
  * words 0x4300 | q, the exact bf16 of 128 + q; per block, vdpbf16ps sums S = sum (128 + q) x, and the
@@ -17,6 +17,9 @@
  * d q + m times x, without rounding the weight to bf16 first (so it is closer to the float32 reference
  * than the dense kernel), from 0.625 bytes per weight instead of 2. The two per-block multiply-adds
  * cost more than the bytes saved once rows are many: quant.py switches to the dense form there.
+ *
+ * Q8_0 layout: 32 bytes of fp16 d, then per input pair 32 int8 in the dense 16 x 2 order; each pair
+ * becomes exact bf16 integers through float, and the output gains d S per block.
  */
 #ifndef TOKENMILL_GEMM_KERNELS_H
 #define TOKENMILL_GEMM_KERNELS_H
@@ -220,40 +223,31 @@ static void block_sums(const Gemm *g, float *x_sums) {
 
 /* ---- Packing: ggml rows of blocks into the panel layouts above (once, at load) ------------------- */
 
-/* Q4_1 rows (out, blocks x 20 bytes: fp16 d, fp16 m, 16 bytes whose low nibbles are inputs 0-15 and high
- * nibbles 16-31) into panels of Q4_BLOCK_BYTES per block; outputs past `out` are zero. */
-static void pack_q4_1_rows(const uint8_t *src, uint8_t *dst, long out, long blocks) {
-    const long panels = (out + 15) / 16;
-    memset(dst, 0, (size_t)(panels * blocks * Q4_BLOCK_BYTES));
+/* Rows of ggml blocks (out, blocks per row) into the panels of `format` (GEMM_Q4_1 or GEMM_Q8_0);
+ * outputs past `out` are zero. Q4_1 blocks: fp16 d, fp16 m, 16 bytes whose low nibbles are inputs 0-15
+ * and high nibbles 16-31. Q8_0 blocks: fp16 d, 32 int8. */
+static void pack_ggml_rows(int format, const uint8_t *src, uint8_t *dst, long out, long blocks) {
+    const long file_bytes = format == GEMM_Q4_1 ? 20 : 34;
+    const long packed_bytes = format == GEMM_Q4_1 ? Q4_BLOCK_BYTES : Q8_BLOCK_BYTES;
+    memset(dst, 0, (size_t)((out + 15) / 16 * blocks * packed_bytes));
     for (long row = 0; row < out; row++) {
         const int o = (int)(row % 16);
         for (long b = 0; b < blocks; b++) {
-            const uint8_t *s = src + (row * blocks + b) * 20;
-            uint8_t *block = dst + ((row / 16) * blocks + b) * Q4_BLOCK_BYTES;
-            memcpy(block + 2 * o, s, 2);
-            memcpy(block + 32 + 2 * o, s + 2, 2);
+            const uint8_t *s = src + (row * blocks + b) * file_bytes;
+            uint8_t *block = dst + ((row / 16) * blocks + b) * packed_bytes;
+            memcpy(block + 2 * o, s, 2); /* d */
+            if (format == GEMM_Q8_0) {
+                for (int pair = 0; pair < GGML_BLOCK / 2; pair++)
+                    memcpy(block + 32 + pair * 32 + 2 * o, s + 2 + 2 * pair, 2);
+                continue;
+            }
+            memcpy(block + 32 + 2 * o, s + 2, 2); /* m */
             uint16_t *words = (uint16_t *)(block + 64); /* 4 chunks x 32 words, little-endian */
             for (int k = 0; k < GGML_BLOCK; k++) {
                 const int q = k < 16 ? s[4 + k] & 15 : s[4 + k - 16] >> 4;
                 const int pair = k / 2, chunk = pair / 4, nibble = pair % 4;
                 words[chunk * 32 + 2 * o + k % 2] |= (uint16_t)(q << (4 * nibble));
             }
-        }
-    }
-}
-
-/* Q8_0 rows (out, blocks x 34 bytes: fp16 d, 32 int8) into panels of Q8_BLOCK_BYTES per block. */
-static void pack_q8_0_rows(const uint8_t *src, uint8_t *dst, long out, long blocks) {
-    const long panels = (out + 15) / 16;
-    memset(dst, 0, (size_t)(panels * blocks * Q8_BLOCK_BYTES));
-    for (long row = 0; row < out; row++) {
-        const int o = (int)(row % 16);
-        for (long b = 0; b < blocks; b++) {
-            const uint8_t *s = src + (row * blocks + b) * 34;
-            uint8_t *block = dst + ((row / 16) * blocks + b) * Q8_BLOCK_BYTES;
-            memcpy(block + 2 * o, s, 2);
-            for (int pair = 0; pair < GGML_BLOCK / 2; pair++)
-                memcpy(block + 32 + pair * 32 + 2 * o, s + 2 + 2 * pair, 2);
         }
     }
 }
