@@ -6,6 +6,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tokenmill.api.disconnect import ClientDisconnected
 from tokenmill.async_engine import GenerationError
 from tokenmill.errors import ValidationError
 
@@ -44,6 +45,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 422, {"error": f"Template error: {exc}", "error_type": "template_error"}
     if isinstance(exc, UnsupportedError):
         return 422, {"error": str(exc), "error_type": exc.error_type}
+    if isinstance(exc, ClientDisconnected):  # nobody reads it; access logs and metrics do
+        return 499, {"error": "Client closed the connection", "error_type": "client_disconnected"}
     return 500, {"error": f"Request failed: {exc}", "error_type": "incomplete_generation"}
 
 
@@ -64,6 +67,7 @@ def install_error_handlers(app, metrics=None) -> None:
         message = f"Failed to deserialize the JSON body into the target type: {where}: {first.get('msg', exc)}"
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
-    for exc_type in (ValidationError, OverloadedError, ModelLoadingError, GenerationError, TemplateError, UnsupportedError):
+    for exc_type in (ValidationError, OverloadedError, ModelLoadingError, GenerationError, TemplateError,
+                     UnsupportedError, ClientDisconnected):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(RequestValidationError, handle_malformed)

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from tokenmill.api.disconnect import until_disconnected
 from tokenmill.api.errors import TemplateError, UnsupportedError
 from tokenmill.api.service import Generation, GenerationService
 from tokenmill.api.sse import error_event, sse, sse_response
@@ -158,7 +159,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.stream:
         return sse_response(_chat_stream(service, body, prompt, params, model))
     with service.admit():
-        generations = await asyncio.gather(*(service.complete(prompt, _seeded(params, i)) for i in range(body.n)))
+        generations = await until_disconnected(request, asyncio.gather(
+            *(service.complete(prompt, _seeded(params, i)) for i in range(body.n))))
     choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
                 "logprobs": _chat_logprobs(g, top_n) if body.logprobs else None,
                 "finish_reason": _finish(g.finish_reason)} for i, g in enumerate(generations)]
@@ -238,7 +240,8 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return sse_response(_completion_stream(service, jobs, model))
     with service.admit():
-        generations = await asyncio.gather(*(service.complete(ids, p) for _, ids, p in jobs))
+        generations = await until_disconnected(request, asyncio.gather(
+            *(service.complete(ids, p) for _, ids, p in jobs)))
     choices = [{"index": index, "text": (prompts[index // body.n] if body.echo else "") + g.text, "logprobs": None,
                 "finish_reason": _finish(g.finish_reason)} for (index, _, _), g in zip(jobs, generations)]
     prompt_tokens = sum(len(ids) for ids in encoded)

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from tokenmill.api.disconnect import until_disconnected
 from tokenmill.api.schemas import (
     BestOfSequence,
     CompatGenerateRequest,
@@ -52,13 +53,14 @@ def _details(g: Generation, with_prefill: bool) -> Details:
     )
 
 
-async def _generate(service: GenerationService, body: GenerateRequest, default_full_text: bool) -> JSONResponse:
+async def _generate(request: Request, service: GenerationService, body: GenerateRequest,
+                    default_full_text: bool) -> JSONResponse:
     start = time.monotonic()
     valid = validate_generate(body.inputs, body.parameters, service.settings, service.tokenizer,
                               add_special_tokens=body.add_special_tokens, default_full_text=default_full_text)
     validated = time.monotonic()
     with service.admit():
-        generations = await _run_best_of(service, valid)
+        generations = await until_disconnected(request, _run_best_of(service, valid))
     best = max(generations, key=lambda g: g.mean_logprob)
     p = body.parameters
     text = (body.inputs if valid.return_full_text else "") + best.text
@@ -127,7 +129,7 @@ async def _stream_events(service: GenerationService, body: GenerateRequest, defa
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
 async def generate(body: GenerateRequest, request: Request):
     """Generate tokens (TGI)."""
-    return await _generate(_ready(request), body, default_full_text=False)
+    return await _generate(request, _ready(request), body, default_full_text=False)
 
 
 @router.post("/generate_stream")
@@ -143,7 +145,7 @@ async def compat_generate(body: CompatGenerateRequest, request: Request):
     service = _ready(request)
     if body.stream:
         return sse_response(_stream_events(service, body, default_full_text=True))
-    response = await _generate(service, body, default_full_text=True)
+    response = await _generate(request, service, body, default_full_text=True)
     import json
 
     return JSONResponse([json.loads(response.body)], headers={k: v for k, v in response.headers.items()

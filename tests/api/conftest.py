@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import json
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +21,7 @@ from tokenmill.api.app import build_app
 from tokenmill.api.server import ServeOptions, build_service
 from tokenmill.engine import Engine, EngineConfig
 
+REPO = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
 
@@ -92,3 +96,26 @@ def served_smollm2():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def run_client(tmp_path_factory):
+    """Run client code in a fresh process, with stubs generated there from the repo's .proto file.
+
+    A separate process, as a real client is: the server's own generated modules hold the same
+    message names in this process's descriptor pool.
+    """
+    out = tmp_path_factory.mktemp("client")
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'api' / 'grpc'}", f"--python_out={out}",
+                    f"--grpc_python_out={out}", "generate.proto"], check=True)
+
+    def run(address: str, body: str) -> dict:
+        script = out / "client.py"
+        script.write_text("import json, sys, grpc\nimport generate_pb2 as pb, generate_pb2_grpc as pb_grpc\n"
+                          f"channel = grpc.insecure_channel({address!r})\nstub = pb_grpc.TextGenerationStub(channel)\n"
+                          + textwrap.dedent(body))
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=out)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    return run

@@ -3,42 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def run_client(tmp_path_factory):
-    """Run client code in a fresh process, with stubs generated there from the repo's .proto file.
-
-    A separate process, as a real client is: the server's own generated modules hold the same
-    message names in this process's descriptor pool.
-    """
-    out = tmp_path_factory.mktemp("client")
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'api' / 'grpc'}", f"--python_out={out}",
-                    f"--grpc_python_out={out}", "generate.proto"], check=True)
-
-    def run(address: str, body: str) -> dict:
-        script = out / "client.py"
-        script.write_text("import json, sys, grpc\nimport generate_pb2 as pb, generate_pb2_grpc as pb_grpc\n"
-                          f"channel = grpc.insecure_channel({address!r})\nstub = pb_grpc.TextGenerationStub(channel)\n"
-                          + textwrap.dedent(body))
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=out)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    return run
-
 
 def test_stream_tokens_and_unary_generate(tiny_server, run_client) -> None:
     result = run_client(tiny_server.grpc_address, """
