@@ -107,12 +107,13 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
     serving = asyncio.create_task(server.serve())
     # A local child loads the very model of these options: read its tokenizer while it starts up.
     early_tokenizer = (asyncio.create_task(asyncio.to_thread(load_tokenizer, options.engine.model_id,
-                                                             options.engine.cache_dir))
+                                                             options.engine.cache_dir, options.engine.load_format))
                        if child is not None else None)
     try:
         info = await _wait_for_replica(router, child, options.startup_timeout_s)
         service.tokenizer = await (early_tokenizer or asyncio.to_thread(load_tokenizer, info.source,
-                                                                        options.engine.cache_dir))
+                                                                        options.engine.cache_dir,
+                                                                        options.engine.load_format))
         service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),
                                          min(info.max_model_len, info.kv_capacity_tokens),
                                          f"{len(addresses)}-{info.backend}")

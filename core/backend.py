@@ -52,6 +52,10 @@ class Backend:
     def init_device(self, device_index: int = 0) -> DevicePlatform:
         return self._call("tokenmill_init_device", device_index=device_index)
 
+    def interpreter_platform(self) -> DevicePlatform | None:
+        """Where the backend's kernels run interpreted on host tensors, or None if it has no interpreter."""
+        return self._hooks["tokenmill_interpreter_platform"]()
+
     def memory_budget(self, device: torch.device, request: MemoryRequest) -> int:
         return int(self._call("tokenmill_memory_budget", device=device, request=request))
 
@@ -92,8 +96,9 @@ class Backend:
     def shape_buckets(self, max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
         return self._hooks["tokenmill_shape_buckets"](max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)
 
-    def compile_model(self, model: nn.Module, buckets: ShapeBuckets | None) -> Any:
-        return self._call("tokenmill_compile_model", model=model, buckets=buckets)
+    def compile_model(self, model: nn.Module, buckets: ShapeBuckets | None,
+                      capture_sizes: tuple[int, ...] | None = None) -> Any:
+        return self._call("tokenmill_compile_model", model=model, buckets=buckets, capture_sizes=capture_sizes)
 
     def model_executor(self, model_id: str, config: Any) -> nn.Module | None:
         return self._hooks["tokenmill_model_executor"](model_id=model_id, config=config)

@@ -35,7 +35,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def _cmd_conformance(args: argparse.Namespace) -> int:
     from tokenmill.conformance.runner import run_conformance
 
-    return run_conformance(args.backend or "", [a for a in args.extra_args if a != "--"])
+    return run_conformance(args.backend or "", [a for a in args.extra_args if a != "--"], interpret=args.interpret)
 
 
 def _env(name: str, default=None):
@@ -43,7 +43,38 @@ def _env(name: str, default=None):
 
 
 ENGINE_FLAGS = ("--model-id", "--dtype", "--quantize", "--kv-cache-bytes", "--max-batch-prefill-tokens",
-                "--max-batch-size", "--max-total-tokens", "--max-batch-total-tokens", "--cache-dir")
+                "--max-batch-size", "--max-total-tokens", "--max-batch-total-tokens", "--cache-dir",
+                "--cuda-memory-fraction", "--cuda-graphs", "--load-format")
+
+
+def fraction(text: str) -> float:
+    """A share of device memory: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """TGI's `--cuda-graphs`: comma-separated decode batch sizes to capture; "0" captures none."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if sizes == [0]:
+        return ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive batch sizes such as 1,2,4,8 (or 0 for no graphs), got {text!r}")
+    return tuple(sorted(set(sizes)))
+
+
+def load_format(text: str) -> str:
+    from tokenmill.loader import LOAD_FORMATS
+
+    if text not in LOAD_FORMATS:
+        raise argparse.ArgumentTypeError(f"choose {' or '.join(LOAD_FORMATS)}, got {text!r}")
+    return text
 
 
 def _engine_config(args: argparse.Namespace) -> "EngineConfig":
@@ -56,6 +87,7 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
         max_num_batched_tokens=args.max_batch_prefill_tokens, max_num_seqs=args.max_batch_size,
         max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
         cache_dir=Path(args.cache_dir).expanduser(), max_batch_total_tokens=args.max_batch_total_tokens,
+        memory_fraction=args.cuda_memory_fraction, graph_batch_sizes=args.cuda_graphs, load_format=args.load_format,
     )
 
 
@@ -64,6 +96,8 @@ def _model_server_args(args: argparse.Namespace) -> tuple[str, ...]:
     forwarded = []
     for flag in ENGINE_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value)) or "0"
         if value is not None:
             forwarded += [flag, str(value)]
     if args.backend:
@@ -118,9 +152,11 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
 
 
 def _flag_adder(parser: argparse.ArgumentParser):
-    def flag(name: str, env: str, default=None, type=str, help: str = "") -> None:
+    def flag(name: str, env: str, default=None, type=str, help: str = "", aliases: tuple[str, ...] = ()) -> None:
+        # The variable's text is the default as given: argparse converts it through `type`, so a bad value
+        # is reported like a bad flag instead of raising while the parser is built.
         value = _env(env)
-        parser.add_argument(name, default=type(value) if value is not None else default, type=type,
+        parser.add_argument(name, *aliases, default=value if value is not None else default, type=type,
                             help=f"{help} [env: {env}]")
     return flag
 
@@ -138,6 +174,15 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     flag("--max-batch-total-tokens", "MAX_BATCH_TOTAL_TOKENS", None, int,
          help="most tokens held in the KV cache at once (default: what the KV-cache budget holds)")
     flag("--cache-dir", "TOKENMILL_CACHE_DIR", "~/.cache/tokenmill", help="where derived files are cached")
+    flag("--cuda-memory-fraction", "CUDA_MEMORY_FRACTION", 1.0, fraction, aliases=("--gpu-memory-utilization",),
+         help="share of the accelerator's memory for weights, activations and KV cache together (vLLM's "
+              "--gpu-memory-utilization is the same); the KV cache gets what the backend's profiling leaves")
+    flag("--cuda-graphs", "CUDA_GRAPHS", None, batch_sizes,
+         help="decode batch sizes to capture as graphs, comma-separated, e.g. 1,2,4,8; 0: none "
+              "(default: the backend's choice)")
+    flag("--load-format", "LOAD_FORMAT", "auto", load_format,
+         help="auto: read the checkpoint; dummy: random weights for --model-id's config (a folder with "
+              "config.json, or a built-in shape: llama-3-8b), for benchmarks; no weight file is read")
     flag("--otlp-endpoint", "OTLP_ENDPOINT", None, help="export OpenTelemetry spans over OTLP/gRPC")
     flag("--graceful-termination-timeout", "GRACEFUL_TERMINATION_TIMEOUT", 30, int,
          help="seconds in-flight requests get to finish on SIGTERM")
@@ -187,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     conformance = commands.add_parser(
         "conformance", help="run the conformance suite every backend must pass (needs tokenmill[test])")
     _add_backend_flag(conformance)
+    conformance.add_argument("--interpret", action="store_true",
+                             help="run the kernel-level cases through the backend's kernel interpreter on the CPU, "
+                                  "without its hardware (the backend must offer one, e.g. Triton's)")
     conformance.set_defaults(accepts_extra_args=True)  # anything unrecognised goes to pytest, e.g. -q, -k
     conformance.set_defaults(func=_cmd_conformance)
     serve = commands.add_parser("serve", help="start the server on the best discovered backend")

@@ -20,8 +20,8 @@ from tokenmill.block_manager import BlockManager
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.interfaces import LayerOps, MemoryRequest
-from tokenmill.loader import Checkpoint, load_checkpoint, parse_dtype
-from tokenmill.model_runner import ModelRunner, SequenceStep
+from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
+from tokenmill.model_runner import ModelRunner, SequenceStep, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.request import FinishReason, Request
@@ -49,6 +49,9 @@ class EngineConfig:
     seed: int = 0
     cache_dir: Path | None = None
     progress: bool = True
+    memory_fraction: float = 1.0  # of device memory for weights, activations and KV cache together (as TGI)
+    graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; (): none; None: the backend's
+    load_format: str = "auto"  # "dummy": random weights of the model's shape, no weight file read
 
 
 @dataclass
@@ -76,7 +79,7 @@ class Engine:
             raise ValidationError(f"backend {self.backend.name!r} does not support {self.dtype}")
         start = time.perf_counter()
         self.checkpoint = checkpoint or load_checkpoint(config.model_id, self.dtype, progress=config.progress,
-                                                        cache_dir=config.cache_dir)
+                                                        cache_dir=config.cache_dir, load_format=config.load_format)
         self.load_time_s = time.perf_counter() - start
         self.tokenizer = self.checkpoint.tokenizer
         model_config = self.checkpoint.config
@@ -85,8 +88,13 @@ class Engine:
 
         self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype), self.device)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
-        self.model = get_model_class(model_config)(model_config, self._make_attention, self.dtype)
-        self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
+        model_class = get_model_class(model_config)
+        if self.checkpoint.format == "dummy":
+            self.model = build_dummy_model(model_class, model_config, self._make_attention, self.dtype, self.device,
+                                           config.seed)
+        else:
+            self.model = model_class(model_config, self._make_attention, self.dtype)
+            self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
         self.model.to(self.device).eval()
         self.checkpoint.tensors = {}  # the model owns the weights now
         if config.quantize:
@@ -98,7 +106,8 @@ class Engine:
         self._bind_layer_ops(self.backend.layer_ops(self.dtype))
 
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        budget = self.backend.memory_budget(self.device, MemoryRequest(weights_bytes, config.kv_cache_bytes))
+        budget = self.backend.memory_budget(self.device, MemoryRequest(
+            weights_bytes, config.kv_cache_bytes, config.memory_fraction, profile=self._profile_largest_step))
         self.num_blocks = budget // self.layout.bytes_per_block()
         if config.max_batch_total_tokens:
             self.num_blocks = min(self.num_blocks, -(-config.max_batch_total_tokens // self.layout.block_size))
@@ -107,7 +116,7 @@ class Engine:
                                   f"{self.layout.bytes_per_block()} bytes; give more memory")
         self.kv_caches = self.layout.allocate(self.num_blocks)
         buckets = self.backend.shape_buckets(config.max_num_batched_tokens, config.max_num_seqs)
-        forward = self.backend.compile_model(self.model, buckets)
+        forward = self.backend.compile_model(self.model, buckets, config.graph_batch_sizes)
         self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
                                   self.layout.block_size, self.device)
         self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, config.enable_prefix_caching,
@@ -119,6 +128,25 @@ class Engine:
         self._states: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
+
+    def _profile_largest_step(self) -> None:
+        """`MemoryRequest.profile`: one eager forward of the largest step, on a scratch cache freed on return.
+
+        One sequence of max_num_batched_tokens tokens (capped at what the model's positions and context
+        hold) asking for as many logit rows as a full batch of sequences would, so the peak the backend
+        measures covers the largest activations and logits a real step makes. The compiled forward
+        does not exist yet: graphs are captured later, over the real cache.
+        """
+        config = self.config
+        num_tokens = max(1, min(config.max_num_batched_tokens, self.max_model_len,
+                                self.model_config.max_position_embeddings))
+        num_blocks = -(-num_tokens // self.layout.block_size)
+        scratch = self.layout.allocate(num_blocks)
+        runner = ModelRunner(self.model, self.model, scratch, list(self._attention.values()), self.layout.block_size,
+                             self.device)
+        runner.execute([SequenceStep([0] * num_tokens, 0, list(range(num_blocks)),
+                                     min(num_tokens, config.max_num_seqs))])
+        del runner, scratch  # the backend reads its counters once this returns: nothing of the step stays alive
 
     def _make_attention(self, spec):
         backend = self.backend.attention(spec, self.layout)
@@ -217,17 +245,19 @@ class Engine:
         sample_rows, prompt_rows = self._split_logits(plan, steps)
         if prompt_rows:
             self._record_prompt_logprobs(logits, prompt_rows)
+        requests = [plan.scheduled[i].request for i in sampling]
         sampled: dict[str, int] = {}
-        sampler_out = None
-        if sampling:
-            requests = [plan.scheduled[i].request for i in sampling]
+        if requests:
             meta = SamplingMetadata.build([r.sampling_params for r in requests], [r.token_ids for r in requests],
                                           [r.num_prompt_tokens for r in requests], logits.shape[-1], self.device)
-            sampler_out = self.sampler(logits[sample_rows], meta)
-            sampled = {r.request_id: t for r, t in zip(requests, sampler_out.token_ids.tolist())}
+            # Rows only increase, so as many rows as logits means every row in order (a decode step).
+            if len(sample_rows) < logits.shape[0]:
+                logits = logits[host_to_device(torch.tensor(sample_rows), logits.device)]
+            token_ids, logprobs, top_ids, top_lps = self.sampler(logits, meta).tolist()  # the one wait for the device
+            sampled = dict(zip((r.request_id for r in requests), token_ids))
         self.scheduler.update(plan, sampled)
-        if sampler_out is not None:
-            outputs += self._process_samples([plan.scheduled[i].request for i in sampling], sampler_out)
+        if requests:
+            outputs += self._process_samples(requests, logprobs, top_ids, top_lps)
         return outputs
 
     def _sequence_steps(self, plan: SchedulerOutput) -> tuple[list[SequenceStep], list[int]]:
@@ -260,19 +290,17 @@ class Engine:
         return sample_rows, prompt_rows
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Request, int, int]]) -> None:
-        index = torch.tensor([r for _, _, r in rows])
-        targets = torch.tensor([req.token_ids[pos] for req, pos, _ in rows])
+        index = host_to_device(torch.tensor([r for _, _, r in rows]), logits.device)
+        targets = host_to_device(torch.tensor([req.token_ids[pos] for req, pos, _ in rows]), logits.device)
         logprobs = torch.log_softmax(logits[index], dim=-1).gather(1, targets[:, None]).squeeze(1).tolist()
         for (request, position, _), logprob in zip(rows, logprobs):
             token = request.token_ids[position]
             self._states[request.request_id].prompt_logprobs.append(
                 TokenInfo(token, logprob, self.tokenizer.decode([token])))
 
-    def _process_samples(self, requests: list[Request], out) -> list[RequestOutput]:
+    def _process_samples(self, requests: list[Request], logprobs: list[float] | None,
+                         top_ids: list[list[int]] | None, top_lps: list[list[float]] | None) -> list[RequestOutput]:
         outputs = []
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         now = time.monotonic()
         for i, request in enumerate(requests):
             state = self._states[request.request_id]

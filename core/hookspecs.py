@@ -100,13 +100,36 @@ def tokenmill_init_device(device_index: int) -> DevicePlatform:
 
 
 @hookspec(firstresult=True)
+def tokenmill_interpreter_platform() -> DevicePlatform | None:
+    """A platform on which this backend's kernels run through a software interpreter on host tensors.
+
+    For checking kernels where the hardware is absent (CI, a laptop): ``tokenmill conformance
+    --backend NAME --interpret`` runs the kernel-level cases (attention, KV cache, layer ops,
+    quantized matmuls) on this platform instead of `tokenmill_init_device`'s, without discovery
+    having to find the hardware. Turn the interpreter on here (Triton's ``TRITON_INTERPRET=1``)
+    before any kernel is defined; the other hooks then hand out the same kernels, interpreted.
+    Default: None (the backend has no interpreter).
+    """
+
+
+@hookspec(firstresult=True)
 def tokenmill_memory_budget(device: torch.device, request: MemoryRequest) -> int:
     """The bytes the KV cache may take on `device`, now that the weights are loaded.
 
     `request` carries the weights' size, an explicit size if the user gave one (which should win) and
-    the fraction of device memory tokenmill may use. The core divides the answer by
-    `KVCacheLayout.bytes_per_block()` to size the cache. Default: the explicit size; without one the
-    default raises, since only the backend knows its device's memory.
+    the fraction of device memory tokenmill may use in all (``--cuda-memory-fraction``, alias
+    ``--gpu-memory-utilization``: weights, activations and KV cache together).
+
+    `request.profile`, when not None, runs one forward at the largest step the scheduler will build
+    (max_num_batched_tokens tokens), so the backend can measure peak activation memory with its own
+    counters before sizing the cache: reset the device's peak-memory counter, call it, read the peak,
+    and give the KV cache ``fraction * total - peak``. It allocates a scratch KV cache through
+    `KVCacheLayout.allocate` for that one step and drops it before returning (return the freed
+    memory to the device with the allocator's own call if it caches blocks). A backend whose
+    activations are negligible next to its memory (the CPU) need not call it.
+
+    The core divides the answer by `KVCacheLayout.bytes_per_block()` to size the cache. Default: the
+    explicit size; without one the default raises, since only the backend knows its device's memory.
     """
 
 
@@ -209,12 +232,17 @@ def tokenmill_shape_buckets(max_num_tokens: int, max_num_seqs: int) -> ShapeBuck
 
 
 @hookspec(firstresult=True)
-def tokenmill_compile_model(model: nn.Module, buckets: ShapeBuckets | None) -> Any:
+def tokenmill_compile_model(model: nn.Module, buckets: ShapeBuckets | None,
+                            capture_sizes: tuple[int, ...] | None) -> Any:
     """Compile or capture the model's forward step; return the callable the engine will run.
 
     For example ``torch.compile``, CUDA/HPU graph capture per bucket, or XLA compilation. The
     callable takes the same arguments as ``model.forward``. Warm-up compiles every bucket before the
-    server reports healthy. Default: the model itself (eager).
+    server reports healthy. Called after the KV cache is allocated, so captured graphs may read it.
+
+    `capture_sizes` are the decode batch sizes (sequences of one token each) to capture as graphs,
+    from ``--cuda-graphs`` (TGI's flag): ``()`` means capture none, run eager; None means the
+    backend decides. A backend without graphs ignores it. Default: the model itself (eager).
     """
 
 

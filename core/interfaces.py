@@ -192,6 +192,9 @@ class MemoryRequest:
     weights_bytes: int
     kv_cache_bytes: int | None = None  # an explicit size wins over the fraction
     memory_fraction: float = 0.9  # of the device memory that tokenmill may use in all
+    # Runs one forward of the largest step the scheduler will build, on a scratch cache it frees
+    # before returning; see `tokenmill_memory_budget`. None where the core has nothing to run.
+    profile: Callable[[], None] | None = None
 
 
 class Communicator(abc.ABC):
@@ -261,6 +264,15 @@ class QuantMethod(abc.ABC):
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         """`x @ weight.T` with the prepared weight; `x` is (num_tokens, in_features)."""
+
+    def dequantize(self, prepared: Any) -> torch.Tensor | None:
+        """The dense (out_features, in_features) weight `prepared` stands for, or None (the default).
+
+        A method that answers is held by the conformance suite to the contract of a quantized kernel:
+        `matmul` at least as exact, against the float64 product with this weight, as `F.linear` run
+        with this weight in the activations' dtype. Its quantization error is the method's business.
+        """
+        return None
 
 
 class LayerOps:

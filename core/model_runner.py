@@ -3,10 +3,13 @@
 The runner never sees a request or a queue: it gets, per sequence, the tokens to feed this step, where
 they start, the sequence's block table and how many trailing positions need logits. Batch building is
 vectorised with numpy over all tokens of the step; the only per-sequence Python is list concatenation.
+Everything is built on the host and sent over in one asynchronous copy per tensor, so on an accelerator
+the step queues its work without ever waiting for the device.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -14,6 +17,27 @@ import numpy as np
 import torch
 
 from tokenmill.interfaces import AttentionBackend, AttentionMetadata
+
+
+def host_to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`data`, built on the host, on `device`: the host's tensor itself, or one non-blocking copy.
+
+    The copy goes from pinned memory where the device is the machine's accelerator: a copy from pageable
+    memory may wait for the device's queue to drain, which is the host sync a step must not have.
+    """
+    tensor = torch.from_numpy(data) if isinstance(data, np.ndarray) else data
+    if device.type == "cpu":
+        return tensor
+    if _pinned_memory_serves(device.type):
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+@functools.cache
+def _pinned_memory_serves(device_type: str) -> bool:
+    # Pinned memory belongs to the current accelerator; any other device (meta) gets a plain copy.
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return accelerator is not None and accelerator.type == device_type
 
 
 @dataclass(frozen=True)
@@ -61,18 +85,18 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
     ) if num_logits.any() else np.zeros(0, dtype=np.int64)
 
     metadata = AttentionMetadata(
-        query_start_loc=torch.from_numpy(cu_query.astype(np.int32)).to(device),
-        seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
-        block_tables=torch.from_numpy(block_tables.astype(np.int32)).to(device),
-        slot_mapping=torch.from_numpy(slot_mapping).to(device),
+        query_start_loc=host_to_device(cu_query.astype(np.int32), device),
+        seq_lens=host_to_device(seq_lens.astype(np.int32), device),
+        block_tables=host_to_device(block_tables.astype(np.int32), device),
+        slot_mapping=host_to_device(slot_mapping, device),
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
     )
     return StepInputs(
-        input_ids=torch.from_numpy(token_ids).to(device),
-        positions=torch.from_numpy(positions).to(device),
+        input_ids=host_to_device(token_ids, device),
+        positions=host_to_device(positions, device),
         metadata=metadata,
-        logits_indices=torch.from_numpy(logits_indices).to(device),
+        logits_indices=host_to_device(logits_indices, device),
     )
 
 

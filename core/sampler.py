@@ -6,7 +6,11 @@ greedy requests that is the model's own distribution).
 
 Seeded requests draw with the exponential race (`argmax(p / E)`, `E ~ Exp(1)`), with `E` derived
 from a counter-based hash of (seed, step, token id): the draw of a seeded request depends on nothing
-else in the batch. Unseeded requests take `E` from the engine's generator.
+else in the batch. Unseeded requests take `E` from the engine's generator for the logits' device.
+
+Every tensor lives on the logits' device and nothing here reads a value back to the host, so on an
+accelerator a step's sampling is queued behind its forward without a sync (`tokenmill.sync_audit`
+checks it). The settings are built on the host and sent in one asynchronous copy per tensor.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from tokenmill.model_runner import host_to_device
 from tokenmill.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -41,6 +46,7 @@ class SamplingMetadata:
     steps: torch.Tensor | None  # (B,) int64: index of the token being drawn, per request
     max_top_n: int
     needs_logprobs: bool
+    all_seeded: bool = False  # every row seeded: no row draws from the generator
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]],
@@ -51,11 +57,15 @@ class SamplingMetadata:
         greedy = [p.is_greedy for p in params]
         all_greedy = all(greedy) and not any(p.needs_history for p in params)
         if all_greedy:
-            return cls(True, torch.ones(batch, dtype=torch.bool), torch.ones(batch, 1), None, None, None, None,
-                       None, None, None, None, None, None, None, max_top_n, needs_logprobs)
+            return cls(True, torch.ones(batch, dtype=torch.bool, device=device),
+                       torch.ones(batch, 1, device=device), None, None, None, None, None, None, None, None, None,
+                       None, None, max_top_n, needs_logprobs)
 
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
+        def send(values, dtype):
+            return host_to_device(torch.tensor(values, dtype=dtype), device)
+
+        def column(values):
+            return send(values, torch.float32).view(-1, 1)
 
         def optional(name, off, unreachable=None):
             # Rows that turned a filter off get a value the filter can never act on, so float rounding
@@ -67,7 +77,7 @@ class SamplingMetadata:
 
         top_k = None
         if any(p.top_k for p in params):
-            top_k = torch.tensor([p.top_k or vocab_size for p in params], dtype=torch.int64, device=device)
+            top_k = send([p.top_k or vocab_size for p in params], torch.int64)
         history = output_history = None
         if any(p.needs_history for p in params):
             history = _pad([list(t) for t in token_ids], vocab_size, device)
@@ -75,11 +85,11 @@ class SamplingMetadata:
         seeds = steps = None
         if any(p.seed is not None for p in params):
             # All 64 bits of the seed count: its halves are folded together into a 32-bit key.
-            seeds = torch.tensor([-1 if p.seed is None else _fold_seed(p.seed) for p in params], device=device)
-            steps = torch.tensor([len(t) - n for t, n in zip(token_ids, num_prompt_tokens)], device=device)
+            seeds = send([-1 if p.seed is None else _fold_seed(p.seed) for p in params], torch.int64)
+            steps = send([len(t) - n for t, n in zip(token_ids, num_prompt_tokens)], torch.int64)
         return cls(
             all_greedy=False,
-            greedy=torch.tensor(greedy, device=device),
+            greedy=send(greedy, torch.bool),
             temperature=column([p.temperature or 1.0 for p in params]),
             top_k=top_k,
             top_p=optional("top_p", 1.0, unreachable=2.0),
@@ -94,12 +104,13 @@ class SamplingMetadata:
             steps=steps,
             max_top_n=max_top_n,
             needs_logprobs=needs_logprobs,
+            all_seeded=all(p.seed is not None for p in params),
         )
 
 
 def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0) or 1
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+    return host_to_device(torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64), device)
 
 
 @dataclass
@@ -109,12 +120,39 @@ class SamplerOutput:
     top_token_ids: torch.Tensor | None  # (B, max_top_n)
     top_logprobs: torch.Tensor | None
 
+    def tolist(self) -> tuple[list[int], list[float] | None, list[list[int]] | None, list[list[float]] | None]:
+        """The step's one read from the device: token ids, with the logprobs in the same transfer."""
+        if self.logprobs is None:
+            return self.token_ids.tolist(), None, None, None
+        # float64 holds every token id and float32 logprob exactly, so one tensor carries them all.
+        columns = [self.token_ids[:, None], self.logprobs[:, None]]
+        if self.top_token_ids is not None:
+            columns += [self.top_token_ids, self.top_logprobs]
+        rows = torch.cat([c.double() for c in columns], dim=1).tolist()
+        token_ids = [int(row[0]) for row in rows]
+        logprobs = [row[1] for row in rows]
+        if self.top_token_ids is None:
+            return token_ids, logprobs, None, None
+        n = self.top_token_ids.shape[1]
+        return token_ids, logprobs, [[int(t) for t in row[2 : 2 + n]] for row in rows], [row[2 + n :] for row in rows]
+
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator | None] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator of unseeded draws on `device`, made on first use; None where the device has none."""
+        if device not in self._generators:
+            try:
+                generator = torch.Generator(device)
+            except RuntimeError:  # meta: its draws hold no values, so there is nothing to make reproducible
+                generator = None
+            if generator is not None and self.seed is not None:
+                generator.manual_seed(self.seed)
+            self._generators[device] = generator
+        return self._generators[device]
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
@@ -144,14 +182,14 @@ class Sampler:
     def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         vocab = logits.shape[1]
         if meta.repetition_penalty is not None:
-            seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool)
+            seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
             seen.scatter_(1, meta.history, True)
             seen = seen[:, :vocab]
             penalty = meta.repetition_penalty
             penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
             logits = torch.where(seen, penalised, logits)
         if meta.frequency_penalty is not None or meta.presence_penalty is not None:
-            counts = torch.zeros(logits.shape[0], vocab + 1)
+            counts = torch.zeros(logits.shape[0], vocab + 1, device=logits.device)
             counts.scatter_add_(1, meta.output_history, torch.ones_like(meta.output_history, dtype=torch.float32))
             counts = counts[:, :vocab]
             if meta.frequency_penalty is not None:
@@ -182,11 +220,16 @@ class Sampler:
         return logits
 
     def _exponentials(self, probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        uniform = torch.rand(probs.shape, generator=self.generator).clamp_(min=1e-10)
         if meta.seeds is not None:
-            seeded = meta.seeds >= 0
-            rows = seeded.nonzero().squeeze(1)
-            uniform[rows] = _hash_uniform(meta.seeds[rows], meta.steps[rows], probs.shape[1])
+            hashed = _hash_uniform(meta.seeds, meta.steps, probs.shape[1])
+            if meta.all_seeded:
+                return -torch.log(hashed)
+        uniform = torch.rand(probs.shape, generator=self.generator(probs.device), device=probs.device)
+        uniform.clamp_(min=1e-10)
+        if meta.seeds is not None:
+            # Every row is hashed and the unseeded ones discarded: picking the seeded rows out would
+            # need their count on the host.
+            uniform = torch.where((meta.seeds >= 0)[:, None], hashed, uniform)
         return -torch.log(uniform)
 
 
@@ -228,5 +271,5 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 def _hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniforms in (0, 1) from (seed, step, token id) alone: (rows, vocab)."""
     row = _fmix32(_fmix32(seeds) + steps * 0x9E3779B1)[:, None]
-    h = _fmix32(row ^ _fmix32(torch.arange(vocab, dtype=torch.int64)[None, :] + 0x27D4EB2F))
+    h = _fmix32(row ^ _fmix32(torch.arange(vocab, dtype=torch.int64, device=seeds.device)[None, :] + 0x27D4EB2F))
     return (h.double() + 0.5).div_(2**32).float()

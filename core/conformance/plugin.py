@@ -8,24 +8,48 @@ import torch
 from tokenmill.backend import Backend, resolve_backend
 from tokenmill.errors import BackendUnavailableError
 from tokenmill.interfaces import DevicePlatform, Discovery
+from tokenmill.registry import load_registry
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--tokenmill-backend", required=True, help="the backend plugin under test")
+    parser.addoption("--tokenmill-interpret", action="store_true",
+                     help="run the kernels through the backend's interpreter on the CPU (kernel cases only)")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"tokenmill conformance: backend {config.getoption('--tokenmill-backend')!r}"
+    mode = ", interpreted on the CPU" if config.getoption("--tokenmill-interpret") else ""
+    return f"tokenmill conformance: backend {config.getoption('--tokenmill-backend')!r}{mode}"
+
+
+def interpreted_backend(name: str) -> tuple[Backend, DevicePlatform]:
+    """`name`'s backend with its interpreter on, whether or not its hardware is here."""
+    registry = load_registry()
+    if name not in registry.names:
+        raise BackendUnavailableError(f"no backend named {name!r} is registered")
+    backend = Backend(registry, name)
+    platform = backend.interpreter_platform()
+    if platform is None:
+        raise BackendUnavailableError(f"backend {name!r} offers no kernel interpreter (tokenmill_interpreter_platform)")
+    return backend, platform
 
 
 @pytest.fixture(scope="session")
-def backend(request: pytest.FixtureRequest) -> Backend:
-    """The backend under test, resolved exactly as the engine resolves it."""
+def _resolved(request: pytest.FixtureRequest) -> tuple[Backend, DevicePlatform | None]:
+    name = request.config.getoption("--tokenmill-backend")
     try:
-        resolved, _ = resolve_backend(forced=request.config.getoption("--tokenmill-backend"))
+        if request.config.getoption("--tokenmill-interpret"):
+            return interpreted_backend(name)
+        resolved, _ = resolve_backend(forced=name)
     except BackendUnavailableError as exc:
         pytest.fail(str(exc), pytrace=False)
-    return resolved
+    return resolved, None
+
+
+@pytest.fixture(scope="session")
+def backend(_resolved) -> Backend:
+    """The backend under test, resolved exactly as the engine resolves it (or loaded to interpret)."""
+    return _resolved[0]
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +58,9 @@ def discovery(backend: Backend) -> Discovery:
 
 
 @pytest.fixture(scope="session")
-def platform(backend: Backend) -> DevicePlatform:
-    return backend.init_device(0)
+def platform(_resolved) -> DevicePlatform:
+    backend, interpreted = _resolved
+    return interpreted if interpreted is not None else backend.init_device(0)
 
 
 @pytest.fixture(scope="session")

@@ -46,19 +46,35 @@ def test_communicator_with_one_rank_is_the_identity(backend, device) -> None:
     assert torch.equal(comm.all_gather(x.clone(), dim=0), x)
 
 
-def test_quantization_methods_approximate_the_dense_matmul(backend, platform: DevicePlatform) -> None:
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(64, 128, generator=generator)
-    x = torch.randn(5, 128, generator=generator)
+@pytest.mark.kernel
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_quantization_methods_approximate_the_dense_matmul(backend, platform: DevicePlatform, rows) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(64, 256, generator=generator)
+    x = torch.randn(rows, 256, generator=generator)
     dtype = platform.preferred_dtype
-    expected = (x @ weight.T).to(platform.device)
     for name, method in backend.quantization_methods.items():
         prepared = method.prepare(weight.to(platform.device, dtype))
-        got = method.matmul(x.to(platform.device, dtype), prepared).float()
-        error = (got - expected).norm() / expected.norm()
-        assert error < 0.05, f"quantization {name!r}: relative error {error:.3f}"
+        got = method.matmul(x.to(platform.device, dtype), prepared).double().cpu()
+        assert got.shape == (rows, 64), name
+        dequantized = method.dequantize(prepared)
+        if dequantized is None:  # a method that cannot show its weight: only the quantization's quality
+            expected = x.double() @ weight.double().T
+            error = (got - expected).norm() / expected.norm()
+            assert error < 0.05, f"quantization {name!r}: relative error {error:.3f}"
+            continue
+        # The kernel, apart from the quantization: as exact as F.linear on the weight it stands for.
+        exact = dequantized.double().cpu()
+        expected = x.to(dtype).double() @ exact.T
+        dense = torch.nn.functional.linear(x.to(platform.device, dtype), dequantized.to(dtype)).double().cpu()
+        slack = 1.5 * (dense - expected).norm() + 1e-6 * expected.norm()
+        assert (got - expected).norm() <= slack, f"quantization {name!r}: kernel error beyond F.linear's"
+        # And the weight it stands for is a quantization of the original, not another matrix.
+        relative = (exact - weight.to(dtype).double()).norm() / weight.double().norm()
+        assert relative < 0.2, f"quantization {name!r}: weight error {relative:.3f}"
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("rows", [0, 1, 5, 8, 13, 64])
 @pytest.mark.parametrize("out_features,in_features", [(64, 128), (50, 96), (960, 576), (24, 33)])
 def test_the_dense_linear_method_matches_f_linear(backend, platform: DevicePlatform, rows, out_features,
@@ -79,6 +95,7 @@ def test_the_dense_linear_method_matches_f_linear(backend, platform: DevicePlatf
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 5, 13, 40])
 @pytest.mark.parametrize("out_features,in_features", [(64, 128), (50, 96), (960, 576)])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenmill.interfaces import KVCacheShape
+
+pytestmark = pytest.mark.kernel  # runs under `tokenmill conformance --interpret` too
 
 
 def _layout(backend, device, dtype=torch.float32, num_layers=3):

@@ -8,6 +8,8 @@ import torch
 from tokenmill.conformance.plugin import dtypes_under_test
 from tokenmill.interfaces import LayerOps
 
+pytestmark = pytest.mark.kernel  # runs under `tokenmill conformance --interpret` too
+
 REFERENCE = LayerOps()
 
 

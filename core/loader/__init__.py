@@ -18,13 +18,15 @@ import torch
 from tqdm import tqdm
 
 from tokenmill.interfaces import GGMLWeight
+from tokenmill.loader.dummy import (BUILTIN_SHAPES, LOAD_FORMATS, build_dummy_model, dummy_tokenizer,
+                                    load_dummy_checkpoint)
 from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
 from tokenmill.loader.gguf_file import GGUFFile
 from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf, tokenizer_from_gguf
 from tokenmill.loader.safetensors_loader import load_hf_folder, resolve_hub_id
 
-__all__ = ["Checkpoint", "ModelNotFoundError", "UnsupportedCheckpointError", "default_model_path",
-           "load_checkpoint", "load_tokenizer", "parse_dtype"]
+__all__ = ["BUILTIN_SHAPES", "Checkpoint", "LOAD_FORMATS", "ModelNotFoundError", "UnsupportedCheckpointError",
+           "build_dummy_model", "default_model_path", "load_checkpoint", "load_tokenizer", "parse_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +40,10 @@ class Checkpoint:
     """A loaded model: what the engine needs to build and serve it."""
 
     config: Any  # transformers PretrainedConfig, `architectures` set
-    tensors: dict[str, torch.Tensor]  # transformers parameter names
+    tensors: dict[str, torch.Tensor]  # transformers parameter names (none for format "dummy")
     tokenizer: Any  # transformers PreTrainedTokenizerFast, with its chat template
     source: str  # the file or folder loaded
-    format: str  # "gguf" or "safetensors"
+    format: str  # "gguf", "safetensors" or "dummy" (random weights, built by `build_dummy_model`)
     eos_token_ids: tuple[int, ...] = ()
     timings_s: dict[str, float] = field(default_factory=dict)
     # GGUF only: quantized weights' blocks as stored (the same weights as in `tensors`), by name.
@@ -82,13 +84,17 @@ def load_checkpoint(
     revision: str | None = None,
     progress: bool = True,
     cache_dir: Path | None = None,
+    load_format: str = "auto",
 ) -> Checkpoint:
     """Load `model_id` (default: the embedded SmolLM2 GGUF).
 
     `dtype="auto"` keeps a safetensors checkpoint's `torch_dtype` and gives float32 for GGUF. A hub
     id is looked up in the local Hugging Face cache only. `cache_dir`, when given, keeps the tokenizer
-    built from a GGUF's metadata so later starts skip rebuilding it.
+    built from a GGUF's metadata so later starts skip rebuilding it. `load_format="dummy"` reads no
+    weights: see `tokenmill.loader.dummy`.
     """
+    if _check_load_format(load_format) == "dummy":
+        return load_dummy_checkpoint(model_id, dtype)
     model_id = model_id or default_model_path()
     path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -103,8 +109,10 @@ def load_checkpoint(
     return load_hf_folder(resolve_hub_id(model_id, revision), dtype, progress)
 
 
-def load_tokenizer(model_id: str | None = None, cache_dir: Path | None = None) -> Any:
+def load_tokenizer(model_id: str | None = None, cache_dir: Path | None = None, load_format: str = "auto") -> Any:
     """Only the tokenizer of `model_id` (the router needs no weights)."""
+    if _check_load_format(load_format) == "dummy":
+        return dummy_tokenizer(model_id)
     model_id = model_id or default_model_path()
     path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -116,6 +124,12 @@ def load_tokenizer(model_id: str | None = None, cache_dir: Path | None = None) -
     if not (folder / "config.json").exists() and len(ggufs) == 1:
         return _cached_gguf_tokenizer(ggufs[0], cache_dir)
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _check_load_format(load_format: str) -> str:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unsupported load format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
+    return load_format
 
 
 def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cache_dir: Path | None) -> Checkpoint:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tokenmill.interfaces import BackendStatus, DeviceInfo, Discovery
@@ -11,16 +13,16 @@ PRIORITY = 100
 EXTRA = "cuda"
 
 
-def _nvml_devices() -> tuple[DeviceInfo, ...] | None:
-    """Devices from NVML, or None when NVML is not installed or no driver answers."""
+def _nvml_devices() -> tuple[tuple[DeviceInfo, ...] | None, str]:
+    """Devices from NVML, or None and why NVML could not list them (not installed, no driver...)."""
     if not module_available("pynvml"):
-        return None
-    import pynvml
-
+        return None, f"nvidia-ml-py is not installed (pip install 'tokenmill[{EXTRA}]')"
     try:
+        import pynvml
+
         pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+        return None, f"NVML did not answer ({type(exc).__name__}: {exc})"
     try:
         devices = []
         for index in range(pynvml.nvmlDeviceGetCount()):
@@ -30,9 +32,12 @@ def _nvml_devices() -> tuple[DeviceInfo, ...] | None:
             name = pynvml.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else name
             devices.append(DeviceInfo(index, name, memory.total, memory.free, {"compute_capability": f"{major}.{minor}"}))
-        return tuple(devices)
+        return tuple(devices), ""
+    except Exception as exc:  # noqa: BLE001 - a GPU NVML cannot describe (lost, MIG quirks) is reported, not fatal
+        return None, f"NVML could not list the GPUs ({type(exc).__name__}: {exc})"
     finally:
-        pynvml.nvmlShutdown()
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
 
 
 def discover() -> Discovery:
@@ -45,14 +50,15 @@ def discover() -> Discovery:
                          PRIORITY, versions=versions)
     if not torch.version.cuda:
         return Discovery(BackendStatus.LIBRARY_MISSING,
-                         f"torch {torch.__version__} was built without CUDA{driver_note}",
-                         PRIORITY, versions=versions, install_extra=EXTRA)
-    devices = _nvml_devices()
+                         f"torch {torch.__version__} was built without CUDA (install a CUDA build of torch)"
+                         f"{driver_note}", PRIORITY, versions=versions, install_extra=EXTRA)
+    devices, nvml_note = _nvml_devices()
     if devices is None:
         # torch.cuda.device_count asks the driver for a count without creating a context.
         count = torch.cuda.device_count()
-        devices = tuple(DeviceInfo(i, "NVIDIA GPU (install nvidia-ml-py for details)", 0) for i in range(count))
+        devices = tuple(DeviceInfo(i, "NVIDIA GPU (NVML unavailable: no name or memory)", 0) for i in range(count))
+    note = f"; {nvml_note}" if nvml_note else ""
     if not devices:
         return Discovery(BackendStatus.NO_DEVICE, f"no NVIDIA GPU visible (check the driver and "
-                         f"CUDA_VISIBLE_DEVICES){driver_note}", PRIORITY, versions=versions, install_extra=EXTRA)
-    return Discovery(BackendStatus.USABLE, f"{len(devices)} NVIDIA GPU(s)", PRIORITY, devices, versions, EXTRA)
+                         f"CUDA_VISIBLE_DEVICES){driver_note}{note}", PRIORITY, versions=versions, install_extra=EXTRA)
+    return Discovery(BackendStatus.USABLE, f"{len(devices)} NVIDIA GPU(s){note}", PRIORITY, devices, versions, EXTRA)

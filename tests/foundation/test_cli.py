@@ -1,4 +1,4 @@
-"""`tokenmill env` and `tokenmill conformance` as a user runs them, in subprocesses."""
+"""`tokenmill env` and `tokenmill conformance` as a user runs them, in subprocesses; engine flags parsed in-process."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import run_cli
 
@@ -91,3 +93,76 @@ def test_conformance_refuses_an_unusable_backend() -> None:
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "tokenmill"
     assert script.exists()
+
+
+# ---- engine options the GPU backends read, parsed in-process ----------------------------------------
+
+ENGINE_ENV = ("CUDA_MEMORY_FRACTION", "CUDA_GRAPHS", "LOAD_FORMAT")
+
+
+def _parsed_engine_config(argv: list[str]):
+    from tokenmill.cli import _engine_config, build_parser
+
+    return _engine_config(build_parser().parse_args(["model-server", *argv]))
+
+
+def test_gpu_engine_flags_default_like_tgi(monkeypatch) -> None:
+    for name in ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    config = _parsed_engine_config([])
+    assert (config.memory_fraction, config.graph_batch_sizes, config.load_format) == (1.0, None, "auto")
+
+
+def test_gpu_engine_flags_and_vllm_alias_parse_into_engine_config(monkeypatch) -> None:
+    for name in ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    config = _parsed_engine_config(["--cuda-memory-fraction", "0.85", "--cuda-graphs", "8,1,2,4,2",
+                                    "--load-format", "dummy", "--model-id", "llama-3-8b"])
+    assert (config.memory_fraction, config.graph_batch_sizes, config.load_format) == (0.85, (1, 2, 4, 8), "dummy")
+    assert _parsed_engine_config(["--gpu-memory-utilization", "0.6"]).memory_fraction == 0.6
+    assert _parsed_engine_config(["--cuda-graphs", "0"]).graph_batch_sizes == ()
+
+
+def test_gpu_engine_env_vars_parse_and_flags_win(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_MEMORY_FRACTION", "0.5")
+    monkeypatch.setenv("CUDA_GRAPHS", "0")
+    monkeypatch.setenv("LOAD_FORMAT", "dummy")
+    config = _parsed_engine_config([])
+    assert (config.memory_fraction, config.graph_batch_sizes, config.load_format) == (0.5, (), "dummy")
+    config = _parsed_engine_config(["--cuda-memory-fraction", "0.9", "--cuda-graphs", "1,2"])
+    assert (config.memory_fraction, config.graph_batch_sizes) == (0.9, (1, 2))
+
+
+def test_the_launcher_forwards_gpu_engine_flags_to_its_model_server(monkeypatch) -> None:
+    from tokenmill.cli import _engine_config, _model_server_args, build_parser
+
+    for name in ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for graphs in ("1,2,4", "0"):
+        serve = build_parser().parse_args(["serve", "--gpu-memory-utilization", "0.7", "--cuda-graphs", graphs,
+                                           "--load-format", "dummy", "--model-id", "llama-3-8b"])
+        forwarded = _model_server_args(serve)
+        child = build_parser().parse_args(["model-server", *forwarded])
+        assert _engine_config(child) == _engine_config(serve)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--cuda-memory-fraction", "1.5"], "fraction in (0, 1]"),
+    (["--cuda-memory-fraction", "0"], "fraction in (0, 1]"),
+    (["--cuda-graphs", "1,x"], "batch sizes such as 1,2,4,8"),
+    (["--cuda-graphs", "-1"], "batch sizes such as 1,2,4,8"),
+    (["--load-format", "npcache"], "choose auto or dummy"),
+])
+def test_bad_gpu_engine_values_are_refused_with_what_is_allowed(argv, message, capsys, monkeypatch) -> None:
+    for name in ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit):
+        _parsed_engine_config(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_env_value_is_reported_like_a_bad_flag(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_GRAPHS", "all")
+    with pytest.raises(SystemExit):
+        _parsed_engine_config([])
+    assert "--cuda-graphs" in capsys.readouterr().err

@@ -65,3 +65,18 @@ def test_clean_venv_regular_install_imports(wheel: Path, tmp_path: Path) -> None
     assert all(line.startswith(str(site)) for line in printed.split())
     env_json = subprocess.check_output([str(env_dir / "bin" / "tokenmill"), "env", "--json"], text=True)
     assert '"name": "cpu"' in env_json
+
+
+@pytest.mark.parametrize("backend", ["cuda", "rocm", "xpu"])
+def test_vendor_conformance_workflow_runs_the_suite_on_its_hardware(backend: str) -> None:
+    import yaml  # PyYAML comes with transformers
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / f"conformance-{backend}.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    assert job["runs-on"] == ["self-hosted", backend]
+    commands = "\n".join(step.get("run", "") for step in job["steps"])
+    assert f"pip install '.[{backend},test]'" in commands
+    assert f"tokenmill conformance --backend {backend}" in commands
+    assert "tokenmill env" in commands
+    assert "python3 -m venv" in commands
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` key as True
+    assert "workflow_dispatch" in triggers
