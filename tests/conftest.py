@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# No GPU here: the shared Triton kernels of the GPU backends run under Triton's interpreter on CPU tensors.
+# Triton reads this when a kernel module is imported, so it is set before any test imports one.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN = REPO / "examples" / "tokenmill-example-backend"

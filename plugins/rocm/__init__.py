@@ -1,17 +1,23 @@
-"""The rocm backend for AMD GPUs (ROCm): discovery only so far.
+"""The rocm backend for AMD GPUs: the shared Triton kernels (AMD targets), HIP graphs, RCCL.
 
-It reports whether its hardware and vendor library are here. Its kernels (attention over the paged
-KV cache, KV-cache layout, device set-up) are not written yet, so where the hardware is found the
-registry lists it as "incomplete" and never chooses it.
+A ROCm build of torch drives AMD GPUs through the `torch.cuda` module and names RCCL "nccl", so this
+plugin is the Triton GPU backend with its own discovery. fp8 weights run through the Triton kernel
+that dequantizes in registers: MI300's fp8 is the fnuz variant, which `torch._scaled_mm` with the
+checkpoint's e4m3fn scales does not take as is.
 """
 
 from __future__ import annotations
 
-from tokenmill.hookspecs import hookimpl
-from tokenmill.interfaces import Discovery
+import torch
+
 from tokenmill.plugins.rocm import discover as _discover
+from tokenmill.plugins.triton.plugin import TritonGpuPlugin
 
 
-@hookimpl
-def tokenmill_discover() -> Discovery:
-    return _discover.discover()
+def _runtime():
+    from tokenmill.plugins.triton.runtime import GpuRuntime
+
+    return GpuRuntime(torch.cuda, "cuda", "AMD")
+
+
+plugin = TritonGpuPlugin(_discover.discover, _runtime, dist_backend="nccl", graphs=True, native_fp8=lambda: False)

@@ -1,17 +1,21 @@
-"""The xpu backend for Intel GPUs (XPU): discovery only so far.
+"""The xpu backend for Intel GPUs: stock `torch.xpu`, the shared Triton kernels (Intel's Triton), xccl.
 
-It reports whether its hardware and vendor library are here. Its kernels (attention over the paged
-KV cache, KV-cache layout, device set-up) are not written yet, so where the hardware is found the
-registry lists it as "incomplete" and never chooses it.
+intel-extension-for-pytorch is not needed (it pins one torch minor and is being retired). Decode
+steps run eagerly: graph capture is not offered by `torch.xpu` across the torch versions we support.
 """
 
 from __future__ import annotations
 
-from tokenmill.hookspecs import hookimpl
-from tokenmill.interfaces import Discovery
+import torch
+
+from tokenmill.plugins.triton.plugin import TritonGpuPlugin
 from tokenmill.plugins.xpu import discover as _discover
 
 
-@hookimpl
-def tokenmill_discover() -> Discovery:
-    return _discover.discover()
+def _runtime():
+    from tokenmill.plugins.triton.runtime import GpuRuntime
+
+    return GpuRuntime(torch.xpu, "xpu", "Intel")
+
+
+plugin = TritonGpuPlugin(_discover.discover, _runtime, dist_backend="xccl", graphs=False, native_fp8=lambda: False)
