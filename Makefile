@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.tokenmill-bench-installed
 # The CPU path pins torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install serve test conformance env bench clean
+.PHONY: install serve test conformance env bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(ARGS)
+
+# On a lent GPU only (no network there): installs the wheels benchmarks/gpu_wheels.sh fetched here and
+# tokenmill into the machine's own Python (its torch is the CUDA build; no venv), then runs the check.
+gpu-check:
+	PYTHON=$(PYTHON) benchmarks/gpu_wheels.sh --install
+	$(PYTHON) -m benchmarks.gpu_check --out $(or $(OUT),benchmarks/results/gpu) $(ARGS)
 
 env: $(STAMP)
 	$(VENV)/bin/tokenmill env

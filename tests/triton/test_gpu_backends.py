@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.tiny_models import build_tiny
 from tokenmill.backend import Backend
@@ -127,3 +129,30 @@ def test_decode_graphs_pad_a_step_into_its_bucket_and_match_the_eager_step() -> 
         assert torch.equal(cache != old, eager != old)  # the same slots written: the padded row wrote nothing
     assert set(graphs._buckets) == {1, 4}
     assert graphs._buckets[4].metadata.seq_lens[3].item() == 0  # the padded row attends to nothing
+
+
+class HostTensorsSeen(TorchDispatchMode):
+    """Records ops that take a host tensor while the step runs on a device: in a captured graph such an
+    op is a host-to-device copy the graph would freeze (or fail to record)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["smollm2-135m", "phi3"])
+def test_the_model_forward_of_a_decode_step_reads_no_host_tensor(family) -> None:
+    # What a decode graph captures is the model's forward over device buffers: it must build nothing on the host.
+    config = SMOLLM2_135M if family == "smollm2-135m" else build_tiny(family).config
+    model, caches, _ = _build(config, torch.device("meta"), torch.bfloat16, num_blocks=8)
+    inputs = build_step_inputs(_decode_steps(), 16, torch.device("meta"))
+    with torch.inference_mode(), HostTensorsSeen() as seen:
+        hidden = model(inputs.input_ids, inputs.positions, caches, inputs.metadata)
+    assert hidden.shape == (3, config.hidden_size)
+    assert not seen.ops, seen.ops
