@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,6 +18,46 @@ from tokenmill.api.tracing import extract_context, tracer
 
 # TGI protects the generation routes only; info routes stay open.
 PROTECTED = ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize")
+
+
+class PayloadLimit:
+    """Stop reading a body at the payload limit, whether or not it declared a Content-Length.
+
+    A chunked body has none, so the header check alone would let it be buffered and parsed whole,
+    however large. Past the limit this answers 413 itself and tells the app the client left, so the
+    app stops reading; whatever the app answers then is dropped. (Raising from `receive` instead would
+    reach FastAPI's body reader wrapped in the middleware's task group and come out as a 400.) The
+    limit is read per request: settings are replaced once the model is known.
+    """
+
+    def __init__(self, app, limit: Callable[[], int]):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, received, refused = self.limit(), 0, False
+
+        async def limited_receive():
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    await JSONResponse({"error": f"Payload too large: the limit is {limit} bytes",
+                                        "error_type": "payload_too_large"}, status_code=413)(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | None = None) -> FastAPI:
@@ -73,6 +114,7 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
 
     app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_allow_origin) or ["*"],
                        allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
+    app.add_middleware(PayloadLimit, limit=lambda: service.settings.payload_limit)
     install_error_handlers(app, metrics)
     app.include_router(tgi.router)
     app.include_router(openai_api.router)

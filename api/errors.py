@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from tokenmill.api.disconnect import ClientDisconnected
 from tokenmill.async_engine import GenerationError
@@ -50,6 +51,9 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
     return 500, {"error": f"Request failed: {exc}", "error_type": "incomplete_generation"}
 
 
+HTTP_ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
 def install_error_handlers(app, metrics=None) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         status, body = error_body(exc)
@@ -67,6 +71,13 @@ def install_error_handlers(app, metrics=None) -> None:
         message = f"Failed to deserialize the JSON body into the target type: {where}: {first.get('msg', exc)}"
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
+    async def handle_http(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body it cannot read, 404, 405, 413) in TGI's envelope, not {"detail"}.
+        error_type = HTTP_ERROR_TYPES.get(exc.status_code, "http")
+        return JSONResponse({"error": str(exc.detail), "error_type": error_type}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    app.add_exception_handler(HTTPException, handle_http)
     for exc_type in (ValidationError, OverloadedError, ModelLoadingError, GenerationError, TemplateError,
                      UnsupportedError, ClientDisconnected):
         app.add_exception_handler(exc_type, handle)

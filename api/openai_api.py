@@ -12,10 +12,11 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tokenmill.api.disconnect import until_disconnected
 from tokenmill.api.errors import TemplateError, UnsupportedError
+from tokenmill.api.schemas import RequestBody
 from tokenmill.api.service import Generation, GenerationService
 from tokenmill.api.sse import error_event, sse, sse_response
 from tokenmill.errors import ValidationError
@@ -24,11 +25,11 @@ from tokenmill.sampling_params import SamplingParams
 router = APIRouter(prefix="/v1")
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Common(RequestBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -48,7 +49,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestBody):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None

@@ -4,10 +4,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class GenerateParameters(BaseModel):
+def _check_text(value: Any) -> None:
+    """Every string in `value` must be encodable as UTF-8: JSON's `\\ud800` escape decodes to a lone
+    surrogate, which the tokenizer would choke on (500) if it got that far."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text must be valid UTF-8: lone surrogate at character {exc.start}") from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_text(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_text(item)
+
+
+class RequestBody(BaseModel):
+    """A request body (or part of one): finite numbers and valid UTF-8 text, else 422 in TGI's shape.
+
+    Python's JSON parser accepts `NaN` and `Infinity`, which would pass every range check (a NaN
+    temperature compares false to everything) and reach the sampler.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _valid_text(self):
+        for name in type(self).model_fields:
+            _check_text(getattr(self, name))
+        return self
+
+
+class GenerateParameters(RequestBody):
     best_of: int | None = Field(None, ge=1)
     decoder_input_details: bool = False
     details: bool = False
@@ -34,7 +66,7 @@ def _default_parameters() -> GenerateParameters:
     return GenerateParameters(do_sample=True)
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestBody):
     inputs: str
     parameters: GenerateParameters = Field(default_factory=_default_parameters)
     add_special_tokens: bool = True
