@@ -25,9 +25,14 @@ from tokenmill.api.service import GenerationService
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine
 from tokenmill.engine import Engine, EngineConfig
+from tokenmill.errors import TokenmillError
 from tokenmill.loader import load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class ModelServerExited(TokenmillError):
+    """The model server this launcher started has exited; the launcher stops too, for a restart."""
 
 
 @dataclass(frozen=True)
@@ -120,12 +125,29 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
         router.start()
         service.ready = True
         logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(addresses))
-        await serving
+        if child is None:
+            await serving
+            return
+        exited = asyncio.create_task(_child_exit(child))
+        await asyncio.wait([serving, exited], return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if child.poll() is not None and not serving.done():
+            # Like TGI's launcher when a shard dies: stop serving and exit non-zero, so whatever runs this
+            # launcher restarts the whole group; the model server has already failed what was in flight.
+            service.ready = False
+            server.should_exit = True
+            await serving
+            raise ModelServerExited(f"the model server exited (code {child.returncode})")
     finally:
         if early_tokenizer is not None:
             early_tokenizer.cancel()  # start-up failed before it was awaited: no orphaned task error
         server.should_exit = True
         await router.stop()
+
+
+async def _child_exit(child: subprocess.Popen) -> None:
+    while child.poll() is None:
+        await asyncio.sleep(0.2)
 
 
 async def _wait_for_replica(router: ReplicaRouter, child: subprocess.Popen | None, timeout_s: float):

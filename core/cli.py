@@ -12,6 +12,7 @@ import os
 import sys
 
 from tokenmill import __version__
+from tokenmill.errors import ValidationError
 
 logger = logging.getLogger("tokenmill")
 
@@ -44,7 +45,9 @@ def _env(name: str, default=None):
 
 ENGINE_FLAGS = ("--model-id", "--dtype", "--quantize", "--kv-cache-bytes", "--max-batch-prefill-tokens",
                 "--max-batch-size", "--max-total-tokens", "--max-batch-total-tokens", "--cache-dir",
-                "--cuda-memory-fraction", "--cuda-graphs", "--load-format")
+                "--cuda-memory-fraction", "--cuda-graphs", "--load-format", "--num-shard", "--sharded",
+                "--master-addr", "--master-port", "--node-rank", "--local-shards", "--cpu-bind",
+                "--rendezvous-timeout")
 
 
 def fraction(text: str) -> float:
@@ -69,6 +72,76 @@ def batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
+def cpu_sets(text: str) -> tuple[tuple[int, ...], ...]:
+    """`--cpu-bind`: one core list per local rank, separated by '|'; a list is cores and ranges, e.g. 0-3,8."""
+    sets = []
+    try:
+        for part in text.split("|"):
+            cores: set[int] = set()
+            for item in part.split(","):
+                first, _, last = item.strip().partition("-")
+                low, high = int(first), int(last or first)
+                if low < 0 or high < low:
+                    raise ValueError(item)
+                cores.update(range(low, high + 1))
+            sets.append(tuple(sorted(cores)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected one core list per local rank separated by '|', such as 0-15|16-31 or 0,2|1,3; got {text!r}")
+    return tuple(sets)
+
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _num_shard(args: argparse.Namespace) -> int:
+    """TGI's pair: --num-shard wins; --sharded true alone means one rank per device the backend found."""
+    if args.num_shard is not None:
+        if args.sharded is False and args.num_shard > 1:
+            raise ValidationError(f"--sharded false contradicts --num-shard {args.num_shard}")
+        return args.num_shard
+    if not args.sharded:
+        return 1
+    from tokenmill.backend import resolve_backend
+
+    _, selection = resolve_backend(args.backend)
+    devices = len(selection.report.discovery.devices)
+    if devices < 2:
+        raise ValidationError(f"--sharded true needs at least 2 devices; backend {selection.name!r} has {devices}. "
+                              "Give the number of ranks with --num-shard (on the CPU, ranks share the machine's "
+                              "cores: see --cpu-bind)")
+    return devices
+
+
+def _shard_fields(args: argparse.Namespace) -> dict:
+    num_shard = _num_shard(args)
+    local = args.local_shards or num_shard
+    if num_shard % local:
+        raise ValidationError(f"--local-shards {local} must divide --num-shard {num_shard}: every machine runs as "
+                              "many ranks")
+    if not 0 <= args.node_rank < num_shard // local:
+        raise ValidationError(f"--node-rank must be in 0..{num_shard // local - 1} for {num_shard} ranks, "
+                              f"{local} a machine; got {args.node_rank}")
+    if args.cpu_bind and len(args.cpu_bind) != local:
+        raise ValidationError(f"--cpu-bind gives {len(args.cpu_bind)} core lists for {local} ranks on this machine; "
+                              "give one per rank, separated by '|'")
+    return dict(num_shard=num_shard, local_shards=local if local != num_shard else None, node_rank=args.node_rank,
+                rank=args.node_rank * local, master_addr=args.master_addr, master_port=args.master_port,
+                rendezvous_timeout_s=args.rendezvous_timeout, cpu_bind=args.cpu_bind or ())
+
+
 def load_format(text: str) -> str:
     from tokenmill.loader import LOAD_FORMATS
 
@@ -88,6 +161,7 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
         max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
         cache_dir=Path(args.cache_dir).expanduser(), max_batch_total_tokens=args.max_batch_total_tokens,
         memory_fraction=args.cuda_memory_fraction, graph_batch_sizes=args.cuda_graphs, load_format=args.load_format,
+        **_shard_fields(args),
     )
 
 
@@ -96,8 +170,12 @@ def _model_server_args(args: argparse.Namespace) -> tuple[str, ...]:
     forwarded = []
     for flag in ENGINE_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
-        if isinstance(value, tuple):
+        if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+            value = "|".join(",".join(map(str, cores)) for cores in value)
+        elif isinstance(value, tuple):
             value = ",".join(map(str, value)) or "0"
+        elif isinstance(value, bool):
+            value = str(value).lower()
         if value is not None:
             forwarded += [flag, str(value)]
     if args.backend:
@@ -107,7 +185,21 @@ def _model_server_args(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(forwarded)
 
 
+def _run_other_node(config: "EngineConfig") -> int:
+    """A machine without rank 0 serves nothing: it runs its ranks until rank 0 stops them."""
+    from tokenmill.shard import run_node
+
+    return run_node(config)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = _engine_config(args)
+    except ValidationError as exc:
+        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        return 2
+    if config.node_rank > 0:
+        return _run_other_node(config)
     servers = tuple(args.model_server) or tuple(a for a in (_env("MODEL_SERVERS") or "").split(",") if a)
     model_server_args = _model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
                                                     if args.otlp_endpoint else ())
@@ -117,12 +209,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         launched = start_model_server(model_server_args)
 
-    from tokenmill.api.server import ServeOptions, serve
+    from tokenmill.api.server import ModelServerExited, ServeOptions, serve
     from tokenmill.api.tracing import setup_tracing
 
     setup_tracing(args.otlp_endpoint, "tokenmill.router")
     options = ServeOptions(
-        engine=_engine_config(args), hostname=args.hostname, port=args.port, grpc_port=args.grpc_port or None,
+        engine=config, hostname=args.hostname, port=args.port, grpc_port=args.grpc_port or None,
         max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_total_tokens,
         max_concurrent_requests=args.max_concurrent_requests, max_best_of=args.max_best_of,
         max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,
@@ -130,7 +222,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cors_allow_origin=tuple(args.cors_allow_origin), model_servers=servers,
         model_server_args=model_server_args, graceful_shutdown_s=args.graceful_termination_timeout,
     )
-    serve(options, launched)
+    try:
+        serve(options, launched)
+    except ModelServerExited as exc:
+        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -141,14 +237,36 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
     from tokenmill.api.tracing import setup_tracing
     from tokenmill.errors import TokenmillError
 
+    from tokenmill.shard import ShardFailure
+
+    try:
+        config = _engine_config(args)
+    except ValidationError as exc:
+        print(f"tokenmill model-server: {exc}", file=sys.stderr)
+        return 2
+    if config.node_rank > 0:
+        return _run_other_node(config)
     setup_tracing(args.otlp_endpoint, "tokenmill.model_server")
     try:
-        asyncio.run(run_model_server(_engine_config(args), args.listen, args.model_id or "",
+        asyncio.run(run_model_server(config, args.listen, args.model_id or "",
                                      grace_s=args.graceful_termination_timeout, parent_pid=args.parent_pid))
+    except ShardFailure as exc:
+        print(f"tokenmill model-server: {exc}", file=sys.stderr, flush=True)
+        # The engine thread may be blocked in a collective with a dead rank, which no interpreter
+        # shutdown would interrupt; the other ranks are already killed.
+        os._exit(3)
     except TokenmillError as exc:
         print(f"tokenmill model-server: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cmd_shard_worker(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tokenmill.shard import config_from_json, run_rank
+
+    return run_rank(dataclasses.replace(config_from_json(args.engine_config), rank=args.rank), args.parent_pid)
 
 
 def _flag_adder(parser: argparse.ArgumentParser):
@@ -186,9 +304,38 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     flag("--otlp-endpoint", "OTLP_ENDPOINT", None, help="export OpenTelemetry spans over OTLP/gRPC")
     flag("--graceful-termination-timeout", "GRACEFUL_TERMINATION_TIMEOUT", 30, int,
          help="seconds in-flight requests get to finish on SIGTERM")
+    _add_shard_flags(parser)
     prefix = _env("PREFIX_CACHING", "1") not in ("0", "false", "False")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=prefix,
                         help="disable automatic prefix caching [env: PREFIX_CACHING=0]")
+
+
+SHARDING_HELP = """\
+tensor parallelism: one process per rank. The model server is rank 0 (it alone schedules, samples and
+serves) and starts ranks 1..local-shards-1 as child processes; each step it sends its inputs to every
+rank, which run the same forward. With several machines, run the same command on each with its
+--node-rank and the same --master-addr/--master-port: machine k hosts ranks k*local-shards onwards, and
+only machine 0 serves HTTP/gRPC. If any rank dies, rank 0 fails every in-flight request with an error
+naming the rank, reports unhealthy, kills the other ranks and exits non-zero (so does `tokenmill
+serve`), for the orchestrator to restart the whole group: a group missing a rank cannot run a step."""
+
+
+def _add_shard_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sharding", SHARDING_HELP)
+    flag = _flag_adder(group)
+    flag("--num-shard", "NUM_SHARD", None, positive, help="tensor-parallel ranks, the world size (default 1)")
+    flag("--sharded", "SHARDED", None, boolean,
+         help="true without --num-shard: one rank per device the backend discovered (at least 2; the CPU "
+              "backend counts one device, so give --num-shard there); false: refuse --num-shard above 1")
+    flag("--master-addr", "MASTER_ADDR", "127.0.0.1", help="address of rank 0's rendezvous (torch.distributed)")
+    flag("--master-port", "MASTER_PORT", 29500, int, help="port of rank 0's rendezvous")
+    flag("--node-rank", "NODE_RANK", 0, int, help="this machine's index; machine 0 holds rank 0 and serves")
+    flag("--local-shards", "LOCAL_SHARDS", None, positive, help="ranks on each machine (default: --num-shard)")
+    flag("--cpu-bind", "CPU_BIND", None, cpu_sets,
+         help="the cores of each local rank, '|'-separated, e.g. 0-15|16-31; each rank pins itself to its "
+              "list and runs one torch thread per core")
+    flag("--rendezvous-timeout", "RENDEZVOUS_TIMEOUT", 120.0, float,
+         help="seconds every rank has to join rank 0; then start-up fails naming the missing ranks")
 
 
 def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
@@ -222,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-output", action="store_true",
                         default=os.environ.get("JSON_OUTPUT", "") not in ("", "0", "false"),
                         help="log one JSON object per line [env: JSON_OUTPUT]")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # shard-worker is started by the model server, never by hand: left out of the listed commands.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{env,conformance,serve,model-server}")
 
     env = commands.add_parser("env", help="list the backend plugins, their devices and which one would be chosen")
     _add_backend_flag(env)
@@ -250,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_server.add_argument("--parent-pid", type=int, default=None,
                               help="stop when this process (the launcher) is gone; set by `tokenmill serve`")
     model_server.set_defaults(func=_cmd_model_server)
+
+    worker = commands.add_parser("shard-worker")
+    worker.add_argument("--rank", type=int, required=True)
+    worker.add_argument("--parent-pid", type=int, default=None, help="die with this process (rank 0's)")
+    worker.add_argument("--engine-config", required=True, help="the rank's EngineConfig as JSON")
+    worker.set_defaults(func=_cmd_shard_worker)
     return parser
 
 

@@ -6,6 +6,7 @@ thread for the serving layer; the conformance suite and benchmarks use `Engine.g
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -24,6 +25,7 @@ from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, par
 from tokenmill.model_runner import ModelRunner, SequenceStep, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape
 from tokenmill.outputs import RequestOutput, TokenInfo
+from tokenmill.parallel import SINGLE_RANK, ParallelContext
 from tokenmill.request import FinishReason, Request
 from tokenmill.sampler import Sampler, SamplingMetadata
 from tokenmill.sampling_params import SamplingParams
@@ -52,6 +54,25 @@ class EngineConfig:
     memory_fraction: float = 1.0  # of device memory for weights, activations and KV cache together (as TGI)
     graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; (): none; None: the backend's
     load_format: str = "auto"  # "dummy": random weights of the model's shape, no weight file read
+    # Tensor parallelism, one process a rank (core/shard.py): machine `node_rank` hosts ranks
+    # node_rank * local_shards ... + local_shards - 1; all meet at master_addr:master_port.
+    num_shard: int = 1  # the world size
+    rank: int = 0  # this process's rank
+    local_shards: int | None = None  # ranks on each machine; None: all of them on this one
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    rendezvous_timeout_s: float = 120.0  # every rank must have joined by then
+    cpu_bind: tuple[tuple[int, ...], ...] = ()  # the cores of each local rank, in local-rank order; (): unpinned
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.local_shards or self.num_shard
+
+    @property
+    def local_rank(self) -> int:
+        """This rank's index on its machine: the device it runs on."""
+        return self.rank - self.node_rank * self.ranks_per_node
 
 
 @dataclass
@@ -69,10 +90,12 @@ class _RequestState:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, backend: Backend | None = None, checkpoint: Checkpoint | None = None):
+    def __init__(self, config: EngineConfig, backend: Backend | None = None, checkpoint: Checkpoint | None = None,
+                 parallel: ParallelContext | None = None):
         self.config = config
+        self.parallel = parallel or SINGLE_RANK  # this rank's place in a tensor-parallel group
         self.backend = backend or resolve_backend(config.backend)[0]
-        self.platform = self.backend.init_device(0)
+        self.platform = self.backend.init_device(config.local_rank)
         self.device = self.platform.device
         self.dtype = parse_dtype(config.dtype, self.platform.preferred_dtype)
         if self.dtype not in self.platform.supported_dtypes:
@@ -86,9 +109,10 @@ class Engine:
         self.model_config = model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
 
-        self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype), self.device)
+        self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype, self.parallel),
+                                                   self.device)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
-        model_class = get_model_class(model_config)
+        model_class = functools.partial(get_model_class(model_config), parallel=self.parallel)
         if self.checkpoint.format == "dummy":
             self.model = build_dummy_model(model_class, model_config, self._make_attention, self.dtype, self.device,
                                            config.seed)
@@ -111,6 +135,9 @@ class Engine:
         self.num_blocks = budget // self.layout.bytes_per_block()
         if config.max_batch_total_tokens:
             self.num_blocks = min(self.num_blocks, -(-config.max_batch_total_tokens // self.layout.block_size))
+        if self.parallel.is_parallel:  # rank 0 hands out the block ids: every rank's cache must hold them all
+            self.num_blocks = int(self.parallel.communicator.all_gather(
+                torch.tensor([self.num_blocks], device=self.device), dim=0).min())
         if self.num_blocks < 1:
             raise ValidationError(f"the KV-cache budget ({budget} bytes) holds no block of "
                                   f"{self.layout.bytes_per_block()} bytes; give more memory")

@@ -2,6 +2,10 @@
 
 It loads the model, warms up (health NOT_SERVING until then), and serves `ModelServer` on a unix
 socket or a TCP address. SIGTERM stops it gracefully: in-flight streams get the grace period.
+
+With `num_shard` > 1 it is tensor-parallel rank 0 (`tokenmill.shard`): it starts this machine's other
+ranks, and if any rank dies it fails every in-flight stream with a message naming the rank, turns
+NOT_SERVING, kills the other ranks and raises `ShardFailure`, for the process to exit non-zero.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tokenmill.api.tracing import extract_context, tracer
 from tokenmill.async_engine import AsyncEngine, GenerationError
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.errors import ValidationError
+from tokenmill.shard import RankProcesses, ShardFailure, bind_cpus, lead, stop_followers
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelServer"].full_name
@@ -32,9 +37,22 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
         self.runner = runner
         self.model_id = model_id
         self.ready = False
+        self.failure: str | None = None  # why this replica can serve no more (a tensor-parallel rank died)
+        self._calls: set[asyncio.Task] = set()
+
+    def fail(self, message: str) -> None:
+        """End every in-flight stream with `message` now, whatever the engine thread is blocked in."""
+        self.failure = message
+        self.ready = False
+        for call in self._calls:
+            call.cancel()
 
     async def Generate(self, request, context):
+        if self.failure is not None:
+            await context.abort(grpc.StatusCode.INTERNAL, self.failure)
         parent = extract_context(dict(context.invocation_metadata() or ()))
+        call = asyncio.current_task()
+        self._calls.add(call)
         with tracer().start_as_current_span("model_server.generate", context=parent) as span:
             span.set_attribute("tokenmill.request_id", request.request_id)
             span.set_attribute("tokenmill.prompt_tokens", len(request.prompt_token_ids))
@@ -48,6 +66,12 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except GenerationError as exc:
                 await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            except asyncio.CancelledError:
+                if self.failure is None:
+                    raise
+                await context.abort(grpc.StatusCode.INTERNAL, f"Request failed during generation: {self.failure}")
+            finally:
+                self._calls.discard(call)
 
     async def Info(self, request, context):
         engine = self.engine
@@ -58,7 +82,8 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             num_running=engine.scheduler.num_running, num_waiting=engine.scheduler.num_waiting,
             kv_cache_usage=blocks.usage,
             prefix_cache_hit_rate=blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0,
-            num_preemptions=engine.scheduler.num_preemptions, ready=self.ready,
+            num_preemptions=engine.scheduler.num_preemptions,
+            ready=self.ready,
         )
 
 
@@ -90,8 +115,30 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
 
 async def run_model_server(config: EngineConfig, listen: str, model_id: str, grace_s: float = 30.0,
                            parent_pid: int | None = None) -> None:
-    runner = AsyncEngine(build=lambda: Engine(config)).start()  # all tensor work on the engine thread
-    engine = await asyncio.wrap_future(runner.built)
+    if config.cpu_bind:  # before any thread starts: the engine thread and torch's pool inherit the binding
+        bind_cpus(config.cpu_bind[config.local_rank])
+    loop = asyncio.get_running_loop()
+    failure: asyncio.Future[str] = loop.create_future()
+    processes, shard = None, None
+    if config.num_shard > 1:
+        processes = RankProcesses(config)
+        processes.on_failure.append(
+            lambda message: loop.call_soon_threadsafe(lambda: failure.done() or failure.set_result(message)))
+
+    def build() -> Engine:
+        nonlocal shard
+        if processes is None:
+            return Engine(config)
+        engine, shard = lead(config, processes)
+        return engine
+
+    runner = AsyncEngine(build=build).start()  # all tensor work on the engine thread
+    try:
+        engine = await _first_of(asyncio.wrap_future(runner.built), failure)
+    except BaseException:
+        if processes is not None:
+            processes.kill()
+        raise
     servicer = ModelServerServicer(engine, runner, model_id)
     server = grpc.aio.server()
     pb_grpc.add_ModelServerServicer_to_server(servicer, server)
@@ -99,25 +146,44 @@ async def run_model_server(config: EngineConfig, listen: str, model_id: str, gra
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
         raise RuntimeError(f"cannot listen on {listen}")
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     logger.info("model server listening on %s, warming up", listen)
-    await runner.call(engine.warmup)
+    await _first_of(runner.call(engine.warmup), failure)
     servicer.ready = True
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
     logger.info("model server ready on %s", listen)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    failure.add_done_callback(lambda _: stop.set())
     orphan_watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid else None
     await stop.wait()
     if orphan_watch:
         orphan_watch.cancel()
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if failure.done():
+        servicer.fail(failure.result())
+        await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(2.0)  # long enough for the aborted streams' status to reach the router
+        processes.kill()
+        raise ShardFailure(failure.result())
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace_s)
     runner.stop()
+    if shard is not None:
+        stop_followers(shard, processes)
+
+
+async def _set_health(health: health_aio.HealthServicer, status) -> None:
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
+
+
+async def _first_of(work: asyncio.Future, failure: asyncio.Future):
+    """`work`'s result, unless a rank fails first (start-up and warm-up wait on the other ranks)."""
+    work = asyncio.ensure_future(work)
+    await asyncio.wait([work, failure], return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        return work.result()
+    raise ShardFailure(failure.result())

@@ -1,26 +1,52 @@
-"""Linear layers whose weights may be fused from several checkpoint tensors, or quantized."""
+"""Linear layers whose weights may be fused from several checkpoint tensors, quantized, or sharded."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from tokenmill.interfaces import GGMLWeight, QuantMethod
+from tokenmill.interfaces import GGMLWeight, QuantMethod, ShardStyle
+from tokenmill.parallel import SINGLE_RANK, ParallelContext
+
+logger = logging.getLogger(__name__)
 
 
 class Linear(nn.Module):
     """`y = x @ W.T (+ b)`; the output rows may be fused from several checkpoint tensors.
 
     `shard_sizes` names the row blocks of a fused weight (e.g. q, k, v) so `load_shard` can put each
-    checkpoint tensor where it belongs.
+    checkpoint tensor where it belongs. Sizes are the checkpoint's. Over tensor-parallel ranks the layer
+    holds only this rank's part: COLUMN keeps part `parts[i] = (index, count)` of shard i's rows (default
+    `(rank, world_size)`; k/v heads replicated over ranks name fewer parts than ranks), ROW keeps this
+    rank's share of the inputs. Tensors are cut as they are loaded: each rank reads the whole
+    checkpoint and keeps its part.
     """
 
-    def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool, dtype: torch.dtype):
+    def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
+                 style: ShardStyle = ShardStyle.REPLICATE, parallel: ParallelContext = SINGLE_RANK,
+                 parts: Sequence[tuple[int, int]] | None = None):
         super().__init__()
-        self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes) + 1)]
+        self.parallel = parallel
+        self.style = style if parallel.is_parallel else ShardStyle.REPLICATE
+        self.shard_sizes = list(shard_sizes)
+        if self.style is ShardStyle.COLUMN:
+            self.parts = list(parts or [(parallel.rank, parallel.world_size)] * len(shard_sizes))
+        else:
+            self.parts = [(0, 1)] * len(shard_sizes)
+        if any(size % count for size, (_, count) in zip(shard_sizes, self.parts)):
+            raise ValueError(f"cannot split output rows {list(shard_sizes)} into parts {self.parts}")
+        local_sizes = [size // count for size, (_, count) in zip(shard_sizes, self.parts)]
+        if self.style is ShardStyle.ROW:
+            if in_features % parallel.world_size:
+                raise ValueError(f"cannot split {in_features} input features over {parallel.world_size} ranks")
+            in_features //= parallel.world_size
+        self.shard_offsets = [sum(local_sizes[:i]) for i in range(len(local_sizes) + 1)]
         out_features = self.shard_offsets[-1]
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
@@ -30,15 +56,62 @@ class Linear(nn.Module):
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
+        tensor = self._local_part(name, tensor, shard)
         start, end = self.shard_offsets[shard], self.shard_offsets[shard + 1]
         if tensor.shape[0] != end - start or tensor.shape[1:] != target.shape[1:]:
             raise ValueError(f"{name} shard {shard}: expected {(end - start, *target.shape[1:])}, got {tuple(tensor.shape)}")
         target.data[start:end].copy_(tensor)
 
+    def load_fused(self, name: str, tensor: torch.Tensor) -> None:
+        """Load a tensor the checkpoint already fused (Phi-3's qkv_proj): sharded, each of its logical
+        shards is split on its own, so every rank gets its q, its k and its v."""
+        if self.style is ShardStyle.REPLICATE:
+            getattr(self, name).data.copy_(tensor)
+            return
+        for shard, part in enumerate(tensor.split(self.shard_sizes)):
+            self.load_shard(name, part, shard)
+
+    def _local_part(self, name: str, tensor: torch.Tensor, shard: int) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor, cut by the backend's plan (which may align or pad)."""
+        if self.style is ShardStyle.COLUMN:
+            index, count = self.parts[shard]
+            return self.parallel.plan.shard(tensor, ShardStyle.COLUMN, index, count) if count > 1 else tensor
+        if self.style is ShardStyle.ROW and name == "weight":
+            return self.parallel.plan.shard(tensor, ShardStyle.ROW, self.parallel.rank, self.parallel.world_size)
+        return tensor  # replicated, or a row-parallel bias: whole on every rank, added once after the reduce
+
     def load_ggml_shard(self, weight: GGMLWeight, shard: int | None = None) -> None:
         """Keep the GGUF blocks of one shard (None: the whole weight) for `quantize`; the dense values
         must be loaded too, through `load_shard`."""
+        if self.style is not ShardStyle.REPLICATE:
+            if shard is None and len(self.shard_sizes) > 1:  # fused in the checkpoint: split per logical shard
+                for index, blocks in enumerate(weight.blocks.split(self.shard_sizes)):
+                    self.load_ggml_shard(GGMLWeight(weight.ggml_type, blocks, weight.in_features), index)
+                return
+            weight = self._local_ggml(weight, shard or 0)
+            if weight is None:
+                return
         self._ggml_shards[shard] = weight
+
+    def _local_ggml(self, weight: GGMLWeight, shard: int) -> GGMLWeight | None:
+        """This rank's part of the blocks, as `_local_part` cuts the dense weight (an even split), or None
+        where a row-parallel cut would fall inside a ggml block.
+
+        The blocks are ggml's layout, not a (out, in) weight, so the plan cannot cut them: rows are
+        whole output features (a column split is exact), a row's bytes are its input blocks in order.
+        """
+        if self.style is ShardStyle.COLUMN:
+            index, count = self.parts[shard]
+            rows = weight.blocks.shape[0] // count
+            return GGMLWeight(weight.ggml_type, weight.blocks[index * rows:(index + 1) * rows], weight.in_features)
+        rank, world_size = self.parallel.rank, self.parallel.world_size
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[weight.ggml_type]]
+        local_in = weight.in_features // world_size
+        if local_in % block_size:
+            _log_dense_fallback(weight.ggml_type, weight.in_features, world_size, block_size)
+            return None
+        width = local_in // block_size * type_size
+        return GGMLWeight(weight.ggml_type, weight.blocks[:, rank * width:(rank + 1) * width].contiguous(), local_in)
 
     def ggml_weight(self) -> GGMLWeight | None:
         """The whole weight's ggml blocks, if every shard came with blocks of one type."""
@@ -53,7 +126,7 @@ class Linear(nn.Module):
 
     def quantize(self, method: QuantMethod) -> None:
         """Prepare the weight for `method` once, from its ggml blocks where the method takes them; the
-        dense weight and the blocks are dropped."""
+        dense weight and the blocks are dropped. Sharded, the method prepares this rank's part alone."""
         self.quant_method = method
         ggml = self.ggml_weight()
         prepared = method.prepare_ggml(self.weight.data, ggml) if ggml is not None else None
@@ -66,3 +139,37 @@ class Linear(nn.Module):
             y = self.quant_method.matmul(x, self.quantized)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(Linear):
+    """A linear whose inputs are split over ranks (o_proj, down_proj): the ranks' partial products are
+    summed by an all-reduce, and the bias, whole on every rank, is added once after it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 parallel: ParallelContext):
+        super().__init__(in_features, [out_features], bias, dtype, ShardStyle.ROW, parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            y = self.quant_method.matmul(x, self.quantized)
+        else:
+            y = F.linear(x, self.weight)
+        y = self.parallel.communicator.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+def row_parallel_linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                        parallel: ParallelContext = SINGLE_RANK) -> Linear:
+    """A `RowParallelLinear` over several ranks; on one, a plain `Linear`: nothing to reduce, so the
+    single-process step pays nothing for tensor parallelism."""
+    if not parallel.is_parallel:
+        return Linear(in_features, [out_features], bias, dtype)
+    return RowParallelLinear(in_features, out_features, bias, dtype, parallel)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_dense_fallback(ggml_type: str, in_features: int, world_size: int, block_size: int) -> None:
+    # Once per weight shape rather than once per layer: every layer of a shape falls back alike.
+    logger.info("%s weights of %d inputs split into %d per rank, not a whole number of %d-input ggml blocks: "
+                "those row-parallel layers run their dense local weight", ggml_type, in_features,
+                in_features // world_size, block_size)

@@ -2,6 +2,11 @@
 
 Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) reuse these blocks with their flags set, in
 their own files. Shapes: T tokens of all sequences concatenated, H heads, K kv heads, D head dim.
+
+Given a `ParallelContext` of several ranks, each rank builds only its part (Megatron's split, as in
+gpt-fast's tp.py): q/k/v and gate/up column-parallel, o_proj and down_proj row-parallel with an
+all-reduce, embedding and head over vocabulary slices; H and K are then this rank's heads
+(`tokenmill.models.sharding`). Weights are cut as they load, so `load_weights` takes the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -11,11 +16,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, GGMLWeight, KVCacheShape, LayerOps
+from tokenmill.interfaces import (AttentionBackend, AttentionMetadata, AttentionSpec, GGMLWeight, KVCacheShape,
+                                  LayerOps, ShardStyle)
 from tokenmill.layers.attention import Attention
-from tokenmill.layers.linear import Linear
+from tokenmill.layers.linear import Linear, row_parallel_linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.vocab_parallel import embedding, lm_head
+from tokenmill.models.sharding import RankShape, rank_shape
+from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 MakeAttention = Callable[[AttentionSpec], AttentionBackend]
 
@@ -24,24 +33,33 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def kv_cache_shape(config: Any, dtype: torch.dtype) -> KVCacheShape:
-    return KVCacheShape(config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config), dtype)
+def kv_cache_shape(config: Any, dtype: torch.dtype, parallel: ParallelContext = SINGLE_RANK) -> KVCacheShape:
+    """What this rank caches: its own kv heads only."""
+    return KVCacheShape(config.num_hidden_layers, rank_shape(config, parallel).num_kv_heads, head_dim_of(config),
+                        dtype)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, backend: AttentionBackend, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config: Any, backend: AttentionBackend, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+                 shape: RankShape, parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = shape.num_heads
+        self.num_kv_heads = shape.num_kv_heads
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # The checkpoint's sizes; each rank keeps its heads' rows of each (k and v: its kv head's part).
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        parts = [(parallel.rank, parallel.world_size), shape.kv_part, shape.kv_part]
         attention_bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias or attention_bias, dtype)
-        self.o_proj = Linear(q_size, [config.hidden_size], attention_bias, dtype)
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias or attention_bias, dtype,
+                               ShardStyle.COLUMN, parallel, parts)
+        self.o_proj = row_parallel_linear(q_size, config.hidden_size, attention_bias, dtype, parallel)
+        # One norm weight of head_dim shared by every head: it applies to this rank's heads unchanged.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(backend)
-        self.split = [q_size, kv_size, kv_size]
+        local_kv_size = self.num_kv_heads * self.head_dim
+        self.split = [self.num_heads * self.head_dim, local_kv_size, local_kv_size]
 
     def forward(self, positions, hidden, rotary, kv_cache, metadata):
         q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
@@ -58,23 +76,24 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     ops = LayerOps()  # the backend's, set by the engine
 
-    def __init__(self, config: Any, dtype: torch.dtype):
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [size, size], False, dtype)
-        self.down_proj = Linear(size, [config.hidden_size], False, dtype)
+        self.gate_up_proj = Linear(config.hidden_size, [size, size], False, dtype, ShardStyle.COLUMN, parallel)
+        self.down_proj = row_parallel_linear(size, config.hidden_size, False, dtype, parallel)
 
     def forward(self, x):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, backend, dtype, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, backend, dtype, qkv_bias: bool, qk_norm: bool, shape: RankShape,
+                 parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, backend, dtype, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, backend, dtype, qkv_bias, qk_norm, shape, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, dtype)
+        self.mlp = LlamaMLP(config, dtype, parallel)
 
     def forward(self, positions, hidden, residual, rotary, kv_cache, metadata):
         if residual is None:
@@ -93,23 +112,26 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
 
-    def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype):
+    def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype,
+                 parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         self.config = config
+        self.parallel = parallel
+        shape = rank_shape(config, parallel)
         head_dim = head_dim_of(config)
         window = sliding_window_of(config)
-        spec = AttentionSpec(config.num_attention_heads, config.num_key_value_heads, head_dim, head_dim**-0.5,
-                             dtype, sliding_window=window)
+        spec = AttentionSpec(shape.num_heads, shape.num_kv_heads, head_dim, head_dim**-0.5, dtype,
+                             sliding_window=window)
         backend = make_attention(spec)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, dtype, parallel)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, backend, dtype, self.qkv_bias, self.qk_norm)
+            LlamaDecoderLayer(config, backend, dtype, self.qkv_bias, self.qk_norm, shape, parallel)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, dtype, parallel)
         if self.tie_word_embeddings:
             # Same tensor; a backend's dense-linear method may still give the head its own packed copy.
             self.lm_head.weight = self.embed_tokens.weight
@@ -145,14 +167,18 @@ class LlamaForCausalLM(nn.Module):
                 fused, shard = self.packed[leaf]
                 module = self.get_submodule(f"{parent}.{fused}")
                 if shard is None:  # already fused in the checkpoint
-                    getattr(module, kind).data.copy_(tensor)
+                    module.load_fused(kind, tensor)
                 else:
                     module.load_shard(kind, tensor, shard)
                 loaded.add(f"{parent}.{fused}.{kind}")
             elif local in params:
-                if params[local].shape != tensor.shape:
+                module = self.get_submodule(module_path)
+                if self.parallel.is_parallel and hasattr(module, "load_shard"):
+                    module.load_shard(kind, tensor)  # a sharded layer keeps this rank's part
+                elif params[local].shape != tensor.shape:
                     raise ValueError(f"{name}: expected shape {tuple(params[local].shape)}, got {tuple(tensor.shape)}")
-                params[local].data.copy_(tensor)
+                else:
+                    params[local].data.copy_(tensor)
                 loaded.add(local)
             else:
                 raise ValueError(f"unexpected tensor {name!r} for {type(self).__name__}")

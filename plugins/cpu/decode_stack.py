@@ -81,6 +81,8 @@ class DecodeStack:
             return None
         if not isinstance(model, LlamaForCausalLM) or type(model.rotary) is not RotaryEmbedding:
             return None
+        if model.parallel.is_parallel:
+            return None  # a sharded model reduces over ranks between the matmuls; the C step has no collectives
         if model.embed_tokens.weight.dtype != torch.bfloat16 or not isinstance(model.norm.ops, CPUFusedLayerOps):
             return None
         backends = {id(layer.self_attn.attn.backend): layer.self_attn.attn.backend for layer in model.layers}
@@ -97,7 +99,9 @@ class DecodeStack:
         return cls(model, torch.tensor(plans, dtype=torch.int64), attention)
 
     def supports(self, metadata: AttentionMetadata) -> bool:
-        return metadata.max_query_len == 1
+        # A step padded to a shape bucket (its last real token before the end) runs module by module:
+        # the C step would write its padding tokens' keys at slot -1.
+        return metadata.max_query_len == 1 and int(metadata.query_start_loc[-1]) == metadata.slot_mapping.shape[0]
 
     def _cache_pointers(self, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per layer, the key and value blocks' addresses (the engine's caches never move)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 import textwrap
@@ -166,3 +167,97 @@ def test_a_bad_env_value_is_reported_like_a_bad_flag(capsys, monkeypatch) -> Non
     with pytest.raises(SystemExit):
         _parsed_engine_config([])
     assert "--cuda-graphs" in capsys.readouterr().err
+
+
+# ---- tensor-parallel flags ------------------------------------------------------------------------
+
+SHARD_ENV = ("NUM_SHARD", "SHARDED", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_SHARDS", "CPU_BIND",
+             "RENDEZVOUS_TIMEOUT")
+
+
+@pytest.fixture
+def no_shard_env(monkeypatch):
+    for name in SHARD_ENV + ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_cpu_bind_parses_one_core_list_per_rank() -> None:
+    from tokenmill.cli import cpu_sets
+
+    assert cpu_sets("0-15|16-31") == (tuple(range(16)), tuple(range(16, 32)))
+    assert cpu_sets("0,2-3, 8|1") == ((0, 2, 3, 8), (1,))
+    assert cpu_sets("5") == ((5,),)
+
+
+@pytest.mark.parametrize("text", ["", "0-3|", "a-b", "3-1", "-1", "0,,1"])
+def test_bad_cpu_bind_is_refused_with_an_example(text, capsys, no_shard_env) -> None:
+    with pytest.raises(SystemExit):
+        _parsed_engine_config(["--cpu-bind", text])
+    assert "such as 0-15|16-31" in capsys.readouterr().err
+
+
+def test_shard_flags_default_to_one_rank(no_shard_env) -> None:
+    config = _parsed_engine_config([])
+    assert (config.num_shard, config.rank, config.local_shards, config.node_rank) == (1, 0, None, 0)
+    assert (config.master_addr, config.master_port, config.rendezvous_timeout_s, config.cpu_bind) == (
+        "127.0.0.1", 29500, 120.0, ())
+
+
+def test_shard_env_vars_parse_like_tgi_and_flags_win(no_shard_env) -> None:
+    no_shard_env.setenv("NUM_SHARD", "4")
+    no_shard_env.setenv("MASTER_ADDR", "10.0.0.7")
+    no_shard_env.setenv("MASTER_PORT", "29999")
+    no_shard_env.setenv("LOCAL_SHARDS", "2")
+    no_shard_env.setenv("NODE_RANK", "1")
+    no_shard_env.setenv("CPU_BIND", "0-7|8-15")
+    config = _parsed_engine_config([])
+    assert (config.num_shard, config.local_shards, config.node_rank, config.rank, config.local_rank) == (4, 2, 1, 2, 0)
+    assert (config.master_addr, config.master_port) == ("10.0.0.7", 29999)
+    assert config.cpu_bind == (tuple(range(8)), tuple(range(8, 16)))
+    config = _parsed_engine_config(["--num-shard", "2", "--local-shards", "2", "--node-rank", "0",
+                                    "--master-port", "29600", "--rendezvous-timeout", "5"])
+    assert (config.num_shard, config.local_shards, config.rank, config.master_port) == (2, None, 0, 29600)
+    assert config.rendezvous_timeout_s == 5.0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--num-shard", "4", "--local-shards", "3"], "must divide --num-shard 4"),
+    (["--num-shard", "4", "--local-shards", "2", "--node-rank", "2"], "--node-rank must be in 0..1"),
+    (["--num-shard", "2", "--cpu-bind", "0-3"], "1 core lists for 2 ranks"),
+    (["--num-shard", "2", "--sharded", "false"], "--sharded false contradicts --num-shard 2"),
+    (["--sharded", "true"], "--sharded true needs at least 2 devices; backend 'cpu' has 1"),
+])
+def test_inconsistent_shard_flags_are_refused_saying_what_fits(argv, message, no_shard_env) -> None:
+    from tokenmill.errors import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        _parsed_engine_config(["--backend", "cpu", *argv])
+
+
+def test_sharded_alone_means_one_rank_per_device_and_false_means_one(no_shard_env) -> None:
+    assert _parsed_engine_config(["--sharded", "false"]).num_shard == 1
+    assert _parsed_engine_config(["--sharded", "true", "--num-shard", "3"]).num_shard == 3
+
+
+def test_the_launcher_forwards_shard_flags_to_its_model_server(no_shard_env) -> None:
+    from tokenmill.cli import _engine_config, _model_server_args, build_parser
+
+    serve = build_parser().parse_args(["serve", "--num-shard", "2", "--cpu-bind", "0-1|2,3", "--master-port", "29700",
+                                       "--master-addr", "10.1.1.1", "--rendezvous-timeout", "9", "--sharded", "true"])
+    child = build_parser().parse_args(["model-server", *_model_server_args(serve)])
+    assert _engine_config(child) == _engine_config(serve)
+
+
+def test_a_rank_gets_its_engine_config_exactly(no_shard_env) -> None:
+    from tokenmill.shard import config_from_json, config_to_json
+
+    config = _parsed_engine_config(["--num-shard", "2", "--cpu-bind", "0|1", "--cuda-graphs", "1,2",
+                                    "--model-id", "/models/x"])
+    assert config_from_json(config_to_json(config)) == config
+
+
+def test_the_rank_subcommand_is_not_offered_to_users() -> None:
+    from tokenmill.cli import build_parser
+
+    assert "shard-worker" not in build_parser().format_help()
