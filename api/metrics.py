@@ -33,6 +33,11 @@ class Metrics:
         self.prefix_hit_rate = Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("tokenmill_preemptions_total", "Requests preempted for recompute", registry=r)
+        # Distinct padded step shapes run (engine.num_step_shapes): with shape buckets, one compilation each.
+        # Warm-up runs them all, so a rise while serving means a request paid a compilation.
+        self.compiles = Counter("tokenmill_compiles", "Model step shapes compiled (shape-bucketed backends)",
+                                registry=r)
+        self._compiles_seen = 0
         self.replica_requests = Gauge("tokenmill_replica_requests", "Requests sent to each model server",
                                       ["replica"], registry=r)
         self.replica_healthy = Gauge("tokenmill_replica_healthy", "1 while a model server is healthy", ["replica"],
@@ -46,6 +51,7 @@ class Metrics:
         self.kv_usage.set(blocks.usage)
         self.prefix_hit_rate.set(blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0)
         self.preemptions.set(engine.scheduler.num_preemptions)
+        self._observe_compiles(engine.num_step_shapes)
 
     def observe_replicas(self, router) -> None:
         """Refresh the engine gauges from the model servers' reports (after each health round)."""
@@ -55,9 +61,15 @@ class Metrics:
         self.kv_usage.set(sum(i.kv_cache_usage for i in infos) / len(infos) if infos else 0.0)
         self.prefix_hit_rate.set(sum(i.prefix_cache_hit_rate for i in infos) / len(infos) if infos else 0.0)
         self.preemptions.set(sum(i.num_preemptions for i in infos))
+        self._observe_compiles(sum(i.num_step_shapes for i in infos))
         for replica in router.replicas:
             self.replica_requests.labels(replica=replica.address).set(replica.num_requests)
             self.replica_healthy.labels(replica=replica.address).set(1 if replica.healthy else 0)
+
+    def _observe_compiles(self, total: int) -> None:
+        # A counter only rises: a replica that restarted (its count fell) adds what it compiled since.
+        self.compiles.inc(max(0, total - self._compiles_seen))
+        self._compiles_seen = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

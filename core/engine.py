@@ -22,7 +22,7 @@ from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.interfaces import LayerOps, MemoryRequest
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
-from tokenmill.model_runner import ModelRunner, SequenceStep, host_to_device
+from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
@@ -144,8 +144,10 @@ class Engine:
         self.kv_caches = self.layout.allocate(self.num_blocks)
         buckets = self.backend.shape_buckets(config.max_num_batched_tokens, config.max_num_seqs)
         forward = self.backend.compile_model(self.model, buckets, config.graph_batch_sizes)
+        padding = None if buckets is None else StepPadding(  # block tables as wide as the longest context
+            buckets, -(-self.max_model_len // self.layout.block_size), self.max_model_len)
         self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
-                                  self.layout.block_size, self.device)
+                                  self.layout.block_size, self.device, padding)
         self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, config.enable_prefix_caching,
                                           self.layout.resident_block_limit(self.num_blocks))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
@@ -195,27 +197,74 @@ class Engine:
                 module.ops = ops
 
     def warmup(self, progress: bool | None = None) -> None:
-        """Run the step shapes the server will see once before serving (every bucket, if declared).
+        """Run the step shapes the server will see once before serving (every bucketed shape, if declared).
 
         Compiling backends pay their compilation here; on any backend the first real request no
-        longer pays first-call costs. Leaves the cache empty.
+        longer pays first-call costs. Leaves the cache empty. Call it before any request is added.
         """
         from tqdm import tqdm
 
-        buckets = self.scheduler.buckets
-        sizes = list(buckets.num_tokens) if buckets else [min(self.config.max_num_batched_tokens, 64), 1]
-        sizes = [n for n in sizes if n <= self.kv_capacity_tokens - 1] or [1]
         show = self.config.progress if progress is None else progress
-        for index, size in enumerate(tqdm(sizes, desc="warming up", unit="shape", disable=not show)):
+        if self.runner.padding is not None:
+            shapes = self._reachable_step_shapes()
+            for steps in tqdm(shapes.values(), desc="compiling step shapes", unit="shape", disable=not show):
+                self.runner.execute(steps)
+            logger.info("warmed up %d step shapes", len(shapes))
+            return  # the runner alone ran: no block or prefix was handed out, only free blocks were written
+        sizes = [min(self.config.max_num_batched_tokens, 64), 1]
+        sizes = [n for n in sizes if n <= self.kv_capacity_tokens - 1] or [1]
+        for size in tqdm(sizes, desc="warming up", unit="shape", disable=not show):
             self.generate([[0] * size], SamplingParams(max_new_tokens=1, ignore_eos=True))
-        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, self.config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, self.config.enable_prefix_caching,
+                                          self.layout.resident_block_limit(self.num_blocks))
         self.scheduler.blocks = self.block_manager  # forget the warm-up's dummy prefixes
+
+    def _reachable_step_shapes(self) -> dict[StepShape, list[SequenceStep]]:
+        """A step of every padded shape the scheduler can make, keyed by that shape.
+
+        A decode step of m sequences has m tokens, so m alone fixes its shape. A prefill step of n tokens
+        over m sequences (n > m: one feeds two or more) has the shape of its (token, sequence) buckets; for
+        each pair the largest n and smallest m the scheduler allows are tried, and a pair no such step
+        reaches is skipped. A prefill step asking for more logit rows than its sequence bucket (prompt
+        logprobs) has a wider logits shape, warmed too.
+        """
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("warm-up writes the KV cache's free blocks: run it before adding requests")
+        padding, buckets = self.runner.padding, self.runner.padding.buckets
+        max_tokens, max_seqs = self.scheduler.max_tokens_per_step, self.scheduler.max_seqs_per_step
+        shapes: dict[StepShape, list[SequenceStep]] = {}
+        blocks = itertools.count()
+
+        def add(lengths: list[int], logits: list[int]) -> None:
+            shape = padding.shape_of(sum(lengths), len(lengths), sum(logits), max(lengths) == 1)
+            if shape not in shapes:
+                shapes[shape] = [SequenceStep([0] * n, 0, [next(blocks) % self.num_blocks
+                                                            for _ in range(-(-n // self.layout.block_size))], k)
+                                 for n, k in zip(lengths, logits)]
+
+        for m in range(1, min(max_seqs, max_tokens) + 1):
+            add([1] * m, [1] * m)
+        smallest_seqs = [1] + [s + 1 for s in buckets.num_seqs[:-1]]
+        for t in buckets.num_tokens:
+            for m in (m for m in smallest_seqs if m <= max_seqs):
+                n = min(t, max_tokens, m * self.max_model_len)
+                if n <= m or buckets.pad_num_tokens(n) != t:
+                    continue
+                lengths = [n // m + (i < n % m) for i in range(m)]
+                add(lengths, [1] * m)
+                add(lengths, lengths)  # every position's logits: prompt logprobs
+        return shapes
 
     # ---- requests ---------------------------------------------------------------------------------
 
     @property
     def kv_capacity_tokens(self) -> int:
         return self.num_blocks * self.layout.block_size
+
+    @property
+    def num_step_shapes(self) -> int:
+        """Distinct padded step shapes the model has run: with shape buckets, one compilation each; else 0."""
+        return self.runner.num_step_shapes
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Queue a request; it joins the running batch at the next step."""

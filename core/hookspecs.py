@@ -226,8 +226,10 @@ def tokenmill_shape_buckets(max_num_tokens: int, max_num_seqs: int) -> ShapeBuck
     """The static shapes this backend compiles for, or None for dynamic shapes.
 
     Backends that compile per shape (XLA, HPU graphs, Neuron) declare buckets up to the scheduler's
-    limits; the scheduler then pads each step's token and sequence counts up to a bucket and never
-    exceeds the largest. Default: None.
+    limits; the scheduler never exceeds the largest, and the model runner pads each step's tokens,
+    sequences and block-table width up to a bucket (the padding contract is `AttentionMetadata`'s:
+    slot -1 writes nothing, padded sequences have length 0). Warm-up runs every reachable padded shape
+    before the server reports healthy. Default: None.
     """
 
 

@@ -141,6 +141,18 @@ class AttentionMetadata:
     `query_start_loc[i]:query_start_loc[i+1]`, which are the *last* tokens of its `seq_lens[i]`-token
     context; every earlier token of that context is already in the cache at the blocks
     `block_tables[i]`. A decode is a sequence with one query token; a prefill chunk has several.
+
+    Padding. A backend with `ShapeBuckets` (and a graph replay) gets steps padded to a static shape, with
+    rows that belong to no request, always after the real ones:
+
+    * a ``slot_mapping`` of -1 means "do not write": such a token's key and value must not reach the
+      cache. Padding tokens are the rows from ``query_start_loc[-1]`` on (token id 0, position 0, slot
+      -1); their attention output may be anything, nothing reads it;
+    * padding sequences have query length 0 (``query_start_loc`` repeats its last value), seq_len 0 and
+      a block table of zeros: they attend to nothing and produce nothing;
+    * the host ints are then bounds fixed by the shape, not the step's exact values: ``max_query_len``
+      is 1 for a decode step, else the number of tokens; ``max_seq_len`` is the model's context length;
+      ``block_tables`` is as wide as that context needs (`tokenmill.model_runner.StepPadding`).
     """
 
     query_start_loc: torch.Tensor  # (num_seqs + 1,) int32, cumulative query lengths
@@ -322,7 +334,9 @@ class ShapeBuckets:
     """Static shapes for backends that compile per shape; the scheduler pads each step up to them.
 
     `None` from the hook means dynamic shapes. Sizes are sorted; a step larger than the last bucket is
-    never scheduled.
+    never scheduled. The model runner pads every step's tokens and sequences up to a bucket, and its
+    block tables to the model's longest context (`tokenmill.model_runner.StepPadding`); warm-up runs
+    every (tokens, sequences, decode or prefill) shape the scheduler can make, so serving compiles none.
     """
 
     num_tokens: tuple[int, ...]  # flattened batch sizes in tokens

@@ -5,6 +5,9 @@ they start, the sequence's block table and how many trailing positions need logi
 vectorised with numpy over all tokens of the step; the only per-sequence Python is list concatenation.
 Everything is built on the host and sent over in one asynchronous copy per tensor, so on an accelerator
 the step queues its work without ever waiting for the device.
+
+A backend that compiles per shape (`ShapeBuckets`) gets every step padded to a bucket (`StepPadding`), so
+it only ever sees the few shapes warm-up compiled; without buckets nothing is padded.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tokenmill.interfaces import AttentionBackend, AttentionMetadata
+from tokenmill.interfaces import AttentionBackend, AttentionMetadata, ShapeBuckets
 
 
 def host_to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -58,10 +61,58 @@ class StepInputs:
     positions: torch.Tensor  # (num_tokens,) int64
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # (num_logits,) rows of the hidden states to turn into logits
+    # With padding: how many leading rows of logits_indices are real (the rest are dropped); None: all.
+    num_logits: int | None = None
 
 
-def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: torch.device) -> StepInputs:
-    """Flatten `steps` into model inputs; tokens of each sequence stay contiguous, in order."""
+@dataclass(frozen=True)
+class StepShape:
+    """The static shape of a padded step; each distinct one is a compilation for the backend."""
+
+    num_tokens: int  # token bucket
+    num_seqs: int  # sequence bucket
+    num_logits: int  # logit rows: the sequence bucket, or the token bucket when prompt logprobs need more
+    is_decode: bool  # every real sequence feeds one token: max_query_len is 1
+
+
+@dataclass(frozen=True)
+class StepPadding:
+    """How every step of a backend with `ShapeBuckets` is padded to a static shape.
+
+    * Tokens: up to the token bucket. Padding tokens come after every real one and belong to no
+      sequence: token id 0, position 0, slot -1 (nothing is written to the cache).
+    * Sequences: up to the sequence bucket. Padding sequences come after the real ones: query length 0
+      (`query_start_loc` repeats its last value), seq_len 0, a block table of zeros.
+    * Block tables: always `max_blocks_per_seq` wide (the model's longest context), never the step's
+      longest table.
+    * Host ints: `max_query_len` is 1 for a decode step (every real sequence feeds one token), else the
+      token bucket (no sequence can feed more); `max_seq_len` is always `max_seq_len` (the model's
+      context length). Both are then fixed by the shape, never by the step's data.
+    * Logits: `logits_indices` is padded (with row 0) to the sequence bucket, or to the token bucket
+      when prompt logprobs ask for more rows than that; the padded rows are dropped after the forward.
+    """
+
+    buckets: ShapeBuckets
+    max_blocks_per_seq: int  # ceil(max_model_len / block_size)
+    max_seq_len: int  # max_model_len
+
+    def shape_of(self, num_tokens: int, num_seqs: int, num_logits: int, is_decode: bool) -> StepShape:
+        """The shape a step of these real sizes is padded to; raises if it fits no bucket."""
+        padded_tokens = self.buckets.pad_num_tokens(num_tokens)
+        padded_seqs = self.buckets.pad_num_seqs(num_seqs)
+        if padded_tokens is None or padded_seqs is None:
+            raise ValueError(f"a step of {num_tokens} tokens and {num_seqs} sequences exceeds the largest shape "
+                             f"buckets ({self.buckets.num_tokens[-1]} tokens, {self.buckets.num_seqs[-1]} sequences)")
+        logits = padded_seqs if num_logits <= padded_seqs else padded_tokens
+        return StepShape(padded_tokens, padded_seqs, logits, is_decode)
+
+
+def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: torch.device,
+                      padding: StepPadding | None = None) -> StepInputs:
+    """Flatten `steps` into model inputs; tokens of each sequence stay contiguous, in order.
+
+    With `padding`, the inputs are padded to the step's `StepShape` as `StepPadding` describes.
+    """
     query_lens = np.fromiter((len(s.token_ids) for s in steps), dtype=np.int64, count=len(steps))
     starts = np.fromiter((s.start_position for s in steps), dtype=np.int64, count=len(steps))
     num_tokens = int(query_lens.sum())
@@ -83,6 +134,9 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
     logits_indices = np.concatenate(
         [np.arange(end - n, end) for end, n in zip(cu_query[1:], num_logits) if n]
     ) if num_logits.any() else np.zeros(0, dtype=np.int64)
+    if padding is not None:
+        return _padded_inputs(padding, token_ids, positions, cu_query, seq_lens, block_tables, slot_mapping,
+                              logits_indices, int(query_lens.max()) == 1, device)
 
     metadata = AttentionMetadata(
         query_start_loc=host_to_device(cu_query.astype(np.int32), device),
@@ -100,8 +154,53 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
     )
 
 
+def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.ndarray, cu_query: np.ndarray,
+                   seq_lens: np.ndarray, block_tables: np.ndarray, slot_mapping: np.ndarray,
+                   logits_indices: np.ndarray, is_decode: bool, device: torch.device) -> StepInputs:
+    """The step's unpadded host arrays, padded to its `StepShape` (see `StepPadding`) and sent over."""
+    num_tokens, num_seqs, num_logits = len(token_ids), len(seq_lens), len(logits_indices)
+    shape = padding.shape_of(num_tokens, num_seqs, num_logits, is_decode)
+    width = block_tables.shape[1]
+    if width > padding.max_blocks_per_seq:  # only reachable past max_model_len
+        raise ValueError(f"a block table of {width} blocks exceeds the model's {padding.max_blocks_per_seq} "
+                         "blocks per sequence")
+
+    def pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
+        out = np.full(size, fill, dtype=np.int64)
+        out[: len(values)] = values
+        return out
+
+    padded_tables = np.zeros((shape.num_seqs, padding.max_blocks_per_seq), dtype=np.int32)
+    padded_tables[:num_seqs, :width] = block_tables
+    metadata = AttentionMetadata(
+        query_start_loc=host_to_device(pad(cu_query, shape.num_seqs + 1, num_tokens).astype(np.int32), device),
+        seq_lens=host_to_device(pad(seq_lens, shape.num_seqs, 0).astype(np.int32), device),
+        block_tables=host_to_device(padded_tables, device),
+        slot_mapping=host_to_device(pad(slot_mapping, shape.num_tokens, -1), device),
+        max_query_len=1 if is_decode else shape.num_tokens,
+        max_seq_len=padding.max_seq_len,
+    )
+    return StepInputs(
+        input_ids=host_to_device(pad(token_ids, shape.num_tokens, 0), device),
+        positions=host_to_device(pad(positions, shape.num_tokens, 0), device),
+        metadata=metadata,
+        logits_indices=host_to_device(pad(logits_indices, shape.num_logits, 0), device),
+        num_logits=num_logits,
+    )
+
+
+def step_shape(inputs: StepInputs) -> StepShape:
+    """The shape of padded `inputs`, read from host-side sizes only."""
+    return StepShape(inputs.input_ids.shape[0], inputs.metadata.num_seqs, inputs.logits_indices.shape[0],
+                     inputs.metadata.max_query_len == 1)
+
+
 class ModelRunner:
-    """Runs one step of a model over the paged KV cache."""
+    """Runs one step of a model over the paged KV cache.
+
+    With `padding` (the backend declared `ShapeBuckets`), every step is padded to a static shape and
+    `step_shapes` holds each shape run so far: for a backend that compiles per shape, one compilation each.
+    """
 
     def __init__(
         self,
@@ -111,6 +210,7 @@ class ModelRunner:
         attention_backends: Sequence[AttentionBackend],
         block_size: int,
         device: torch.device,
+        padding: StepPadding | None = None,
     ):
         self.model = model
         self.forward = forward
@@ -118,12 +218,23 @@ class ModelRunner:
         self.attention_backends = list(attention_backends)
         self.block_size = block_size
         self.device = device
+        self.padding = padding
+        self.step_shapes: set[StepShape] = set()
+
+    @property
+    def num_step_shapes(self) -> int:
+        """Distinct padded shapes run so far (0 without padding): the backend's compilations."""
+        return len(self.step_shapes)
 
     @torch.inference_mode()
     def execute(self, steps: Sequence[SequenceStep]) -> torch.Tensor:
         """Logits (num_logits, vocab) in float32 for the positions the steps asked for, in order."""
-        inputs = build_step_inputs(steps, self.block_size, self.device)
+        inputs = build_step_inputs(steps, self.block_size, self.device, self.padding)
         for backend in self.attention_backends:
             backend.prepare(inputs.metadata)
         hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if self.padding is None:
+            return logits
+        self.step_shapes.add(step_shape(inputs))
+        return logits[: inputs.num_logits]  # a view: the padded rows never reach the sampler

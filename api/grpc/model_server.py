@@ -82,7 +82,7 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             num_running=engine.scheduler.num_running, num_waiting=engine.scheduler.num_waiting,
             kv_cache_usage=blocks.usage,
             prefix_cache_hit_rate=blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0,
-            num_preemptions=engine.scheduler.num_preemptions,
+            num_preemptions=engine.scheduler.num_preemptions, num_step_shapes=engine.num_step_shapes,
             ready=self.ready,
         )
 

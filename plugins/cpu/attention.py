@@ -8,6 +8,9 @@ max_query_len, max_seq_len)``; every layer then gathers its keys and values with
 ``scaled_dot_product_attention`` once per group; decodes go to a compiled kernel that reads the blocks
 in place instead. Grouping keeps a 2,000-token chunk from padding every decode beside it to 2,000 query
 rows; decodes need no query padding at all.
+
+A padded step (a backend with shape buckets, see `AttentionMetadata`) runs as the unpadded step of its
+real rows: the padding tokens are neither written to the cache nor attended, and their output is zero.
 """
 
 from __future__ import annotations
@@ -161,6 +164,21 @@ def _mask(seq_lens: torch.Tensor, query_lens: torch.Tensor, max_q: int, max_kv: 
     return mask[:, None]
 
 
+def _without_padding(meta: AttentionMetadata) -> AttentionMetadata | None:
+    """The step's real rows as metadata of their own, or None when the step has no padding.
+
+    Padding tokens are the rows from ``query_start_loc[-1]`` on and padding sequences those with
+    seq_len 0, both after the real ones (`AttentionMetadata`). Two scalar reads tell an unpadded step.
+    """
+    num_tokens = int(meta.query_start_loc[-1])
+    num_seqs = int(torch.count_nonzero(meta.seq_lens))
+    if num_tokens == meta.slot_mapping.shape[0] and num_seqs == meta.seq_lens.shape[0]:
+        return None
+    return AttentionMetadata(meta.query_start_loc[: num_seqs + 1], meta.seq_lens[:num_seqs],
+                             meta.block_tables[:num_seqs], meta.slot_mapping[:num_tokens],
+                             meta.max_query_len, meta.max_seq_len)
+
+
 def _build_groups(meta: AttentionMetadata, block_size: int, spec: AttentionSpec,
                   kernel_decodes: bool) -> list[_Group]:
     """Decodes in one group; prefill chunks grouped by length class (within 2x of each other).
@@ -194,14 +212,18 @@ class CPUPagedAttention(AttentionBackend):
         # step the decode stack runs in C (decode_stack.py, no layer calls forward) builds none.
         pass
 
-    def _step_data(self, metadata: AttentionMetadata) -> tuple[torch.Tensor, list[_Group]]:
-        """The step's cache rows to write and attention groups, built once and shared by every layer."""
+    def _step_data(self, metadata: AttentionMetadata) -> tuple[torch.Tensor, list[_Group], int | None]:
+        """The step's cache rows to write, attention groups and real token count (None: no padding),
+        built once and shared by every layer."""
         data = metadata.backend_data.get(self._key)
         if data is None:
-            slots = metadata.slot_mapping.long()
+            real = _without_padding(metadata)
+            meta = metadata if real is None else real
+            slots = meta.slot_mapping.long()
             write_rows = _cache_rows(slots // self.block_size, slots % self.block_size, self.spec.num_kv_heads,
                                      self.block_size).flatten()
-            data = write_rows, _build_groups(metadata, self.block_size, self.spec, self.kernel_decodes)
+            data = (write_rows, _build_groups(meta, self.block_size, self.spec, self.kernel_decodes),
+                    None if real is None else real.slot_mapping.shape[0])
             metadata.backend_data[self._key] = data
         return data
 
@@ -213,8 +235,18 @@ class CPUPagedAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
+        write_rows, groups, num_real = self._step_data(metadata)
+        if num_real is None:
+            return self._forward(query, key, value, kv_cache, write_rows, groups)
+        # Padding tokens trail the real ones (slot -1): they are dropped before the cache is written.
+        out = query.new_zeros(query.shape)
+        out[:num_real] = self._forward(query[:num_real], key[:num_real], value[:num_real], kv_cache, write_rows,
+                                       groups)
+        return out
+
+    def _forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 write_rows: torch.Tensor, groups: list[_Group]) -> torch.Tensor:
         spec = self.spec
-        write_rows, groups = self._step_data(metadata)
         rows = kv_cache.view(2, -1, spec.head_dim)
         rows[0].index_copy_(0, write_rows, key.reshape(-1, spec.head_dim).to(kv_cache.dtype))
         rows[1].index_copy_(0, write_rows, value.reshape(-1, spec.head_dim).to(kv_cache.dtype))
