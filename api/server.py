@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,10 @@ def serve(options: ServeOptions, launched: tuple[str, subprocess.Popen] | None =
     if launched is None and not options.model_servers:
         launched = start_model_server(options.model_server_args)
     addresses, child = ((launched[0],), launched[1]) if launched else (options.model_servers, None)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains on SIGTERM, then raises the signal again for whatever handler it found: with this
+        # one the launcher goes on to stop its model server and exits 0, Kubernetes' contract for a drain.
+        signal.signal(signal.SIGTERM, _drained)
     try:
         asyncio.run(_run_router(options, addresses, child))
     finally:
@@ -97,6 +103,10 @@ def serve(options: ServeOptions, launched: tuple[str, subprocess.Popen] | None =
                 child.wait(timeout=options.graceful_shutdown_s)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _drained(signum, frame) -> None:
+    logger.info("drained after SIGTERM; stopping")
 
 
 async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: subprocess.Popen | None) -> None:
