@@ -11,13 +11,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.api import openai_api, tgi
+from tokenmill.api.auth import authorized, http_route_is_protected
 from tokenmill.api.errors import install_error_handlers
 from tokenmill.api.metrics import Metrics
 from tokenmill.api.service import GenerationService
 from tokenmill.api.tracing import extract_context, tracer
 
-# TGI protects the generation routes only; info routes stay open.
-PROTECTED = ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize")
 
 
 class PayloadLimit:
@@ -105,10 +104,8 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
         return await _guarded(request, call_next, settings)
 
     async def _guarded(request: Request, call_next, settings):
-        is_protected = request.url.path in PROTECTED or (request.url.path == "/" and request.method == "POST")
-        if settings.api_key and is_protected:
-            expected = f"bearer {settings.api_key}".lower()
-            if request.headers.get("authorization", "").lower() != expected:
+        if settings.api_key and http_route_is_protected(request.url.path, request.method):
+            if not authorized(request.headers.get("authorization"), settings.api_key):
                 return Response(status_code=401)
         return await call_next(request)
 

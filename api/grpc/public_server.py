@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from tokenmill.api.auth import ApiKeyInterceptor
 from tokenmill.api.errors import OverloadedError, UnsupportedError
 from tokenmill.api.grpc import generate_pb2 as pb
 from tokenmill.api.grpc import generate_pb2_grpc as pb_grpc
@@ -116,7 +117,7 @@ class PublicGrpcServer:
     def __init__(self, service: GenerationService, address: str):
         self.service = service
         self.address = address
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(SERVICE_NAME, lambda: service.settings.api_key)])
         pb_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(service), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
