@@ -20,6 +20,10 @@ class ModelLoadingError(Exception):
     """The model is still loading or warming up (HTTP 503)."""
 
 
+class ShuttingDownError(Exception):
+    """The server is draining after SIGTERM: in-flight requests finish, new ones go elsewhere (HTTP 503)."""
+
+
 class TemplateError(Exception):
     """The chat template is missing or failed to render (HTTP 422)."""
 
@@ -40,6 +44,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 429, {"error": "Model is overloaded", "error_type": "overloaded"}
     if isinstance(exc, ModelLoadingError):
         return 503, {"error": "Model is loading, retry shortly", "error_type": "unhealthy"}
+    if isinstance(exc, ShuttingDownError):
+        return 503, {"error": "Server is shutting down; retry on another replica", "error_type": "unhealthy"}
     if isinstance(exc, GenerationError):
         return 424, {"error": str(exc), "error_type": "generation"}
     if isinstance(exc, TemplateError):
@@ -51,6 +57,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
     return 500, {"error": f"Request failed: {exc}", "error_type": "incomplete_generation"}
 
 
+RETRY_AFTER_S = 1  # a 503 (loading, draining) is worth retrying soon, on this replica or another
+
 HTTP_ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -59,7 +67,8 @@ def install_error_handlers(app, metrics=None) -> None:
         status, body = error_body(exc)
         if metrics is not None and not isinstance(exc, OverloadedError):  # overload is counted where refused
             metrics.request_failure.labels(err=body["error_type"]).inc()
-        return JSONResponse(body, status_code=status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     async def handle_malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
         # A body that does not parse: 422 with the field path, in TGI's envelope.
@@ -78,7 +87,7 @@ def install_error_handlers(app, metrics=None) -> None:
                             headers=exc.headers)
 
     app.add_exception_handler(HTTPException, handle_http)
-    for exc_type in (ValidationError, OverloadedError, ModelLoadingError, GenerationError, TemplateError,
+    for exc_type in (ValidationError, OverloadedError, ModelLoadingError, ShuttingDownError, GenerationError, TemplateError,
                      UnsupportedError, ClientDisconnected):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(RequestValidationError, handle_malformed)

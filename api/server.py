@@ -105,6 +105,36 @@ def serve(options: ServeOptions, launched: tuple[str, subprocess.Popen] | None =
                 child.kill()
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM as a drain: new requests get 503 with Retry-After (and `/health` 503, so
+    load balancers move on) while in-flight ones finish, for at most `grace_s`; then the usual shutdown.
+
+    uvicorn alone stops listening at once, so a client arriving during the drain is refused a
+    connection instead of told to retry. A second SIGTERM, or SIGINT, stops at once as uvicorn does.
+    """
+
+    def __init__(self, config: uvicorn.Config, service: GenerationService, grace_s: float):
+        super().__init__(config)
+        self.service = service
+        self.grace_s = grace_s
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and not self.service.draining and not self.should_exit:
+            self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does: see _drained
+            self.service.draining = True
+            asyncio.get_running_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        logger.info("SIGTERM: draining %d in-flight request(s), new ones get 503", self.service.in_flight)
+        while self.service.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        self.should_exit = True
+
+
 def _drained(signum, frame) -> None:
     logger.info("drained after SIGTERM; stopping")
 
@@ -117,8 +147,9 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
     service = GenerationService(router, None, placeholder, metrics)
     grpc_address = f"{options.hostname}:{options.grpc_port}" if options.grpc_port else None
     app = build_app(service, metrics, grpc_address)
-    server = uvicorn.Server(uvicorn.Config(app, host=options.hostname, port=options.port, log_level="info",
-                                           timeout_graceful_shutdown=options.graceful_shutdown_s))
+    server = DrainingServer(uvicorn.Config(app, host=options.hostname, port=options.port, log_level="info",
+                                           timeout_graceful_shutdown=options.graceful_shutdown_s),
+                            service, options.graceful_shutdown_s)
     serving = asyncio.create_task(server.serve())
     # A local child loads the very model of these options: read its tokenizer while it starts up.
     early_tokenizer = (asyncio.create_task(asyncio.to_thread(load_tokenizer, options.engine.model_id,

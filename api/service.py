@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-from tokenmill.api.errors import ModelLoadingError, OverloadedError
+from tokenmill.api.errors import ModelLoadingError, OverloadedError, ShuttingDownError
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine, GenerationError
 from tokenmill.outputs import RequestOutput, TokenInfo
@@ -60,9 +60,12 @@ class GenerationService:
         self.in_flight = 0
         self._ids = itertools.count()
         self.ready = False
+        self.draining = False  # after SIGTERM: no new requests, in-flight ones finish
 
     def checked(self) -> "GenerationService":
-        """This service, if it can take generation requests yet (else 503)."""
+        """This service, if it can take generation requests (else 503: loading, or draining)."""
+        if self.draining:
+            raise ShuttingDownError()
         if not self.ready:
             raise ModelLoadingError()
         return self
@@ -73,8 +76,7 @@ class GenerationService:
     @contextlib.contextmanager
     def admit(self):
         """A permit for one client request, held for its whole stream (TGI's semaphore, no waiting)."""
-        if not self.ready:
-            raise ModelLoadingError()
+        self.checked()
         if self.in_flight >= self.settings.max_concurrent_requests:
             if self.metrics:
                 self.metrics.request_failure.labels(err="overloaded").inc()

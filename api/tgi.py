@@ -185,7 +185,8 @@ async def info(request: Request):
 @router.get("/health")
 @router.get("/ping")
 async def health(request: Request):
-    """200 once the model is warm, 503 before (TGI's /, /health and /ping)."""
-    if _service(request).ready:
+    """200 once the model is warm, 503 before and while draining (TGI's /, /health and /ping)."""
+    service = _service(request)
+    if service.ready and not service.draining:
         return Response(status_code=200)
     return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)

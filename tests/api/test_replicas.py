@@ -190,12 +190,12 @@ def test_sigterm_finishes_in_flight_streams_and_refuses_new_ones(cluster) -> Non
     endings: list[dict] = []
     first = threading.Event()
 
-    def stream() -> None:
-        body = {"inputs": "w5 w6", "parameters": {"max_new_tokens": 300}}
+    def stream() -> None:  # long enough to outlast the checks below: no end of sequence, 900 tokens
+        body = {"prompt": "w5 w6", "max_tokens": 900, "ignore_eos": True, "stream": True}
         last = None
-        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as response:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
-                if line.startswith("data:"):
+                if line.startswith("data: {"):
                     last = json.loads(line[5:])
                     first.set()
         endings.append(last)
@@ -204,9 +204,16 @@ def test_sigterm_finishes_in_flight_streams_and_refuses_new_ones(cluster) -> Non
     thread.start()
     assert first.wait(30)
     router.send_signal(signal.SIGTERM)
+    # Draining: new requests are told to retry elsewhere and the health check fails, while the stream runs.
+    refused = httpx.post(f"{url}/generate", json={"inputs": "w5", "parameters": {"max_new_tokens": 2}}, timeout=5)
+    health = httpx.get(f"{url}/health", timeout=5).status_code
+    drained = thread.is_alive()
     thread.join(60)
-    assert endings and endings[0].get("generated_text") is not None  # the stream finished
+    assert refused.status_code == 503 and refused.headers.get("retry-after") == "1", refused.text
+    assert health == 503
+    assert endings and endings[0]["choices"][0]["finish_reason"] == "length"  # the stream finished
     time.sleep(1)
     with pytest.raises(httpx.HTTPError):
         httpx.post(f"{url}/generate", json={"inputs": "w5", "parameters": {"max_new_tokens": 2}}, timeout=5)
     assert router.wait(timeout=60) == 0  # a drain is a clean stop
+    assert drained, "the stream ended before the drain could be observed"
