@@ -104,6 +104,121 @@ def _plots(results: dict, out: Path) -> list[str]:
     ]
 
 
+def _micro_row(micro: dict | None, config: str, forward: str, batch: int) -> dict | None:
+    rows = (micro or {}).get("rows", [])
+    return next((r for r in rows if (r["config"], r["forward"], r["batch"]) == (config, forward, batch)), None)
+
+
+def _tensor_parallel_summary(tp: dict) -> list[str]:
+    """Two or three plain sentences from the figures: what 2 shards cost here, why, where they pay off."""
+    from benchmarks.tensor_parallel import BASELINES, SHARDED
+
+    configs = tp["configs"]
+
+    def tok_s(name, level):
+        return (configs.get(name, {}).get("levels", {}).get(level) or {}).get("output_tok_s")
+
+    top, first = tp["levels"][-1], tp["levels"][0]
+    # The verdict is against the faster 1-shard configuration: on a shared machine the one using both
+    # cores can lose to the pinned one, and 2 shards must beat what 1 shard can do here, not its worst.
+    best = max(BASELINES, key=lambda name: tok_s(name, top) or 0)
+    vs_best = _ratio(tok_s(SHARDED, top), tok_s(best, top))
+    sentences = []
+    if vs_best is not None:
+        others = ", ".join(f"{_fmt(_ratio(tok_s(SHARDED, top), tok_s(name, top)), digits=2)}× against {name}"
+                           for name in BASELINES if name != best)
+        verb = "costs" if vs_best < 1 else "gains"
+        sentences.append(
+            f"**What it costs here:** 2 shards, one core each, give {vs_best:.2f}× the output tok/s of the faster "
+            f"1-shard configuration ({best}) at c={top} and "
+            f"{_fmt(_ratio(tok_s(SHARDED, first), tok_s(best, first)), digits=2)}× at c={first} "
+            f"({others} at c={top}): tensor parallelism {verb} throughput on this machine.")
+    micro = tp.get("micro")
+    sharded = _micro_row(micro, "2 ranks, 1 core each", "modules", 1)
+    one_call = _micro_row(micro, "1 rank, 1 core", "one call", 1)
+    modules = _micro_row(micro, "1 rank, 1 core", "modules", 1)
+    if sharded and sharded.get("collective_ms") is not None:
+        share = 100 * sharded["collective_ms"] / sharded["step_ms"]
+        sentences.append(
+            f"**Why:** each rank multiplies half of every weight matrix, but a 2-rank decode step at batch 1 "
+            f"makes {sharded['collectives_per_step']:.0f} collectives (an all-reduce after each layer's attention "
+            f"output and MLP down projection, one for the embedding, an all-gather of the logits) and spends "
+            f"{sharded['collective_ms']:.1f} ms of its {sharded['step_ms']:.1f} ms in them ({share:.0f} %; the "
+            f"exchange itself, the shorter of the two ranks' times, {sharded['exchange_ms']:.1f} ms, the rest one "
+            f"rank waiting for the other). Sharded models also leave the one-call decode step"
+            + (f": 1 rank on one core takes {one_call['step_ms']:.1f} ms a step in one call, {modules['step_ms']:.1f} "
+               "ms module by module." if one_call and modules else "."))
+    sentences.append(
+        "**Where it pays off:** where each rank brings memory bandwidth of its own — one rank per socket of a "
+        "multi-socket server or per machine, so a decode step's weight reads, its bound, split with the ranks "
+        "while the sync stays a small share of a longer step — and for models that do not fit one device's "
+        "memory at all. Two cores sharing one memory system halve the matmuls but not the bytes the machine "
+        "can read, and add the syncs.")
+    return sentences
+
+
+def tensor_parallel_lines(tp: dict) -> list[str]:
+    """The "Tensor parallelism on this machine" section: servers, ratios, the in-process step, the summary."""
+    from benchmarks.tensor_parallel import BASELINES, SHARDED
+
+    configs = tp["configs"]
+    lines = ["## Tensor parallelism on this machine", "",
+             f"Model: {tp['model']} (the embedded SmolLM2's 9 heads split over 1 or 3 ranks only; this shape has "
+             "its matrices and FLOPs and splits over 2). Streaming chat, 128 output tokens, ignore_eos; medians of "
+             f"{tp['passes']} alternating passes on a shared, noisy machine.", ""]
+    header = "".join(f" c={lv} tok/s | c={lv} ITL p50 (ms) |" for lv in tp["levels"])
+    lines += [f"| configuration | flags |{header} start-up (s) |",
+              "|---|---|" + "---|---|" * len(tp["levels"]) + "---|"]
+    for name, entry in configs.items():
+        cells = ""
+        for level in tp["levels"]:
+            figures = entry["levels"].get(level) or {}
+            cells += f" {_fmt(figures.get('output_tok_s'))} | {_fmt(figures.get('itl_p50_s'), 1000)} |"
+        lines.append(f"| {name} | `{entry['flags']}` |{cells} {_fmt(entry['startup_s'])} |")
+    lines += ["", "| ratio 2 shards / | " + " | ".join(f"c={lv} tok/s | c={lv} ITL p50" for lv in tp["levels"]) + " |",
+              "|---|" + "---|---|" * len(tp["levels"])]
+    sharded = configs.get(SHARDED, {}).get("levels", {})
+    for base in BASELINES:
+        theirs = configs.get(base, {}).get("levels", {})
+        cells = []
+        for level in tp["levels"]:
+            ours, ref = sharded.get(level) or {}, theirs.get(level) or {}
+            cells += [f"{_fmt(_ratio(ours.get('output_tok_s'), ref.get('output_tok_s')), digits=2)}×",
+                      f"{_fmt(_ratio(ours.get('itl_p50_s'), ref.get('itl_p50_s')), digits=2)}×"]
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    lines.append("")
+    micro = tp.get("micro")
+    if micro:
+        lines += [f"Decode steps in process (`python -m benchmarks.micro.tensor_parallel`, {micro['steps']} steps, "
+                  f"medians of {micro['passes']} passes): rank 0's step, the time it spent in collectives, and the "
+                  "exchange itself (per call, the shorter of the two ranks' times).", "",
+                  "| configuration | forward | batch | ms/step | collectives/step | in collectives (ms) "
+                  "| exchange (ms) | share of step |", "|---|---|---|---|---|---|---|---|"]
+        for row in micro["rows"]:
+            collective = row.get("collective_ms")
+            share = f"{100 * collective / row['step_ms']:.0f} %" if collective is not None else "–"
+            lines.append(f"| {row['config']} | {row['forward']} | {row['batch']} | {row['step_ms']:.2f} "
+                         f"| {_fmt(row.get('collectives_per_step'), digits=0)} | {_fmt(collective, digits=2)} "
+                         f"| {_fmt(row.get('exchange_ms'), digits=2)} | {share} |")
+        lines.append("")
+    for sentence in _tensor_parallel_summary(tp):
+        lines += [sentence, ""]
+    return lines
+
+
+def write_tensor_parallel(results: dict, out: Path) -> Path:
+    """A run of the tensor-parallel section alone: its own file, so the full run's REPORT.md stays whole."""
+    machine = results["machine"]
+    lines = [f"# tokenmill tensor parallelism — {results['started']}", "", f"Command: `{results['command']}`.", "",
+             f"Machine: {machine['cpu']}; {machine['usable_cores']} usable cores; read bandwidth "
+             f"{machine['read_bandwidth_gbs']} GB/s; bf16 matmul {machine['bf16_matmul_gflops']} GFLOP/s; "
+             f"torch {machine['torch']}.", ""]
+    lines += tensor_parallel_lines(results["tensor_parallel"])
+    path = out / "TENSOR_PARALLEL.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def write(results: dict, out: Path) -> Path:
     machine = results["machine"]
     lines = [f"# tokenmill vs llama-server vs vLLM — {results['started']}", ""]
@@ -191,6 +306,9 @@ def write(results: dict, out: Path) -> Path:
                   "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in results["transformers"].items()]
         lines.append("")
+
+    if results.get("tensor_parallel"):
+        lines += tensor_parallel_lines(results["tensor_parallel"])
 
     for name in _plots(results, out):
         lines += [f"![{name}]({name})", ""]

@@ -1,7 +1,9 @@
 """`make bench`: tokenmill, llama-server and vLLM side by side on the same model and load; writes the report.
 
 Servers alternate within each pass (A B C, A B C, ...), one up at a time, and the report quotes medians
-across passes, because this machine is shared and noisy.
+across passes, because this machine is shared and noisy. `tokenmill-tp` is the tensor-parallel section
+(1 shard against 2, `benchmarks/tensor_parallel.py`); selected alone (`--servers tokenmill-tp`) it
+writes TENSOR_PARALLEL.md and tensor_parallel.json, leaving the full run's REPORT.md and latest.json.
 """
 
 import argparse
@@ -11,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import report, tensor_parallel
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
@@ -22,7 +24,8 @@ from benchmarks.setup_vllm import export_hf_folder, install_vllm
 from benchmarks.specs import THREADS, llama_server_spec, tokenmill_spec, vllm_spec
 from benchmarks.stats import median_of_passes, summarise
 
-SERVERS = ("tokenmill", "llama-server", "vllm")
+SERVERS = ("tokenmill", "llama-server", "vllm", "tokenmill-tp")
+TENSOR_PARALLEL = "tokenmill-tp"
 POISSON_RATE = 1.5  # requests/s: ~190 output tok/s offered, between the peers' batch-1 and saturated rates
 
 
@@ -63,6 +66,8 @@ def run_server(spec: ServerSpec, levels: list[str], poisson_requests: int, log_d
 def run_pass(name: str, levels: list[str], gguf: Path, hf_folder: Path | None, poisson_requests: int,
              log_dir: Path) -> dict:
     """One server's share of a pass. llama-server gets as many slots as the concurrency needs."""
+    if name == TENSOR_PARALLEL:
+        return tensor_parallel.run_pass(lambda spec, lvs: run_server(spec, lvs, poisson_requests, log_dir))
     if name == "tokenmill":
         return run_server(tokenmill_spec(), levels, poisson_requests, log_dir)
     if name.startswith("vllm"):
@@ -94,22 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
     levels = [lv for lv in args.levels.split(",") if lv]
+    peers_run = any(name != TENSOR_PARALLEL for name in servers)
 
     from tokenmill.loader import default_model_path
 
     gguf = Path(default_model_path())
     if "llama-server" in servers:
         build_llama_server()
-    hf_folder = export_hf_folder(gguf)
+    hf_folder = export_hf_folder(gguf) if peers_run else None
     if "vllm" in servers:
         install_vllm()
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = Path.home() / ".cache" / "tokenmill-bench" / "logs" / stamp
     results: dict = {"started": stamp, "machine": describe_machine(THREADS), "passes": args.passes,
-                     "levels": levels, "servers": {}, "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
-                     "model_bf16_bytes": sum(f.stat().st_size for f in hf_folder.glob("*.safetensors")),
-                     "model_served_bytes": report.served_weight_bytes()}
+                     "levels": levels, "servers": {}, "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]])}
+    if peers_run:
+        results["model_bf16_bytes"] = sum(f.stat().st_size for f in hf_folder.glob("*.safetensors"))
+        results["model_served_bytes"] = report.served_weight_bytes()
     print(f"machine: {results['machine']}", flush=True)
     raw: dict[str, list[dict]] = {name: [] for name in servers}
     for index in range(args.passes):
@@ -120,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         print("vLLM with its default thread binding (one pass)", flush=True)
         raw["vllm-default-bind"] = [run_pass("vllm-default-bind", [lv for lv in levels if lv in ("1", "16")],
                                              gguf, hf_folder, args.poisson_requests, log_dir)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if TENSOR_PARALLEL in raw:
+        results["tensor_parallel"] = tensor_parallel.summarise(raw.pop(TENSOR_PARALLEL), median_of_passes)
+        print("tensor-parallel micro-benchmark (decode steps in process)", flush=True)
+        results["tensor_parallel"]["micro"] = tensor_parallel.run_micro(args.passes)
     for name, passes in raw.items():
         results["servers"][name] = {
             "startup_s": median_of_passes([{"v": p["startup_s"]} for p in passes])["v"],
@@ -128,18 +140,20 @@ def main(argv: list[str] | None = None) -> int:
                        for lv in passes[0]["levels"]},
             "raw": passes,
         }
+    if not peers_run:
+        (args.out / "tensor_parallel.json").write_text(json.dumps(results, indent=2))
+        print(f"report: {report.write_tensor_parallel(results, args.out)}", flush=True)
+        return 0
     if not args.no_transformers:
         print("transformers generate baseline", flush=True)
         results["transformers"] = transformers_baseline(hf_folder, THREADS)
     if not args.no_quality:
         print("perplexity of each serving mode on the fixed text", flush=True)
         results["quality"] = perplexities(THREADS)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     path = report.write(results, args.out)
     print(f"report: {path}", flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

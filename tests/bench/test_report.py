@@ -63,3 +63,49 @@ def test_report_and_plots_are_written(tmp_path) -> None:
     assert "| served | 34.340 | 1.0100× |" in text
     assert (tmp_path / "throughput_vs_concurrency.png").stat().st_size > 0
     assert (tmp_path / "latency_vs_throughput.png").stat().st_size > 0
+
+
+def _tensor_parallel() -> dict:
+    def level(tok_s, itl):
+        return {"output_tok_s": tok_s, "itl_p50_s": itl, "errors": 0}
+
+    def config(flags, tok_s_1, tok_s_16):
+        return {"flags": flags, "startup_s": 6.0, "peak_rss_gib": 1.0,
+                "levels": {"1": level(tok_s_1, 1 / tok_s_1), "16": level(tok_s_16, 16 / tok_s_16)}}
+
+    return {
+        "model": "SmolLM2 shape", "levels": ["1", "16"], "passes": 1,
+        "configs": {"1 shard, 2 cores": config("(defaults)", 40.0, 400.0),
+                    "1 shard, 1 core": config("--num-shard 1 --cpu-bind 0", 30.0, 250.0),
+                    "2 shards, 1 core each": config("--num-shard 2 --cpu-bind 0|1", 20.0, 200.0)},
+        "micro": {"steps": 30, "passes": 1, "rows": [
+            {"config": "1 rank, 1 core", "forward": "one call", "batch": 1, "step_ms": 25.0},
+            {"config": "1 rank, 1 core", "forward": "modules", "batch": 1, "step_ms": 40.0},
+            {"config": "2 ranks, 1 core each", "forward": "modules", "batch": 1, "step_ms": 50.0,
+             "collectives_per_step": 62, "collective_ms": 20.0, "collective_ms_rank1": 22.0, "exchange_ms": 8.0}]},
+    }
+
+
+def test_the_tensor_parallel_section_renders_its_tables_and_what_they_mean(tmp_path) -> None:
+    results = _results(ours_tok_s=500)
+    results["tensor_parallel"] = _tensor_parallel()
+    text = report.write(results, tmp_path).read_text()
+    section = text[text.index("## Tensor parallelism on this machine"):]
+    assert "| 2 shards, 1 core each | `--num-shard 2 --cpu-bind 0|1` | 20.0 | 50.0 | 200.0 | 80.0 | 6.0 |" in section
+    assert "| 1 shard, 2 cores | 0.50× | 2.00× | 0.50× | 2.00× |" in section  # 2 shards over 1 shard on 2 cores
+    assert "| 1 shard, 1 core | 0.67× | 1.50× | 0.80× | 1.25× |" in section
+    assert "| 2 ranks, 1 core each | modules | 1 | 50.00 | 62 | 20.00 | 8.00 | 40 % |" in section
+    assert "give 0.50× the output tok/s of the faster 1-shard configuration (1 shard, 2 cores) at c=16" in section
+    assert "0.80× against 1 shard, 1 core at c=16" in section and "costs throughput on this machine" in section
+    assert "20.0 ms of its 50.0 ms in them (40 %" in section
+    assert "multi-socket" in section and "do not fit one device" in section
+
+
+def test_a_tensor_parallel_run_alone_leaves_the_full_report(tmp_path) -> None:
+    (tmp_path / "REPORT.md").write_text("the full run's report")
+    results = {"started": "now", "command": "test", "machine": _results(500)["machine"],
+               "tensor_parallel": {**_tensor_parallel(), "micro": None}}
+    path = report.write_tensor_parallel(results, tmp_path)
+    assert path.name == "TENSOR_PARALLEL.md" and "## Tensor parallelism on this machine" in path.read_text()
+    assert "Why:" not in path.read_text()  # no in-process figures, no claim about them
+    assert (tmp_path / "REPORT.md").read_text() == "the full run's report"
