@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.tokenmill-bench-installed
 # The CPU path pins torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install serve test conformance env bench gpu-check clean
+.PHONY: install serve test soak conformance env bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The long reliability soak: 200 streaming clients for 10 minutes against `tokenmill serve` (tiny model).
+soak: $(STAMP)
+	$(PY) -m tests.reliability.soak --minutes $(or $(MINUTES),10) --clients $(or $(CLIENTS),200)
 
 conformance: $(STAMP)
 	$(VENV)/bin/tokenmill conformance --backend $(or $(BACKEND),cpu)

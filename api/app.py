@@ -8,7 +8,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from tokenmill.api import openai_api, tgi
 from tokenmill.api.auth import authorized, http_route_is_protected
@@ -116,7 +116,7 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
     app.include_router(tgi.router)
     app.include_router(openai_api.router)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 

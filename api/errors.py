@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tokenmill.api.disconnect import ClientDisconnected
+from tokenmill.api.schemas import ErrorResponse
 from tokenmill.async_engine import GenerationError
 from tokenmill.errors import ValidationError
 
@@ -56,6 +57,26 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 499, {"error": "Client closed the connection", "error_type": "client_disconnected"}
     return 500, {"error": f"Request failed: {exc}", "error_type": "incomplete_generation"}
 
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed JSON body", 413: "Body over the payload limit", 422: "Input validation error",
+    424: "Generation failed", 429: "Model is overloaded", 503: "Model loading, or server draining (with Retry-After)",
+}
+
+
+def error_responses(*statuses: int, auth: bool = False) -> dict[int | str, dict]:
+    """OpenAPI `responses` for a route's refusals: each in TGI's error shape (the 401 of `--api-key` has
+    no body). Without them FastAPI documents its own 422 body, which no route returns."""
+    responses: dict[int | str, dict] = {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]}
+                                        for s in statuses}
+    if auth:
+        responses[401] = {"description": "Missing or wrong API key (with --api-key)"}
+    return responses
+
+
+GENERATION_ERRORS = error_responses(400, 413, 422, 424, 429, 503, auth=True)
+# A stream validates and admits after its 200 is sent: those failures, and later ones, arrive in-band.
+STREAM_ERRORS = error_responses(400, 413, 422, 503, auth=True)
 
 RETRY_AFTER_S = 1  # a 503 (loading, draining) is worth retrying soon, on this replica or another
 

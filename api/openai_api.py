@@ -15,10 +15,10 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from tokenmill.api.disconnect import until_disconnected
-from tokenmill.api.errors import TemplateError, UnsupportedError
+from tokenmill.api.errors import GENERATION_ERRORS, TemplateError, UnsupportedError
 from tokenmill.api.schemas import RequestBody
 from tokenmill.api.service import Generation, GenerationService
-from tokenmill.api.sse import error_event, sse, sse_response
+from tokenmill.api.sse import SSE_CONTENT, error_event, sse, sse_response
 from tokenmill.errors import ValidationError
 from tokenmill.sampling_params import SamplingParams
 
@@ -138,7 +138,11 @@ async def models(request: Request):
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
 
 
-@router.post("/chat/completions")
+RESPONSES = {200: {"description": "The completion; server-sent events when `stream` is true",
+                   "content": {"application/json": {"schema": {"type": "object"}}, **SSE_CONTENT}}, **GENERATION_ERRORS}
+
+
+@router.post("/chat/completions", responses=RESPONSES)
 async def chat_completions(body: ChatRequest, request: Request):
     service = _ready(request)
     if body.tools:
@@ -223,7 +227,7 @@ async def _chat_stream(service, body: ChatRequest, prompt, params, model) -> Asy
     yield sse("[DONE]")
 
 
-@router.post("/completions")
+@router.post("/completions", responses=RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
     service = _ready(request)
     if body.suffix:

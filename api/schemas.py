@@ -83,6 +83,15 @@ class Token(BaseModel):
     special: bool = False
 
 
+class TokenizedToken(BaseModel):
+    """One token of `/tokenize`: its text and its byte span in the input."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
 class PrefillToken(BaseModel):
     id: int
     text: str
@@ -112,3 +121,10 @@ class Details(BaseModel):
 class GenerateResponse(BaseModel):
     generated_text: str
     details: Details | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body, on every route, as TGI answers it."""
+
+    error: str
+    error_type: str

@@ -10,6 +10,14 @@ from fastapi.responses import StreamingResponse
 from tokenmill.api.errors import error_body
 
 
+# How the streaming routes document their 200 in /openapi.json. Before OpenAPI 3.2 an event stream's
+# `schema` describes one event, as {"data", "event", "id", "retry"}; ours carry JSON in `data`.
+SSE_CONTENT = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "A JSON event, an error in TGI's shape, or [DONE]"}},
+}}}
+
+
 def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 

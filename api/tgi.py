@@ -9,9 +9,10 @@ import time
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.api.disconnect import until_disconnected
+from tokenmill.api.errors import GENERATION_ERRORS, STREAM_ERRORS, error_responses
 from tokenmill.api.schemas import (
     BestOfSequence,
     CompatGenerateRequest,
@@ -20,13 +21,15 @@ from tokenmill.api.schemas import (
     GenerateResponse,
     PrefillToken,
     Token,
+    TokenizedToken,
 )
 from tokenmill.api.service import Generation, GenerationService
-from tokenmill.api.sse import error_event, sse, sse_response
+from tokenmill.api.sse import SSE_CONTENT, error_event, sse, sse_response
 from tokenmill.api.validation import ValidRequest, validate_generate
 from tokenmill.outputs import TokenInfo
 
 router = APIRouter()
+
 
 
 def _service(request: Request) -> GenerationService:
@@ -126,20 +129,24 @@ async def _stream_events(service: GenerationService, body: GenerateRequest, defa
         yield error_event(exc)
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
+             responses=GENERATION_ERRORS)
 async def generate(body: GenerateRequest, request: Request):
     """Generate tokens (TGI)."""
     return await _generate(request, _ready(request), body, default_full_text=False)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_class=StreamingResponse, responses={
+    200: {"description": "Server-sent events, one a token", "content": SSE_CONTENT}, **STREAM_ERRORS})
 async def generate_stream(body: GenerateRequest, request: Request):
     """Generate tokens as server-sent events (TGI)."""
     return sse_response(_stream_events(_ready(request), body, default_full_text=False),
                         {"x-compute-type": _service(request).settings.compute_type})
 
 
-@router.post("/")
+@router.post("/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses={
+    200: {"description": "A list with one response; the events when `stream` is true", "content": SSE_CONTENT},
+    **GENERATION_ERRORS})
 async def compat_generate(body: CompatGenerateRequest, request: Request):
     """TGI's compatibility route: a list with one response, or the stream when `stream` is true."""
     service = _ready(request)
@@ -152,7 +159,7 @@ async def compat_generate(body: CompatGenerateRequest, request: Request):
                                                               if k.startswith("x-")})
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", response_model=list[TokenizedToken], responses=error_responses(400, 413, 422, 503))
 async def tokenize(body: GenerateRequest, request: Request):
     """Tokens of `inputs` with their byte offsets (TGI)."""
     tokenizer = _ready(request).tokenizer
@@ -181,9 +188,12 @@ async def info(request: Request):
     }
 
 
-@router.get("/")
-@router.get("/health")
-@router.get("/ping")
+HEALTH = {200: {"description": "Ready"}, **error_responses(503)}
+
+
+@router.get("/", response_class=Response, responses=HEALTH)
+@router.get("/health", response_class=Response, responses=HEALTH)
+@router.get("/ping", response_class=Response, responses=HEALTH)
 async def health(request: Request):
     """200 once the model is warm, 503 before and while draining (TGI's /, /health and /ping)."""
     service = _service(request)

@@ -99,7 +99,9 @@ def _validate_generate(inputs: str, p: GenerateParameters, settings: ServerSetti
     params = SamplingParams(
         max_new_tokens=max_new,
         temperature=(p.temperature or 1.0) if sampling else None,
-        top_k=p.top_k or 0,
+        # A top_k past the vocabulary keeps every token, as TGI's warper does; passed on unclamped it
+        # indexes past the logits and fails the whole batch's step, not just this request.
+        top_k=min(p.top_k or 0, len(tokenizer)),
         top_p=p.top_p or 1.0,
         typical_p=p.typical_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0,

@@ -202,7 +202,9 @@ class Sampler:
     def _warp(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         neg_inf = float("-inf")
         if meta.top_k is not None:
-            kth = logits.sort(dim=-1, descending=True).values.gather(1, (meta.top_k - 1).clamp(min=0)[:, None])
+            # A top_k past the vocabulary keeps every token (an out-of-range index would fail the whole batch).
+            kth_index = (meta.top_k - 1).clamp(min=0, max=logits.shape[-1] - 1)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, kth_index[:, None])
             logits = logits.masked_fill(logits < kth, neg_inf)
         if meta.top_p is not None:
             sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -8,6 +8,8 @@ request, freeing its KV blocks.
 from __future__ import annotations
 
 import grpc
+import pydantic
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -30,6 +32,14 @@ def _parameters(p: pb.Parameters) -> GenerateParameters:
     def opt(name):
         return getattr(p, name) if p.HasField(name) else None
 
+    try:
+        return _checked_parameters(p, opt)
+    except pydantic.ValidationError as exc:  # NaN or Infinity in a float field: INVALID_ARGUMENT, not UNKNOWN
+        first = exc.errors()[0]
+        raise ValidationError(f"`{'.'.join(map(str, first['loc']))}`: {first['msg']}") from None
+
+
+def _checked_parameters(p: pb.Parameters, opt) -> GenerateParameters:
     return GenerateParameters(
         temperature=opt("temperature"), top_k=opt("top_k"), top_p=opt("top_p"), typical_p=opt("typical_p"),
         repetition_penalty=opt("repetition_penalty"), frequency_penalty=opt("frequency_penalty"),
@@ -55,6 +65,35 @@ async def _abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None
     raise exc
 
 
+def _lenient(parse):
+    """A request deserializer that answers None for bytes that are no such message (corrupt wire format,
+    bad UTF-8), so the method can refuse them with INVALID_ARGUMENT: grpc reports a raising
+    deserializer as UNKNOWN, a server fault."""
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError:
+            return None
+
+    return deserialize
+
+
+MALFORMED = "Malformed request: the bytes do not decode as this method's request message"
+
+
+def add_servicer(servicer: "TextGenerationServicer", server: grpc.aio.Server) -> None:
+    """The generated `add_TextGenerationServicer_to_server`, with lenient request deserializers."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["TextGeneration"].methods:
+        request_type, response_type = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(getattr(servicer, method.name),
+                                     request_deserializer=_lenient(request_type.FromString),
+                                     response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def __init__(self, service: GenerationService):
         self.service = service
@@ -64,6 +103,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                                  self.service.tokenizer, stream=stream)
 
     async def Generate(self, request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
         try:
             valid = self._validate(request, stream=False)
             with self.service.admit():
@@ -80,6 +121,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         return response
 
     async def GenerateStream(self, request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
         try:
             valid = self._validate(request, stream=True)
             with self.service.admit():
@@ -99,11 +142,15 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             await _abort_with(context, exc)
 
     async def Tokenize(self, request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
         tokenizer = self.service.tokenizer
         ids = tokenizer(request.inputs, add_special_tokens=request.add_special_tokens).input_ids
         return pb.TokenizeResponse(tokens=[pb.Token(id=i, text=tokenizer.decode([i])) for i in ids])
 
     async def ModelInfo(self, request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
         s = self.service.settings
         return pb.ModelInfoResponse(model_id=s.model_id, max_input_tokens=s.max_input_tokens,
                                     max_total_tokens=s.max_total_tokens,
@@ -118,7 +165,7 @@ class PublicGrpcServer:
         self.service = service
         self.address = address
         self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(SERVICE_NAME, lambda: service.settings.api_key)])
-        pb_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(service), self.server)
+        add_servicer(TextGenerationServicer(service), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

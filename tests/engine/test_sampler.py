@@ -146,3 +146,15 @@ def test_rows_with_filters_off_keep_every_token_beside_rows_with_them_on() -> No
     batch = [SamplingParams(temperature=1.0, top_p=0.3, typical_p=0.5), SamplingParams(temperature=1.0)]
     warped = Sampler._warp(logits.clone(), _meta(batch))
     assert torch.isfinite(warped[1]).all()
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token() -> None:
+    from tokenmill.sampler import Sampler, SamplingMetadata
+    from tokenmill.sampling_params import SamplingParams
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(max_new_tokens=1, temperature=1.0, top_k=10**9, seed=1),
+              SamplingParams(max_new_tokens=1, temperature=1.0, seed=1)]
+    meta = SamplingMetadata.build(params, [[1], [1]], [1, 1], 50, torch.device("cpu"))
+    out = Sampler(seed=0)(torch.cat([logits[:1], logits[:1]]), meta)
+    assert out.token_ids[0] == out.token_ids[1]  # same seed, same distribution: top_k changed nothing
