@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # TGI: 35 geometric buckets from 0.15 ms, x1.5.
@@ -49,7 +51,8 @@ class Metrics:
         self.queue_size.set(engine.scheduler.num_waiting)
         self.batch_size.set(engine.scheduler.num_running)
         self.kv_usage.set(blocks.usage)
-        self.prefix_hit_rate.set(blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0)
+        rate = engine.prefix_cache_hit_rate
+        self.prefix_hit_rate.set(math.nan if rate is None else rate)  # NaN: no prefix cache to hit, not 0 %
         self.preemptions.set(engine.scheduler.num_preemptions)
         self._observe_compiles(engine.num_step_shapes)
 
@@ -59,7 +62,8 @@ class Metrics:
         self.queue_size.set(sum(i.num_waiting for i in infos))
         self.batch_size.set(sum(i.num_running for i in infos))
         self.kv_usage.set(sum(i.kv_cache_usage for i in infos) / len(infos) if infos else 0.0)
-        self.prefix_hit_rate.set(sum(i.prefix_cache_hit_rate for i in infos) / len(infos) if infos else 0.0)
+        rates = [i.prefix_cache_hit_rate for i in infos if not math.isnan(i.prefix_cache_hit_rate)]
+        self.prefix_hit_rate.set(sum(rates) / len(rates) if rates else (math.nan if infos else 0.0))
         self.preemptions.set(sum(i.num_preemptions for i in infos))
         self._observe_compiles(sum(i.num_step_shapes for i in infos))
         for replica in router.replicas:

@@ -25,6 +25,7 @@ from tokenmill.interfaces import (
     MemoryRequest,
     QuantMethod,
     ShapeBuckets,
+    SlotModel,
     TensorParallelPlan,
 )
 from tokenmill.registry import BackendRegistry, Selection, load_registry
@@ -100,8 +101,9 @@ class Backend:
                       capture_sizes: tuple[int, ...] | None = None) -> Any:
         return self._call("tokenmill_compile_model", model=model, buckets=buckets, capture_sizes=capture_sizes)
 
-    def model_executor(self, model_id: str, config: Any) -> nn.Module | None:
-        return self._hooks["tokenmill_model_executor"](model_id=model_id, config=config)
+    def model_executor(self, **kwargs: Any) -> SlotModel | None:
+        """The backend's own model (see `tokenmill_model_executor` for the arguments), or None."""
+        return self._hooks["tokenmill_model_executor"](**kwargs)
 
 
 def resolve_backend(forced: str | None = None, registry: BackendRegistry | None = None) -> tuple[Backend, Selection]:

@@ -20,7 +20,7 @@ from tokenmill.backend import Backend, resolve_backend
 from tokenmill.block_manager import BlockManager
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
-from tokenmill.interfaces import LayerOps, MemoryRequest
+from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape
@@ -30,6 +30,7 @@ from tokenmill.request import FinishReason, Request
 from tokenmill.sampler import Sampler, SamplingMetadata
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tokenmill.slots import PREFIX_CACHING_UNAVAILABLE, SlotAllocator, SlotRunner
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,52 @@ class Engine:
         self.model_config = model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
 
+        executor = self.backend.model_executor(
+            model_id=config.model_id or self.checkpoint.source, config=model_config, checkpoint=self.checkpoint, dtype=self.dtype,
+            device=self.device, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+        if executor is None:
+            buckets = self._build_paged_model(config)
+            scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs)
+        else:
+            buckets = None  # the model pads to its compiled shapes itself
+            scheduler_config = self._use_slot_model(config, executor)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, buckets)
+        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = set(self.checkpoint.eos_token_ids)
+        self._states: dict[str, _RequestState] = {}
+        self._arrivals = itertools.count()
+        self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
+
+    def _use_slot_model(self, config: EngineConfig, model: Any) -> SchedulerConfig:
+        """Run the backend's own model: one slot per running request, no paged cache, no prefix caching."""
+        if not isinstance(model, SlotModel):
+            raise ValidationError(f"backend {self.backend.name!r}: tokenmill_model_executor returned "
+                                  f"{type(model).__name__}, not a tokenmill.interfaces.SlotModel")
+        if self.parallel.is_parallel:
+            raise ValidationError(f"backend {self.backend.name!r} runs its own model, sharded its own way: "
+                                  "run it with one shard")
+        if config.enable_prefix_caching:
+            logger.warning("prefix caching: %s", PREFIX_CACHING_UNAVAILABLE)
+        self.prefix_caching = PREFIX_CACHING_UNAVAILABLE
+        self.model = model
+        self.max_model_len = min(self.max_model_len, model.max_seq_len)
+        self.checkpoint.tensors = {}
+        self.checkpoint.ggml_weights = {}
+        self.runner = SlotRunner(model)
+        self.block_manager = self._new_block_manager()
+        return SchedulerConfig(config.max_num_batched_tokens, min(config.max_num_seqs, model.num_slots),
+                               model.mixes_prefill_and_decode, model.chunked_prefill)
+
+    def _new_block_manager(self) -> BlockManager:
+        if isinstance(self.model, SlotModel):
+            return SlotAllocator(self.model)
+        return BlockManager(self.num_blocks, self.layout.block_size, self.config.enable_prefix_caching,
+                            self.layout.resident_block_limit(self.num_blocks))
+
+    def _build_paged_model(self, config: EngineConfig):
+        """The core's model over a paged KV cache of the backend's layout; returns the shape buckets."""
+        model_config = self.model_config
+        self.prefix_caching = "enabled" if config.enable_prefix_caching else "disabled"
         self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype, self.parallel),
                                                    self.device)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
@@ -148,15 +195,8 @@ class Engine:
             buckets, -(-self.max_model_len // self.layout.block_size), self.max_model_len)
         self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
                                   self.layout.block_size, self.device, padding)
-        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, config.enable_prefix_caching,
-                                          self.layout.resident_block_limit(self.num_blocks))
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
-                                   self.block_manager, buckets)
-        self.sampler = Sampler(config.seed)
-        self.eos_token_ids = set(self.checkpoint.eos_token_ids)
-        self._states: dict[str, _RequestState] = {}
-        self._arrivals = itertools.count()
-        self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
+        self.block_manager = self._new_block_manager()
+        return buckets
 
     def _profile_largest_step(self) -> None:
         """`MemoryRequest.profile`: one eager forward of the largest step, on a scratch cache freed on return.
@@ -215,8 +255,7 @@ class Engine:
         sizes = [n for n in sizes if n <= self.kv_capacity_tokens - 1] or [1]
         for size in tqdm(sizes, desc="warming up", unit="shape", disable=not show):
             self.generate([[0] * size], SamplingParams(max_new_tokens=1, ignore_eos=True))
-        self.block_manager = BlockManager(self.num_blocks, self.layout.block_size, self.config.enable_prefix_caching,
-                                          self.layout.resident_block_limit(self.num_blocks))
+        self.block_manager = self._new_block_manager()
         self.scheduler.blocks = self.block_manager  # forget the warm-up's dummy prefixes
 
     def _reachable_step_shapes(self) -> dict[StepShape, list[SequenceStep]]:
@@ -259,7 +298,15 @@ class Engine:
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return self.num_blocks * self.layout.block_size
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Prompt tokens served from the prefix cache over those looked up; None where there is no prefix cache."""
+        if self.prefix_caching != "enabled":
+            return None
+        blocks = self.block_manager
+        return blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0
 
     @property
     def num_step_shapes(self) -> int:
@@ -272,6 +319,9 @@ class Engine:
             raise ValidationError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValidationError("`inputs` cannot be empty")
+        if len(prompt_token_ids) > self.scheduler.max_tokens_per_step and not self.scheduler.config.chunked_prefill:
+            raise ValidationError(f"`inputs` must have at most {self.scheduler.max_tokens_per_step} tokens on this "
+                                  f"backend, which feeds a prompt whole in one step. Given: {len(prompt_token_ids)}")
         total = len(prompt_token_ids) + params.max_new_tokens
         limit = min(self.max_model_len, self.kv_capacity_tokens)
         if total > limit:

@@ -17,7 +17,8 @@ How the hooks are called:
 * Hooks are called while the engine is built, never in the step loop: they return objects
   (`tokenmill.interfaces`) that the engine then calls directly.
 * Required hooks: `tokenmill_discover` (checked at load) and, for a backend to be *usable*,
-  `tokenmill_init_device`, `tokenmill_kv_cache_layout` and `tokenmill_attention_backend`.
+  `tokenmill_init_device` and either the paged-cache pair `tokenmill_kv_cache_layout` +
+  `tokenmill_attention_backend` or, for a backend whose model owns its cache, `tokenmill_model_executor`.
   A plugin lacking them is listed as "incomplete" and cannot be chosen.
 * Arguments are passed by keyword; an implementation may accept fewer than the spec names
   (pluggy's opt-in arguments), so the contract grows by adding arguments, never by renaming.
@@ -49,8 +50,10 @@ if TYPE_CHECKING:
         MemoryRequest,
         QuantMethod,
         ShapeBuckets,
+        SlotModel,
         TensorParallelPlan,
     )
+    from tokenmill.loader import Checkpoint
 
 PROJECT = "tokenmill"
 ENTRY_POINT_GROUP = "tokenmill.backends"
@@ -59,7 +62,10 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 REQUIRED_AT_LOAD = ("tokenmill_discover",)
-REQUIRED_TO_RUN = ("tokenmill_init_device", "tokenmill_kv_cache_layout", "tokenmill_attention_backend")
+REQUIRED_TO_RUN = ("tokenmill_init_device",)
+# A usable backend also implements one of these: the core's models over its paged cache, or its own model.
+PAGED_CACHE_HOOKS = ("tokenmill_kv_cache_layout", "tokenmill_attention_backend")
+OWN_MODEL_HOOKS = ("tokenmill_model_executor",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,9 +255,21 @@ def tokenmill_compile_model(model: nn.Module, buckets: ShapeBuckets | None,
 
 
 @hookspec(firstresult=True)
-def tokenmill_model_executor(model_id: str, config: Any) -> nn.Module | None:
-    """A whole model step owned by the backend (Neuron's ahead-of-time compiled models), or None.
+def tokenmill_model_executor(model_id: str, config: Any, checkpoint: Checkpoint, dtype: torch.dtype,
+                             device: torch.device, max_num_seqs: int, max_model_len: int) -> SlotModel | None:
+    """A whole model that owns its KV cache (Neuron's ahead-of-time compiled models), or None.
 
-    Returning a module here replaces the core's model implementation for `config` (a transformers
-    config); the core still schedules, samples and detokenizes. Default: None (core models).
+    Called once the checkpoint is loaded, with `config` (its transformers config), `checkpoint` (weights,
+    tokenizer), the engine's `dtype` and `device`, and the sizes to build for: `max_num_seqs` concurrent
+    sequences (a Neuron plugin compiles ``batch_size``) of at most `max_model_len` tokens
+    (``sequence_length``). Returning a `SlotModel` replaces the core's model, paged KV cache, memory
+    budget, attention and compilation hooks for this engine: the core gives each running request one
+    of the model's slots, still schedules, batches continuously over the slots, samples and detokenizes.
+    The model may have fewer slots or a shorter length than asked; the engine uses what it has.
+
+    Prefix caching is then unavailable (the cached keys and values are the model's, by slot) and is
+    reported so; tensor parallelism is the model's own affair (the engine runs one rank). A Neuron
+    adapter maps `SlotBatch` onto ``forward(input_ids, position_ids, seq_ids, sampling_params)``: slots
+    are ``seq_ids``, tokens padded per sequence to the compiled shape, ids cast to int32.
+    Default: None (the core's models over the paged cache).
     """

@@ -363,3 +363,67 @@ class ShapeBuckets:
 
 ModelStep = Callable[..., torch.Tensor]
 """A callable running one forward step of the model: what `tokenmill_compile_model` returns."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Models that own their KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotBatch:
+    """One step for a `SlotModel`: each sequence's new tokens, addressed by the slot holding its cache.
+
+    Host (CPU) tensors: a compiled model feeds its runtime from host buffers and pads them to its own
+    shapes, so the core sends nothing to a device. Sequences are in the scheduler's order, not sorted
+    by slot; every slot appears at most once.
+    """
+
+    input_ids: torch.Tensor  # (num_tokens,) int64, every sequence's tokens this step, sequence after sequence
+    positions: torch.Tensor  # (num_tokens,) int64, each token's position in its sequence
+    slot_ids: torch.Tensor  # (num_seqs,) int64, the slot of each sequence, in [0, num_slots)
+    query_start_loc: torch.Tensor  # (num_seqs + 1,) int64, sequence i's tokens are [qsl[i], qsl[i+1])
+    # (num_seqs,) int64: how many trailing tokens of each sequence need next-token logits: 1 to sample,
+    # more for prompt logprobs, 0 for a prefill chunk that samples nothing.
+    num_logits: torch.Tensor
+    is_decode: bool  # every sequence feeds one token after its first: a token-generation step
+
+    @property
+    def num_seqs(self) -> int:
+        return self.slot_ids.shape[0]
+
+
+class SlotModel(abc.ABC):
+    """A whole model that keeps its own KV cache in `num_slots` fixed sequence slots (Neuron's compiled models).
+
+    What `tokenmill_model_executor` returns. The core builds no paged cache for it: it gives each running
+    request one slot (so at most `num_slots` run at once, the rest wait), schedules, samples and
+    detokenizes; the model computes and caches. The order of calls for one slot is strict: a request's
+    first step starts at position 0, each later step starts where the previous one ended, and `free` is
+    called when the request ends or is preempted, before the slot goes to another request.
+
+    The two flags say what the compiled program can run; the scheduler honours them.
+    """
+
+    num_slots: int  # sequences the model holds at once (Neuron: the compiled batch size)
+    max_seq_len: int  # tokens one slot holds, prompt and output together (Neuron: the compiled sequence length)
+    # False: a step holds prefills only or decodes only (separate context-encoding and token-generation
+    # programs); the scheduler then runs prefill steps while any request can start, decode steps otherwise.
+    mixes_prefill_and_decode: bool = True
+    # False: a prompt is fed whole in one step from position 0, so prompts longer than the step's token
+    # budget are refused when added.
+    chunked_prefill: bool = True
+
+    @abc.abstractmethod
+    def forward(self, batch: SlotBatch) -> torch.Tensor:
+        """Run the step, writing each sequence's keys and values into its slot; return the logits.
+
+        Returns (sum(batch.num_logits), vocab) float logits on the platform's device, each sequence's
+        rows in order (a Neuron adapter with on-device sampling off returns ``output[:, -1, :]`` for
+        sequences asking one row). Padding to compiled shapes and sorting by slot are the model's own
+        business.
+        """
+
+    @abc.abstractmethod
+    def free(self, slot: int) -> None:
+        """The request in `slot` ended or was preempted: the slot's cached tokens are dead."""

@@ -143,6 +143,9 @@ class BackendRegistry:
             logger.warning("discovery of backend %r failed: %r", name, exc)
             discovery = Discovery(status=BackendStatus.ERROR, reason=f"discovery raised {exc!r}", priority=-1)
         missing = tuple(hook for hook in hookspecs.REQUIRED_TO_RUN if not hasattr(plugin, hook))
+        if not any(all(hasattr(plugin, hook) for hook in hooks)
+                   for hooks in (hookspecs.PAGED_CACHE_HOOKS, hookspecs.OWN_MODEL_HOOKS)):
+            missing += tuple(hook for hook in hookspecs.PAGED_CACHE_HOOKS if not hasattr(plugin, hook))
         if discovery.is_usable and missing:
             discovery = Discovery(
                 status=BackendStatus.INCOMPLETE,

@@ -21,6 +21,10 @@ from tokenmill.request import FinishReason, Request, RequestStatus
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (TGI: max_batch_prefill_tokens)
     max_num_seqs: int = 128  # sequences per step and concurrently running
+    # What the model can run (`SlotModel`'s flags): False makes every step all prefills or all decodes,
+    # and feeds each prompt whole in one step.
+    mix_prefill_and_decode: bool = True
+    chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -91,6 +95,21 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
+        if self.config.mix_prefill_and_decode:
+            output = self._schedule(None)
+        else:
+            # Prefill steps first, so free slots fill; decodes run when no request can start or continue
+            # its prompt. Admission is bounded by the running limit, so decodes never wait for long.
+            output = self._schedule("prefill")
+            if not output.scheduled:
+                decodes = self._schedule("decode")
+                decodes.preempted[:0], decodes.failed[:0] = output.preempted, output.failed
+                output = decodes
+        self._record(output)
+        return output
+
+    def _schedule(self, phase: str | None) -> SchedulerOutput:
+        """One step's plan; `phase` "prefill" or "decode" takes only requests of that kind, None takes all."""
         budget = self.max_tokens_per_step
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -102,6 +121,8 @@ class Scheduler:
             if budget == 0 or len(scheduled) == self.max_seqs_per_step:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            if phase is not None and (phase == "decode") != self._is_decode(request):
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.blocks.append(request, num_new):
@@ -124,13 +145,24 @@ class Scheduler:
                 scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
 
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs \
+        while phase != "decode" and self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs \
                 and len(scheduled) < self.max_seqs_per_step:
             request = self.waiting[0]
             if not request.block_ids:
                 request.num_cached_tokens = self.blocks.allocate_prefix(request)
                 request.num_computed_tokens = request.num_cached_tokens
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new < request.num_tokens - request.num_computed_tokens and not self.config.chunked_prefill:
+                self.blocks.free_request(request)
+                request.num_computed_tokens = 0
+                if budget < self.max_tokens_per_step:
+                    break  # the whole prompt may fit a later step
+                self.waiting.popleft()
+                self._finish(request, FinishReason.ERROR,
+                             f"its {request.num_tokens} tokens are more than the {self.max_tokens_per_step} a step "
+                             "may feed, and this backend cannot feed a prompt in parts")
+                failed.append(request)
+                continue
             if not self.blocks.append(request, num_new):
                 self.blocks.free_request(request)
                 request.num_computed_tokens = 0
@@ -154,7 +186,6 @@ class Scheduler:
         if self.buckets is not None and scheduled:
             output.padded_num_tokens = self.buckets.pad_num_tokens(output.num_tokens)
             output.padded_num_seqs = self.buckets.pad_num_seqs(len(scheduled))
-        self._record(output)
         return output
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
@@ -178,6 +209,10 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._finish(request, reason, message)
+
+    @staticmethod
+    def _is_decode(request: Request) -> bool:
+        return request.num_computed_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
 
     def _only_one_holding_blocks(self, request: Request) -> bool:
         return all(r is request or r.status is not RequestStatus.RUNNING for r in self.running)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 
 import grpc
@@ -81,7 +82,8 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             kv_capacity_tokens=engine.kv_capacity_tokens, backend=engine.backend.name,
             num_running=engine.scheduler.num_running, num_waiting=engine.scheduler.num_waiting,
             kv_cache_usage=blocks.usage,
-            prefix_cache_hit_rate=blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0,
+            # NaN where the backend's model owns its cache: prefix caching is unavailable, not at 0 %.
+            prefix_cache_hit_rate=math.nan if engine.prefix_cache_hit_rate is None else engine.prefix_cache_hit_rate,
             num_preemptions=engine.scheduler.num_preemptions, num_step_shapes=engine.num_step_shapes,
             ready=self.ready,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenmill import hookspecs
 from tokenmill.backend import Backend, resolve_backend
 from tokenmill.errors import BackendUnavailableError
 from tokenmill.interfaces import DevicePlatform, Discovery
@@ -66,6 +67,23 @@ def platform(_resolved) -> DevicePlatform:
 @pytest.fixture(scope="session")
 def device(platform: DevicePlatform) -> torch.device:
     return platform.device
+
+
+def has_paged_cache(backend: Backend) -> bool:
+    """Whether the backend gives a paged KV-cache layout and attention, rather than running its own model."""
+    plugin = backend.registry.plugin(backend.name)
+    return all(hasattr(plugin, hook) for hook in hookspecs.PAGED_CACHE_HOOKS)
+
+
+@pytest.fixture(autouse=True)
+def _skip_paged_cache_cases(request: pytest.FixtureRequest) -> None:
+    # Decided by the hooks the backend implements (a capability), never by its name.
+    if request.node.get_closest_marker("paged_cache") is None:
+        return
+    backend = request.getfixturevalue("backend")
+    if not has_paged_cache(backend):
+        pytest.skip("the backend runs its own model, which owns its KV cache (tokenmill_model_executor): it has no "
+                    "paged layout, attention kernels, cache budget or core-model sharding to check")
 
 
 def dtypes_under_test(platform: DevicePlatform) -> list[torch.dtype]:

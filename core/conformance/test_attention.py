@@ -13,7 +13,7 @@ from tokenmill.conformance.plugin import dtypes_under_test
 from tokenmill.conformance.reference import build_paged_batch, reference_attention
 from tokenmill.interfaces import AttentionSpec, KVCacheShape
 
-pytestmark = pytest.mark.kernel  # runs under `tokenmill conformance --interpret` too
+pytestmark = [pytest.mark.kernel, pytest.mark.paged_cache]  # kernel: runs under `--interpret` too
 
 NUM_BLOCKS = 96
 

@@ -29,10 +29,12 @@ def test_init_device_describes_the_device(platform: DevicePlatform) -> None:
     assert torch.ones(2, device=platform.device).sum().item() == 2
 
 
+@pytest.mark.paged_cache
 def test_memory_budget_honours_an_explicit_size(backend, device) -> None:
     assert backend.memory_budget(device, MemoryRequest(weights_bytes=1 << 20, kv_cache_bytes=123 << 20)) == 123 << 20
 
 
+@pytest.mark.paged_cache
 def test_memory_budget_without_a_size_is_positive(backend, device) -> None:
     budget = backend.memory_budget(device, MemoryRequest(weights_bytes=1 << 20))
     assert budget > 0

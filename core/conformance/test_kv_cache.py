@@ -7,7 +7,7 @@ import torch
 
 from tokenmill.interfaces import KVCacheShape
 
-pytestmark = pytest.mark.kernel  # runs under `tokenmill conformance --interpret` too
+pytestmark = [pytest.mark.kernel, pytest.mark.paged_cache]  # kernel: runs under `--interpret` too
 
 
 def _layout(backend, device, dtype=torch.float32, num_layers=3):
