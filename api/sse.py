@@ -22,10 +22,27 @@ def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class EventStreamResponse(StreamingResponse):
+    """A stream whose event generator is closed when the response ends, however it ends.
+
+    When a client disconnects, Starlette cancels the task sending the events but leaves the generator
+    suspended at its `yield`; it closes only when garbage collection gets to it, seconds later when a
+    middleware holds a reference. Until then the request keeps its admission permit and engine slot.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()  # unwinds `with service.admit()` and the engine stream's abort, now
+
+
 def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
     """HTTP 200 with the events; TGI streams always answer 200 and report failures in-band."""
     base = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events, media_type="text/event-stream", headers={**base, **(headers or {})})
+    return EventStreamResponse(events, media_type="text/event-stream", headers={**base, **(headers or {})})
 
 
 def error_event(exc: BaseException) -> str:
