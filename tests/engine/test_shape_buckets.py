@@ -13,12 +13,13 @@ import random
 import pytest
 import torch
 
+from tests.cpu_delegate import CPUDelegate
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill import hookimpl
 from tokenmill.api.metrics import Metrics
 from tokenmill.backend import Backend
 from tokenmill.engine import Engine, EngineConfig
-from tokenmill.interfaces import BackendStatus, Discovery, ShapeBuckets
+from tokenmill.interfaces import ShapeBuckets
 from tokenmill.model_runner import SequenceStep, StepPadding, build_step_inputs
 from tokenmill.plugins import cpu
 from tokenmill.registry import load_registry
@@ -30,32 +31,14 @@ MAX_MODEL_LEN = 512
 BLOCK_SIZE = 16
 
 
-class BucketedCPU:
+class BucketedCPU(CPUDelegate):
     """The CPU plugin's hooks, plus shape buckets; its forward records each step's shape."""
+
+    reason = "the CPU, with shape buckets"
 
     def __init__(self) -> None:
         self.shapes: list[tuple[int, int, int, int, int]] = []  # tokens, seqs, table width, max_q, max_seq_len
         self.real_blocks: set[int] = set()  # blocks that a real (seq_len > 0) sequence attended over
-
-    @hookimpl
-    def tokenmill_discover(self):
-        return Discovery(BackendStatus.USABLE, "the CPU, with shape buckets", priority=-1)
-
-    @hookimpl
-    def tokenmill_init_device(self, device_index):
-        return cpu.tokenmill_init_device(device_index)
-
-    @hookimpl
-    def tokenmill_memory_budget(self, request):
-        return cpu.tokenmill_memory_budget(request)
-
-    @hookimpl
-    def tokenmill_kv_cache_layout(self, shape, device):
-        return cpu.tokenmill_kv_cache_layout(shape, device)
-
-    @hookimpl
-    def tokenmill_attention_backend(self, spec, layout):
-        return cpu.tokenmill_attention_backend(spec, layout)
 
     @hookimpl
     def tokenmill_dense_linear_method(self, dtype):

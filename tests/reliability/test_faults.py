@@ -14,9 +14,9 @@ import pytest
 
 from tests.api.test_disconnects import engine_held
 from tests.reliability.conftest import EngineServer, assert_drained, tiny_engine, wait_for
+from tests.cpu_delegate import CPUDelegate
 from tokenmill import hookimpl
 from tokenmill.backend import Backend
-from tokenmill.interfaces import BackendStatus, Discovery
 from tokenmill.plugins import cpu
 from tokenmill.registry import load_registry
 
@@ -42,8 +42,10 @@ class FaultyAttention:
         return self.inner.forward(*args, **kwargs)
 
 
-class FaultyCPU:
+class FaultyCPU(CPUDelegate):
     """The CPU plugin's hooks, with `FaultyAttention` and no compiled model."""
+
+    reason = "the CPU, with a kernel that fails on demand"
 
     def __init__(self) -> None:
         self.attention: list[FaultyAttention] = []
@@ -51,22 +53,6 @@ class FaultyCPU:
     def arm(self) -> None:
         for attention in self.attention:
             attention.armed.set()
-
-    @hookimpl
-    def tokenmill_discover(self):
-        return Discovery(BackendStatus.USABLE, "the CPU, with a kernel that fails on demand", priority=-1)
-
-    @hookimpl
-    def tokenmill_init_device(self, device_index):
-        return cpu.tokenmill_init_device(device_index)
-
-    @hookimpl
-    def tokenmill_memory_budget(self, request):
-        return cpu.tokenmill_memory_budget(request)
-
-    @hookimpl
-    def tokenmill_kv_cache_layout(self, shape, device):
-        return cpu.tokenmill_kv_cache_layout(shape, device)
 
     @hookimpl
     def tokenmill_attention_backend(self, spec, layout):
