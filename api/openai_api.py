@@ -114,7 +114,7 @@ def _seeded(params: SamplingParams, index: int) -> SamplingParams:
         return params
     import dataclasses
 
-    return dataclasses.replace(params, seed=params.seed + index)
+    return dataclasses.replace(params, seed=(params.seed + index) % 2**64)  # wraps: a seed near 2**64 stays a u64
 
 
 def _chat_logprobs(g: Generation, top_n: int) -> dict[str, Any]:
@@ -149,12 +149,15 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise UnsupportedError("tools are not supported yet", "tool_error")
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise ValidationError("grammar is not supported")
+    if not body.messages:
+        raise ValidationError("`messages` must contain at least one message")
     tokenizer = service.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template not found")
+    continue_final = body.messages[-1].role == "assistant"
     try:
         text = tokenizer.apply_chat_template([{"role": m.role, "content": _text_of(m)} for m in body.messages],
-                                             tokenize=False, add_generation_prompt=body.messages[-1].role != "assistant")
+                                             tokenize=False, add_generation_prompt=not continue_final)
     except Exception as exc:  # noqa: BLE001 - jinja errors of every kind become 422 template_error
         raise TemplateError(str(exc)) from exc
     prompt = service.encode(text, add_special_tokens=False)
@@ -234,7 +237,9 @@ async def completions(body: CompletionRequest, request: Request):
         raise UnsupportedError("Suffix is not supported and can be achieved by preprocessing the prompt.",
                                "suffix not supported")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or len(prompts) > service.settings.max_client_batch_size:
+    if not prompts:
+        raise ValidationError("`prompt` must be a string or a list of at least one string")
+    if len(prompts) > service.settings.max_client_batch_size:
         raise UnsupportedError(f"Number of prompts exceeds the maximum allowed batch size of "
                                f"{service.settings.max_client_batch_size}", "batch size exceeded")
     encoded = [service.encode(p) for p in prompts]

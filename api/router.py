@@ -7,6 +7,7 @@ front ends do not know whether the engine is local or behind the internal gRPC p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -104,25 +105,48 @@ class ReplicaRouter:
         for callback in self.on_health:
             callback(self)
 
-    def pick(self) -> Replica:
-        healthy = [r for r in self.replicas if r.healthy]
+    def pick(self, exclude: frozenset[str] = frozenset()) -> Replica:
+        healthy = [r for r in self.replicas if r.healthy and r.address not in exclude]
         if not healthy:
             raise GenerationError("Request failed during generation: no healthy model server")
         return min(healthy, key=lambda r: (r.in_flight, r.num_requests))
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
-        replica = self.pick()
-        replica.in_flight += 1
-        replica.num_requests += 1
+        """The request's outputs from the least-loaded healthy replica.
+
+        A replica that cannot be reached (killed since the last health probe) has received nothing, so
+        the request goes to the next healthy one, each replica tried once. Once a replica has sent an
+        output, its failure is the request's: the client has seen tokens no other replica would repeat.
+        """
         request = pb.EngineRequest(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                                    params=params_to_pb(params))
+        tried: set[str] = set()
+        while True:
+            replica = self.pick(frozenset(tried))
+            tried.add(replica.address)
+            try:
+                # Closed with this generator, not later by the garbage collector: a client that leaves
+                # cancels the model server's call at once.
+                async with contextlib.aclosing(self._generate_on(replica, request)) as outputs:
+                    async for out in outputs:
+                        yield out
+                return
+            except _Unreached as exc:
+                if not any(r.healthy and r.address not in tried for r in self.replicas):
+                    raise exc.error from exc.__cause__
+                logger.warning("model server %s unreachable; request %s goes to another", replica.address,
+                               request_id)
+
+    async def _generate_on(self, replica: Replica, request: pb.EngineRequest) -> AsyncIterator[RequestOutput]:
+        replica.in_flight += 1
+        replica.num_requests += 1
         call = replica.stub.Generate(request, metadata=inject_context())
-        finished = False
+        started = finished = False
         try:
             async for message in call:
-                out = output_from_pb(request_id, message)
-                finished = out.finished
+                out = output_from_pb(request.request_id, message)
+                started, finished = True, out.finished
                 yield out
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -130,9 +154,20 @@ class ReplicaRouter:
             replica.num_failures += 1
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
                 replica.healthy = False  # stop sending it work until a health probe says otherwise
-            raise GenerationError(f"Request failed during generation: model server {replica.address} failed: "
-                                  f"{exc.code().name}: {exc.details()}") from exc
+            error = GenerationError(f"Request failed during generation: model server {replica.address} failed: "
+                                    f"{exc.code().name}: {exc.details()}")
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not started:
+                raise _Unreached(error) from exc
+            raise error from exc
         finally:
             replica.in_flight -= 1
             if not finished:
                 call.cancel()  # the client left: the model server aborts the request and frees its blocks
+
+
+class _Unreached(Exception):
+    """A replica failed before sending any output: the request may go to another one."""
+
+    def __init__(self, error: GenerationError):
+        super().__init__(str(error))
+        self.error = error

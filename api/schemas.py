@@ -55,7 +55,7 @@ class GenerateParameters(RequestBody):
     top_k: int | None = None
     top_n_tokens: int | None = Field(None, ge=0)
     top_p: float | None = None
-    truncate: int | None = None
+    truncate: int | None = Field(None, ge=0)  # an unsigned integer, as in TGI; 0 is refused at validation
     typical_p: float | None = None
     watermark: bool = False
     adapter_id: str | None = None

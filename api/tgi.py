@@ -26,6 +26,7 @@ from tokenmill.api.schemas import (
 from tokenmill.api.service import Generation, GenerationService
 from tokenmill.api.sse import SSE_CONTENT, error_event, sse, sse_response
 from tokenmill.api.validation import ValidRequest, validate_generate
+from tokenmill.errors import ValidationError
 from tokenmill.outputs import TokenInfo
 
 router = APIRouter()
@@ -163,10 +164,13 @@ async def compat_generate(body: CompatGenerateRequest, request: Request):
 async def tokenize(body: GenerateRequest, request: Request):
     """Tokens of `inputs` with their byte offsets (TGI)."""
     tokenizer = _ready(request).tokenizer
+    truncate = body.parameters.truncate
+    if truncate == 0:  # as on /generate; unlike there, no upper bound: TGI's /tokenize takes any length
+        raise ValidationError(f"`truncate` must be strictly positive. Given: {truncate}")
     encoding = tokenizer(body.inputs, add_special_tokens=body.add_special_tokens, return_offsets_mapping=True)
     ids, offsets = encoding.input_ids, encoding.offset_mapping
-    if body.parameters.truncate:
-        ids, offsets = ids[-body.parameters.truncate :], offsets[-body.parameters.truncate :]
+    if truncate is not None:
+        ids, offsets = ids[-truncate:], offsets[-truncate:]
     tokens = []
     for token_id, (start, stop) in zip(ids, offsets):
         byte_start = len(body.inputs[:start].encode())
