@@ -35,9 +35,9 @@ class Metrics:
         self.prefix_hit_rate = Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("tokenmill_preemptions_total", "Requests preempted for recompute", registry=r)
-        # Distinct padded step shapes run (engine.num_step_shapes): with shape buckets, one compilation each.
-        # Warm-up runs them all, so a rise while serving means a request paid a compilation.
-        self.compiles = Counter("tokenmill_compiles", "Model step shapes compiled (shape-bucketed backends)",
+        # engine.num_compiles: the backend's own compile count (XLA), else distinct padded step shapes.
+        # Warm-up compiles them all, so a rise while serving means a request paid a compilation.
+        self.compiles = Counter("tokenmill_compiles", "Compilations of the model step (shape-bucketed backends)",
                                 registry=r)
         self._compiles_seen = 0
         self.replica_requests = Gauge("tokenmill_replica_requests", "Requests sent to each model server",
@@ -54,7 +54,7 @@ class Metrics:
         rate = engine.prefix_cache_hit_rate
         self.prefix_hit_rate.set(math.nan if rate is None else rate)  # NaN: no prefix cache to hit, not 0 %
         self.preemptions.set(engine.scheduler.num_preemptions)
-        self._observe_compiles(engine.num_step_shapes)
+        self._observe_compiles(engine.num_compiles)
 
     def observe_replicas(self, router) -> None:
         """Refresh the engine gauges from the model servers' reports (after each health round)."""
@@ -65,7 +65,7 @@ class Metrics:
         rates = [i.prefix_cache_hit_rate for i in infos if not math.isnan(i.prefix_cache_hit_rate)]
         self.prefix_hit_rate.set(sum(rates) / len(rates) if rates else (math.nan if infos else 0.0))
         self.preemptions.set(sum(i.num_preemptions for i in infos))
-        self._observe_compiles(sum(i.num_step_shapes for i in infos))
+        self._observe_compiles(sum(i.num_compiles for i in infos))
         for replica in router.replicas:
             self.replica_requests.labels(replica=replica.address).set(replica.num_requests)
             self.replica_healthy.labels(replica=replica.address).set(1 if replica.healthy else 0)

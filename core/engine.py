@@ -191,10 +191,11 @@ class Engine:
         self.kv_caches = self.layout.allocate(self.num_blocks)
         buckets = self.backend.shape_buckets(config.max_num_batched_tokens, config.max_num_seqs)
         forward = self.backend.compile_model(self.model, buckets, config.graph_batch_sizes)
-        padding = None if buckets is None else StepPadding(  # block tables as wide as the longest context
-            buckets, -(-self.max_model_len // self.layout.block_size), self.max_model_len)
+        padding = None if buckets is None else StepPadding(  # tables up to a width bucket, or the longest context
+            buckets, -(-self.max_model_len // self.layout.block_size), self.max_model_len, self.layout.block_size)
         self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
-                                  self.layout.block_size, self.device, padding)
+                                  self.layout.block_size, self.device, padding, self.platform.sampling_device,
+                                  self.platform.inference_mode)
         self.block_manager = self._new_block_manager()
         return buckets
 
@@ -212,7 +213,7 @@ class Engine:
         num_blocks = -(-num_tokens // self.layout.block_size)
         scratch = self.layout.allocate(num_blocks)
         runner = ModelRunner(self.model, self.model, scratch, list(self._attention.values()), self.layout.block_size,
-                             self.device)
+                             self.device, inference_mode=self.platform.inference_mode)
         runner.execute([SequenceStep([0] * num_tokens, 0, list(range(num_blocks)),
                                      min(num_tokens, config.max_num_seqs))])
         del runner, scratch  # the backend reads its counters once this returns: nothing of the step stays alive
@@ -261,37 +262,64 @@ class Engine:
     def _reachable_step_shapes(self) -> dict[StepShape, list[SequenceStep]]:
         """A step of every padded shape the scheduler can make, keyed by that shape.
 
-        A decode step of m sequences has m tokens, so m alone fixes its shape. A prefill step of n tokens
-        over m sequences (n > m: one feeds two or more) has the shape of its (token, sequence) buckets; for
-        each pair the largest n and smallest m the scheduler allows are tried, and a pair no such step
-        reaches is skipped. A prefill step asking for more logit rows than its sequence bucket (prompt
-        logprobs) has a wider logits shape, warmed too.
+        Decodes: a step of m sequences has m tokens, so m alone fixes its token and sequence buckets.
+        Prefills: a step of n tokens over m sequences (n > m: one feeds two or more) has the shape of its
+        (token, sequence) buckets; a pair is reachable when some n and m in it, within the scheduler's
+        limits, have n > m. A prefill asking for more logit rows than its sequence bucket (prompt
+        logprobs: n > that bucket) has a wider logits shape, warmed too.
+
+        Widths: a step's widest block table spans from its evenly spread tokens (ceil(n / m) of a fresh
+        prompt; for a decode, one) up to the longest context a request can have (the model's, or the
+        cache's if smaller), so for each (tokens, sequences, logits) shape the fewest tokens and most
+        sequences are tried, and every width bucket from that step's table up: the first sequence's
+        tokens are placed at the end of a context of that width, the others start fresh prompts.
+
+        The count is at most (D + 2 P) * W: D (token, sequence) pairs decodes reach (the sequence buckets
+        up to max_num_seqs, when the smallest token bucket holds them), P pairs prefills reach (at most
+        tokens x sequences buckets), W width buckets (1 without `ShapeBuckets.blocks_per_seq`).
         """
         if self.scheduler.has_unfinished():
             raise RuntimeError("warm-up writes the KV cache's free blocks: run it before adding requests")
         padding, buckets = self.runner.padding, self.runner.padding.buckets
+        block_size = self.layout.block_size
         max_tokens, max_seqs = self.scheduler.max_tokens_per_step, self.scheduler.max_seqs_per_step
+        longest = min(self.max_model_len, self.kv_capacity_tokens)  # the longest context a request can have
         shapes: dict[StepShape, list[SequenceStep]] = {}
         blocks = itertools.count()
 
-        def add(lengths: list[int], logits: list[int]) -> None:
-            shape = padding.shape_of(sum(lengths), len(lengths), sum(logits), max(lengths) == 1)
-            if shape not in shapes:
-                shapes[shape] = [SequenceStep([0] * n, 0, [next(blocks) % self.num_blocks
-                                                            for _ in range(-(-n // self.layout.block_size))], k)
-                                 for n, k in zip(lengths, logits)]
+        def widths_from(narrowest: int) -> Iterable[int]:
+            """One table width (in blocks) per width bucket a step can reach, from `narrowest` blocks up."""
+            floor = 0
+            for bucket in padding.widths:
+                width = max(floor + 1, narrowest)
+                if width <= min(bucket, -(-longest // block_size)):
+                    yield width
+                floor = bucket
+
+        def add(lengths: list[int], logits: list[int], width: int) -> None:
+            starts = [min(width * block_size, longest) - lengths[0]] + [0] * (len(lengths) - 1)
+            steps = [SequenceStep([0] * n, start, [next(blocks) % self.num_blocks
+                                                   for _ in range(-(-(start + n) // block_size))], k)
+                     for n, start, k in zip(lengths, starts, logits)]
+            shape = padding.shape_of(sum(lengths), len(lengths), sum(logits), max(lengths) == 1,
+                                     max(len(step.block_table) for step in steps))
+            shapes.setdefault(shape, steps)
 
         for m in range(1, min(max_seqs, max_tokens) + 1):
-            add([1] * m, [1] * m)
-        smallest_seqs = [1] + [s + 1 for s in buckets.num_seqs[:-1]]
-        for t in buckets.num_tokens:
-            for m in (m for m in smallest_seqs if m <= max_seqs):
-                n = min(t, max_tokens, m * self.max_model_len)
-                if n <= m or buckets.pad_num_tokens(n) != t:
-                    continue
-                lengths = [n // m + (i < n % m) for i in range(m)]
-                add(lengths, [1] * m)
-                add(lengths, lengths)  # every position's logits: prompt logprobs
+            for width in widths_from(1):
+                add([1] * m, [1] * m, width)
+        token_floors = [0, *buckets.num_tokens[:-1]]
+        seq_floors = [0, *buckets.num_seqs[:-1]]
+        for token_floor, t in zip(token_floors, buckets.num_tokens):
+            for seq_floor, s in zip(seq_floors, buckets.num_seqs):
+                for wide_logits in (False, True):  # wide: every position's logits (prompt logprobs)
+                    n = max(token_floor + 1, seq_floor + 2, s + 1 if wide_logits else 0)
+                    m = min(s, max_seqs, n - 1)
+                    if n > min(t, max_tokens) or m <= seq_floor or n > m * longest:
+                        continue
+                    lengths = [n // m + (i < n % m) for i in range(m)]
+                    for width in widths_from(-(-lengths[0] // block_size)):
+                        add(lengths, lengths if wide_logits else [1] * m, width)
         return shapes
 
     # ---- requests ---------------------------------------------------------------------------------
@@ -312,6 +340,13 @@ class Engine:
     def num_step_shapes(self) -> int:
         """Distinct padded step shapes the model has run: with shape buckets, one compilation each; else 0."""
         return self.runner.num_step_shapes
+
+    @property
+    def num_compiles(self) -> int:
+        """Compilations of the model step so far: the backend's own count where it keeps one, else the
+        distinct padded step shapes run (0 for a backend without shape buckets)."""
+        count = self.platform.compile_count
+        return count() if count is not None else self.num_step_shapes
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Queue a request; it joins the running batch at the next step."""
@@ -375,7 +410,7 @@ class Engine:
         sampled: dict[str, int] = {}
         if requests:
             meta = SamplingMetadata.build([r.sampling_params for r in requests], [r.token_ids for r in requests],
-                                          [r.num_prompt_tokens for r in requests], logits.shape[-1], self.device)
+                                          [r.num_prompt_tokens for r in requests], logits.shape[-1], logits.device)
             # Rows only increase, so as many rows as logits means every row in order (a decode step).
             if len(sample_rows) < logits.shape[0]:
                 logits = logits[host_to_device(torch.tensor(sample_rows), logits.device)]

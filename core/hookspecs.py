@@ -234,8 +234,10 @@ def tokenmill_shape_buckets(max_num_tokens: int, max_num_seqs: int) -> ShapeBuck
     Backends that compile per shape (XLA, HPU graphs, Neuron) declare buckets up to the scheduler's
     limits; the scheduler never exceeds the largest, and the model runner pads each step's tokens,
     sequences and block-table width up to a bucket (the padding contract is `AttentionMetadata`'s:
-    slot -1 writes nothing, padded sequences have length 0). Warm-up runs every reachable padded shape
-    before the server reports healthy. Default: None.
+    slot -1 writes nothing, padded sequences have length 0). Block-table widths are buckets too when
+    `ShapeBuckets.blocks_per_seq` is given (in blocks of the backend's layout; the core clamps them to
+    the model's context, which the largest must reach), else every table is as wide as that context.
+    Warm-up runs every reachable padded shape before the server reports healthy. Default: None.
     """
 
 

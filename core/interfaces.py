@@ -72,6 +72,15 @@ class DevicePlatform:
     supported_dtypes: tuple[torch.dtype, ...]
     preferred_dtype: torch.dtype  # what `--dtype auto` becomes
     description: str = ""  # e.g. "2 threads, AVX512-BF16"
+    # Where the sampler runs; None: on `device`. A backend that compiles per shape names the host: the
+    # sampler's shapes follow the batch and its settings, so on the device every new mix would compile.
+    sampling_device: torch.device | None = None
+    # The backend's own count of graph compilations so far (XLA's CompileTime metric), which
+    # `tokenmill_compiles_total` reports; None: the core counts distinct padded step shapes instead.
+    compile_count: Callable[[], int] | None = None
+    # Steps run under torch.inference_mode(); False: under torch.no_grad(), for devices whose tensors
+    # cannot be inference tensors (torch-xla's functionalization sets their version counters).
+    inference_mode: bool = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,8 +160,10 @@ class AttentionMetadata:
     * padding sequences have query length 0 (``query_start_loc`` repeats its last value), seq_len 0 and
       a block table of zeros: they attend to nothing and produce nothing;
     * the host ints are then bounds fixed by the shape, not the step's exact values: ``max_query_len``
-      is 1 for a decode step, else the number of tokens; ``max_seq_len`` is the model's context length;
-      ``block_tables`` is as wide as that context needs (`tokenmill.model_runner.StepPadding`).
+      is 1 for a decode step, else the number of tokens; ``block_tables`` is as wide as the step's width
+      bucket (`ShapeBuckets.blocks_per_seq`; without one, as wide as the model's context needs) and
+      ``max_seq_len`` is that width in tokens, at most the model's context length
+      (`tokenmill.model_runner.StepPadding`).
     """
 
     query_start_loc: torch.Tensor  # (num_seqs + 1,) int32, cumulative query lengths
@@ -333,18 +344,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ShapeBuckets:
     """Static shapes for backends that compile per shape; the scheduler pads each step up to them.
 
-    `None` from the hook means dynamic shapes. Sizes are sorted; a step larger than the last bucket is
-    never scheduled. The model runner pads every step's tokens and sequences up to a bucket, and its
-    block tables to the model's longest context (`tokenmill.model_runner.StepPadding`); warm-up runs
-    every (tokens, sequences, decode or prefill) shape the scheduler can make, so serving compiles none.
+    `None` from the hook means dynamic shapes. Sizes are sorted; a step larger than the last token or
+    sequence bucket is never scheduled. The model runner pads every step's tokens and sequences up to a
+    bucket, and its block tables up to a `blocks_per_seq` bucket: the smallest that holds the step's
+    widest table, so attention over a padded table costs what the step's longest context needs, not
+    the model's whole context. Without `blocks_per_seq` (None) every table is padded to the model's
+    longest context. Width buckets past that context are clamped to it, and the last must reach it
+    (`tokenmill.model_runner.StepPadding` checks). Warm-up runs every (tokens, sequences, width, decode
+    or prefill, logit rows) shape the scheduler can make, so serving compiles none.
     """
 
     num_tokens: tuple[int, ...]  # flattened batch sizes in tokens
     num_seqs: tuple[int, ...]  # sequences per step
+    blocks_per_seq: tuple[int, ...] | None = None  # block-table widths, in blocks; None: the longest context's
 
     def __post_init__(self) -> None:
-        for name in ("num_tokens", "num_seqs"):
+        for name in ("num_tokens", "num_seqs", "blocks_per_seq"):
             sizes = getattr(self, name)
+            if sizes is None and name == "blocks_per_seq":
+                continue
             if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
                 raise ValueError(f"ShapeBuckets.{name} must be a non-empty increasing tuple of positive ints")
 

@@ -13,7 +13,7 @@ it only ever sees the few shapes warm-up compiled; without buckets nothing is pa
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -71,6 +71,7 @@ class StepShape:
 
     num_tokens: int  # token bucket
     num_seqs: int  # sequence bucket
+    blocks_per_seq: int  # block-table width bucket (the model's longest context without width buckets)
     num_logits: int  # logit rows: the sequence bucket, or the token bucket when prompt logprobs need more
     is_decode: bool  # every real sequence feeds one token: max_query_len is 1
 
@@ -83,11 +84,13 @@ class StepPadding:
       sequence: token id 0, position 0, slot -1 (nothing is written to the cache).
     * Sequences: up to the sequence bucket. Padding sequences come after the real ones: query length 0
       (`query_start_loc` repeats its last value), seq_len 0, a block table of zeros.
-    * Block tables: always `max_blocks_per_seq` wide (the model's longest context), never the step's
-      longest table.
+    * Block tables: up to the smallest of `widths` that holds the step's widest table, padded with
+      block 0. `widths` are the buckets' `blocks_per_seq` clamped to `max_blocks_per_seq`, whose last
+      must reach it (any context the model allows then fits); without them, the one width
+      `max_blocks_per_seq` (the model's longest context).
     * Host ints: `max_query_len` is 1 for a decode step (every real sequence feeds one token), else the
-      token bucket (no sequence can feed more); `max_seq_len` is always `max_seq_len` (the model's
-      context length). Both are then fixed by the shape, never by the step's data.
+      token bucket (no sequence can feed more); `max_seq_len` is the width in tokens, capped at
+      `max_seq_len` (the model's context length). Both are then fixed by the shape, never by the step's data.
     * Logits: `logits_indices` is padded (with row 0) to the sequence bucket, or to the token bucket
       when prompt logprobs ask for more rows than that; the padded rows are dropped after the forward.
     """
@@ -95,16 +98,43 @@ class StepPadding:
     buckets: ShapeBuckets
     max_blocks_per_seq: int  # ceil(max_model_len / block_size)
     max_seq_len: int  # max_model_len
+    block_size: int | None = None  # tokens per block; required with width buckets
+    widths: tuple[int, ...] = field(init=False)  # the block-table widths steps are padded to
 
-    def shape_of(self, num_tokens: int, num_seqs: int, num_logits: int, is_decode: bool) -> StepShape:
-        """The shape a step of these real sizes is padded to; raises if it fits no bucket."""
+    def __post_init__(self) -> None:
+        widths = self.buckets.blocks_per_seq
+        if widths is None:
+            widths = (self.max_blocks_per_seq,)
+        elif self.block_size is None:
+            raise ValueError("StepPadding needs the block size to pad block tables to ShapeBuckets.blocks_per_seq")
+        elif widths[-1] < self.max_blocks_per_seq:
+            raise ValueError(f"the largest ShapeBuckets.blocks_per_seq bucket ({widths[-1]} blocks) must hold the "
+                             f"model's context: {self.max_seq_len} tokens take {self.max_blocks_per_seq} blocks of "
+                             f"{self.block_size}")
+        else:
+            widths = tuple(sorted({min(width, self.max_blocks_per_seq) for width in widths}))
+        object.__setattr__(self, "widths", widths)
+
+    def shape_of(self, num_tokens: int, num_seqs: int, num_logits: int, is_decode: bool,
+                 blocks_per_seq: int) -> StepShape:
+        """The shape a step of these real sizes (`blocks_per_seq`: its widest block table) is padded to;
+        raises if it fits no bucket."""
         padded_tokens = self.buckets.pad_num_tokens(num_tokens)
         padded_seqs = self.buckets.pad_num_seqs(num_seqs)
         if padded_tokens is None or padded_seqs is None:
             raise ValueError(f"a step of {num_tokens} tokens and {num_seqs} sequences exceeds the largest shape "
                              f"buckets ({self.buckets.num_tokens[-1]} tokens, {self.buckets.num_seqs[-1]} sequences)")
+        width = ShapeBuckets._bucket(self.widths, blocks_per_seq)
+        if width is None:  # only reachable past max_model_len
+            raise ValueError(f"a block table of {blocks_per_seq} blocks exceeds the model's {self.max_blocks_per_seq} "
+                             "blocks per sequence")
         logits = padded_seqs if num_logits <= padded_seqs else padded_tokens
-        return StepShape(padded_tokens, padded_seqs, logits, is_decode)
+        return StepShape(num_tokens=padded_tokens, num_seqs=padded_seqs, blocks_per_seq=width, num_logits=logits,
+                         is_decode=is_decode)
+
+    def max_seq_len_of(self, width: int) -> int:
+        """`max_seq_len` of a padded step whose block tables are `width` blocks wide."""
+        return self.max_seq_len if width >= self.max_blocks_per_seq else width * self.block_size
 
 
 def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: torch.device,
@@ -159,18 +189,15 @@ def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.nd
                    logits_indices: np.ndarray, is_decode: bool, device: torch.device) -> StepInputs:
     """The step's unpadded host arrays, padded to its `StepShape` (see `StepPadding`) and sent over."""
     num_tokens, num_seqs, num_logits = len(token_ids), len(seq_lens), len(logits_indices)
-    shape = padding.shape_of(num_tokens, num_seqs, num_logits, is_decode)
     width = block_tables.shape[1]
-    if width > padding.max_blocks_per_seq:  # only reachable past max_model_len
-        raise ValueError(f"a block table of {width} blocks exceeds the model's {padding.max_blocks_per_seq} "
-                         "blocks per sequence")
+    shape = padding.shape_of(num_tokens, num_seqs, num_logits, is_decode, width)
 
     def pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
         out = np.full(size, fill, dtype=np.int64)
         out[: len(values)] = values
         return out
 
-    padded_tables = np.zeros((shape.num_seqs, padding.max_blocks_per_seq), dtype=np.int32)
+    padded_tables = np.zeros((shape.num_seqs, shape.blocks_per_seq), dtype=np.int32)
     padded_tables[:num_seqs, :width] = block_tables
     metadata = AttentionMetadata(
         query_start_loc=host_to_device(pad(cu_query, shape.num_seqs + 1, num_tokens).astype(np.int32), device),
@@ -178,7 +205,7 @@ def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.nd
         block_tables=host_to_device(padded_tables, device),
         slot_mapping=host_to_device(pad(slot_mapping, shape.num_tokens, -1), device),
         max_query_len=1 if is_decode else shape.num_tokens,
-        max_seq_len=padding.max_seq_len,
+        max_seq_len=padding.max_seq_len_of(shape.blocks_per_seq),
     )
     return StepInputs(
         input_ids=host_to_device(pad(token_ids, shape.num_tokens, 0), device),
@@ -191,8 +218,9 @@ def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.nd
 
 def step_shape(inputs: StepInputs) -> StepShape:
     """The shape of padded `inputs`, read from host-side sizes only."""
-    return StepShape(inputs.input_ids.shape[0], inputs.metadata.num_seqs, inputs.logits_indices.shape[0],
-                     inputs.metadata.max_query_len == 1)
+    return StepShape(num_tokens=inputs.input_ids.shape[0], num_seqs=inputs.metadata.num_seqs,
+                     blocks_per_seq=inputs.metadata.block_tables.shape[1],
+                     num_logits=inputs.logits_indices.shape[0], is_decode=inputs.metadata.max_query_len == 1)
 
 
 class ModelRunner:
@@ -211,6 +239,8 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         padding: StepPadding | None = None,
+        logits_device: torch.device | None = None,
+        inference_mode: bool = True,
     ):
         self.model = model
         self.forward = forward
@@ -219,6 +249,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.padding = padding
+        self.logits_device = logits_device  # where the sampler wants the logits; None: on `device`
+        self.grad_mode = torch.inference_mode if inference_mode else torch.no_grad
         self.step_shapes: set[StepShape] = set()
 
     @property
@@ -226,14 +258,19 @@ class ModelRunner:
         """Distinct padded shapes run so far (0 without padding): the backend's compilations."""
         return len(self.step_shapes)
 
-    @torch.inference_mode()
     def execute(self, steps: Sequence[SequenceStep]) -> torch.Tensor:
         """Logits (num_logits, vocab) in float32 for the positions the steps asked for, in order."""
+        with self.grad_mode():
+            return self._execute(steps)
+
+    def _execute(self, steps: Sequence[SequenceStep]) -> torch.Tensor:
         inputs = build_step_inputs(steps, self.block_size, self.device, self.padding)
         for backend in self.attention_backends:
             backend.prepare(inputs.metadata)
         hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if self.logits_device is not None:  # moved whole, padded rows too: a copy of a static shape
+            logits = logits.to(self.logits_device)
         if self.padding is None:
             return logits
         self.step_shapes.add(step_shape(inputs))

@@ -84,7 +84,7 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             kv_cache_usage=blocks.usage,
             # NaN where the backend's model owns its cache: prefix caching is unavailable, not at 0 %.
             prefix_cache_hit_rate=math.nan if engine.prefix_cache_hit_rate is None else engine.prefix_cache_hit_rate,
-            num_preemptions=engine.scheduler.num_preemptions, num_step_shapes=engine.num_step_shapes,
+            num_preemptions=engine.scheduler.num_preemptions, num_compiles=engine.num_compiles,
             ready=self.ready,
         )
 

@@ -176,3 +176,74 @@ def test_padded_step_inputs_follow_the_padding_contract() -> None:
         build_step_inputs([SequenceStep([1], 0, [0], 1)] * 9, BLOCK_SIZE, torch.device("cpu"), padding)
     with pytest.raises(ValueError, match="blocks per sequence"):
         build_step_inputs([SequenceStep([1], 70, [0] * 5, 1)], BLOCK_SIZE, torch.device("cpu"), padding)
+
+
+# ---- the third dimension: block-table widths -------------------------------------------------------
+
+WIDTH_BUCKETS = (1, 2, 4, 8, 64)  # 64 is past the model's 32 blocks: clamped to 32
+
+
+class WidthBucketedCPU(BucketedCPU):
+    """`BucketedCPU` with block-table width buckets too."""
+
+    reason = "the CPU, with 3-D shape buckets"
+
+    @hookimpl
+    def tokenmill_shape_buckets(self, max_num_tokens, max_num_seqs):
+        return ShapeBuckets(TOKEN_BUCKETS, SEQ_BUCKETS, WIDTH_BUCKETS)
+
+
+def _width_bucketed(tiny) -> tuple[Engine, WidthBucketedCPU]:
+    plugin = WidthBucketedCPU()
+    backend = Backend(load_registry(extra_plugins=[("widths", plugin)]), "widths")
+    return Engine(_config("widths"), backend=backend, checkpoint=tiny.checkpoint()), plugin
+
+
+def test_width_buckets_serve_the_cpu_tokens_and_warmup_covers_every_width(tiny) -> None:
+    prompts, params = _traffic(3)
+    prompts.append([7] * 420)  # a context of 27-31 blocks: the widest bucket
+    params.append(SamplingParams(max_new_tokens=60, ignore_eos=True))
+    expected = Engine(_config("cpu"), checkpoint=tiny.checkpoint()).generate(prompts, params)
+
+    engine, plugin = _width_bucketed(tiny)
+    assert engine.runner.padding.widths == (1, 2, 4, 8, 32)
+    engine.warmup(progress=False)
+    warmed, warmed_shapes = engine.num_step_shapes, set(plugin.shapes)
+    assert {width for _, _, width, _, _ in warmed_shapes} == {1, 2, 4, 8, 32}
+    got = engine.generate(prompts, params)
+
+    assert _tokens(got) == _tokens(expected)
+    assert engine.num_step_shapes == warmed  # serving compiled nothing
+    assert set(plugin.shapes) == warmed_shapes
+    served = plugin.shapes[len(warmed_shapes):]
+    widths = {width for _, _, width, _, _ in served}
+    assert {1, 32} <= widths and len(widths) >= 3  # short steps ran narrow tables, the long one the full width
+    for tokens, seqs, width, max_query_len, max_seq_len in served:
+        assert width in (1, 2, 4, 8, 32) and max_seq_len == min(width * BLOCK_SIZE, MAX_MODEL_LEN)
+    assert engine.block_manager.usage == 0
+
+
+def test_width_buckets_pad_each_table_to_the_smallest_width_that_holds_the_widest() -> None:
+    padding = StepPadding(ShapeBuckets(TOKEN_BUCKETS, SEQ_BUCKETS, (1, 2, 4, 8)), 6, 90, BLOCK_SIZE)
+    assert padding.widths == (1, 2, 4, 6)
+    steps = [SequenceStep([7, 8], 30, [3, 5, 9], 1), SequenceStep([5], 3, [1], 1)]
+    meta = build_step_inputs(steps, BLOCK_SIZE, torch.device("cpu"), padding).metadata
+    assert meta.block_tables.tolist() == [[3, 5, 9, 0], [1, 0, 0, 0]]
+    assert meta.max_seq_len == 4 * BLOCK_SIZE
+    decode = build_step_inputs([SequenceStep([5], 3, [1], 1)], BLOCK_SIZE, torch.device("cpu"), padding)
+    assert decode.metadata.block_tables.tolist() == [[1]] and decode.metadata.max_seq_len == BLOCK_SIZE
+    widest = build_step_inputs([SequenceStep([5], 85, [0, 1, 2, 3, 4, 5], 1)], BLOCK_SIZE, torch.device("cpu"),
+                               padding)
+    assert widest.metadata.block_tables.shape[1] == 6 and widest.metadata.max_seq_len == 90
+    with pytest.raises(ValueError, match="blocks per sequence"):
+        build_step_inputs([SequenceStep([1], 100, [0] * 7, 1)], BLOCK_SIZE, torch.device("cpu"), padding)
+
+
+def test_width_buckets_that_cannot_hold_the_context_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"blocks_per_seq bucket \(4 blocks\) must hold the model's context"):
+        StepPadding(ShapeBuckets(TOKEN_BUCKETS, SEQ_BUCKETS, (1, 2, 4)), 6, 90, BLOCK_SIZE)
+    with pytest.raises(ValueError, match="needs the block size"):
+        StepPadding(ShapeBuckets(TOKEN_BUCKETS, SEQ_BUCKETS, (1, 8)), 6, 90)
+    for widths in ((), (4, 2), (0, 4)):
+        with pytest.raises(ValueError, match="blocks_per_seq must be a non-empty increasing tuple"):
+            ShapeBuckets(TOKEN_BUCKETS, SEQ_BUCKETS, widths)
