@@ -30,12 +30,12 @@ def _hlml_devices() -> tuple[DeviceInfo, ...] | None:
 
 
 def discover() -> Discovery:
-    versions = versions_of("habana-torch-plugin", "optimum-habana", "habana-pyhlml")
+    versions = versions_of("habana-torch-plugin", "habana-pyhlml")
     files = device_files("/dev/accel/accel*", "/dev/hl*")
     if not module_available("habana_frameworks"):
         note = "" if files else "; no Gaudi device files either (/dev/accel/accel*)"
-        return Discovery(BackendStatus.LIBRARY_MISSING, f"habana_frameworks (SynapseAI) is not installed{note}",
-                         PRIORITY, versions=versions, install_extra=EXTRA)
+        return Discovery(BackendStatus.LIBRARY_MISSING, "habana_frameworks (SynapseAI, from Intel's Gaudi software, "
+                         f"not PyPI) is not installed{note}", PRIORITY, versions=versions, install_extra=EXTRA)
     devices = _hlml_devices()
     if devices is None:
         devices = tuple(DeviceInfo(i, f"Gaudi ({path})", 0) for i, path in enumerate(files))
