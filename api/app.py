@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 from typing import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from tokenmill.api import openai_api, tgi
+from tokenmill.api import openai_api, sagemaker, tgi, vertex, vllm_routes
 from tokenmill.api.auth import authorized, http_route_is_protected
 from tokenmill.api.errors import install_error_handlers
-from tokenmill.api.metrics import Metrics
+from tokenmill.api.metrics import Metrics, ObservedRequests
 from tokenmill.api.service import GenerationService
 from tokenmill.api.tracing import extract_context, tracer
 
@@ -57,6 +57,11 @@ class PayloadLimit:
                 await send(message)
 
         await self.app(scope, limited_receive, guarded_send)
+
+
+def _without(router: APIRouter, path: str) -> APIRouter:
+    """`router`'s routes but the one at `path`, which another module answers."""
+    return APIRouter(routes=[route for route in router.routes if getattr(route, "path", None) != path])
 
 
 def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | None = None) -> FastAPI:
@@ -112,9 +117,13 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
     app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_allow_origin) or ["*"],
                        allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
     app.add_middleware(PayloadLimit, limit=lambda: service.settings.payload_limit)
+    app.add_middleware(ObservedRequests, metrics=metrics)  # outermost: every layer inside sees the request's ticket
     install_error_handlers(app, metrics)
-    app.include_router(tgi.router)
+    app.include_router(_without(tgi.router, "/tokenize"))  # vllm_routes' /tokenize takes TGI's body and vLLM's
     app.include_router(openai_api.router)
+    app.include_router(sagemaker.router)
+    app.include_router(vertex.router)
+    app.include_router(vllm_routes.router)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:

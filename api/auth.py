@@ -13,7 +13,8 @@ from typing import Callable
 import grpc
 
 # TGI protects the generation routes only; info routes stay open.
-PROTECTED_HTTP = ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize")
+PROTECTED_HTTP = ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/invocations",
+                  "/vertex", "/tokenize", "/detokenize")
 OPEN_GRPC_METHODS = ("ModelInfo",)
 
 

@@ -29,6 +29,14 @@ class TemplateError(Exception):
     """The chat template is missing or failed to render (HTTP 422)."""
 
 
+class UnknownModelError(Exception):
+    """An OpenAI route's `model` names neither the served model nor a loaded LoRA adapter (HTTP 404)."""
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist.")
+        self.model = model
+
+
 class UnsupportedError(Exception):
     """A request feature this server does not offer, with its TGI error_type (HTTP 422)."""
 
@@ -53,14 +61,17 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 422, {"error": f"Template error: {exc}", "error_type": "template_error"}
     if isinstance(exc, UnsupportedError):
         return 422, {"error": str(exc), "error_type": exc.error_type}
+    if isinstance(exc, UnknownModelError):
+        return 404, {"error": str(exc), "error_type": "model_not_found"}
     if isinstance(exc, ClientDisconnected):  # nobody reads it; access logs and metrics do
         return 499, {"error": "Client closed the connection", "error_type": "client_disconnected"}
     return 500, {"error": f"Request failed: {exc}", "error_type": "incomplete_generation"}
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "Malformed JSON body", 413: "Body over the payload limit", 422: "Input validation error",
-    424: "Generation failed", 429: "Model is overloaded", 503: "Model loading, or server draining (with Retry-After)",
+    400: "Malformed JSON body", 404: "`model` names neither the served model nor a LoRA adapter",
+    413: "Body over the payload limit", 422: "Input validation error", 424: "Generation failed",
+    429: "Model is overloaded", 503: "Model loading, or server draining (with Retry-After)",
 }
 
 
@@ -86,8 +97,8 @@ HTTP_ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowe
 def install_error_handlers(app, metrics=None) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         status, body = error_body(exc)
-        if metrics is not None and not isinstance(exc, OverloadedError):  # overload is counted where refused
-            metrics.request_failure.labels(err=body["error_type"]).inc()
+        if metrics is not None:
+            metrics.request_failed(exc)  # TGI's tgi_request_failure{err}, once per request
         headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
         return JSONResponse(body, status_code=status, headers=headers)
 
@@ -98,7 +109,8 @@ def install_error_handlers(app, metrics=None) -> None:
             return JSONResponse({"error": f"Malformed JSON body: {first.get('msg', exc)}", "error_type": "validation"},
                                 status_code=400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"Failed to deserialize the JSON body into the target type: {where}: {first.get('msg', exc)}"
+        at = f"{where}: " if where else ""  # a body of no known form is wrong as a whole
+        message = f"Failed to deserialize the JSON body into the target type: {at}{first.get('msg', exc)}"
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
     async def handle_http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -109,6 +121,6 @@ def install_error_handlers(app, metrics=None) -> None:
 
     app.add_exception_handler(HTTPException, handle_http)
     for exc_type in (ValidationError, OverloadedError, ModelLoadingError, ShuttingDownError, GenerationError, TemplateError,
-                     UnsupportedError, ClientDisconnected):
+                     UnsupportedError, UnknownModelError, ClientDisconnected):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(RequestValidationError, handle_malformed)

@@ -1,71 +1,58 @@
 """The OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
 Supersets of TGI's where TGI is narrower than OpenAI: `n` > 1 is honoured, `stop` may be a string,
-`top_p` 1.0 is accepted, ids are unique, and the stop text is dropped from the output as OpenAI does.
+`top_p` 1.0 is accepted, ids are unique, and vLLM's sampling extensions (`top_k`, `min_p`,
+`min_tokens`, `stop_token_ids`, `logit_bias`, ...) work. Where TGI's answers differ from OpenAI's,
+these routes follow OpenAI (the `OPENAI` dialect): a stop sequence is dropped from the text and ends
+with `finish_reason: "stop"`, and `presence_penalty` is OpenAI's. TGI's own routes that take these
+bodies (SageMaker's `/invocations`) pass the `TGI` dialect to `serve_chat` and `serve_completions`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import time
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from fastapi.responses import JSONResponse
+from opentelemetry import trace
 
+from tokenmill.api import chat_template
 from tokenmill.api.disconnect import until_disconnected
-from tokenmill.api.errors import GENERATION_ERRORS, TemplateError, UnsupportedError
-from tokenmill.api.schemas import RequestBody
+from tokenmill.api.errors import GENERATION_ERRORS, UnsupportedError
+from tokenmill.api.openai_schemas import ChatMessage, ChatRequest, CompletionRequest, StreamOptions, _Common
 from tokenmill.api.service import Generation, GenerationService
 from tokenmill.api.sse import SSE_CONTENT, error_event, sse, sse_response
+from tokenmill.api.tgi import stream_headers, timing_headers
+from tokenmill.api.validation import refuse_unsupported
 from tokenmill.errors import ValidationError
+from tokenmill.outputs import TokenInfo
 from tokenmill.sampling_params import SamplingParams
+
+__all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "StreamOptions", "OPENAI", "TGI", "serve_chat",
+           "serve_completions"]
 
 router = APIRouter(prefix="/v1")
 
-
-class StreamOptions(RequestBody):
-    include_usage: bool = False
+LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for the -inf of a token a warper removed (JSON has no -inf)
 
 
-class _Common(RequestBody):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    logprobs: Any = None
-    top_logprobs: int | None = Field(None, ge=0)
-    # vLLM's extension, which benchmarks and load tools send to get a fixed number of tokens.
-    ignore_eos: bool = False
+@dataclass(frozen=True)
+class Dialect:
+    """Where TGI's answers on these bodies differ from OpenAI's, which one a route gives."""
+
+    keep_stop_text: bool  # TGI keeps a matched stop sequence in the text; OpenAI drops it
+    stop_reason: str  # a stop sequence's finish_reason: TGI's "stop_sequence", OpenAI's "stop"
+    presence_as_repetition: bool  # TGI reads presence_penalty p as repetition_penalty p + 2
 
 
-class ChatMessage(RequestBody):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage]
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str]
-    suffix: str | None = None
-    echo: bool = False
+OPENAI = Dialect(keep_stop_text=False, stop_reason="stop", presence_as_repetition=False)
+TGI = Dialect(keep_stop_text=True, stop_reason="stop_sequence", presence_as_repetition=True)
 
 
 def _service(request: Request) -> GenerationService:
@@ -76,17 +63,15 @@ def _ready(request: Request) -> GenerationService:
     return request.app.state.service.checked()
 
 
-def _text_of(message: ChatMessage) -> str:
-    if isinstance(message.content, list):
-        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
-    return message.content or ""
+# ---- request -> sampling parameters ---------------------------------------------------------------
 
 
-def _sampling(body: _Common, service: GenerationService, prompt_len: int, top_n: int) -> SamplingParams:
+def _sampling(body: _Common, service: GenerationService, prompt_len: int, top_n: int,
+              dialect: Dialect = OPENAI) -> SamplingParams:
     settings = service.settings
     if prompt_len > settings.max_input_tokens:
         raise ValidationError(f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {prompt_len}")
-    max_new = body.max_completion_tokens or body.max_tokens or settings.max_total_tokens - prompt_len
+    max_new = getattr(body, "max_completion_tokens", None) or body.max_tokens or settings.max_total_tokens - prompt_len
     if prompt_len + max_new > settings.max_total_tokens:
         raise ValidationError(f"`inputs` tokens + `max_new_tokens` must be <= {settings.max_total_tokens}. "
                               f"Given: {prompt_len} `inputs` tokens and {max_new} `max_new_tokens`")
@@ -96,46 +81,124 @@ def _sampling(body: _Common, service: GenerationService, prompt_len: int, top_n:
     if top_n > settings.max_top_n_tokens:
         raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {top_n}")
     temperature = 1.0 if body.temperature is None else body.temperature
+    repetition, presence = body.repetition_penalty, body.presence_penalty or 0.0
+    if dialect.presence_as_repetition and body.presence_penalty is not None:
+        repetition, presence = repetition or body.presence_penalty + 2.0, 0.0
     return SamplingParams(
-        max_new_tokens=max_new, temperature=temperature or None, top_p=body.top_p or 1.0, seed=body.seed,
-        stop=tuple(stops), include_stop_str_in_output=False, logprobs=True, top_n_tokens=top_n,
-        frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0, ignore_eos=body.ignore_eos,
+        max_new_tokens=max_new, temperature=temperature or None, top_p=body.top_p or 1.0,
+        top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0, seed=body.seed, stop=tuple(stops),
+        stop_token_ids=tuple(body.stop_token_ids or ()), min_tokens=body.min_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output or dialect.keep_stop_text,
+        logprobs=True, top_n_tokens=top_n, frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=presence, repetition_penalty=repetition or 1.0, ignore_eos=body.ignore_eos,
+        logit_bias=_logit_bias(body.logit_bias, len(service.tokenizer)),
+        skip_special_tokens=body.skip_special_tokens,
     )
 
 
-def _finish(reason: str | None) -> str | None:
-    return {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}.get(reason, reason)
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (as strings) to biases in [-100, 100]: -100 bans a token, 100 all but forces it."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise ValidationError(f"`logit_bias` keys are token ids. Given: {key!r}") from None
+        if not 0 <= token_id < vocab_size:
+            raise ValidationError(f"`logit_bias` token ids must be in [0, {vocab_size - 1}]. Given: {token_id}")
+        if not -100.0 <= value <= 100.0:
+            raise ValidationError(f"`logit_bias` values must be in [-100, 100]. Given: {value} for token {token_id}")
+        pairs.append((token_id, value))
+    return tuple(pairs)
+
+
+def _truncated(ids: list[int], keep: int | None, settings) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the last `keep` tokens (-1: as many as the server takes)."""
+    if keep is None:
+        return ids
+    if keep == 0:
+        raise ValidationError("`truncate_prompt_tokens` must be >= 1, or -1 for as many as fit. Given: 0")
+    return ids[-(settings.max_input_tokens if keep == -1 else keep):]
+
+
+def _prepare(body: _Common) -> float:
+    """What every request does first: note the time, refuse what cannot be honoured, record the end user."""
+    start = time.monotonic()
+    refuse_unsupported(body)
+    if body.user:
+        trace.get_current_span().set_attribute("enduser.id", body.user)
+    return start
+
+
+def _finish(reason: str | None, dialect: Dialect) -> str | None:
+    return {"eos_token": "stop", "stop_sequence": dialect.stop_reason, "length": "length"}.get(reason, reason)
 
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:
     """Choice `index` of n: a distinct seed when the request gave one, so choices differ reproducibly."""
     if index == 0 or params.seed is None:
         return params
-    import dataclasses
-
     return dataclasses.replace(params, seed=(params.seed + index) % 2**64)  # wraps: a seed near 2**64 stays a u64
 
 
-def _chat_logprobs(g: Generation, top_n: int) -> dict[str, Any]:
-    content = []
-    for i, t in enumerate(g.tokens):
-        tops = g.top_tokens[i] if i < len(g.top_tokens) else []
-        content.append({"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
-                        "top_logprobs": [{"token": x.text, "logprob": x.logprob, "bytes": list(x.text.encode())}
-                                         for x in tops[:top_n]]})
-    return {"content": content}
+def _base(kind: str, model: str, request_id: str | None) -> dict[str, Any]:
+    prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+    return {"id": f"{prefix}-{request_id or uuid.uuid4().hex}", "created": int(time.time()), "model": model,
+            "system_fingerprint": "tokenmill-0.1.0"}
 
 
-def _base(kind: str, model: str) -> dict[str, Any]:
-    return {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": model, "system_fingerprint": "tokenmill-0.1.0"}
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- logprobs ---------------------------------------------------------------------------------------
+
+
+def _logprob(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else LOGPROB_FLOOR
+
+
+def _chat_logprobs(tokens: Sequence[TokenInfo], tops: Sequence[Sequence[TokenInfo]], top_n: int) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: per token its logprob and its `top_n` most likely alternatives."""
+    def entry(t: TokenInfo) -> dict[str, Any]:
+        return {"token": t.text, "logprob": _logprob(t.logprob), "bytes": list(t.text.encode())}
+
+    return {"content": [{**entry(t), "top_logprobs": [entry(x) for x in (tops[i] if i < len(tops) else [])[:top_n]]}
+                        for i, t in enumerate(tokens)]}
+
+
+def _completion_logprobs(tokens: Sequence[TokenInfo], tops: Sequence[Sequence[TokenInfo]], offset: int,
+                         first_has_none: bool = False) -> dict[str, Any]:
+    """OpenAI's legacy `logprobs`: tokens, their logprobs, the alternatives (the chosen token always among
+    them) and each token's character offset in the text, from `offset`. `first_has_none`: the first token
+    opens the prompt, with no logprob and no alternatives."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for i, t in enumerate(tokens):
+        out["tokens"].append(t.text)
+        out["token_logprobs"].append(_logprob(t.logprob))
+        if i == 0 and first_has_none:
+            out["top_logprobs"].append(None)
+        else:
+            alternatives = {x.text: _logprob(x.logprob) for x in (tops[i] if i < len(tops) else [])}
+            out["top_logprobs"].append({**alternatives, t.text: _logprob(t.logprob)})
+        out["text_offset"].append(offset)
+        offset += len(t.text)
+    return out
+
+
+# ---- routes -----------------------------------------------------------------------------------------
 
 
 @router.get("/models")
 async def models(request: Request):
-    model_id = _service(request).settings.model_id
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
+    """The served model, then each LoRA adapter, whose `parent` is the model (as vLLM lists them)."""
+    settings = _service(request).settings
+    model_id = settings.model_id
+    adapters = [{"id": name, "object": "model", "created": 0, "owned_by": model_id, "parent": model_id}
+                for name in settings.adapters]
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id},
+                                       *adapters]}
 
 
 RESPONSES = {200: {"description": "The completion; server-sent events when `stream` is true",
@@ -144,47 +207,113 @@ RESPONSES = {200: {"description": "The completion; server-sent events when `stre
 
 @router.post("/chat/completions", responses=RESPONSES)
 async def chat_completions(body: ChatRequest, request: Request):
+    return await serve_chat(body, request, OPENAI)
+
+
+@router.post("/completions", responses=RESPONSES)
+async def completions(body: CompletionRequest, request: Request):
+    return await serve_completions(body, request, OPENAI)
+
+
+async def serve_chat(body: ChatRequest, request: Request, dialect: Dialect):
+    """A chat completion, streamed or not, answered in `dialect`."""
     service = _ready(request)
-    if body.tools:
-        raise UnsupportedError("tools are not supported yet", "tool_error")
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise ValidationError("grammar is not supported")
-    if not body.messages:
-        raise ValidationError("`messages` must contain at least one message")
-    tokenizer = service.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError("template not found")
-    continue_final = body.messages[-1].role == "assistant"
-    try:
-        text = tokenizer.apply_chat_template([{"role": m.role, "content": _text_of(m)} for m in body.messages],
-                                             tokenize=False, add_generation_prompt=not continue_final)
-    except Exception as exc:  # noqa: BLE001 - jinja errors of every kind become 422 template_error
-        raise TemplateError(str(exc)) from exc
-    prompt = service.encode(text, add_special_tokens=False)
-    top_n = body.top_logprobs or 0 if body.logprobs else 0
-    params = _sampling(body, service, len(prompt), top_n)
+    adapter = service.model_adapter(body.model)  # a LoRA adapter's name, or None: the base model
+    start = _prepare(body)
+    if body.top_logprobs and not body.logprobs:
+        raise ValidationError("`top_logprobs` needs `logprobs: true`")
+    text = chat_template.render(body, service.tokenizer)
+    prompt = _truncated(service.encode(text, add_special_tokens=body.add_special_tokens),
+                        body.truncate_prompt_tokens, service.settings)
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    params = _sampling(body, service, len(prompt), top_n, dialect)
     model = body.model or service.settings.model_id
+    last = body.messages[-1]
+    echo = chat_template.message_text(last, len(body.messages) - 1) if body.echo and last.role == "assistant" else ""
+    validated = time.monotonic()
     if body.stream:
-        return sse_response(_chat_stream(service, body, prompt, params, model))
+        return sse_response(_chat_stream(service, body, prompt, params, model, echo, dialect, adapter),
+                            stream_headers(service.settings, len(text)))
     with service.admit():
         generations = await until_disconnected(request, asyncio.gather(
-            *(service.complete(prompt, _seeded(params, i)) for i in range(body.n))))
-    choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
-                "logprobs": _chat_logprobs(g, top_n) if body.logprobs else None,
-                "finish_reason": _finish(g.finish_reason)} for i, g in enumerate(generations)]
+            *(service.complete(prompt, _seeded(params, i), adapter) for i in range(body.n))))
+    choices = [{"index": i, "message": {"role": "assistant", "content": echo + g.text},
+                "logprobs": _chat_logprobs(g.tokens, g.top_tokens, top_n) if body.logprobs else None,
+                "finish_reason": _finish(g.finish_reason, dialect)} for i, g in enumerate(generations)]
     completion = sum(len(g.tokens) for g in generations)
-    return {**_base("chat.completion", model), "object": "chat.completion", "choices": choices,
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                      "total_tokens": len(prompt) + completion}}
+    payload = {**_base("chat.completion", model, body.request_id), "object": "chat.completion", "choices": choices,
+               "usage": _usage(len(prompt), completion)}
+    headers = timing_headers(service.settings, len(text), start, validated, len(prompt), completion,
+                             max(g.queue_time_s for g in generations), max(g.inference_time_s for g in generations))
+    return JSONResponse(payload, headers=headers)
 
 
-async def _merged(service: GenerationService, jobs: list[tuple[int, list[int], SamplingParams]]):
+async def serve_completions(body: CompletionRequest, request: Request, dialect: Dialect):
+    """A text completion of one or more prompts, streamed or not, answered in `dialect`."""
+    service = _ready(request)
+    adapter = service.model_adapter(body.model)  # a LoRA adapter's name, or None: the base model
+    start = _prepare(body)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise ValidationError("`prompt` must be a string or a list of at least one string")
+    if len(prompts) > service.settings.max_client_batch_size:
+        raise UnsupportedError(f"Number of prompts exceeds the maximum allowed batch size of "
+                               f"{service.settings.max_client_batch_size}", "batch size exceeded")
+    encoded = [_truncated(service.encode(p, add_special_tokens=body.add_special_tokens), body.truncate_prompt_tokens,
+                          service.settings) for p in prompts]
+    top_n = body.logprobs or 0
+    echo_logprobs = body.echo and body.logprobs is not None
+    params = [dataclasses.replace(_sampling(body, service, len(ids), top_n, dialect), prompt_logprobs=echo_logprobs)
+              for ids in encoded]
+    model = body.model or service.settings.model_id
+    jobs = [(i * body.n + k, ids, _seeded(p, k)) for i, (ids, p) in enumerate(zip(encoded, params))
+            for k in range(body.n)]
+    validated = time.monotonic()
+    if body.stream:
+        return sse_response(_completion_stream(service, body, jobs, prompts, model, dialect, adapter),
+                            stream_headers(service.settings, sum(len(p) for p in prompts)))
+    with service.admit():
+        generations = await until_disconnected(request, asyncio.gather(
+            *(service.complete(ids, p, adapter) for _, ids, p in jobs)))
+    choices = [_completion_choice(body, index, prompts[index // body.n], g, dialect)
+               for (index, _, _), g in zip(jobs, generations)]
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    completion = sum(len(g.tokens) for g in generations)
+    payload = {**_base("text_completion", model, body.request_id), "object": "text_completion", "choices": choices,
+               "usage": _usage(prompt_tokens, completion)}
+    # TGI sums its headers over the prompts and sends no x-compute-time here.
+    headers = timing_headers(service.settings, sum(len(p) for p in prompts), start, validated, prompt_tokens,
+                             completion, sum(g.queue_time_s for g in generations),
+                             sum(g.inference_time_s for g in generations), compute_time=False)
+    return JSONResponse(payload, headers=headers)
+
+
+def _completion_choice(body: CompletionRequest, index: int, prompt: str, g: Generation, dialect: Dialect) -> dict:
+    prefix = prompt if body.echo else ""
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = _completion_logprobs(g.tokens, g.top_tokens, len(prefix))
+        if body.echo and g.prompt_logprobs:
+            logprobs = _joined(_completion_logprobs(g.prompt_logprobs, [], 0, first_has_none=True), logprobs)
+    return {"index": index, "text": prefix + g.text, "logprobs": logprobs,
+            "finish_reason": _finish(g.finish_reason, dialect)}
+
+
+def _joined(first: dict[str, list], second: dict[str, list]) -> dict[str, list]:
+    return {key: first[key] + second[key] for key in first}
+
+
+# ---- streams ----------------------------------------------------------------------------------------
+
+
+async def _merged(service: GenerationService, jobs: list[tuple[int, list[int], SamplingParams]],
+                  adapter: str | None):
     """(choice index, output) from concurrent streams, as they come; an error in any ends them all."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
         try:
-            async for out in service.stream(ids, params):
+            async for out in service.stream(ids, params, adapter):
                 await queue.put((index, out))
         except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((index, exc))
@@ -206,69 +335,76 @@ async def _merged(service: GenerationService, jobs: list[tuple[int, list[int], S
             task.cancel()
 
 
-async def _chat_stream(service, body: ChatRequest, prompt, params, model) -> AsyncIterator[str]:
-    base = {**_base("chat.completion", model), "object": "chat.completion.chunk"}
-    completion = 0
+class _Usage:
+    """Token counts of a stream so far, for `stream_options`."""
+
+    def __init__(self, options: StreamOptions | None, prompt_tokens: int):
+        self.options = options or StreamOptions()
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+
+    def every_chunk(self) -> dict[str, Any]:
+        """What a chunk carries: the usage so far with `continuous_usage_stats`, else nothing."""
+        if self.options.continuous_usage_stats:
+            return {"usage": _usage(self.prompt_tokens, self.completion_tokens)}
+        return {}
+
+    def last_chunk(self, base: dict[str, Any]) -> list[str]:
+        if not self.options.include_usage:
+            return []
+        return [sse({**base, "choices": [], "usage": _usage(self.prompt_tokens, self.completion_tokens)})]
+
+
+async def _chat_stream(service, body: ChatRequest, prompt, params, model, echo: str, dialect: Dialect,
+                       adapter: str | None) -> AsyncIterator[str]:
+    base = {**_base("chat.completion", model, body.request_id), "object": "chat.completion.chunk"}
+    usage = _Usage(body.stream_options, len(prompt))
+    started: set[int] = set()
     try:
         with service.admit():
             jobs = [(i, prompt, _seeded(params, i)) for i in range(body.n)]
-            async for index, out in _merged(service, jobs):
-                completion += len(out.new_tokens)
+            async for index, out in _merged(service, jobs, adapter):
+                usage.completion_tokens += len(out.new_tokens)
                 logprobs = None
                 if body.logprobs and out.new_tokens:
-                    logprobs = {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
-                                             "top_logprobs": []} for t in out.new_tokens]}
-                choice = {"index": index, "delta": {"role": "assistant", "content": out.text_delta},
-                          "logprobs": logprobs, "finish_reason": _finish(out.finish_reason) if out.finished else None}
-                yield sse({**base, "choices": [choice], "usage": None})
-        if body.stream_options and body.stream_options.include_usage:
-            usage = {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                     "total_tokens": len(prompt) + completion}
-            yield sse({**base, "choices": [], "usage": usage})
+                    logprobs = _chat_logprobs(out.new_tokens, out.new_top_tokens, params.top_n_tokens)
+                text = out.text_delta if index in started else echo + out.text_delta
+                started.add(index)
+                choice = {"index": index, "delta": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                          "finish_reason": _finish(out.finish_reason, dialect) if out.finished else None}
+                yield sse({**base, "choices": [choice], "usage": None, **usage.every_chunk()})
+        for event in usage.last_chunk(base):
+            yield event
     except Exception as exc:  # noqa: BLE001 - reported in-band, then [DONE]
         yield error_event(exc)
     yield sse("[DONE]")
 
 
-@router.post("/completions", responses=RESPONSES)
-async def completions(body: CompletionRequest, request: Request):
-    service = _ready(request)
-    if body.suffix:
-        raise UnsupportedError("Suffix is not supported and can be achieved by preprocessing the prompt.",
-                               "suffix not supported")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise ValidationError("`prompt` must be a string or a list of at least one string")
-    if len(prompts) > service.settings.max_client_batch_size:
-        raise UnsupportedError(f"Number of prompts exceeds the maximum allowed batch size of "
-                               f"{service.settings.max_client_batch_size}", "batch size exceeded")
-    encoded = [service.encode(p) for p in prompts]
-    params = [_sampling(body, service, len(ids), 0) for ids in encoded]
-    model = body.model or service.settings.model_id
-    jobs = [(i * body.n + k, ids, _seeded(p, k)) for i, (ids, p) in enumerate(zip(encoded, params))
-            for k in range(body.n)]
-    if body.stream:
-        return sse_response(_completion_stream(service, jobs, model))
-    with service.admit():
-        generations = await until_disconnected(request, asyncio.gather(
-            *(service.complete(ids, p) for _, ids, p in jobs)))
-    choices = [{"index": index, "text": (prompts[index // body.n] if body.echo else "") + g.text, "logprobs": None,
-                "finish_reason": _finish(g.finish_reason)} for (index, _, _), g in zip(jobs, generations)]
-    prompt_tokens = sum(len(ids) for ids in encoded)
-    completion = sum(len(g.tokens) for g in generations)
-    return {**_base("text_completion", model), "object": "text_completion", "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion}}
-
-
-async def _completion_stream(service, jobs, model) -> AsyncIterator[str]:
-    base = {**_base("text_completion", model), "object": "text_completion"}
+async def _completion_stream(service, body: CompletionRequest, jobs, prompts: list[str], model, dialect: Dialect,
+                             adapter: str | None) -> AsyncIterator[str]:
+    base = {**_base("text_completion", model, body.request_id), "object": "text_completion"}
+    usage = _Usage(body.stream_options, sum(len(ids) for _, ids, _ in jobs))
+    offsets: dict[int, int] = {}  # characters sent so far, per choice: the next token's text_offset
     try:
         with service.admit():
-            async for index, out in _merged(service, jobs):
-                choice = {"index": index, "text": out.text_delta, "logprobs": None,
-                          "finish_reason": _finish(out.finish_reason) if out.finished else None}
-                yield sse({**base, "choices": [choice]})
+            async for index, out in _merged(service, jobs, adapter):
+                usage.completion_tokens += len(out.new_tokens)
+                # With `echo`, the first chunk of a choice opens with its prompt.
+                prefix = prompts[index // body.n] if body.echo and index not in offsets else ""
+                logprobs = None
+                if body.logprobs is not None:
+                    offset = offsets.get(index, 0) + len(prefix)
+                    logprobs = _completion_logprobs(out.new_tokens, out.new_top_tokens, offset)
+                    if prefix and out.prompt_logprobs:
+                        logprobs = _joined(_completion_logprobs(out.prompt_logprobs, [], 0, first_has_none=True),
+                                           logprobs)
+                text = prefix + out.text_delta
+                offsets[index] = offsets.get(index, 0) + len(text)
+                choice = {"index": index, "text": text, "logprobs": logprobs,
+                          "finish_reason": _finish(out.finish_reason, dialect) if out.finished else None}
+                yield sse({**base, "choices": [choice], **usage.every_chunk()})
+        for event in usage.last_chunk(base):
+            yield event
     except Exception as exc:  # noqa: BLE001 - reported in-band, then [DONE]
         yield error_event(exc)
     yield sse("[DONE]")

@@ -111,8 +111,8 @@ class ReplicaRouter:
             raise GenerationError("Request failed during generation: no healthy model server")
         return min(healthy, key=lambda r: (r.in_flight, r.num_requests))
 
-    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """The request's outputs from the least-loaded healthy replica.
 
         A replica that cannot be reached (killed since the last health probe) has received nothing, so
@@ -120,7 +120,7 @@ class ReplicaRouter:
         output, its failure is the request's: the client has seen tokens no other replica would repeat.
         """
         request = pb.EngineRequest(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                                   params=params_to_pb(params))
+                                   params=params_to_pb(params), adapter=adapter)
         tried: set[str] = set()
         while True:
             replica = self.pick(frozenset(tried))

@@ -1,10 +1,21 @@
-"""Request and response bodies of TGI's routes (`/generate`, `/generate_stream`, `/`, `/tokenize`)."""
+"""Request and response bodies of TGI's routes (`/generate`, `/generate_stream`, `/`, `/tokenize`), and
+the rule every request body follows: each of its fields is honoured or refused, never silently ignored.
+
+Each request model names its `honoured` fields (the server acts on them) and its `refused` ones with
+a `Refusal` (a value that asks for something this server cannot do is a 422 naming the field); a
+field in neither is a bug that `tests/api/test_request_fields.py` catches. Unknown fields are ignored,
+as TGI and vLLM ignore them, and logged, as vLLM logs them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger(__name__)
 
 
 def _check_text(value: Any) -> None:
@@ -23,6 +34,24 @@ def _check_text(value: Any) -> None:
             _check_text(item)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request field is refused. A value that asks for nothing passes: None, an empty list or
+    object, the field's default, or one of `accepted`; any other is answered with 422 and `message`
+    (default: "`<field>` is not supported: <reason>"), of TGI's `error_type`."""
+
+    reason: str
+    accepted: tuple[Any, ...] = ()
+    error_type: str = "validation"
+    message: str | None = None  # the whole message, where clients expect TGI's own words
+
+    def asks_nothing(self, value: Any, default: Any) -> bool:
+        return value is None or value == default or value in self.accepted or value in ([], {})
+
+    def message_for(self, path: str) -> str:
+        return self.message or f"`{path}` is not supported: {self.reason}"
+
+
 class RequestBody(BaseModel):
     """A request body (or part of one): finite numbers and valid UTF-8 text, else 422 in TGI's shape.
 
@@ -30,16 +59,46 @@ class RequestBody(BaseModel):
     temperature compares false to everything) and reach the sampler.
     """
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+    honoured: ClassVar[frozenset[str]] = frozenset()  # fields the server acts on
+    refused: ClassVar[dict[str, Refusal]] = {}  # fields it refuses, unless their value asks for nothing
 
     @model_validator(mode="after")
     def _valid_text(self):
         for name in type(self).model_fields:
             _check_text(getattr(self, name))
+        if self.model_extra:
+            logger.warning("%s: ignored unknown fields %s", type(self).__name__, sorted(self.model_extra))
         return self
+
+    def refusals(self, prefix: str = "") -> Iterator[tuple[str, Refusal]]:
+        """(field path, refusal) for each refused field whose value asks for something, nested bodies too."""
+        for name, field in type(self).model_fields.items():
+            value, path = getattr(self, name), f"{prefix}{name}"
+            rule = type(self).refused.get(name)
+            if rule is not None and not rule.asks_nothing(value, field.default):
+                yield path, rule
+            children = value if isinstance(value, list) else [value]
+            for i, child in enumerate(children):
+                if isinstance(child, RequestBody):
+                    yield from child.refusals(f"{path}[{i}]." if isinstance(value, list) else f"{path}.")
+
+
+STRUCTURED_OUTPUT = "structured output (grammars, JSON schemas, regular expressions, choices) is not implemented yet"
 
 
 class GenerateParameters(RequestBody):
+    honoured: ClassVar[frozenset[str]] = frozenset({
+        "best_of", "decoder_input_details", "details", "do_sample", "frequency_penalty", "max_new_tokens",
+        "repetition_penalty", "return_full_text", "seed", "stop", "temperature", "top_k", "top_n_tokens", "top_p",
+        "truncate", "typical_p", "watermark",
+        "adapter_id",  # LoRA adapters (issue #17, item 7)
+    })
+    refused: ClassVar[dict[str, Refusal]] = {
+        # TGI's own words when its grammar support is off (--disable-grammar-support).
+        "grammar": Refusal(STRUCTURED_OUTPUT, message="grammar is not supported"),
+    }
+
     best_of: int | None = Field(None, ge=1)
     decoder_input_details: bool = False
     details: bool = False
@@ -67,12 +126,16 @@ def _default_parameters() -> GenerateParameters:
 
 
 class GenerateRequest(RequestBody):
+    honoured: ClassVar[frozenset[str]] = frozenset({"inputs", "parameters", "add_special_tokens"})
+
     inputs: str
     parameters: GenerateParameters = Field(default_factory=_default_parameters)
     add_special_tokens: bool = True
 
 
 class CompatGenerateRequest(GenerateRequest):
+    honoured: ClassVar[frozenset[str]] = GenerateRequest.honoured | {"stream"}
+
     stream: bool = False
 
 

@@ -57,13 +57,16 @@ class ServeOptions:
     model_server_args: tuple[str, ...] = ()  # engine flags passed to the launched model server
     startup_timeout_s: float = 600.0
     graceful_shutdown_s: int = 30
+    watermark_gamma: float = 0.5  # TGI's --watermark-gamma: the green share of requests with `watermark`
+    watermark_delta: float = 2.0  # TGI's --watermark-delta: what a green token's logit gains
 
 
 def model_name(model_id: str | None, source: str) -> str:
     return model_id or Path(source).stem
 
 
-def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, compute_type: str) -> ServerSettings:
+def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, compute_type: str,
+                  adapters: tuple[str, ...] = ()) -> ServerSettings:
     max_total = options.max_total_tokens or max_model_tokens
     return ServerSettings(
         model_id=model_id, max_input_tokens=options.max_input_tokens or max_total - 1, max_total_tokens=max_total,
@@ -71,14 +74,18 @@ def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, c
         max_stop_sequences=options.max_stop_sequences, max_top_n_tokens=options.max_top_n_tokens,
         max_client_batch_size=options.max_client_batch_size, payload_limit=options.payload_limit,
         api_key=options.api_key, cors_allow_origin=options.cors_allow_origin, compute_type=compute_type,
+        watermark_gamma=options.watermark_gamma, watermark_delta=options.watermark_delta, adapters=tuple(adapters),
     )
 
 
 def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationService, Metrics, AsyncEngine]:
     """The front end over an in-process engine (tests use this with a tiny model)."""
     settings = make_settings(options, model_name(options.engine.model_id, engine.checkpoint.source),
-                             min(engine.max_model_len, engine.kv_capacity_tokens), f"1-{engine.backend.name}")
+                             min(engine.max_model_len, engine.kv_capacity_tokens), f"1-{engine.backend.name}",
+                             engine.adapter_names)
     metrics = Metrics()
+    metrics.configure(settings.model_id, settings.max_input_tokens, settings.max_total_tokens, engine.max_model_len,
+                      engine.kv_capacity_tokens)
     runner = AsyncEngine(engine)
     runner.step_listeners.append(lambda eng, _: metrics.observe_engine(eng))
     return GenerationService(runner, engine.tokenizer, settings, metrics), metrics, runner
@@ -162,7 +169,10 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
                                                                         options.engine.load_format))
         service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),
                                          min(info.max_model_len, info.kv_capacity_tokens),
-                                         f"{len(addresses)}-{info.backend}")
+                                         f"{len(addresses)}-{info.backend}", tuple(info.adapters))
+        s = service.settings
+        metrics.configure(s.model_id, s.max_input_tokens, s.max_total_tokens, info.max_model_len,
+                          info.kv_capacity_tokens)
         router.start()
         service.ready = True
         logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(addresses))

@@ -11,9 +11,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-from tokenmill.api.errors import ModelLoadingError, OverloadedError, ShuttingDownError
+from tokenmill.api.errors import ModelLoadingError, OverloadedError, ShuttingDownError, UnknownModelError
+from tokenmill.api.metrics import request_taken
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine, GenerationError
+from tokenmill.errors import ValidationError
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
 
@@ -68,6 +70,7 @@ class GenerationService:
             raise ShuttingDownError()
         if not self.ready:
             raise ModelLoadingError()
+        request_taken()
         return self
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -78,8 +81,6 @@ class GenerationService:
         """A permit for one client request, held for its whole stream (TGI's semaphore, no waiting)."""
         self.checked()
         if self.in_flight >= self.settings.max_concurrent_requests:
-            if self.metrics:
-                self.metrics.request_failure.labels(err="overloaded").inc()
             raise OverloadedError()
         self.in_flight += 1
         try:
@@ -90,30 +91,41 @@ class GenerationService:
     def new_id(self) -> str:
         return f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        m = self.metrics
-        if m:
-            m.request_count.inc()
-            m.input_length.observe(len(prompt_ids))
-        try:
-            async for out in self.engine.generate(self.new_id(), prompt_ids, params):
-                if out.error:
-                    raise GenerationError(f"Request failed during generation: {out.error}")
-                if out.finished and m:
-                    m.request_success.inc()
-                    m.generated_tokens.observe(out.num_generated_tokens)
-                    m.queue_duration.observe(out.queue_time_s or 0.0)
-                    m.inference_duration.observe(out.inference_time_s or 0.0)
-                    m.request_duration.observe((out.queue_time_s or 0.0) + (out.inference_time_s or 0.0))
-                    m.time_per_token.observe((out.inference_time_s or 0.0) / max(1, out.num_generated_tokens))
-                yield out
-        except GenerationError:
-            if m:
-                m.request_failure.labels(err="generation").inc()
-            raise
+    def adapter_id(self, adapter_id: str | None) -> str | None:
+        """The LoRA adapter TGI's `adapter_id` names; None for the base model (no id, an empty one, or the
+        model's own). An adapter that is not loaded is a 422, not the base model's answer."""
+        if not adapter_id or adapter_id == self.settings.model_id:
+            return None
+        if adapter_id not in self.settings.adapters:
+            loaded = ", ".join(self.settings.adapters) or "none (start with --lora-adapters)"
+            raise ValidationError(f"`adapter_id` {adapter_id!r} is not a loaded LoRA adapter; loaded: {loaded}")
+        return adapter_id
 
-    async def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+    def model_adapter(self, model: str | None) -> str | None:
+        """The LoRA adapter OpenAI's `model` names; None for the base model.
+
+        With adapters loaded, `model` must be the model's id or an adapter's name: any other is a 404, as
+        OpenAI and vLLM answer. Without adapters, any name means the one model, as TGI takes it.
+        """
+        if model in self.settings.adapters:
+            return model
+        if model and model != self.settings.model_id and self.settings.adapters:
+            raise UnknownModelError(model)
+        return None
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        observed = self.metrics.engine_request(len(prompt_ids), params.max_new_tokens) if self.metrics else None
+        async for out in self.engine.generate(self.new_id(), prompt_ids, params, adapter):
+            if out.error:
+                raise GenerationError(f"Request failed during generation: {out.error}")
+            if observed is not None:
+                observed.output(out)
+            yield out
+
+    async def complete(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       adapter: str | None = None) -> Generation:
         generation = Generation()
-        async for out in self.stream(prompt_ids, params):
+        async for out in self.stream(prompt_ids, params, adapter):
             generation.add(out)
         return generation

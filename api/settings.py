@@ -20,6 +20,9 @@ class ServerSettings:
     cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
     compute_type: str = "cpu"
     version: str = "0.1.0"
+    watermark_gamma: float = 0.5  # the `watermark` parameter's settings (TGI's --watermark-gamma/-delta)
+    watermark_delta: float = 2.0
+    adapters: tuple[str, ...] = ()  # the LoRA adapters requests may name (`adapter_id`, OpenAI's `model`)
 
     def __post_init__(self) -> None:
         if not 0 < self.max_input_tokens < self.max_total_tokens:

@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from tokenmill.api.errors import error_body
+from tokenmill.api.metrics import request_failed
 
 
 # How the streaming routes document their 200 in /openapi.json. Before OpenAPI 3.2 an event stream's
@@ -46,4 +47,5 @@ def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = No
 
 
 def error_event(exc: BaseException) -> str:
+    request_failed(exc)  # the stream's 200 is out: the failure is counted here, not by the error handlers
     return sse(error_body(exc)[1])

@@ -1,12 +1,15 @@
-"""TGI's own routes: `/generate`, `/generate_stream`, `/`, `/tokenize`, `/info`, `/health`."""
+"""TGI's own routes: `/generate`, `/generate_stream`, `/`, `/tokenize`, `/info`, `/health`, and the OpenAPI
+document where TGI serves it (`/api-doc/openapi.json`)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import math
 import random
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,12 +44,17 @@ def _ready(request: Request) -> GenerationService:
     return request.app.state.service.checked()
 
 
+def _logprob(value: float | None) -> float | None:
+    """A logprob as TGI's JSON has it: a token a warper removed has -inf, which TGI (serde) writes as null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _token(t: TokenInfo) -> Token:
-    return Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
+    return Token(id=t.id, text=t.text, logprob=_logprob(t.logprob), special=t.special)
 
 
 def _details(g: Generation, with_prefill: bool) -> Details:
-    prefill = [PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in (g.prompt_logprobs or [])]
+    prefill = [PrefillToken(id=t.id, text=t.text, logprob=_logprob(t.logprob)) for t in (g.prompt_logprobs or [])]
     return Details(
         finish_reason=g.finish_reason,
         generated_tokens=len(g.tokens),
@@ -62,9 +70,10 @@ async def _generate(request: Request, service: GenerationService, body: Generate
     start = time.monotonic()
     valid = validate_generate(body.inputs, body.parameters, service.settings, service.tokenizer,
                               add_special_tokens=body.add_special_tokens, default_full_text=default_full_text)
+    adapter = service.adapter_id(body.parameters.adapter_id)
     validated = time.monotonic()
     with service.admit():
-        generations = await until_disconnected(request, _run_best_of(service, valid))
+        generations = await until_disconnected(request, _run_best_of(service, valid, adapter))
     best = max(generations, key=lambda g: g.mean_logprob)
     p = body.parameters
     text = (body.inputs if valid.return_full_text else "") + best.text
@@ -76,32 +85,59 @@ async def _generate(request: Request, service: GenerationService, body: Generate
             response.details.best_of_sequences = [
                 BestOfSequence(generated_text=g.text, **_details(g, p.decoder_input_details).model_dump(
                     exclude={"best_of_sequences"})) for g in others]
-    return JSONResponse(response.model_dump(exclude_none=True), headers=_timing_headers(
-        service, body.inputs, start, validated, best))
+    return JSONResponse(_tgi_json(response), headers=timing_headers(
+        service.settings, len(body.inputs), start, validated, best.num_prompt_tokens, len(best.tokens),
+        best.queue_time_s, best.inference_time_s))
 
 
-async def _run_best_of(service: GenerationService, valid: ValidRequest) -> list[Generation]:
+def _tgi_json(response: GenerateResponse) -> dict[str, Any]:
+    """TGI's omission rules: `details` only when asked for, `top_tokens` and `best_of_sequences` only when
+    there are some; every other null is kept (a greedy request's `seed`, the first prefill token's `logprob`)."""
+    out = response.model_dump()
+    if out["details"] is None:
+        del out["details"]
+        return out
+    for details in (out["details"], *(out["details"]["best_of_sequences"] or [])):
+        for key in ("top_tokens", "best_of_sequences"):
+            if key in details and details[key] is None:
+                del details[key]
+    return out
+
+
+async def _run_best_of(service: GenerationService, valid: ValidRequest, adapter: str | None) -> list[Generation]:
     if valid.best_of == 1:
-        return [await service.complete(valid.prompt_ids, valid.params)]
+        return [await service.complete(valid.prompt_ids, valid.params, adapter)]
     variants = [dataclasses.replace(valid.params, seed=random.getrandbits(63)) for _ in range(valid.best_of)]
-    return list(await asyncio.gather(*(service.complete(valid.prompt_ids, p) for p in variants)))
+    return list(await asyncio.gather(*(service.complete(valid.prompt_ids, p, adapter) for p in variants)))
 
 
-def _timing_headers(service, inputs: str, start: float, validated: float, g: Generation) -> dict[str, str]:
+def timing_headers(settings, characters: int, start: float, validated: float, prompt_tokens: int,
+                   generated_tokens: int, queue_s: float, inference_s: float, compute_time: bool = True
+                   ) -> dict[str, str]:
+    """TGI's `x-compute-*` headers of a non-streamed answer: times in integer milliseconds, except
+    `x-compute-time` in seconds (left out where TGI leaves it out: `/v1/completions`)."""
     total = time.monotonic() - start
-    per_token = g.inference_time_s / max(1, len(g.tokens))
-    return {
-        "x-compute-type": service.settings.compute_type,
+    per_token = inference_s / max(1, generated_tokens)
+    headers = {
+        "x-compute-type": settings.compute_type,
         "x-compute-time": f"{total:.6f}",
-        "x-compute-characters": str(len(inputs)),
+        "x-compute-characters": str(characters),
         "x-total-time": str(int(total * 1000)),
         "x-validation-time": str(int((validated - start) * 1000)),
-        "x-queue-time": str(int(g.queue_time_s * 1000)),
-        "x-inference-time": str(int(g.inference_time_s * 1000)),
+        "x-queue-time": str(int(queue_s * 1000)),
+        "x-inference-time": str(int(inference_s * 1000)),
         "x-time-per-token": str(int(per_token * 1000)),
-        "x-prompt-tokens": str(g.num_prompt_tokens),
-        "x-generated-tokens": str(len(g.tokens)),
+        "x-prompt-tokens": str(prompt_tokens),
+        "x-generated-tokens": str(generated_tokens),
     }
+    if not compute_time:
+        del headers["x-compute-time"]
+    return headers
+
+
+def stream_headers(settings, characters: int) -> dict[str, str]:
+    """The `x-compute-*` headers a stream can carry: its status line goes out before any timing is known."""
+    return {"x-compute-type": settings.compute_type, "x-compute-characters": str(characters)}
 
 
 async def _stream_events(service: GenerationService, body: GenerateRequest, default_full_text: bool
@@ -109,9 +145,10 @@ async def _stream_events(service: GenerationService, body: GenerateRequest, defa
     try:
         valid = validate_generate(body.inputs, body.parameters, service.settings, service.tokenizer, stream=True,
                                   add_special_tokens=body.add_special_tokens, default_full_text=default_full_text)
+        adapter = service.adapter_id(body.parameters.adapter_id)
         with service.admit():
             index = 0
-            async for out in service.stream(valid.prompt_ids, valid.params):
+            async for out in service.stream(valid.prompt_ids, valid.params, adapter):
                 for i, token in enumerate(out.new_tokens):
                     index += 1
                     event = {"index": index, "token": _token(dataclasses.replace(token, text=out.text_delta))
@@ -130,8 +167,7 @@ async def _stream_events(service: GenerationService, body: GenerateRequest, defa
         yield error_event(exc)
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
-             responses=GENERATION_ERRORS)
+@router.post("/generate", response_model=GenerateResponse, responses=GENERATION_ERRORS)
 async def generate(body: GenerateRequest, request: Request):
     """Generate tokens (TGI)."""
     return await _generate(request, _ready(request), body, default_full_text=False)
@@ -142,20 +178,19 @@ async def generate(body: GenerateRequest, request: Request):
 async def generate_stream(body: GenerateRequest, request: Request):
     """Generate tokens as server-sent events (TGI)."""
     return sse_response(_stream_events(_ready(request), body, default_full_text=False),
-                        {"x-compute-type": _service(request).settings.compute_type})
+                        stream_headers(_service(request).settings, len(body.inputs)))
 
 
-@router.post("/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses={
+@router.post("/", response_model=list[GenerateResponse], responses={
     200: {"description": "A list with one response; the events when `stream` is true", "content": SSE_CONTENT},
     **GENERATION_ERRORS})
 async def compat_generate(body: CompatGenerateRequest, request: Request):
     """TGI's compatibility route: a list with one response, or the stream when `stream` is true."""
     service = _ready(request)
     if body.stream:
-        return sse_response(_stream_events(service, body, default_full_text=True))
+        return sse_response(_stream_events(service, body, default_full_text=True),
+                            stream_headers(service.settings, len(body.inputs)))
     response = await _generate(request, service, body, default_full_text=True)
-    import json
-
     return JSONResponse([json.loads(response.body)], headers={k: v for k, v in response.headers.items()
                                                               if k.startswith("x-")})
 
@@ -181,15 +216,22 @@ async def tokenize(body: GenerateRequest, request: Request):
 
 @router.get("/info")
 async def info(request: Request):
+    """TGI's `Info`, field for field; `router` is TGI's router's name, for clients that check it."""
     s = _service(request).settings
     return {
         "model_id": s.model_id, "model_sha": None, "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": s.max_concurrent_requests, "max_best_of": s.max_best_of,
         "max_stop_sequences": s.max_stop_sequences, "max_input_tokens": s.max_input_tokens,
         "max_total_tokens": s.max_total_tokens, "validation_workers": 1,
-        "max_client_batch_size": s.max_client_batch_size, "router": "tokenmill", "version": s.version,
+        "max_client_batch_size": s.max_client_batch_size, "router": "text-generation-router", "version": s.version,
         "sha": None, "docker_label": None,
     }
+
+
+@router.get("/api-doc/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request):
+    """The OpenAPI document where TGI serves it; FastAPI's `/openapi.json` is the same document."""
+    return JSONResponse(request.app.openapi())
 
 
 HEALTH = {200: {"description": "Ready"}, **error_responses(503)}

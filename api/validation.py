@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tokenmill.api.schemas import GenerateParameters
+from tokenmill.api.errors import UnsupportedError
+from tokenmill.api.schemas import GenerateParameters, RequestBody
 from tokenmill.api.settings import ServerSettings
 from tokenmill.api.tracing import tracer
 from tokenmill.errors import ValidationError
@@ -18,6 +19,14 @@ class ValidRequest:
     params: SamplingParams
     best_of: int
     return_full_text: bool
+
+
+def refuse_unsupported(body: RequestBody) -> None:
+    """A 422 naming the first refused field whose value asks for something (`RequestBody.refused`)."""
+    for path, rule in body.refusals():
+        if rule.error_type == "validation":
+            raise ValidationError(rule.message_for(path))
+        raise UnsupportedError(rule.message_for(path), rule.error_type)
 
 
 def _check_ranges(p: GenerateParameters, settings: ServerSettings) -> None:
@@ -39,8 +48,7 @@ def _check_ranges(p: GenerateParameters, settings: ServerSettings) -> None:
         raise ValidationError(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
     if p.top_n_tokens is not None and p.top_n_tokens > settings.max_top_n_tokens:
         raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {p.top_n_tokens}")
-    if p.grammar is not None:
-        raise ValidationError("grammar is not supported")
+    refuse_unsupported(p)
 
 
 def is_sampling(p: GenerateParameters) -> bool:
@@ -112,6 +120,9 @@ def _validate_generate(inputs: str, p: GenerateParameters, settings: ServerSetti
         logprobs=True,
         top_n_tokens=p.top_n_tokens or 0,
         prompt_logprobs=p.decoder_input_details,
+        watermark=p.watermark,
+        watermark_gamma=settings.watermark_gamma,
+        watermark_delta=settings.watermark_delta,
     )
     full_text = p.return_full_text if p.return_full_text is not None else default_full_text
     return ValidRequest(ids, params, best_of, full_text)

@@ -67,12 +67,13 @@ class AsyncEngine:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-                       ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; leaving the loop early (client gone) aborts it."""
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs, run with LoRA adapter `adapter` (None: the base model); leaving
+        the loop early (client gone) aborts it."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params))
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params, adapter))
         finished = False
         try:
             while True:
@@ -109,9 +110,9 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams, adapter: str | None) -> None:
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, adapter)
         except Exception as exc:  # noqa: BLE001 - delivered to the waiting handler, which maps it to a status
             self._deliver(request_id, exc)
 
@@ -148,7 +149,7 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - fail what was in flight, keep serving
                 logger.exception("engine step failed")
                 self._fail_all(exc)
-                continue
+                outputs = []  # listeners still hear of it: the failed step (`engine.last_step`), the freed blocks
             for out in outputs:
                 self._deliver(out.request_id, out)
             for listener in self.step_listeners:

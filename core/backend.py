@@ -22,6 +22,7 @@ from tokenmill.interfaces import (
     KVCacheLayout,
     KVCacheShape,
     LayerOps,
+    LoRAMethod,
     MemoryRequest,
     QuantMethod,
     ShapeBuckets,
@@ -93,6 +94,10 @@ class Backend:
     def layer_ops(self, dtype: torch.dtype) -> LayerOps:
         """The backend's fused elementwise ops for `dtype`, or the PyTorch reference ops."""
         return self._hooks["tokenmill_layer_ops"](dtype=dtype) or LayerOps()
+
+    def lora_method(self, dtype: torch.dtype) -> LoRAMethod:
+        """The backend's way of adding LoRA adapters in `dtype`, or the reference segmented matmul."""
+        return self._hooks["tokenmill_lora_method"](dtype=dtype) or LoRAMethod()
 
     def shape_buckets(self, max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
         return self._hooks["tokenmill_shape_buckets"](max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)

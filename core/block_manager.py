@@ -2,7 +2,9 @@
 
 Each *full* block of computed tokens is hashed together with its predecessor's hash, so a hash names
 a whole prefix. A new request walks its prompt's full blocks through that chain and shares every block
-already cached. Freed blocks keep their hash in an LRU free list and can be revived until reused.
+already cached. Freed blocks keep their hash in an LRU free list and can be revived until reused. A
+request run with a LoRA adapter starts its chain from the adapter's slot: the same tokens under another
+adapter have other keys and values, so they never share blocks.
 
 Untouched blocks (never written) are handed out first while fewer than `resident_limit` blocks have
 been used, then only when no freed block is left. A backend whose cache memory is committed on first
@@ -65,7 +67,7 @@ class BlockManager:
         bs = self.block_size
         num_full = (request.num_tokens - 1) // bs
         self.prefix_queries += request.num_tokens
-        parent = None
+        parent = _chain_start(request)
         for index in range(num_full):
             parent = self._hash(parent, request.token_ids[index * bs : (index + 1) * bs])
             block = self.cached.get(parent)
@@ -115,7 +117,7 @@ class BlockManager:
         index = request.num_hashed_blocks
         if index >= num_full:
             return
-        parent = self.block_hashes[request.block_ids[index - 1]] if index else None
+        parent = self.block_hashes[request.block_ids[index - 1]] if index else _chain_start(request)
         for index in range(index, num_full):
             parent = self._hash(parent, request.token_ids[index * bs : (index + 1) * bs])
             block = request.block_ids[index]
@@ -131,3 +133,8 @@ class BlockManager:
                 self.free[block] = None
         request.block_ids = []
         request.num_hashed_blocks = 0
+
+
+def _chain_start(request: Request) -> bytes | None:
+    """What the first block's hash is chained to: nothing for the base model, the adapter's slot for LoRA."""
+    return b"lora-adapter-%d" % request.adapter if request.adapter else None

@@ -12,7 +12,9 @@ import os
 import sys
 
 from tokenmill import __version__
-from tokenmill.errors import ValidationError
+from tokenmill.errors import TokenmillError, ValidationError
+from tokenmill.tgi_launcher import (add_accepted_flags, add_refused_flags, listen_address, quantize_method, refusals,
+                                    switch)
 
 logger = logging.getLogger("tokenmill")
 
@@ -47,7 +49,9 @@ ENGINE_FLAGS = ("--model-id", "--dtype", "--quantize", "--kv-cache-bytes", "--ma
                 "--max-batch-size", "--max-total-tokens", "--max-batch-total-tokens", "--cache-dir",
                 "--cuda-memory-fraction", "--cuda-graphs", "--load-format", "--num-shard", "--sharded",
                 "--master-addr", "--master-port", "--node-rank", "--local-shards", "--cpu-bind",
-                "--rendezvous-timeout")
+                "--rendezvous-timeout", "--revision", "--huggingface-hub-cache", "--otlp-service-name",
+                "--lora-adapters")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def fraction(text: str) -> float:
@@ -55,6 +59,21 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """A share strictly between 0 and 1 (the watermark's gamma)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -89,6 +108,12 @@ def cpu_sets(text: str) -> tuple[tuple[int, ...], ...]:
         raise argparse.ArgumentTypeError(
             f"expected one core list per local rank separated by '|', such as 0-15|16-31 or 0,2|1,3; got {text!r}")
     return tuple(sets)
+
+
+def dtype_name(text: str) -> str:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"choose {', '.join(DTYPES)}, got {text!r}")
+    return text
 
 
 def boolean(text: str) -> bool:
@@ -161,8 +186,15 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
         max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
         cache_dir=Path(args.cache_dir).expanduser(), max_batch_total_tokens=args.max_batch_total_tokens,
         memory_fraction=args.cuda_memory_fraction, graph_batch_sizes=args.cuda_graphs, load_format=args.load_format,
-        **_shard_fields(args),
+        lora_adapters=_lora_adapters(args), **_shard_fields(args),
     )
+
+
+def _lora_adapters(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """(name, folder or hub id) of every adapter given by TGI's --lora-adapters and vLLM's --lora-modules."""
+    from tokenmill.lora import parse_lora_adapters, parse_lora_modules
+
+    return parse_lora_adapters(args.lora_adapters or "") + parse_lora_modules(args.lora_modules)
 
 
 def _model_server_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -182,6 +214,8 @@ def _model_server_args(args: argparse.Namespace) -> tuple[str, ...]:
         forwarded += ["--backend", args.backend]
     if not args.prefix_caching:
         forwarded.append("--no-prefix-caching")
+    if args.lora_modules:
+        forwarded += ["--lora-modules", *args.lora_modules]
     return tuple(forwarded)
 
 
@@ -192,15 +226,54 @@ def _run_other_node(config: "EngineConfig") -> int:
     return run_node(config)
 
 
+def _hub_options(args: argparse.Namespace) -> "HubOptions":
+    from pathlib import Path
+
+    from tokenmill.loader import HubOptions
+
+    cache = args.huggingface_hub_cache
+    # HF_HUB_OFFLINE as huggingface_hub reads it; the token as TGI reads it (HF_API_TOKEN is its older name).
+    offline = (_env("HF_HUB_OFFLINE") or "").upper() in ("1", "ON", "YES", "TRUE")
+    token = _env("HF_TOKEN") or _env("HUGGING_FACE_HUB_TOKEN") or _env("HF_API_TOKEN")
+    return HubOptions(revision=args.revision, offline=offline, token=token, endpoint=_env("HF_ENDPOINT"),
+                      cache_dir=Path(cache).expanduser() if cache else None)
+
+
+def _fetch_hub_model(args: argparse.Namespace, config: "EngineConfig") -> "EngineConfig":
+    """TGI's download step: a hub --model-id is downloaded (or found in the cache) before anything loads it.
+    The engine then loads the snapshot folder; `args.revision` becomes its commit, for the processes started
+    with these flags to load that very commit."""
+    import dataclasses
+
+    from tokenmill.loader import fetch, is_hub_id
+
+    if args.load_format == "dummy" or not is_hub_id(args.model_id):
+        return config
+    folder = fetch(args.model_id, _hub_options(args))
+    args.revision = folder.name
+    return dataclasses.replace(config, model_id=str(folder))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.env:
+        from tokenmill.env_report import print_report
+        from tokenmill.registry import load_registry
+
+        print_report(load_registry(), args.backend, False)
+    if args.hostname == "0.0.0.0" and listen_address(_env("HOSTNAME")) != (_env("HOSTNAME") or "0.0.0.0"):
+        logger.info("HOSTNAME=%s is no IP address (Docker and shells set it to the machine's name): listening on "
+                    "0.0.0.0, as TGI does", _env("HOSTNAME"))
+    servers = tuple(args.model_server) or tuple(a for a in (_env("MODEL_SERVERS") or "").split(",") if a)
     try:
         config = _engine_config(args)
-    except ValidationError as exc:
+        # The router keeps the hub id (the model's public name); the tokenizer read under that id is the
+        # snapshot fetched here. Fronting running model servers, it fetches nothing.
+        loaded = _fetch_hub_model(args, config) if not servers or config.node_rank > 0 else config
+    except TokenmillError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
     if config.node_rank > 0:
-        return _run_other_node(config)
-    servers = tuple(args.model_server) or tuple(a for a in (_env("MODEL_SERVERS") or "").split(",") if a)
+        return _run_other_node(loaded)
     model_server_args = _model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
                                                     if args.otlp_endpoint else ())
     launched = None
@@ -212,7 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.api.server import ModelServerExited, ServeOptions, serve
     from tokenmill.api.tracing import setup_tracing
 
-    setup_tracing(args.otlp_endpoint, "tokenmill.router")
+    setup_tracing(args.otlp_endpoint, args.otlp_service_name or "tokenmill.router")
     options = ServeOptions(
         engine=config, hostname=args.hostname, port=args.port, grpc_port=args.grpc_port or None,
         max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_total_tokens,
@@ -221,6 +294,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_client_batch_size=args.max_client_batch_size, payload_limit=args.payload_limit, api_key=args.api_key,
         cors_allow_origin=tuple(args.cors_allow_origin), model_servers=servers,
         model_server_args=model_server_args, graceful_shutdown_s=args.graceful_termination_timeout,
+        watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
     )
     try:
         serve(options, launched)
@@ -235,18 +309,17 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
 
     from tokenmill.api.grpc.model_server import run_model_server
     from tokenmill.api.tracing import setup_tracing
-    from tokenmill.errors import TokenmillError
 
     from tokenmill.shard import ShardFailure
 
     try:
-        config = _engine_config(args)
-    except ValidationError as exc:
+        config = _fetch_hub_model(args, _engine_config(args))  # served under --model-id, loaded from its snapshot
+    except TokenmillError as exc:
         print(f"tokenmill model-server: {exc}", file=sys.stderr)
         return 2
     if config.node_rank > 0:
         return _run_other_node(config)
-    setup_tracing(args.otlp_endpoint, "tokenmill.model_server")
+    setup_tracing(args.otlp_endpoint, args.otlp_service_name or "tokenmill.model_server")
     try:
         asyncio.run(run_model_server(config, args.listen, args.model_id or "",
                                      grace_s=args.graceful_termination_timeout, parent_pid=args.parent_pid))
@@ -282,9 +355,16 @@ def _flag_adder(parser: argparse.ArgumentParser):
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """How the model is loaded and scheduled; TGI's names and environment variables where TGI has them."""
     flag = _flag_adder(parser)
-    flag("--model-id", "MODEL_ID", None, help="local folder, .gguf file or cached hub id (default: embedded SmolLM2)")
-    flag("--dtype", "DTYPE", "auto", help="auto, float32, bfloat16 or float16")
-    flag("--quantize", "QUANTIZE", None, help="a quantization method the backend offers (cpu: int8)")
+    flag("--model-id", "MODEL_ID", None,
+         help="local folder, .gguf file or hub id org/name, downloaded at start (default: embedded SmolLM2)")
+    flag("--revision", "REVISION", None, help="branch, tag or commit of a hub --model-id (default: its main branch)")
+    flag("--huggingface-hub-cache", "HUGGINGFACE_HUB_CACHE", None,
+         help="the Hugging Face cache hub models are downloaded to and read from (default: huggingface_hub's, "
+              "HF_HUB_CACHE or $HF_HOME/hub); HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE=1 are honoured too")
+    flag("--dtype", "DTYPE", "auto", dtype_name, help="auto, float32, bfloat16 or float16")
+    flag("--quantize", "QUANTIZE", None, quantize_method,
+         help="quantize the weights as they load, by a method the backend offers (cpu: int8; GPUs: int8, int4, "
+              "fp8); TGI's eetq is int8, its pre-quantized formats and bitsandbytes are refused")
     flag("--max-total-tokens", "MAX_TOTAL_TOKENS", None, int, help="longest prompt + generation")
     flag("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", 2048, int, help="tokens per engine step")
     flag("--max-batch-size", "MAX_BATCH_SIZE", 128, int, help="sequences per engine step")
@@ -302,8 +382,18 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
          help="auto: read the checkpoint; dummy: random weights for --model-id's config (a folder with "
               "config.json, or a built-in shape: llama-3-8b), for benchmarks; no weight file is read")
     flag("--otlp-endpoint", "OTLP_ENDPOINT", None, help="export OpenTelemetry spans over OTLP/gRPC")
+    flag("--otlp-service-name", "OTLP_SERVICE_NAME", None,
+         help="the spans' service.name, router and model server alike (default: tokenmill.router and "
+              "tokenmill.model_server)")
     flag("--graceful-termination-timeout", "GRACEFUL_TERMINATION_TIMEOUT", 30, int,
          help="seconds in-flight requests get to finish on SIGTERM")
+    flag("--lora-adapters", "LORA_ADAPTERS", None,
+         help="LoRA adapters served beside the model, comma-separated name=folder (a bare folder or cached hub id "
+              "is named by itself), in PEFT's format (adapter_config.json + adapter_model.safetensors); a request "
+              "picks one by name with `adapter_id` (TGI) or `model` (OpenAI), and any mix shares a batch")
+    parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=FOLDER",
+                        help="vLLM's form of --lora-adapters: name=folder items, or JSON {\"name\": ..., "
+                             "\"path\": ...}; both flags may be given")
     _add_shard_flags(parser)
     prefix = _env("PREFIX_CACHING", "1") not in ("0", "false", "False")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=prefix,
@@ -342,10 +432,13 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     """The router's flags, named as TGI's launcher names them, each with TGI's environment variable."""
     _add_engine_flags(serve)
     flag = _flag_adder(serve)
-    flag("--hostname", "HOSTNAME", "0.0.0.0", help="address to listen on")
-    flag("--port", "PORT", 3000, int, help="HTTP port")
+    serve.add_argument("--hostname", default=listen_address(_env("HOSTNAME")),
+                       help="address to listen on (default 0.0.0.0) [env: HOSTNAME, when it is an IP address: "
+                            "Docker and shells set it to the machine's name, which TGI ignores too]")
+    flag("--port", "PORT", 3000, int, aliases=("-p",), help="HTTP port")
     flag("--grpc-port", "GRPC_PORT", 3001, int, help="public gRPC port (0: no gRPC server)")
     flag("--max-input-tokens", "MAX_INPUT_TOKENS", None, int, help="longest prompt")
+    flag("--max-input-length", "MAX_INPUT_LENGTH", None, int, help="TGI's legacy name of --max-input-tokens")
     flag("--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 128, int, help="beyond this, 429")
     flag("--max-best-of", "MAX_BEST_OF", 2, int, help="largest best_of")
     flag("--max-stop-sequences", "MAX_STOP_SEQUENCES", 4, int, help="most stop sequences per request")
@@ -353,9 +446,13 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     flag("--max-client-batch-size", "MAX_CLIENT_BATCH_SIZE", 4, int, help="most prompts per /v1/completions")
     flag("--payload-limit", "PAYLOAD_LIMIT", 2_000_000, int, help="largest request body in bytes")
     flag("--api-key", "API_KEY", None, help="require 'Authorization: Bearer KEY' on generation routes")
-    flag("--waiting-served-ratio", "WAITING_SERVED_RATIO", 0.3, float,
-         help="accepted for TGI compatibility; like TGI with chunked prefill, it has no effect")
-    serve.add_argument("--cors-allow-origin", action="append", default=[], help="allowed CORS origin (repeatable)")
+    flag("--watermark-gamma", "WATERMARK_GAMMA", 0.5, open_fraction,
+         help="the share of the vocabulary on each green list of requests with `watermark` (TGI's)")
+    flag("--watermark-delta", "WATERMARK_DELTA", 2.0, non_negative,
+         help="what a green token's logit gains in requests with `watermark` (TGI's)")
+    add_accepted_flags(serve, flag, os.environ)
+    serve.add_argument("--cors-allow-origin", action="append", default=None,
+                       help="allowed CORS origin (repeatable) [env: CORS_ALLOW_ORIGIN, comma-separated]")
     serve.add_argument("--model-server", action="append", default=[],
                        help="front this running model server instead of launching one (repeatable) "
                             "[env: MODEL_SERVERS, comma-separated]")
@@ -366,8 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         help="logging level [env: LOG_LEVEL]")
-    parser.add_argument("--json-output", action="store_true",
-                        default=os.environ.get("JSON_OUTPUT", "") not in ("", "0", "false"),
+    parser.add_argument("--json-output", action="store_true", default=switch(os.environ, "JSON_OUTPUT"),
                         help="log one JSON object per line [env: JSON_OUTPUT]")
     # shard-worker is started by the model server, never by hand: left out of the listed commands.
     commands = parser.add_subparsers(dest="command", required=True, metavar="{env,conformance,serve,model-server}")
@@ -388,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the server on the best discovered backend")
     _add_backend_flag(serve)
     _add_serve_flags(serve)
+    add_refused_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
     model_server = commands.add_parser("model-server", help="serve one engine replica over the internal gRPC protocol")
@@ -423,15 +520,48 @@ def _setup_logging(level: str, as_json: bool) -> None:
     handler.setFormatter(_JsonFormatter() if as_json else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    if logging.getLogger().level > logging.DEBUG:  # one line per HTTP request: a hub download makes dozens
+        for client in ("httpx", "httpx2"):
+            logging.getLogger(client).setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line and the environment, as the commands read them."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
+    if args.command == "serve":
+        # Given flags replace the variable's list, as in TGI.
+        args.cors_allow_origin = args.cors_allow_origin or [o for o in (_env("CORS_ALLOW_ORIGIN") or "").split(",")
+                                                            if o.strip()]
+        if args.max_input_length is not None:
+            if args.max_input_tokens not in (None, args.max_input_length):
+                parser.error(f"--max-input-length {args.max_input_length} (TGI's legacy name of --max-input-tokens) "
+                             f"contradicts --max-input-tokens {args.max_input_tokens}")
+            args.max_input_tokens = args.max_input_length
+    return args
+
+
+def _implemented_options() -> set[str]:
+    """The option strings `tokenmill serve` implements (the refused ones are registered apart)."""
+    serve = argparse.ArgumentParser(add_help=False)
+    _add_backend_flag(serve)
+    _add_serve_flags(serve)
+    return set(serve._option_string_actions)  # noqa: SLF001 - argparse offers no public view of its options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _setup_logging(args.log_level.upper(), args.json_output)
+    # A model server started by `tokenmill serve` inherits the environment the launcher checked already.
+    if args.command == "serve" or (args.command == "model-server" and args.parent_pid is None):
+        refused = refusals(args, os.environ, _implemented_options())
+        for message in refused:
+            print(f"tokenmill {args.command}: {message}", file=sys.stderr)
+        if refused:
+            return 2
     return args.func(args)
 
 

@@ -14,6 +14,7 @@ from tokenmill.hookspecs import hookimpl
 from tokenmill.interfaces import (
     Communicator,
     LayerOps,
+    LoRAMethod,
     MemoryRequest,
     QuantMethod,
     ShapeBuckets,
@@ -69,6 +70,11 @@ def tokenmill_dense_linear_method(dtype: torch.dtype) -> QuantMethod | None:
 
 @hookimpl(trylast=True)
 def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
+    return None
+
+
+@hookimpl(trylast=True)
+def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
     return None
 
 

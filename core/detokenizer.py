@@ -47,7 +47,9 @@ class StopChecker:
     """Finds stop strings in streamed text, even split across deltas, and holds back what might start one.
 
     `add(delta)` returns the text safe to emit now and whether a stop string ended generation; the
-    final text keeps the stop string when `include_stop` (TGI) and drops it otherwise (OpenAI).
+    final text keeps the stop string when `include_stop` (TGI) and drops it otherwise (OpenAI). With
+    `check=False` (a request short of its `min_tokens`) the text is taken without looking for stops;
+    a later check finds a stop string that ends in its own delta, even one that began before.
     """
 
     def __init__(self, stops: Sequence[str], include_stop: bool):
@@ -58,13 +60,15 @@ class StopChecker:
         self.stopped_by: str | None = None
         self._max_len = max((len(s) for s in self.stops), default=0)
 
-    def add(self, delta: str) -> tuple[str, bool]:
+    def add(self, delta: str, check: bool = True) -> tuple[str, bool]:
         if self.stopped_by is not None:
             return "", True
         start = max(0, len(self.text) - self._max_len + 1)
         self.text += delta
         if not self.stops:
             return self._emit(len(self.text)), False
+        if not check:
+            return self._emit(len(self.text) - self._held_back()), False
         found = [(self.text.find(s, start), s) for s in self.stops]
         found = [(i, s) for i, s in found if i >= 0]
         if found:

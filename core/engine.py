@@ -22,9 +22,10 @@ from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
+from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape
-from tokenmill.outputs import RequestOutput, TokenInfo
+from tokenmill.outputs import RequestOutput, StepStats, TokenInfo
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 from tokenmill.request import FinishReason, Request
 from tokenmill.sampler import Sampler, SamplingMetadata
@@ -65,6 +66,8 @@ class EngineConfig:
     master_port: int = 29500
     rendezvous_timeout_s: float = 120.0  # every rank must have joined by then
     cpu_bind: tuple[tuple[int, ...], ...] = ()  # the cores of each local rank, in local-rank order; (): unpinned
+    # LoRA adapters served next to the base model: (name requests use, PEFT folder or hub id), in slot order.
+    lora_adapters: tuple[tuple[str, str], ...] = ()
 
     @property
     def ranks_per_node(self) -> int:
@@ -110,6 +113,7 @@ class Engine:
         self.model_config = model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
 
+        self.lora: LoRAAdapters | None = None  # the LoRA adapters, when `lora_adapters` names some
         executor = self.backend.model_executor(
             model_id=config.model_id or self.checkpoint.source, config=model_config, checkpoint=self.checkpoint, dtype=self.dtype,
             device=self.device, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
@@ -125,6 +129,7 @@ class Engine:
         self._states: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
+        self.last_step: StepStats | None = None  # what the latest step ran, for the batch metrics
 
     def _use_slot_model(self, config: EngineConfig, model: Any) -> SchedulerConfig:
         """Run the backend's own model: one slot per running request, no paged cache, no prefix caching."""
@@ -134,6 +139,9 @@ class Engine:
         if self.parallel.is_parallel:
             raise ValidationError(f"backend {self.backend.name!r} runs its own model, sharded its own way: "
                                   "run it with one shard")
+        if config.lora_adapters:
+            raise ValidationError(f"backend {self.backend.name!r} runs its own model, which takes no LoRA adapters: "
+                                  "start it without --lora-adapters / --lora-modules")
         if config.enable_prefix_caching:
             logger.warning("prefix caching: %s", PREFIX_CACHING_UNAVAILABLE)
         self.prefix_caching = PREFIX_CACHING_UNAVAILABLE
@@ -175,6 +183,9 @@ class Engine:
         self.checkpoint.ggml_weights = {}
 
         self._bind_layer_ops(self.backend.layer_ops(self.dtype))
+        if config.lora_adapters:  # before compile_model: a captured step must see the adapted layers
+            self.lora = load_adapters(self.model, config.lora_adapters, self.backend.lora_method(self.dtype),
+                                      self.dtype, self.device)
 
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         budget = self.backend.memory_budget(self.device, MemoryRequest(
@@ -195,7 +206,7 @@ class Engine:
             buckets, -(-self.max_model_len // self.layout.block_size), self.max_model_len, self.layout.block_size)
         self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
                                   self.layout.block_size, self.device, padding, self.platform.sampling_device,
-                                  self.platform.inference_mode)
+                                  self.platform.inference_mode, self.lora)
         self.block_manager = self._new_block_manager()
         return buckets
 
@@ -348,8 +359,19 @@ class Engine:
         count = self.platform.compile_count
         return count() if count is not None else self.num_step_shapes
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
-        """Queue a request; it joins the running batch at the next step."""
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may name, in slot order."""
+        return self.lora.names if self.lora is not None else ()
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        """Queue a request, run with LoRA adapter `adapter` (None: the base model); it joins the running
+        batch at the next step, whatever adapters the batch's other requests use."""
+        if adapter is not None and self.lora is None:
+            raise ValidationError(f"LoRA adapter {adapter!r} is not loaded; this server has no adapters "
+                                  "(start it with --lora-adapters or --lora-modules)")
+        slot = self.lora.slot(adapter) if self.lora is not None else 0
         if request_id in self._states:
             raise ValidationError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -362,13 +384,15 @@ class Engine:
         if total > limit:
             raise ValidationError(f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: "
                                   f"{len(prompt_token_ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`")
-        request = Request(request_id, list(prompt_token_ids), params, next(self._arrivals))
+        request = Request(request_id, list(prompt_token_ids), params, next(self._arrivals), adapter=slot)
         state = _RequestState(
             request,
             IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
             StopChecker(params.stop, params.include_stop_str_in_output),
             time.monotonic(),
-            prompt_logprobs=[TokenInfo(prompt_token_ids[0], None)] if params.prompt_logprobs else None,
+            # The first prompt token has no logprob (nothing precedes it); TGI still sends its text.
+            prompt_logprobs=([TokenInfo(prompt_token_ids[0], None, self.tokenizer.decode([prompt_token_ids[0]]))]
+                             if params.prompt_logprobs else None),
         )
         self._states[request_id] = state
         self.scheduler.add_request(request)
@@ -390,11 +414,14 @@ class Engine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return the news of every request that has some."""
+        """Run one scheduling step; return the news of every request that has some (`last_step`: how it went)."""
+        started = time.monotonic()
         plan = self.scheduler.schedule()
         outputs = [self._fail(request) for request in plan.failed]
         if plan.is_empty:
             return outputs
+        num_new = sum(1 for item in plan.scheduled if item.request.num_computed_tokens == 0)
+        self.last_step = self._step_stats(plan, num_new, [started])  # a failure, until the step completes
         steps, sampling = self._sequence_steps(plan)
         now = time.monotonic()
         for item in plan.scheduled:
@@ -410,16 +437,31 @@ class Engine:
         sampled: dict[str, int] = {}
         if requests:
             meta = SamplingMetadata.build([r.sampling_params for r in requests], [r.token_ids for r in requests],
-                                          [r.num_prompt_tokens for r in requests], logits.shape[-1], logits.device)
+                                          [r.num_prompt_tokens for r in requests], logits.shape[-1], logits.device,
+                                          eos_token_ids=self.eos_token_ids)
             # Rows only increase, so as many rows as logits means every row in order (a decode step).
             if len(sample_rows) < logits.shape[0]:
                 logits = logits[host_to_device(torch.tensor(sample_rows), logits.device)]
             token_ids, logprobs, top_ids, top_lps = self.sampler(logits, meta).tolist()  # the one wait for the device
             sampled = dict(zip((r.request_id for r in requests), token_ids))
+        forwarded = time.monotonic()
         self.scheduler.update(plan, sampled)
+        filtered = time.monotonic()
         if requests:
             outputs += self._process_samples(requests, logprobs, top_ids, top_lps)
+        self.last_step = self._step_stats(plan, num_new, [started, now, forwarded, filtered, time.monotonic()])
         return outputs
+
+    def _step_stats(self, plan: SchedulerOutput, num_new: int, marks: list[float]) -> StepStats:
+        """The step's counts, and its phases from the times they ended (fewer than five: it failed)."""
+        record = self.scheduler.step_records[-1]
+        counts = dict(step=record.step, num_seqs=len(plan.scheduled), num_new_seqs=num_new,
+                      num_prefill_tokens=record.num_prefill_tokens, num_decode_tokens=record.num_decode_tokens)
+        if len(marks) < 5:
+            return StepStats(**counts, failed=True)
+        started, scheduled, forwarded, filtered, done = marks
+        return StepStats(**counts, schedule_s=scheduled - started, forward_s=forwarded - scheduled,
+                         filter_s=filtered - forwarded, decode_s=done - filtered, total_s=done - started)
 
     def _sequence_steps(self, plan: SchedulerOutput) -> tuple[list[SequenceStep], list[int]]:
         steps, sampling = [], []
@@ -428,7 +470,7 @@ class Engine:
             samples = start + n == request.num_tokens
             wants_prompt = request.sampling_params.prompt_logprobs and start < request.num_prompt_tokens
             steps.append(SequenceStep(request.token_ids[start : start + n], start, request.block_ids,
-                                      n if wants_prompt else int(samples)))
+                                      n if wants_prompt else int(samples), request.adapter))
             if samples:
                 sampling.append(index)
         return steps, sampling
@@ -477,8 +519,13 @@ class Engine:
             if params.top_n_tokens and top_ids is not None:
                 tops = [[TokenInfo(t, lp, self.tokenizer.decode([t]), t in self.tokenizer.all_special_ids)
                          for t, lp in zip(top_ids[i][: params.top_n_tokens], top_lps[i][: params.top_n_tokens])]]
-            text, stopped = state.stop.add(state.detokenizer.add(token))
-            reason = self._finish_reason(request, token, stopped)
+            # Until min_tokens are out nothing stops generation (the sampler holds the stop tokens back).
+            armed = request.num_output_tokens >= params.min_tokens
+            if armed and token in params.stop_token_ids and not params.include_stop_str_in_output:
+                text, stopped = state.stop.add("")  # a stop token's text is dropped, as a stop string's is
+            else:
+                text, stopped = state.stop.add(state.detokenizer.add(token), check=armed)
+            reason = self._finish_reason(request, token, stopped, armed)
             if reason is not None:
                 text += state.stop.flush()
                 self.scheduler.finish(request, reason)
@@ -487,11 +534,11 @@ class Engine:
                 del self._states[request.request_id]
         return outputs
 
-    def _finish_reason(self, request: Request, token: int, stopped: bool) -> FinishReason | None:
+    def _finish_reason(self, request: Request, token: int, stopped: bool, armed: bool) -> FinishReason | None:
         params = request.sampling_params
-        if not params.ignore_eos and token in self.eos_token_ids:
+        if armed and not params.ignore_eos and token in self.eos_token_ids:
             return FinishReason.EOS_TOKEN
-        if stopped or token in params.stop_token_ids:
+        if stopped or (armed and token in params.stop_token_ids):
             return FinishReason.STOP_SEQUENCE
         if request.num_output_tokens >= params.max_new_tokens or request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
@@ -532,14 +579,16 @@ class Engine:
 
     # ---- batch API --------------------------------------------------------------------------------
 
-    def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[list[RequestOutput]]:
-        """Run the prompts to completion together; every output of each, in order."""
+    def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 adapters: Sequence[str | None] | None = None) -> list[list[RequestOutput]]:
+        """Run the prompts to completion together, prompt i with LoRA adapter `adapters[i]` (None, or no
+        `adapters`: the base model); every output of each, in order."""
         prompts = list(prompts)
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         ids = [f"batch-{next(self._arrivals)}-{i}" for i in range(len(prompts))]
-        for request_id, prompt, p in zip(ids, prompts, params_list):
-            self.add_request(request_id, prompt, p)
+        for request_id, prompt, p, adapter in zip(ids, prompts, params_list, adapters):
+            self.add_request(request_id, prompt, p, adapter)
         results: dict[str, list[RequestOutput]] = {i: [] for i in ids}
         while any(not results[i] or not results[i][-1].finished for i in ids):
             for out in self.step():

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         KVCacheLayout,
         KVCacheShape,
         LayerOps,
+        LoRAMethod,
         MemoryRequest,
         QuantMethod,
         ShapeBuckets,
@@ -219,6 +220,20 @@ def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
     PyTorch ops they are ~25 small kernels a layer, which at decode sizes cost as much as attention.
     Each override must match `LayerOps`' result up to the dtype's rounding. Default: None (the
     PyTorch reference ops).
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
+    """How this backend adds LoRA adapters to linear layers in `dtype`, as a `LoRAMethod` subclass, or None.
+
+    Called once when adapters are loaded (``--lora-adapters``, ``--lora-modules``). Each step, every
+    adapted linear layer (q/k/v, o, gate/up, down) calls the method's `apply` once with the layer's input,
+    its output and a `LoRABatch` saying which adapter each token uses; tokens of different adapters and
+    of the base model share one batch. `prepare` receives each layer's adapters stacked by slot once at
+    load. The result must match `LoRAMethod`'s segmented matmul up to the dtype's rounding. A backend
+    whose `tokenmill_compile_model` captures the step must run the adapted layers' LoRA too, or leave
+    steps with a `LoRABatch` to the model's own forward. Default: None (the `LoRAMethod` reference).
     """
 
 

@@ -340,6 +340,63 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass
+class LoRABatch:
+    """Which LoRA adapter each token of a step uses, shared by every adapted linear layer of the step.
+
+    Built on the host once per step and sent over in one copy (`tokenmill.lora.build_lora_batch`). Slot 0
+    is the base model, slots 1..N the adapters loaded at start, in their order. `token_indices[start:end]`
+    are the rows of the step's tokens that use `slot`, for each ``(slot, start, end)`` of `segments`
+    (sorted by slot; base-model rows are in no segment). A step in which no token uses an adapter has
+    no LoRABatch at all.
+    """
+
+    token_slots: torch.Tensor  # (num_tokens,) int64: each token's slot, 0 for the base model and padding
+    token_indices: torch.Tensor  # (num_adapter_tokens,) int64: adapter tokens' rows, grouped by slot
+    segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) into token_indices, host ints
+    # What `LoRAMethod.prepare_step` computed for this step, under keys of the method's choosing.
+    method_data: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """The slots this step uses, ascending."""
+        return tuple(slot for slot, _, _ in self.segments)
+
+
+class LoRAMethod:
+    """Adds each token's LoRA adapter to an adapted linear layer's output: the reference, a segmented matmul.
+
+    For every row ``i`` whose slot is ``s``: ``y[i] += B[s] @ (A[s] @ x[i])``, computed once per adapted
+    layer per step, segment by segment (tokens grouped by adapter: one gather, two small matmuls and one
+    scatter-add per adapter in the step, never a loop over tokens). A backend returns a subclass from
+    `tokenmill_lora_method` to run it as a grouped GEMM, SGMV or a fused kernel; an override must give this
+    reference's result up to the dtype's rounding (the conformance suite checks it).
+    """
+
+    def prepare(self, a: torch.Tensor, b: torch.Tensor) -> Any:
+        """One layer's adapters in this method's form, once at load.
+
+        `a` is (num_slots, rank, in_features) and `b` (num_slots, out_features, rank), in the model's
+        dtype on its device: slot 0 is zeros (the base model), each adapter's scale is already in its B,
+        and adapters of lower rank are padded with zeros. Over tensor-parallel ranks they are this rank's
+        part, cut as the layer's weight is.
+        """
+        return a, b
+
+    def prepare_step(self, batch: LoRABatch) -> None:
+        """Called once per step before the layers run: precompute what every layer reuses, into
+        `batch.method_data`. The reference needs nothing."""
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, prepared: Any, batch: LoRABatch) -> torch.Tensor:
+        """`y` (num_tokens, out_features) plus every token's adapter applied to its row of `x`
+        (num_tokens, in_features); `y` is the layer's fresh output and may be updated in place."""
+        a, b = prepared
+        for slot, start, end in batch.segments:
+            rows = batch.token_indices[start:end]
+            y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].T) @ b[slot].T)
+        return y
+
+
 @dataclass(frozen=True)
 class ShapeBuckets:
     """Static shapes for backends that compile per shape; the scheduler pads each step up to them.

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from tokenmill.interfaces import AttentionBackend, AttentionMetadata, ShapeBuckets
+from tokenmill.interfaces import AttentionBackend, AttentionMetadata, LoRABatch, ShapeBuckets
+from tokenmill.lora.batch import group_by_slot
+
+if TYPE_CHECKING:
+    from tokenmill.lora import LoRAAdapters
 
 
 def host_to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -51,6 +55,7 @@ class SequenceStep:
     start_position: int  # position of token_ids[0]; every earlier token is already in the cache
     block_table: Sequence[int]  # the sequence's blocks, covering start_position + len(token_ids) tokens
     num_logits: int  # trailing positions that need logits: 1 to sample, more for prompt logprobs, 0 mid-prefill
+    adapter: int = 0  # the LoRA adapter's slot (`tokenmill.lora`); 0: the base model
 
 
 @dataclass
@@ -63,6 +68,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # (num_logits,) rows of the hidden states to turn into logits
     # With padding: how many leading rows of logits_indices are real (the rest are dropped); None: all.
     num_logits: int | None = None
+    lora: LoRABatch | None = None  # which adapter each token uses; None: every token uses the base model
 
 
 @dataclass(frozen=True)
@@ -165,8 +171,10 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         [np.arange(end - n, end) for end, n in zip(cu_query[1:], num_logits) if n]
     ) if num_logits.any() else np.zeros(0, dtype=np.int64)
     if padding is not None:
-        return _padded_inputs(padding, token_ids, positions, cu_query, seq_lens, block_tables, slot_mapping,
-                              logits_indices, int(query_lens.max()) == 1, device)
+        inputs = _padded_inputs(padding, token_ids, positions, cu_query, seq_lens, block_tables, slot_mapping,
+                                logits_indices, int(query_lens.max()) == 1, device)
+        inputs.lora = _lora_batch(steps, query_lens, inputs.input_ids.shape[0], device)
+        return inputs
 
     metadata = AttentionMetadata(
         query_start_loc=host_to_device(cu_query.astype(np.int32), device),
@@ -181,7 +189,20 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         positions=host_to_device(positions, device),
         metadata=metadata,
         logits_indices=host_to_device(logits_indices, device),
+        lora=_lora_batch(steps, query_lens, num_tokens, device),
     )
+
+
+def _lora_batch(steps: Sequence[SequenceStep], query_lens: np.ndarray, num_tokens: int,
+                device: torch.device) -> LoRABatch | None:
+    """Which adapter each of the step's `num_tokens` (padding included) uses, grouped by adapter; None
+    when every sequence uses the base model."""
+    adapters = np.fromiter((s.adapter for s in steps), dtype=np.int64, count=len(steps))
+    if not adapters.any():
+        return None
+    packed, segments = group_by_slot(np.repeat(adapters, query_lens), num_tokens)
+    sent = host_to_device(packed, device)  # one copy: every token's slot, then the adapter rows by slot
+    return LoRABatch(sent[:num_tokens], sent[num_tokens:], segments)
 
 
 def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.ndarray, cu_query: np.ndarray,
@@ -241,6 +262,7 @@ class ModelRunner:
         padding: StepPadding | None = None,
         logits_device: torch.device | None = None,
         inference_mode: bool = True,
+        lora: LoRAAdapters | None = None,
     ):
         self.model = model
         self.forward = forward
@@ -251,6 +273,7 @@ class ModelRunner:
         self.padding = padding
         self.logits_device = logits_device  # where the sampler wants the logits; None: on `device`
         self.grad_mode = torch.inference_mode if inference_mode else torch.no_grad
+        self.lora = lora  # the model's LoRA adapters, told each step which tokens use which
         self.step_shapes: set[StepShape] = set()
 
     @property
@@ -267,6 +290,8 @@ class ModelRunner:
         inputs = build_step_inputs(steps, self.block_size, self.device, self.padding)
         for backend in self.attention_backends:
             backend.prepare(inputs.metadata)
+        if self.lora is not None:
+            self.lora.begin_step(inputs.lora)
         hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if self.logits_device is not None:  # moved whole, padded rows too: a copy of a static shape

@@ -34,3 +34,31 @@ class RequestOutput:
     queue_time_s: float | None = None  # in the final output: arrival to first step
     inference_time_s: float | None = None  # in the final output: first step to the end
     prefill_time_s: float | None = None  # in the final output: first step to first token (part of inference)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one engine step ran and how long its phases took: the seam to the batch metrics
+    (TGI's `tgi_batch_*`, vLLM's iteration stats). A step that raised has `failed` set."""
+
+    step: int
+    num_seqs: int
+    num_new_seqs: int  # in their first step: they joined the batch now
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    schedule_s: float = 0.0  # choosing the step's requests: where new ones join the running batch
+    forward_s: float = 0.0  # the model and sampling, up to the wait for the device
+    filter_s: float = 0.0  # advancing the batch past the step (computed tokens, full blocks committed)
+    decode_s: float = 0.0  # detokenizing, stop checks, building the outputs
+    total_s: float = 0.0
+    failed: bool = False
+
+    @property
+    def method(self) -> str:
+        """TGI's `method` label: a step that feeds any prompt tokens is a prefill."""
+        return "prefill" if self.num_prefill_tokens else "decode"
+
+    @property
+    def joined_running(self) -> bool:
+        """New requests joined requests already running (TGI counts this as a batch concatenation)."""
+        return 0 < self.num_new_seqs < self.num_seqs

@@ -44,6 +44,7 @@ class Request:
     finish_reason: FinishReason | None = None
     finish_message: str = ""
     num_preemptions: int = 0
+    adapter: int = 0  # the LoRA adapter's slot (`tokenmill.lora`); 0: the base model
 
     def __post_init__(self) -> None:
         if not self.token_ids:

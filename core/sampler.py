@@ -1,8 +1,10 @@
 """Choosing the next token for every sequence of a step at once: tensor operations over the batch.
 
-Order of processing (TGI's): repetition, frequency and presence penalties, temperature, top-k, top-p,
-typical-p, min-p. Reported logprobs are the log-softmax of the processed logits (what TGI reports; for
-greedy requests that is the model's own distribution).
+Order of processing (TGI's, with vLLM's additions): the watermark, additive biases (`logit_bias`, and
+the stop tokens masked while a request is short of `min_tokens`), repetition, frequency and presence
+penalties, temperature, top-k, top-p, typical-p, min-p. Reported logprobs are the log-softmax of the
+processed logits (what TGI reports; for greedy requests that is the model's own distribution, after
+the watermark, biases and penalties when any are set).
 
 Seeded requests draw with the exponential race (`argmax(p / E)`, `E ~ Exp(1)`), with `E` derived
 from a counter-based hash of (seed, step, token id): the draw of a seeded request depends on nothing
@@ -16,12 +18,13 @@ checks it). The settings are built on the host and sent in one asynchronous copy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
 from tokenmill.model_runner import host_to_device
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.watermark import WatermarkBatch
 
 _MASK32 = 0xFFFFFFFF
 
@@ -40,6 +43,9 @@ class SamplingMetadata:
     repetition_penalty: torch.Tensor | None  # (B, 1)
     frequency_penalty: torch.Tensor | None
     presence_penalty: torch.Tensor | None
+    bias_ids: torch.Tensor | None  # (B, K) int64: token ids whose logits get `bias_values`, padded with vocab_size
+    bias_values: torch.Tensor | None  # (B, K): logit_bias, and -inf on stop tokens held back by min_tokens
+    watermark: WatermarkBatch | None
     history: torch.Tensor | None  # (B, L) prompt + output ids, padded with vocab_size
     output_history: torch.Tensor | None  # (B, Lo) output ids, padded with vocab_size
     seeds: torch.Tensor | None  # (B,) int64, -1 where unseeded
@@ -50,19 +56,30 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]],
-              num_prompt_tokens: Sequence[int], vocab_size: int, device: torch.device) -> "SamplingMetadata":
+              num_prompt_tokens: Sequence[int], vocab_size: int, device: torch.device,
+              eos_token_ids: Collection[int] = ()) -> "SamplingMetadata":
         batch = len(params)
         max_top_n = max((p.top_n_tokens for p in params), default=0)
         needs_logprobs = any(p.logprobs for p in params) or max_top_n > 0
         greedy = [p.is_greedy for p in params]
-        all_greedy = all(greedy) and not any(p.needs_history for p in params)
-        if all_greedy:
-            return cls(True, torch.ones(batch, dtype=torch.bool, device=device),
-                       torch.ones(batch, 1, device=device), None, None, None, None, None, None, None, None, None,
-                       None, None, max_top_n, needs_logprobs)
 
         def send(values, dtype):
             return host_to_device(torch.tensor(values, dtype=dtype), device)
+
+        biases = _biases(params, token_ids, num_prompt_tokens, eos_token_ids, vocab_size)
+        bias_ids = bias_values = None
+        if biases is not None:
+            bias_ids, bias_values = send(biases[0], torch.int64), send(biases[1], torch.float32)
+        watermark = WatermarkBatch.build(params, token_ids, device)
+        all_greedy = (all(greedy) and not any(p.needs_history for p in params) and biases is None
+                      and watermark is None)
+        if all_greedy:
+            off = dict.fromkeys(("top_k", "top_p", "typical_p", "min_p", "repetition_penalty", "frequency_penalty",
+                                 "presence_penalty", "bias_ids", "bias_values", "watermark", "history",
+                                 "output_history", "seeds", "steps"))
+            return cls(all_greedy=True, greedy=torch.ones(batch, dtype=torch.bool, device=device),
+                       temperature=torch.ones(batch, 1, device=device), max_top_n=max_top_n,
+                       needs_logprobs=needs_logprobs, **off)
 
         def column(values):
             return send(values, torch.float32).view(-1, 1)
@@ -98,6 +115,9 @@ class SamplingMetadata:
             repetition_penalty=optional("repetition_penalty", 1.0),
             frequency_penalty=optional("frequency_penalty", 0.0),
             presence_penalty=optional("presence_penalty", 0.0),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+            watermark=watermark,
             history=history,
             output_history=output_history,
             seeds=seeds,
@@ -106,6 +126,24 @@ class SamplingMetadata:
             needs_logprobs=needs_logprobs,
             all_seeded=all(p.seed is not None for p in params),
         )
+
+
+def _biases(params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]], num_prompt_tokens: Sequence[int],
+            eos_token_ids: Collection[int], vocab_size: int) -> tuple[list[list[int]], list[list[float]]] | None:
+    """Per row, the token ids and values added to its logits: its `logit_bias`, and -inf on its stop
+    tokens (EOS and `stop_token_ids`) while it has generated fewer than `min_tokens` tokens. Rows are
+    padded with the id `vocab_size`, a column past the logits; None when no row has any bias."""
+    rows = []
+    for p, tokens, num_prompt in zip(params, token_ids, num_prompt_tokens):
+        row = [(i, b) for i, b in p.logit_bias if i < vocab_size]
+        if len(tokens) - num_prompt < p.min_tokens:
+            row += [(i, float("-inf")) for i in {*eos_token_ids, *p.stop_token_ids} if 0 <= i < vocab_size]
+        rows.append(row)
+    width = max(len(row) for row in rows)
+    if not width:
+        return None
+    return ([[i for i, _ in row] + [vocab_size] * (width - len(row)) for row in rows],
+            [[b for _, b in row] + [0.0] * (width - len(row)) for row in rows])
 
 
 def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -159,6 +197,7 @@ class Sampler:
         if meta.all_greedy:
             tokens = logits.argmax(dim=-1)
             return self._report(logits, tokens, meta)
+        logits = self._apply_biases(logits, meta)
         logits = self._apply_penalties(logits, meta)
         greedy_tokens = logits.argmax(dim=-1)
         processed = self._warp(logits / meta.temperature, meta)
@@ -177,6 +216,18 @@ class Sampler:
         if meta.max_top_n:
             top_lp, top_ids = logprobs.topk(meta.max_top_n, dim=-1)
         return SamplerOutput(tokens, chosen, top_ids, top_lp)
+
+    @staticmethod
+    def _apply_biases(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The watermark, then each row's additive biases scattered into one (B, vocab) tensor."""
+        if meta.watermark is not None:
+            logits = meta.watermark.apply(logits)
+        if meta.bias_ids is not None:
+            vocab = logits.shape[1]
+            bias = torch.zeros(logits.shape[0], vocab + 1, device=logits.device)
+            bias.scatter_add_(1, meta.bias_ids, meta.bias_values)
+            logits = logits + bias[:, :vocab]
+        return logits
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -40,6 +40,8 @@ from tokenmill.errors import TokenmillError
 from tokenmill.model_runner import ModelRunner, SequenceStep
 from tokenmill.parallel import ParallelContext, Rendezvous, joining
 from tokenmill.step_broadcast import (
+    COLUMNS,
+    HEADER,
     STEP,
     GlooChannel,
     ShmRing,
@@ -117,7 +119,7 @@ def _ring_capacity(engine: Engine) -> int:
     """Ints in the largest step message the scheduler can build (every table as long as a sequence gets)."""
     config = engine.config
     blocks_per_seq = min(-(-engine.max_model_len // engine.layout.block_size) + 1, engine.num_blocks)
-    return 4 + 4 * config.max_num_seqs + config.max_num_batched_tokens + config.max_num_seqs * blocks_per_seq
+    return HEADER + COLUMNS * config.max_num_seqs + config.max_num_batched_tokens + config.max_num_seqs * blocks_per_seq
 
 
 class Shard:

@@ -1,8 +1,8 @@
 """Rank 0's message to the other ranks each step, and the two ways it travels.
 
 A message is one int64 array: a header ``[kind, num_seqs, num_tokens, num_table_entries]``, then per
-sequence its query length, start position, logit count and block-table length, then every token and
-every block-table entry. `STEP` carries the scheduler's `SequenceStep`s, from which each rank builds
+sequence its query length, start position, logit count, block-table length and LoRA adapter slot, then
+every token and every block-table entry. `STEP` carries the scheduler's `SequenceStep`s, from which each rank builds
 the very `StepInputs` rank 0 builds (`build_step_inputs` is deterministic); `STOP` ends the workers'
 loop. Sending the steps rather than the built tensors keeps one builder of model inputs, and lets
 rank 0 send before it builds, so every rank builds at the same time.
@@ -29,6 +29,7 @@ from tokenmill.model_runner import SequenceStep
 
 STEP, STOP = 1, 2
 HEADER = 4
+COLUMNS = 5  # ints per sequence
 
 
 def encode_steps(steps: Sequence[SequenceStep]) -> np.ndarray:
@@ -36,14 +37,15 @@ def encode_steps(steps: Sequence[SequenceStep]) -> np.ndarray:
     query_lens = np.fromiter((len(s.token_ids) for s in steps), dtype=np.int64, count=n)
     table_lens = np.fromiter((len(s.block_table) for s in steps), dtype=np.int64, count=n)
     num_tokens, num_entries = int(query_lens.sum()), int(table_lens.sum())
-    message = np.empty(HEADER + 4 * n + num_tokens + num_entries, dtype=np.int64)
+    message = np.empty(HEADER + COLUMNS * n + num_tokens + num_entries, dtype=np.int64)
     message[:HEADER] = (STEP, n, num_tokens, num_entries)
-    columns = message[HEADER : HEADER + 4 * n].reshape(4, n)
+    columns = message[HEADER : HEADER + COLUMNS * n].reshape(COLUMNS, n)
     columns[0] = query_lens
     columns[1] = np.fromiter((s.start_position for s in steps), dtype=np.int64, count=n)
     columns[2] = np.fromiter((s.num_logits for s in steps), dtype=np.int64, count=n)
     columns[3] = table_lens
-    body = HEADER + 4 * n
+    columns[4] = np.fromiter((s.adapter for s in steps), dtype=np.int64, count=n)
+    body = HEADER + COLUMNS * n
     message[body : body + num_tokens] = np.fromiter((t for s in steps for t in s.token_ids), dtype=np.int64,
                                                     count=num_tokens)
     message[body + num_tokens :] = np.fromiter((b for s in steps for b in s.block_table), dtype=np.int64,
@@ -53,13 +55,14 @@ def encode_steps(steps: Sequence[SequenceStep]) -> np.ndarray:
 
 def decode_steps(message: np.ndarray) -> list[SequenceStep]:
     n, num_tokens = int(message[1]), int(message[2])
-    query_lens, starts, num_logits, table_lens = message[HEADER : HEADER + 4 * n].reshape(4, n).tolist()
-    body = HEADER + 4 * n
+    query_lens, starts, num_logits, table_lens, adapters = message[HEADER : HEADER + COLUMNS * n].reshape(
+        COLUMNS, n).tolist()
+    body = HEADER + COLUMNS * n
     tokens = message[body : body + num_tokens].tolist()
     tables = message[body + num_tokens :].tolist()
     steps, t, b = [], 0, 0
-    for q, start, logits, length in zip(query_lens, starts, num_logits, table_lens):
-        steps.append(SequenceStep(tokens[t : t + q], start, tables[b : b + length], logits))
+    for q, start, logits, length, adapter in zip(query_lens, starts, num_logits, table_lens, adapters):
+        steps.append(SequenceStep(tokens[t : t + q], start, tables[b : b + length], logits, adapter))
         t, b = t + q, b + length
     return steps
 
@@ -71,7 +74,7 @@ def stop_message() -> np.ndarray:
 def message_size(message_header: np.ndarray) -> int:
     """Ints in a message, from its header."""
     n, num_tokens, num_entries = (int(v) for v in message_header[1:HEADER])
-    return HEADER + 4 * n + num_tokens + num_entries
+    return HEADER + COLUMNS * n + num_tokens + num_entries
 
 
 class StepChannel(abc.ABC):

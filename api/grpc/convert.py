@@ -13,6 +13,7 @@ _OPTIONAL_PARAMS = ("temperature", "seed")
 
 def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    fields["logit_bias"] = dict(params.logit_bias)  # a map on the wire, (id, bias) pairs in SamplingParams
     message = pb.SamplingParams(**{k: v for k, v in fields.items() if k not in _OPTIONAL_PARAMS})
     for name in _OPTIONAL_PARAMS:
         if fields[name] is not None:
@@ -26,6 +27,8 @@ def params_from_pb(message: pb.SamplingParams) -> SamplingParams:
         value = getattr(message, f.name)
         if f.name in _OPTIONAL_PARAMS:
             value = value if message.HasField(f.name) else None
+        elif f.name == "logit_bias":
+            value = tuple(sorted(value.items()))
         elif isinstance(value, (list, tuple)) or hasattr(value, "extend"):
             value = tuple(value)
         kwargs[f.name] = value

@@ -22,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
 from tokenmill.api.grpc.convert import output_to_pb, params_from_pb
+from tokenmill.api.tgi_metrics import BatchMetrics
 from tokenmill.api.tracing import extract_context, tracer
 from tokenmill.async_engine import AsyncEngine, GenerationError
 from tokenmill.engine import Engine, EngineConfig
@@ -40,6 +41,8 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
         self.ready = False
         self.failure: str | None = None  # why this replica can serve no more (a tensor-parallel rank died)
         self._calls: set[asyncio.Task] = set()
+        self.batch_metrics = BatchMetrics()  # the engine's steps, for the router's /metrics (sent with Info)
+        runner.step_listeners.append(lambda eng, _: self.batch_metrics.observe_engine(eng))
 
     def fail(self, message: str) -> None:
         """End every in-flight stream with `message` now, whatever the engine thread is blocked in."""
@@ -59,7 +62,9 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             span.set_attribute("tokenmill.prompt_tokens", len(request.prompt_token_ids))
             try:
                 params = params_from_pb(request.params)
-                async for out in self.runner.generate(request.request_id, list(request.prompt_token_ids), params):
+                adapter = request.adapter if request.HasField("adapter") else None
+                async for out in self.runner.generate(request.request_id, list(request.prompt_token_ids), params,
+                                                      adapter):
                     if out.finished:
                         _record_phases(span, out)
                     yield output_to_pb(out)
@@ -85,7 +90,7 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             # NaN where the backend's model owns its cache: prefix caching is unavailable, not at 0 %.
             prefix_cache_hit_rate=math.nan if engine.prefix_cache_hit_rate is None else engine.prefix_cache_hit_rate,
             num_preemptions=engine.scheduler.num_preemptions, num_compiles=engine.num_compiles,
-            ready=self.ready,
+            ready=self.ready, batch_metrics=self.batch_metrics.snapshot(), adapters=engine.adapter_names,
         )
 
 

@@ -7,6 +7,10 @@ request, freeing its KV blocks.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+
 import grpc
 import pydantic
 from google.protobuf.message import DecodeError
@@ -18,6 +22,7 @@ from tokenmill.api.auth import ApiKeyInterceptor
 from tokenmill.api.errors import OverloadedError, UnsupportedError
 from tokenmill.api.grpc import generate_pb2 as pb
 from tokenmill.api.grpc import generate_pb2_grpc as pb_grpc
+from tokenmill.api.metrics import request_failed
 from tokenmill.api.schemas import GenerateParameters
 from tokenmill.api.service import GenerationService
 from tokenmill.api.validation import validate_generate
@@ -56,6 +61,7 @@ def _token(t: TokenInfo, text: str | None = None) -> pb.Token:
 
 
 async def _abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    request_failed(exc)
     if isinstance(exc, (ValidationError, UnsupportedError)):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Input validation error: {exc}")
     if isinstance(exc, OverloadedError):
@@ -94,14 +100,37 @@ def add_servicer(servicer: "TextGenerationServicer", server: grpc.aio.Server) ->
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
+def _observed(method):
+    """One call is one client request in the metrics (TGI's counters), as an HTTP generation route is."""
+    def observing(servicer):
+        metrics = servicer.service.metrics
+        return metrics.request() if metrics is not None else contextlib.nullcontext()
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            with observing(self):
+                async for message in method(self, request, context):
+                    yield message
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        with observing(self):
+            return await method(self, request, context)
+    return unary
+
+
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def __init__(self, service: GenerationService):
         self.service = service
 
     def _validate(self, request: pb.GenerateRequest, stream: bool):
+        self.service.checked()  # taken: counted from here, as an HTTP handler's request is
         return validate_generate(request.inputs, _parameters(request.parameters), self.service.settings,
                                  self.service.tokenizer, stream=stream)
 
+    @_observed
     async def Generate(self, request, context):
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
@@ -120,6 +149,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             response.seed = g.seed
         return response
 
+    @_observed
     async def GenerateStream(self, request, context):
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)

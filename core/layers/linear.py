@@ -1,10 +1,11 @@
-"""Linear layers whose weights may be fused from several checkpoint tensors, quantized, or sharded."""
+"""Linear layers whose weights may be fused from several checkpoint tensors, quantized, sharded, or adapted
+by LoRA adapters (`tokenmill.lora`)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from torch import nn
 
 from tokenmill.interfaces import GGMLWeight, QuantMethod, ShardStyle
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
+
+if TYPE_CHECKING:
+    from tokenmill.lora.adapters import LoRALayer
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +29,8 @@ class Linear(nn.Module):
     holds only this rank's part: COLUMN keeps part `parts[i] = (index, count)` of shard i's rows (default
     `(rank, world_size)`; k/v heads replicated over ranks name fewer parts than ranks), ROW keeps this
     rank's share of the inputs. Tensors are cut as they are loaded: each rank reads the whole
-    checkpoint and keeps its part.
+    checkpoint and keeps its part. `lora`, when LoRA adapters adapt the layer, adds their contribution
+    to the output (before a row-parallel layer's all-reduce: it is a partial product like the weight's).
     """
 
     def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
@@ -42,6 +47,7 @@ class Linear(nn.Module):
         if any(size % count for size, (_, count) in zip(shard_sizes, self.parts)):
             raise ValueError(f"cannot split output rows {list(shard_sizes)} into parts {self.parts}")
         local_sizes = [size // count for size, (_, count) in zip(shard_sizes, self.parts)]
+        self.checkpoint_in_features = in_features
         if self.style is ShardStyle.ROW:
             if in_features % parallel.world_size:
                 raise ValueError(f"cannot split {in_features} input features over {parallel.world_size} ranks")
@@ -53,6 +59,7 @@ class Linear(nn.Module):
         self.quant_method: QuantMethod | None = None
         self.quantized: Any = None
         self._ggml_shards: dict[int | None, GGMLWeight] = {}  # shard (None: the whole weight) -> blocks
+        self.lora: LoRALayer | None = None
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
@@ -79,6 +86,27 @@ class Linear(nn.Module):
         if self.style is ShardStyle.ROW and name == "weight":
             return self.parallel.plan.shard(tensor, ShardStyle.ROW, self.parallel.rank, self.parallel.world_size)
         return tensor  # replicated, or a row-parallel bias: whole on every rank, added once after the reduce
+
+    def lora_part(self, a: torch.Tensor, b: torch.Tensor, shard: int | None
+                  ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """This rank's part of a LoRA pair adapting fused part `shard` (None: the whole layer).
+
+        `a` is (rank, in_features) and `b` (out_features of the part, rank), as the checkpoint's. A is cut
+        as the weight's inputs are (row-parallel), B's rows as the weight's rows are (column-parallel),
+        so the rank's partial `B (A x)` is summed or gathered like its partial `W x`. Returns A and B's
+        rows per part, as (part, rows). A `ValueError` where the shapes are not this layer's.
+        """
+        if a.shape[1] != self.checkpoint_in_features:
+            raise ValueError(f"lora_A takes {a.shape[1]} inputs, the layer {self.checkpoint_in_features}")
+        indices = list(range(len(self.shard_sizes))) if shard is None else [shard]
+        sizes = [self.shard_sizes[i] for i in indices]
+        if b.shape[0] != sum(sizes):
+            raise ValueError(f"lora_B gives {b.shape[0]} outputs, the layer {sum(sizes)}")
+        if self.style is ShardStyle.ROW:
+            a = self.parallel.plan.shard(a, ShardStyle.ROW, self.parallel.rank, self.parallel.world_size)
+        pieces = [(i, self._local_part("weight", piece, i) if self.style is ShardStyle.COLUMN else piece)
+                  for i, piece in zip(indices, b.split(sizes))]
+        return a, pieces
 
     def load_ggml_shard(self, weight: GGMLWeight, shard: int | None = None) -> None:
         """Keep the GGUF blocks of one shard (None: the whole weight) for `quantize`; the dense values
@@ -137,8 +165,10 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             y = self.quant_method.matmul(x, self.quantized)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora(y, x)
 
 
 class RowParallelLinear(Linear):
@@ -154,6 +184,8 @@ class RowParallelLinear(Linear):
             y = self.quant_method.matmul(x, self.quantized)
         else:
             y = F.linear(x, self.weight)
+        if self.lora is not None:
+            y = self.lora(y, x)
         y = self.parallel.communicator.all_reduce(y)
         return y if self.bias is None else y + self.bias
 

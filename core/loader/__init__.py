@@ -23,10 +23,12 @@ from tokenmill.loader.dummy import (BUILTIN_SHAPES, LOAD_FORMATS, build_dummy_mo
 from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
 from tokenmill.loader.gguf_file import GGUFFile
 from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf, tokenizer_from_gguf
-from tokenmill.loader.safetensors_loader import load_hf_folder, resolve_hub_id
+from tokenmill.loader.hub import HubOptions, fetch, is_hub_id, resolve_hub_id
+from tokenmill.loader.safetensors_loader import load_hf_folder
 
-__all__ = ["BUILTIN_SHAPES", "Checkpoint", "LOAD_FORMATS", "ModelNotFoundError", "UnsupportedCheckpointError",
-           "build_dummy_model", "default_model_path", "load_checkpoint", "load_tokenizer", "parse_dtype"]
+__all__ = ["BUILTIN_SHAPES", "Checkpoint", "HubOptions", "LOAD_FORMATS", "ModelNotFoundError",
+           "UnsupportedCheckpointError", "build_dummy_model", "default_model_path", "fetch", "is_hub_id",
+           "load_checkpoint", "load_tokenizer", "parse_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ def load_checkpoint(
     """Load `model_id` (default: the embedded SmolLM2 GGUF).
 
     `dtype="auto"` keeps a safetensors checkpoint's `torch_dtype` and gives float32 for GGUF. A hub
-    id is looked up in the local Hugging Face cache only. `cache_dir`, when given, keeps the tokenizer
+    id is looked up in the local Hugging Face cache only: `fetch` downloads it first (the CLI does, at
+    start, as TGI's launcher does). `cache_dir`, when given, keeps the tokenizer
     built from a GGUF's metadata so later starts skip rebuilding it. `load_format="dummy"` reads no
     weights: see `tokenmill.loader.dummy`.
     """
@@ -99,14 +102,14 @@ def load_checkpoint(
     path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype, progress, cache_dir)
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype, progress, cache_dir)
-        return load_hf_folder(path, dtype, progress)
-    if path.exists():
+    if path.exists() and not path.is_dir():
         raise UnsupportedCheckpointError(f"{path} is neither a .gguf file nor a model folder")
-    return load_hf_folder(resolve_hub_id(model_id, revision), dtype, progress)
+    if not path.exists():
+        path = resolve_hub_id(model_id, revision)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").exists() and len(ggufs) == 1:
+        return _load_gguf(ggufs[0], dtype, progress, cache_dir)
+    return load_hf_folder(path, dtype, progress)
 
 
 def load_tokenizer(model_id: str | None = None, cache_dir: Path | None = None, load_format: str = "auto") -> Any:

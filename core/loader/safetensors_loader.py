@@ -1,4 +1,4 @@
-"""Hugging Face folders (config.json, safetensors shards, tokenizer files) and hub ids from the local cache."""
+"""Hugging Face folders: config.json, safetensors shards, tokenizer files."""
 
 from __future__ import annotations
 
@@ -9,24 +9,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
-
-
-def resolve_hub_id(model_id: str, revision: str | None = None) -> Path:
-    """The local snapshot folder of hub id `model_id`; never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if model_id.count("/") > 1 or model_id.startswith((".", "/")):
-        raise ModelNotFoundError(f"{model_id!r} is not an existing path, and not a hub id of the form org/name")
-    try:
-        return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as exc:
-        raise ModelNotFoundError(
-            f"model {model_id!r} is neither a local path nor in the local Hugging Face cache "
-            f"(tokenmill never downloads weights at run time; fetch it first with `huggingface-cli download "
-            f"{model_id}` where a network is available): {exc}"
-        ) from exc
+from tokenmill.loader.errors import UnsupportedCheckpointError
 
 
 def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
@@ -55,7 +38,11 @@ def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
 def _read_safetensors(path: Path, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # only the shards it names: a repository may hold others (Mistral's consolidated.safetensors)
+        files = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UnsupportedCheckpointError(f"{path} has no .safetensors files (pickled .bin weights are not loaded)")
     tensors = {}

@@ -19,6 +19,7 @@ from tokenmill.interfaces import (
     KVCacheLayout,
     KVCacheShape,
     LayerOps,
+    LoRAMethod,
     MemoryRequest,
     QuantMethod,
 )
@@ -28,6 +29,7 @@ from tokenmill.plugins.cpu import platform as _platform
 from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
 from tokenmill.plugins.cpu.decode_stack import compile_model
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps, fused_layer_ops_available
+from tokenmill.plugins.cpu.lora import MaskedLoRA
 from tokenmill.plugins.cpu.quant import (
     Int8WeightOnly,
     OneDNNPackedLinear,
@@ -88,6 +90,11 @@ def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
     if dtype == torch.bfloat16 and fused_layer_ops_available():
         return CPUFusedLayerOps()
     return None
+
+
+@hookimpl
+def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
+    return MaskedLoRA(dtype)
 
 
 @hookimpl

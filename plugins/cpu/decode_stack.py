@@ -5,7 +5,9 @@ Module by module, a batch-1 decode step of SmolLM2-135M spent ~6 ms of its ~12 i
 (~300 module calls, tensor allocations and argument checks for kernels of a few microseconds each).
 The C call chains the very kernels those modules call, with the same arguments, so its hidden states
 are bit-identical to theirs; steps with any prefill token, and models or configurations it does not
-cover (biases, q/k norms, sliding windows, other linear methods), run module by module as before.
+cover (biases, q/k norms, sliding windows, other linear methods), run module by module as before. So
+do decode steps in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a
+server with adapters still take the C path.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class DecodeStack:
     def __init__(self, model: LlamaForCausalLM, plan: torch.Tensor, attention: CPUPagedAttention):
         self.model = model
         self.plan = plan  # (num_layers, 22) int64; the tensors it points into live in the model
+        # The model's LoRA adapters (any adapted linear's), whose running step says whether a token uses one.
+        self.lora = next((module.lora.adapters for module in model.modules()
+                          if isinstance(module, Linear) and module.lora is not None), None)
         self.spec = attention.spec
         self.block_size = attention.block_size
         config = model.config
@@ -101,7 +106,8 @@ class DecodeStack:
     def supports(self, metadata: AttentionMetadata) -> bool:
         # A step padded to a shape bucket (its last real token before the end) runs module by module:
         # the C step would write its padding tokens' keys at slot -1.
-        return metadata.max_query_len == 1 and int(metadata.query_start_loc[-1]) == metadata.slot_mapping.shape[0]
+        return (metadata.max_query_len == 1 and int(metadata.query_start_loc[-1]) == metadata.slot_mapping.shape[0]
+                and (self.lora is None or self.lora.batch is None))
 
     def _cache_pointers(self, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per layer, the key and value blocks' addresses (the engine's caches never move)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -61,3 +62,57 @@ def test_text_generation_client(served_smollm2) -> None:
     sampled = client.generate("Once upon a time", max_new_tokens=6, do_sample=True, top_k=20, seed=5,
                               best_of=None)
     assert sampled.details.seed == 5
+
+
+def test_openai_client_with_vllm_sampling_extensions(served_smollm2) -> None:
+    """Issue #17's acceptance on the live server: a banned token stays out of greedy output, min_tokens
+    holds back EOS, top_k=1 sampling is greedy."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served_smollm2}/v1", api_key="unused")
+    prompt = "The capital of France is"
+    greedy = client.completions.create(model="tgi", prompt=prompt, max_tokens=8, temperature=0, logprobs=0)
+    tokens = greedy.choices[0].logprobs.tokens
+    banned_id = httpx.post(f"{served_smollm2}/tokenize", json={"inputs": tokens[0], "add_special_tokens": False},
+                           timeout=30).json()
+    banned_id = [t["id"] for t in banned_id]
+    assert len(banned_id) == 1, banned_id
+    banned = client.completions.create(model="tgi", prompt=prompt, max_tokens=8, temperature=0, logprobs=0,
+                                       logit_bias={str(banned_id[0]): -100})
+    assert tokens[0] not in banned.choices[0].logprobs.tokens
+
+    sampled = client.completions.create(model="tgi", prompt=prompt, max_tokens=8, temperature=1.5, seed=3,
+                                        extra_body={"top_k": 1})
+    assert sampled.choices[0].text == greedy.choices[0].text
+
+    messages = [{"role": "user", "content": "Say hi"}]
+    short = client.chat.completions.create(model="tgi", messages=messages, max_tokens=64, temperature=0)
+    assert short.choices[0].finish_reason == "stop"  # the model ended it: EOS
+    n = short.usage.completion_tokens
+    held = client.chat.completions.create(model="tgi", messages=messages, max_tokens=64, temperature=0,
+                                          extra_body={"min_tokens": n + 8})
+    assert held.usage.completion_tokens >= n + 8
+
+
+def test_text_generation_client_watermark(served_smollm2) -> None:
+    from text_generation import Client
+
+    from tokenmill.watermark import detect
+
+    client = Client(served_smollm2, timeout=120)
+    prompt = "The history of the Roman Empire begins"
+    prompt_last = client.generate(prompt, max_new_tokens=1, decoder_input_details=True).details.prefill[-1].id
+
+    def z_over_200_tokens(watermark: bool) -> float:
+        """Generations of successive seeds pooled until they hold 200 tokens (EOS may end one early)."""
+        green = scored = 0
+        for seed in range(1, 30):
+            response = client.generate(prompt, max_new_tokens=200 - scored, do_sample=True, seed=seed,
+                                       watermark=watermark)
+            score = detect([prompt_last] + [t.id for t in response.details.tokens])
+            green, scored = green + score.num_green, scored + score.num_tokens
+            if scored >= 200:
+                return (green - 0.5 * scored) / (scored * 0.25) ** 0.5
+        raise AssertionError("fewer than 200 tokens from 29 requests")
+
+    assert z_over_200_tokens(True) > 4 > z_over_200_tokens(False)

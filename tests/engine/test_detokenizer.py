@@ -55,3 +55,11 @@ def test_the_stop_that_ends_first_wins_however_the_text_is_chunked() -> None:
     for char in "xabcdy":
         piecewise.add(char)
     assert whole.text == piecewise.text == "xabc"
+
+
+def test_unchecked_text_is_not_searched_for_stops_but_a_later_check_finds_one_ending_in_its_delta() -> None:
+    checker = StopChecker(["END"], include_stop=False)
+    assert checker.add("an END", check=False) == ("an END", False)  # short of min_tokens: no stop yet
+    assert checker.add(" and EN", check=False) == (" and ", False)  # what might start a stop is held back
+    assert checker.add("D!") == ("", True)  # the stop that began before the check is found
+    assert checker.text == "an END and "

@@ -158,3 +158,70 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token() -> None:
     meta = SamplingMetadata.build(params, [[1], [1]], [1, 1], 50, torch.device("cpu"))
     out = Sampler(seed=0)(torch.cat([logits[:1], logits[:1]]), meta)
     assert out.token_ids[0] == out.token_ids[1]  # same seed, same distribution: top_k changed nothing
+
+
+# ---- logit_bias, min_tokens, the watermark -----------------------------------------------------------
+
+
+def test_a_logit_bias_of_minus_100_keeps_the_greedy_token_out() -> None:
+    logits = _logits(3, seed=21)
+    best = logits.argmax(-1)
+    banned = [SamplingParams(logit_bias=((int(best[0]), -100.0),)), SamplingParams(),
+              SamplingParams(logit_bias=((int(best[2]), -100.0), (int(best[2]) ^ 1, 3.0)))]
+    out = Sampler()(logits, _meta(banned)).token_ids
+    assert out[0] != best[0] and out[2] != best[2]
+    assert out[1] == best[1]  # a row without a bias is untouched
+
+
+def test_a_positive_logit_bias_adds_to_that_token_only() -> None:
+    logits = _logits(2, seed=22)
+    meta = _meta([SamplingParams(logit_bias=((7, 2.5),)), SamplingParams()])
+    biased = Sampler._apply_biases(logits.clone(), meta)
+    expected = logits.clone()
+    expected[0, 7] += 2.5
+    assert torch.equal(biased, expected)
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_until_enough_are_out() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 1], logits[0, 9], logits[0, 4] = 10.0, 9.0, 8.0  # EOS 1, then stop token 9, then token 4
+    params = SamplingParams(min_tokens=3, stop_token_ids=(9,))
+    for generated, expected in ((0, 4), (2, 4), (3, 1)):
+        meta = SamplingMetadata.build([params], [[5, 6] + [4] * generated], [2], VOCAB, torch.device("cpu"),
+                                      eos_token_ids={1})
+        assert Sampler()(logits, meta).token_ids.item() == expected
+
+
+def test_top_k_1_sampling_is_greedy() -> None:
+    logits = _logits(8, seed=23)
+    sampled = Sampler(seed=3)(logits, _meta([SamplingParams(temperature=1.5, top_k=1, seed=s) for s in range(8)]))
+    unfiltered = Sampler(seed=3)(logits, _meta([SamplingParams(temperature=1.5, seed=s) for s in range(8)]))
+    assert torch.equal(sampled.token_ids, logits.argmax(-1))
+    assert not torch.equal(unfiltered.token_ids, logits.argmax(-1))  # without top_k these rows sample elsewhere
+
+
+def test_the_watermark_adds_delta_to_the_green_list_of_its_rows_only() -> None:
+    from tokenmill.watermark import green_mask
+
+    logits = _logits(2, seed=24)
+    params = [SamplingParams(watermark=True, watermark_gamma=0.25, watermark_delta=1.5), SamplingParams()]
+    histories = [[3, 17], [3, 17]]
+    marked = Sampler._apply_biases(logits.clone(), _meta(params, histories))
+    green = green_mask(torch.tensor([17]), torch.tensor([[0.25]]), VOCAB)[0]
+    assert torch.equal(marked[1], logits[1])
+    assert torch.allclose(marked[0][green], logits[0][green] + 1.5)
+    assert torch.equal(marked[0][~green], logits[0][~green])
+    assert 0 < green.sum() < VOCAB
+
+
+def test_the_new_processors_never_sync() -> None:
+    from tokenmill.sync_audit import SyncAudit
+
+    meta_device = torch.device("meta")
+    params = [SamplingParams(logit_bias=((3, -100.0),), min_tokens=4, stop_token_ids=(7,)),
+              SamplingParams(temperature=0.8, watermark=True, seed=1), SamplingParams()]
+    with SyncAudit() as audit:
+        meta = SamplingMetadata.build(params, [[1, 2], [5], [6, 6]], [1, 1, 1], VOCAB, meta_device,
+                                      eos_token_ids={1})
+        Sampler()(torch.randn(3, VOCAB, device=meta_device), meta)
+    assert not audit.syncs, audit.report()

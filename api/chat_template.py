@@ -1,0 +1,99 @@
+"""Chat messages to prompt text through the model's own chat template (transformers' `apply_chat_template`).
+
+What reaches the template: each message's role, text, `name`, earlier `tool_calls` (their JSON-string
+`arguments` parsed, as Hugging Face templates expect objects) and `tool_call_id`; the request's
+`documents` and `chat_template_kwargs`. Content parts other than text are refused by name: there is
+no multimodal model to give them to.
+
+A last message from the assistant is continued (TGI's rule, and vLLM's `continue_final_message`)
+unless `continue_final_message` is false, in which case it is a finished turn and a new one starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+from tokenmill.api.errors import TemplateError
+from tokenmill.api.openai_schemas import NO_MULTIMODAL, ChatMessage, ChatRequest
+from tokenmill.errors import ValidationError
+
+
+def render(body: ChatRequest, tokenizer: Any) -> str:
+    """The prompt text for `body`'s messages, or a 422 (ValidationError, or TemplateError from the template)."""
+    if not body.messages:
+        raise ValidationError("`messages` must contain at least one message")
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError("template not found")
+    continuing = continues_final_message(body)
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    extra = _template_variables(body.chat_template_kwargs, tokenizer)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, documents=body.documents,
+                                             add_generation_prompt=body.add_generation_prompt and not continuing,
+                                             continue_final_message=continuing, **extra)
+    except Exception as exc:  # noqa: BLE001 - jinja errors of every kind become 422 template_error
+        raise TemplateError(str(exc)) from exc
+
+
+def continues_final_message(body: ChatRequest) -> bool:
+    last_is_assistant = body.messages[-1].role == "assistant"
+    if body.continue_final_message is None:
+        return last_is_assistant
+    if body.continue_final_message and not last_is_assistant:
+        raise ValidationError("`continue_final_message` needs a last message from the assistant to continue; "
+                              f"the last message is the {body.messages[-1].role}'s")
+    if body.continue_final_message and body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
+        raise ValidationError("`continue_final_message` and `add_generation_prompt` cannot both be true")
+    return body.continue_final_message
+
+
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message_text(message, index)}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [_tool_call(call) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    """A message's text: its content, or its text parts joined; any other part is refused, naming it."""
+    if not isinstance(message.content, list):
+        return message.content or ""
+    texts = []
+    for j, part in enumerate(message.content):
+        kind = part.get("type")
+        if kind != "text":
+            raise ValidationError(f"`messages[{index}].content[{j}]` is not supported: content parts of type "
+                                  f"`{kind}` need a multimodal model, and {NO_MULTIMODAL}")
+        texts.append(part.get("text") or "")
+    return "".join(texts)
+
+
+def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call  # not JSON: the template gets the string as sent
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def _template_variables(kwargs: dict[str, Any] | None, tokenizer: Any) -> dict[str, Any]:
+    """`chat_template_kwargs` as template variables; a name that is an argument of the template call
+    itself (such as `tokenize`) would change the call, not the template, and is refused."""
+    if not kwargs:
+        return {}
+    reserved = {name for name, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
+                if p.kind is not inspect.Parameter.VAR_KEYWORD} | {"messages"}
+    for name in kwargs:
+        if name in reserved:
+            raise ValidationError(f"`chat_template_kwargs.{name}` is not supported: it is an argument of the "
+                                  "template call, not a template variable")
+    return kwargs

@@ -1,0 +1,260 @@
+"""/metrics as TGI's and vLLM's users read it: TGI's Grafana dashboard finds data for every query, TGI's
+names, types and bucket layouts, each request counted once, and vLLM's names as aliases."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.conftest import TinyServer
+from tokenmill.api.grpc import model_server_pb2 as pb
+from tokenmill.api.metrics import Metrics
+from tokenmill.api.tgi_metrics import BatchMetrics
+from tokenmill.outputs import StepStats
+
+DASHBOARD = json.loads((Path(__file__).parent / "data" / "tgi_grafana_queries.json").read_text())
+SELECTOR = re.compile(r"\b(tgi_[a-z0-9_]+)\s*(?:\{([^}]*)\})?")
+MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+# A target label Prometheus adds when it scrapes (Kubernetes discovery), not one a server exports.
+TARGET_LABELS = {"container"}
+LONG = " ".join(f"w{5 + i % 50}" for i in range(40))  # longer than a KV block: a second send hits the prefix cache
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = TinyServer(max_concurrent_requests=8)
+    yield server
+    server.stop()
+
+
+def _url(server) -> str:
+    return server if isinstance(server, str) else server.url
+
+
+def _post(server, path: str, body) -> httpx.Response:
+    return httpx.post(f"{_url(server)}{path}", json=body, timeout=120)
+
+
+def _text(server) -> str:
+    return httpx.get(f"{_url(server)}/metrics", timeout=10).text
+
+
+def _families(server) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(_text(server))}
+
+
+def _value(server, name: str, **labels) -> float:
+    """A sample's value; prometheus_client's parser names a counter's samples `<name>_total` whatever the
+    text said, so a counter is looked up under both (the raw names are checked on their own)."""
+    for family in text_string_to_metric_families(_text(server)):
+        for sample in family.samples:
+            if sample.name in (name, f"{name}_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _traffic(server, running_tokens: int = 200) -> None:
+    """Successes on TGI's and OpenAI's routes, a validation failure, and a request joining a running batch."""
+    assert _post(server, "/generate", {"inputs": "w5 w6 w7", "parameters": {"max_new_tokens": 4}}).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 3}
+    assert _post(server, "/v1/chat/completions", chat).status_code == 200
+    assert _post(server, "/generate", {"inputs": "w5", "parameters": {"temperature": -1}}).status_code == 422
+    running = {"prompt": "w8 w9", "max_tokens": running_tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{_url(server)}/v1/completions", json=running, timeout=120) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data:"))  # decoding now
+        joining = _post(server, "/generate", {"inputs": "w10 w11", "parameters": {"max_new_tokens": 2}})
+        assert joining.status_code == 200
+        assert any("[DONE]" in line for line in lines)
+
+
+def _selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    return [(name, [m for m in MATCHER.findall(matchers or "") if m[0] not in TARGET_LABELS])
+            for name, matchers in SELECTOR.findall(expr)]
+
+
+def _label_matches(value: str, op: str, wanted: str) -> bool:
+    return {"=": value == wanted, "!=": value != wanted, "=~": re.fullmatch(wanted, value) is not None,
+            "!~": re.fullmatch(wanted, value) is None}[op]
+
+
+def _data_for(families: dict, name: str, matchers) -> tuple[str | None, float, int]:
+    """(family type, sum of the matching samples' values, how many) for one selector."""
+    kind, total, count = None, 0.0, 0
+    for family in families.values():
+        for sample in family.samples:
+            if sample.name not in (name, f"{name}_total"):
+                continue
+            if all(_label_matches(sample.labels.get(k, ""), op, v) for k, op, v in matchers):
+                kind, total, count = family.type, total + sample.value, count + 1
+    return kind, total, count
+
+
+def _dashboard_gaps(server) -> list[str]:
+    """Each selector of the dashboard's queries that finds no data on /metrics, and why."""
+    text = _text(server)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    gaps = []
+    for query in DASHBOARD["queries"]:
+        for name, matchers in _selectors(query["expr"]):
+            where = f"{query['panel']}: {name}{matchers}"
+            kind, total, count = _data_for(families, name, matchers)
+            if not re.search(rf"^{re.escape(name)}[{{ ]", text, re.M):
+                gaps.append(f"no sample named exactly {name} ({where})")
+            elif not count:
+                gaps.append(f"no sample matches {where}")
+            elif kind in ("counter", "histogram") and total <= 0:  # rate(), increase(), quantiles need counts
+                gaps.append(f"nothing counted for {where}")
+    return gaps
+
+
+def test_the_dashboard_queries_are_all_there() -> None:
+    assert len(DASHBOARD["queries"]) == 57
+    assert all(_selectors(query["expr"]) for query in DASHBOARD["queries"])
+
+
+def test_every_query_of_tgi_s_grafana_dashboard_finds_data(server) -> None:
+    _traffic(server)
+    assert _dashboard_gaps(server) == []
+
+
+@pytest.mark.slow
+def test_every_dashboard_query_finds_data_behind_tokenmill_serve(served_smollm2) -> None:
+    """The default deployment: the engine steps run in a model-server process, and their batch metrics
+    reach the router's /metrics with its info (each health round)."""
+    _traffic(served_smollm2, running_tokens=48)
+    assert _wait_for(lambda: not _dashboard_gaps(served_smollm2), timeout_s=15), _dashboard_gaps(served_smollm2)
+
+
+def test_tgi_s_counters_keep_their_names_and_have_no_created_series(server) -> None:
+    _post(server, "/generate", {"inputs": "w5 w6", "parameters": {"max_new_tokens": 2}})
+    _post(server, "/generate", {"inputs": "w5 w6", "parameters": {"top_p": 1.0}})
+    text = _text(server)
+    for counter in ("tgi_request_count", "tgi_request_success", "tgi_batch_inference_count"):
+        assert f"# TYPE {counter} counter" in text
+    assert re.search(r"^tgi_request_count \d", text, re.M)
+    assert re.search(r"^tgi_request_success \d", text, re.M)
+    assert re.search(r'^tgi_request_failure\{err="validation"\} \d', text, re.M)
+    names = set(re.findall(r"^(?:# (?:TYPE|HELP) )?(tgi_\w+)", text, re.M))
+    assert names
+    assert not [name for name in names if name.endswith(("_total", "_created"))]
+
+
+def test_each_request_counts_once_as_a_success_or_a_failure_by_tgi_s_error_kind(server) -> None:
+    names = {"count": ("tgi_request_count", {}), "success": ("tgi_request_success", {}),
+             "validation": ("tgi_request_failure", {"err": "validation"}),
+             "dropped": ("tgi_request_failure", {"err": "dropped"})}
+
+    def counts() -> dict[str, float]:
+        return {key: _value(server, name, **labels) for key, (name, labels) in names.items()}
+
+    before = counts()
+    assert _post(server, "/generate", {"inputs": "w5", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, "n": 2}
+    assert len(_post(server, "/v1/chat/completions", chat).json()["choices"]) == 2  # one request, two choices
+    assert _post(server, "/generate", {"inputs": "w5", "parameters": {"top_k": 0}}).status_code == 422
+    stream = httpx.post(f"{server.url}/generate_stream", json={"inputs": "w5", "parameters": {"top_k": 0}}, timeout=60)
+    assert stream.status_code == 200 and '"error_type": "validation"' in stream.text  # refused in-band
+    # A body that does not deserialize never reaches a handler: TGI counts nothing for it.
+    assert _post(server, "/generate", {"inputs": 5}).status_code == 422
+    body = {"prompt": "w5", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        next(line for line in response.iter_lines() if line.startswith("data:"))  # then the client leaves
+    assert _wait_for(lambda: counts()["dropped"] == before["dropped"] + 1)
+    after = counts()
+    assert {key: after[key] - before[key] for key in names} == {"count": 5, "success": 2, "validation": 2,
+                                                                 "dropped": 1}
+
+
+def _bounds(family, **labels) -> list[float]:
+    return [float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"
+            and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_bucket_layouts_are_tgi_s(server) -> None:
+    _post(server, "/generate", {"inputs": "w5", "parameters": {"max_new_tokens": 2}})
+    families = _families(server)
+    info = httpx.get(f"{server.url}/info").json()
+    durations = {"tgi_request_duration": {}, "tgi_request_queue_duration": {},
+                 "tgi_batch_forward_duration": {"method": "decode"}}
+    for name, labels in durations.items():
+        bounds = _bounds(families[name], **labels)
+        assert len(bounds) == 35 and bounds[0] == pytest.approx(0.00015), name
+        assert all(b / a == pytest.approx(1.5) for a, b in zip(bounds, bounds[1:])), name
+    limits = {"tgi_request_input_length": info["max_input_tokens"], "tgi_request_generated_tokens":
+              info["max_total_tokens"], "tgi_request_max_new_tokens": info["max_total_tokens"]}
+    for name, limit in limits.items():
+        bounds = _bounds(families[name])
+        assert len(bounds) == 100 and bounds[-1] == pytest.approx(limit), name
+        assert bounds == pytest.approx([limit / 100 * (i + 1) for i in range(100)]), name
+    assert _bounds(families["tgi_batch_next_size"]) == [float(i) for i in range(1, 1025)]
+
+
+def test_vllm_s_names_follow_the_same_traffic(server) -> None:
+    labels = {"model_name": "tiny-llama", "engine": "0"}
+    names = ("vllm:generation_tokens", "vllm:prompt_tokens", "vllm:time_to_first_token_seconds_count",
+             "vllm:e2e_request_latency_seconds_count", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+    before = {name: _value(server, name, **labels) for name in names}
+    success = _value(server, "vllm:request_success", finished_reason="length", **labels)
+    usage = [_post(server, "/v1/completions", {"prompt": LONG, "max_tokens": 5, "ignore_eos": True}).json()["usage"]
+             for _ in range(2)]
+    after = {name: _value(server, name, **labels) for name in names}
+    prompt_tokens = sum(u["prompt_tokens"] for u in usage)
+    assert after["vllm:generation_tokens"] - before["vllm:generation_tokens"] == 10
+    assert after["vllm:prompt_tokens"] - before["vllm:prompt_tokens"] == prompt_tokens
+    assert after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"] == prompt_tokens
+    assert after["vllm:prefix_cache_hits"] > before["vllm:prefix_cache_hits"]  # the second send reused the first
+    assert after["vllm:time_to_first_token_seconds_count"] - before["vllm:time_to_first_token_seconds_count"] == 2
+    assert after["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"] == 2
+    assert _value(server, "vllm:request_success", finished_reason="length", **labels) == success + 2
+    families = _families(server)
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert families[gauge].type == "gauge"
+        assert [s.labels for s in families[gauge].samples] == [labels]
+    text = _text(server)
+    assert "tokenmill_compiles_total" in text and "tokenmill_kv_cache_usage_ratio" in text
+
+
+def _stats(step: int, prefill: int, decode: int, new: int = 0, seqs: int = 1, failed: bool = False) -> StepStats:
+    return StepStats(step=step, num_seqs=seqs, num_new_seqs=new, num_prefill_tokens=prefill, num_decode_tokens=decode,
+                     total_s=0.01, forward_s=0.005, failed=failed)
+
+
+def test_the_router_sums_its_model_servers_batch_metrics() -> None:
+    """Behind `tokenmill serve` the steps run in the model servers: each sends its samples with its info."""
+    first, second = BatchMetrics(), BatchMetrics()
+    first.observe(_stats(0, prefill=3, decode=0, new=1), current_max_tokens=10)
+    first.observe(_stats(1, prefill=0, decode=1), current_max_tokens=10)
+    second.observe(_stats(0, prefill=0, decode=2, seqs=2), current_max_tokens=20)
+    second.observe(_stats(1, prefill=4, decode=1, new=1, seqs=2), current_max_tokens=20)
+    second.observe(_stats(2, prefill=0, decode=2, seqs=2, failed=True), current_max_tokens=20)
+    replicas = [SimpleNamespace(address=address, healthy=True, num_requests=0,
+                                info=pb.InfoResponse(ready=True, kv_capacity_tokens=100, batch_metrics=b.snapshot()))
+                for address, b in (("unix:a", first), ("unix:b", second))]
+    metrics = Metrics()
+    metrics.observe_replicas(SimpleNamespace(replicas=replicas))
+    text = metrics.render().decode()
+    assert 'tgi_batch_inference_count{method="decode"} 3.0' in text
+    assert 'tgi_batch_inference_success{method="decode"} 2.0' in text
+    assert 'tgi_batch_inference_failure{method="decode"} 1.0' in text
+    assert 'tgi_batch_forward_duration_count{method="prefill"} 2.0' in text
+    assert 'tgi_batch_concat{reason="chunking"} 1.0' in text
+    assert "tgi_batch_current_max_tokens 30.0" in text
+    assert "tgi_batch_max_total_tokens 200.0" in text
+    assert not [name for name in re.findall(r"^(tgi_\w+)", text, re.M) if name.endswith(("_total", "_created"))]
