@@ -24,7 +24,7 @@ import torch
 
 from tokenmill.model_runner import host_to_device
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.watermark import WatermarkBatch
+from tokenmill.watermark import WatermarkBatch, mix32
 
 _MASK32 = 0xFFFFFFFF
 
@@ -311,18 +311,8 @@ def _fold_seed(seed: int) -> int:
     return fmix((seed & _MASK32) ^ fmix((seed >> 32) & _MASK32))
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finaliser on 32-bit values held in int64 (products wrap; the low bits are exact)."""
-    h = h & _MASK32
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
 def _hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniforms in (0, 1) from (seed, step, token id) alone: (rows, vocab)."""
-    row = _fmix32(_fmix32(seeds) + steps * 0x9E3779B1)[:, None]
-    h = _fmix32(row ^ _fmix32(torch.arange(vocab, dtype=torch.int64, device=seeds.device)[None, :] + 0x27D4EB2F))
+    row = mix32(mix32(seeds) + steps * 0x9E3779B1)[:, None]
+    h = mix32(row ^ mix32(torch.arange(vocab, dtype=torch.int64, device=seeds.device)[None, :] + 0x27D4EB2F))
     return (h.double() + 0.5).div_(2**32).float()

@@ -29,7 +29,7 @@ HASH_KEY = 15485863  # TGI's: a large prime, so neighbouring previous tokens see
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
+def mix32(h: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's finaliser on 32-bit values held in int64 (products wrap; the low bits are exact)."""
     h = h & _MASK32
     h = h ^ (h >> 16)
@@ -41,7 +41,7 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 
 def _uniform(previous: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """A uniform in [0, 1) for each (previous token, token) pair, broadcasting the two."""
-    h = _mix32(_mix32(previous * HASH_KEY) ^ _mix32(token + 0x27D4EB2F))
+    h = mix32(mix32(previous * HASH_KEY) ^ mix32(token + 0x27D4EB2F))
     return h.float() / 2**32
 
 
