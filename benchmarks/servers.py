@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from tokenmill.conformance.ports import free_port
 
 
 @dataclass
@@ -23,12 +23,6 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     startup_timeout_s: float = 600.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PeakRssSampler(threading.Thread):

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import time
 import traceback
@@ -35,6 +34,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tokenmill.interfaces import Communicator
+from tokenmill.conformance.ports import free_port
 
 RANK_TIMEOUT_S = 600
 # name -> (cores of each rank, forward variants timed)
@@ -127,17 +127,11 @@ def _rank_main(rank: int, config: str, port: int, folder: str, batches: list[int
         queue.put((rank, None, traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_config(config: str, folder: Path, batches: list[int], steps: int) -> list[dict]:
     """Every rank's results for one configuration, each rank in its own spawned process."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     world_size = len(CONFIGS[config][0])
     procs = [context.Process(target=_rank_main, args=(rank, config, port, str(folder), batches, steps, queue),
                              daemon=True) for rank in range(world_size)]

@@ -17,7 +17,6 @@ import math
 import multiprocessing
 import queue as queue_module
 import random
-import socket
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -182,12 +181,6 @@ def _rank_main(rank: int, job: Job, queue: Any) -> None:
 
 
 # ---- the test process's side ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _failure(errors: dict[int, tuple[str, str]]) -> RanksFailed:

@@ -21,12 +21,12 @@ from tokenmill.conformance.parallel_harness import (
     RanksFailed,
     engine_config,
     expected_collective,
-    free_port,
     greedy_tokens,
     run_ranks,
     tiny_model,
     weight_count,
 )
+from tokenmill.conformance.ports import free_port
 from tokenmill.conformance.plugin import dtypes_under_test, has_paged_cache
 from tokenmill.engine import Engine
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import json
 import subprocess
 import sys
@@ -20,16 +19,11 @@ from tests.tiny_models import build_tiny
 from tokenmill.api.app import build_app
 from tokenmill.api.server import ServeOptions, build_service
 from tokenmill.engine import Engine, EngineConfig
+from tokenmill.conformance.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:

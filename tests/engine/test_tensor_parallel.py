@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue as queue_module
 import random
-import socket
 import time
 import traceback
 from typing import Any
@@ -33,6 +32,7 @@ from tokenmill.layers.vocab_parallel import ParallelLMHead
 from tokenmill.models import get_model_class, kv_cache_shape
 from tokenmill.parallel import ParallelContext, TorchDistributedCommunicator
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.conformance.ports import free_port
 
 RANK_TIMEOUT_S = 240
 
@@ -100,16 +100,10 @@ def _rank_main(rank: int, world_size: int, port: int, cases: list[str], queue: A
         queue.put((rank, None, traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_ranks(world_size: int, cases: list[str]) -> dict[str, dict[str, Any]]:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=_rank_main, args=(rank, world_size, port, cases, queue), daemon=True)
              for rank in range(world_size)]
     for proc in procs:

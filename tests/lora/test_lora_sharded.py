@@ -4,7 +4,6 @@ and the ranks together give the one-process tokens; rank 0 tells the others each
 from __future__ import annotations
 
 import random
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +21,7 @@ from tokenmill.model_runner import SequenceStep
 from tokenmill.parallel import ParallelContext, TorchDistributedCommunicator
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.step_broadcast import decode_steps, encode_steps
+from tokenmill.conformance.ports import free_port
 
 RANK_TIMEOUT_S = 240
 WORLD_SIZE = 2
@@ -55,12 +55,6 @@ def _rank_main(rank: int, port: int, folder: str, queue: Any) -> None:
         queue.put((rank, None, traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sharded_adapters_give_the_one_process_tokens(tmp_path) -> None:
     reference = build_tiny("llama", attention_bias=True).reference
     write_adapter(tmp_path / "a", reference, ATTENTION + MLP, rank=8, seed=1)
@@ -69,7 +63,7 @@ def test_sharded_adapters_give_the_one_process_tokens(tmp_path) -> None:
 
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=_rank_main, args=(rank, port, str(tmp_path), queue), daemon=True)
              for rank in range(WORLD_SIZE)]
     for proc in procs:

@@ -1,0 +1,27 @@
+"""Test servers bind ports the kernel never hands to outgoing connections (a CI run lost a module to that race)."""
+
+from __future__ import annotations
+
+import socket
+
+from tokenmill.conformance.ports import _ephemeral_range, free_port
+
+
+def test_ports_come_from_below_the_ephemeral_range_and_are_bindable() -> None:
+    low, _ = _ephemeral_range()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(port < low for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))
+
+
+def test_a_port_someone_listens_on_is_never_handed_out(monkeypatch) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        choices = iter([taken, taken, 20_001])
+        monkeypatch.setattr("tokenmill.conformance.ports._ephemeral_range", lambda: (taken + 1, 60_999))
+        monkeypatch.setattr("tokenmill.conformance.ports.random.randrange", lambda low, high: next(choices))
+        assert free_port() == 20_001
