@@ -16,6 +16,7 @@ from tokenmill.api.metrics import request_taken
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine, GenerationError
 from tokenmill.errors import ValidationError
+from tokenmill.grammar import GrammarSpec
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
 
@@ -113,8 +114,15 @@ class GenerationService:
             raise UnknownModelError(model)
         return None
 
+    async def compile_grammar(self, grammar: GrammarSpec | None) -> None:
+        """Wait for `grammar`'s compilation (on the engine's pool, off its step loop): a grammar that cannot
+        compile is a `GrammarError` (422) before any output. Replicas behind gRPC compile on their side."""
+        if grammar is not None and hasattr(self.engine, "compile_grammar"):
+            await self.engine.compile_grammar(grammar)
+
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                      adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        await self.compile_grammar(params.grammar)
         observed = self.metrics.engine_request(len(prompt_ids), params.max_new_tokens) if self.metrics else None
         async for out in self.engine.generate(self.new_id(), prompt_ids, params, adapter):
             if out.error:

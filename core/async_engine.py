@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from tokenmill.engine import Engine
 from tokenmill.errors import TokenmillError
+from tokenmill.grammar import GrammarSpec
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -89,6 +90,10 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._submit(lambda: self.engine.abort(request_id))
+
+    async def compile_grammar(self, grammar: GrammarSpec) -> None:
+        """Wait, without blocking the loop, for the engine's compilation of `grammar`; raise its GrammarError."""
+        await asyncio.wrap_future(self.engine.grammars.submit(grammar))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread, between steps, and return its result."""
