@@ -106,3 +106,20 @@ def test_the_reference_mask_matches_a_per_token_loop(vocab) -> None:
         allowed = (int(bitmask[row, token // 32]) >> (token % 32)) & 1
         assert masked[row, token] == (logits[row, token] if allowed else float("-inf"))
     assert torch.equal(masked[2], logits[2])
+
+
+@pytest.mark.parametrize("vocab", [256, 250, 49152])
+def test_the_cpu_plugins_kernel_equals_the_reference(vocab) -> None:
+    from tokenmill.plugins.cpu import token_mask
+
+    if token_mask._token_mask is None:
+        pytest.skip("the CPU extension is not built")
+    generator = torch.Generator().manual_seed(vocab + 1)
+    logits = torch.randn(7, vocab, generator=generator)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (7, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
+    bitmask[[1, 4]] = -1
+    bitmask[5] = 0  # nothing allowed: the whole row at -inf
+    expected = TokenMask().apply(logits, bitmask)
+    assert torch.equal(token_mask.CTokenMask().apply(logits.clone(), bitmask), expected)
+    rows = logits[[0, 3, 6]]  # a gathered copy, as the engine samples from when prompts are chunked
+    assert torch.equal(token_mask.CTokenMask().apply(rows, bitmask[[0, 3, 6]]), expected[[0, 3, 6]])
