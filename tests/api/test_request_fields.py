@@ -336,3 +336,13 @@ def test_the_new_sampling_fields_cross_the_model_server_protocol() -> None:
                             watermark=True, watermark_gamma=0.25, watermark_delta=1.0, skip_special_tokens=False,
                             include_stop_str_in_output=False, top_k=3, min_p=0.1)
     assert params_from_pb(params_to_pb(params)) == params
+
+
+@pytest.mark.parametrize("grammar", [None, ("regex", r"\d+"), ("json", '{"type": "object"}'), ("json_object", "")])
+def test_a_grammar_crosses_the_model_server_protocol(grammar) -> None:
+    from tokenmill.api.grpc.convert import params_from_pb, params_to_pb
+    from tokenmill.grammar import GrammarSpec
+    from tokenmill.sampling_params import SamplingParams
+
+    params = SamplingParams(grammar=GrammarSpec(*grammar) if grammar else None)
+    assert params_from_pb(params_to_pb(params)) == params
