@@ -143,12 +143,13 @@ class SamplingMetadata:
 def _biases(params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]], num_prompt_tokens: Sequence[int],
             eos_token_ids: Collection[int], vocab_size: int) -> tuple[list[list[int]], list[list[float]]] | None:
     """Per row, the token ids and values added to its logits: its `logit_bias`, and -inf on its stop
-    tokens (EOS and `stop_token_ids`) while it has generated fewer than `min_tokens` tokens. Rows are
-    padded with the id `vocab_size`, a column past the logits; None when no row has any bias."""
+    tokens (EOS and `stop_token_ids`) while it has generated fewer than `min_tokens` tokens, unless a
+    grammar decides where the text ends. Rows are padded with the id `vocab_size`, a column past the
+    logits; None when no row has any bias."""
     rows = []
     for p, tokens, num_prompt in zip(params, token_ids, num_prompt_tokens):
         row = [(i, b) for i, b in p.logit_bias if i < vocab_size]
-        if len(tokens) - num_prompt < p.min_tokens:
+        if len(tokens) - num_prompt < p.min_tokens and p.grammar is None:
             row += [(i, float("-inf")) for i in {*eos_token_ids, *p.stop_token_ids} if 0 <= i < vocab_size]
         rows.append(row)
     width = max(len(row) for row in rows)

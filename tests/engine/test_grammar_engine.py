@@ -106,3 +106,9 @@ def test_a_request_waits_for_its_grammar_without_holding_up_others(engine) -> No
                 finished[out.request_id] = out
     assert re.fullmatch(pattern, finished["slow"].generated_text)
     assert finished["bad-later"].error and "could not be compiled" in finished["bad-later"].error
+
+
+def test_min_tokens_does_not_hold_back_the_end_of_a_grammar(engine) -> None:
+    params = SamplingParams(max_new_tokens=10, min_tokens=8, grammar=GrammarSpec.choice(["yes", "no"]))
+    outputs = engine.generate([_prompt(engine, "?")], params)[0]
+    assert outputs[-1].finish_reason == "eos_token" and outputs[-1].generated_text in ("yes", "no")
