@@ -116,13 +116,13 @@ class GenerationService:
 
     async def compile_grammar(self, grammar: GrammarSpec | None) -> None:
         """Wait for `grammar`'s compilation (on the engine's pool, off its step loop): a grammar that cannot
-        compile is a `GrammarError` (422) before any output. Replicas behind gRPC compile on their side."""
+        compile is a `GrammarError` (422) before a streamed answer starts. Replicas behind gRPC compile on
+        their side, when the request reaches them (`AsyncEngine.generate`), and answer INVALID_ARGUMENT."""
         if grammar is not None and hasattr(self.engine, "compile_grammar"):
             await self.engine.compile_grammar(grammar)
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                      adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        await self.compile_grammar(params.grammar)
         observed = self.metrics.engine_request(len(prompt_ids), params.max_new_tokens) if self.metrics else None
         async for out in self.engine.generate(self.new_id(), prompt_ids, params, adapter):
             if out.error:

@@ -71,7 +71,10 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs, run with LoRA adapter `adapter` (None: the base model); leaving
-        the loop early (client gone) aborts it."""
+        the loop early (client gone) aborts it. A request with a grammar first waits for its compilation,
+        off the engine's thread: one that cannot compile raises its `GrammarError` before any output."""
+        if params.grammar is not None:
+            await self.compile_grammar(params.grammar)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._submit(lambda: self._add(request_id, list(prompt_token_ids), params, adapter))
