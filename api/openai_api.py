@@ -29,6 +29,7 @@ from tokenmill.api.openai_schemas import ChatMessage, ChatRequest, CompletionReq
 from tokenmill.api.service import Generation, GenerationService
 from tokenmill.api.sse import SSE_CONTENT, error_event, sse, sse_response
 from tokenmill.api.tgi import stream_headers, timing_headers
+from tokenmill.api.structured import openai_grammar
 from tokenmill.api.validation import refuse_unsupported
 from tokenmill.errors import ValidationError
 from tokenmill.outputs import TokenInfo
@@ -92,7 +93,7 @@ def _sampling(body: _Common, service: GenerationService, prompt_len: int, top_n:
         logprobs=True, top_n_tokens=top_n, frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=presence, repetition_penalty=repetition or 1.0, ignore_eos=body.ignore_eos,
         logit_bias=_logit_bias(body.logit_bias, len(service.tokenizer)),
-        skip_special_tokens=body.skip_special_tokens,
+        skip_special_tokens=body.skip_special_tokens, grammar=openai_grammar(body, settings),
     )
 
 
@@ -227,6 +228,7 @@ async def serve_chat(body: ChatRequest, request: Request, dialect: Dialect):
                         body.truncate_prompt_tokens, service.settings)
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     params = _sampling(body, service, len(prompt), top_n, dialect)
+    await service.compile_grammar(params.grammar)  # one that cannot compile is a 422, even when streamed
     model = body.model or service.settings.model_id
     last = body.messages[-1]
     echo = chat_template.message_text(last, len(body.messages) - 1) if body.echo and last.role == "assistant" else ""
@@ -265,6 +267,7 @@ async def serve_completions(body: CompletionRequest, request: Request, dialect: 
     echo_logprobs = body.echo and body.logprobs is not None
     params = [dataclasses.replace(_sampling(body, service, len(ids), top_n, dialect), prompt_logprobs=echo_logprobs)
               for ids in encoded]
+    await service.compile_grammar(params[0].grammar)  # one that cannot compile is a 422, even when streamed
     model = body.model or service.settings.model_id
     jobs = [(i * body.n + k, ids, _seeded(p, k)) for i, (ids, p) in enumerate(zip(encoded, params))
             for k in range(body.n)]

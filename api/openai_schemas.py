@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from tokenmill.api.schemas import STRUCTURED_OUTPUT, Refusal, RequestBody
+from tokenmill.api.schemas import Refusal, RequestBody
 
 NO_TOOLS = "tool calling is not implemented yet"
 NO_MULTIMODAL = "this server runs text-only models"
@@ -24,10 +24,8 @@ class StreamOptions(RequestBody):
     continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
-_STRUCTURED = Refusal(STRUCTURED_OUTPUT)
-
 # Fields both routes share, refused: vLLM's sampling and serving extensions this server has no
-# counterpart for, structured output (a later issue), and OpenAI's platform features.
+# counterpart for, the parts of structured output it does not offer, and OpenAI's platform features.
 _COMMON_REFUSED: dict[str, Refusal] = {
     "best_of": Refusal("generating more sequences than are returned is not implemented", accepted=(1,)),
     "use_beam_search": Refusal("beam search is not implemented"),
@@ -43,15 +41,10 @@ _COMMON_REFUSED: dict[str, Refusal] = {
     "kv_transfer_params": Refusal("disaggregated serving is not implemented"),
     "vllm_xargs": Refusal("there are no request extensions to pass them to"),
     "priority": Refusal("requests are served first come, first served"),
-    "guided_json": _STRUCTURED,
-    "guided_regex": _STRUCTURED,
-    "guided_choice": _STRUCTURED,
-    "guided_grammar": _STRUCTURED,
-    "guided_decoding_backend": _STRUCTURED,
-    "guided_whitespace_pattern": _STRUCTURED,
-    "structural_tag": _STRUCTURED,
-    "structured_outputs": _STRUCTURED,
-    "response_format": Refusal(STRUCTURED_OUTPUT, accepted=({"type": "text"},)),
+    "guided_decoding_backend": Refusal("grammars are compiled by xgrammar; no other library can be chosen",
+                                       accepted=("xgrammar", "auto")),
+    "guided_whitespace_pattern": Refusal("JSON is generated without free whitespace; no pattern can be set"),
+    "structural_tag": Refusal("structural tags come with tool calling, which is not implemented yet"),
     "metadata": Refusal("completions are not stored"),
     "store": Refusal("completions are not stored", accepted=(False,)),
     "service_tier": Refusal("there is one service tier", accepted=("auto", "default")),
@@ -64,6 +57,8 @@ class _Common(RequestBody):
         "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos", "top_k", "min_p", "min_tokens",
         "stop_token_ids", "logit_bias", "skip_special_tokens", "include_stop_str_in_output", "user",
         "truncate_prompt_tokens", "request_id",
+        # Structured output (issue #18): tokenmill.api.structured.
+        "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     })
     refused: ClassVar[dict[str, Refusal]] = _COMMON_REFUSED
 
@@ -91,6 +86,12 @@ class _Common(RequestBody):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last N prompt tokens; -1: as many as fit
     request_id: str | None = None  # the response's id is built from it
+    response_format: dict[str, Any] | None = None  # OpenAI's: {"type": "text" | "json_object" | "json_schema"}
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: one of json, regex, choice, grammar, json_object
+    guided_json: Any = None  # vLLM's older fields, one constraint each
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Refused (see _COMMON_REFUSED).
     best_of: int | None = Field(None, ge=1)
     use_beam_search: bool = False
@@ -106,15 +107,9 @@ class _Common(RequestBody):
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, Any] | None = None
     priority: int = 0
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
     structural_tag: Any = None
-    structured_outputs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None

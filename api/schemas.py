@@ -84,20 +84,14 @@ class RequestBody(BaseModel):
                     yield from child.refusals(f"{path}[{i}]." if isinstance(value, list) else f"{path}.")
 
 
-STRUCTURED_OUTPUT = "structured output (grammars, JSON schemas, regular expressions, choices) is not implemented yet"
-
-
 class GenerateParameters(RequestBody):
     honoured: ClassVar[frozenset[str]] = frozenset({
         "best_of", "decoder_input_details", "details", "do_sample", "frequency_penalty", "max_new_tokens",
         "repetition_penalty", "return_full_text", "seed", "stop", "temperature", "top_k", "top_n_tokens", "top_p",
         "truncate", "typical_p", "watermark",
         "adapter_id",  # LoRA adapters (issue #17, item 7)
+        "grammar",  # structured output (issue #18): tokenmill.api.structured
     })
-    refused: ClassVar[dict[str, Refusal]] = {
-        # TGI's own words when its grammar support is off (--disable-grammar-support).
-        "grammar": Refusal(STRUCTURED_OUTPUT, message="grammar is not supported"),
-    }
 
     best_of: int | None = Field(None, ge=1)
     decoder_input_details: bool = False

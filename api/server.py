@@ -59,6 +59,7 @@ class ServeOptions:
     graceful_shutdown_s: int = 30
     watermark_gamma: float = 0.5  # TGI's --watermark-gamma: the green share of requests with `watermark`
     watermark_delta: float = 2.0  # TGI's --watermark-delta: what a green token's logit gains
+    disable_grammar_support: bool = False  # TGI's --disable-grammar-support: structured output gets 422
 
 
 def model_name(model_id: str | None, source: str) -> str:
@@ -75,6 +76,7 @@ def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, c
         max_client_batch_size=options.max_client_batch_size, payload_limit=options.payload_limit,
         api_key=options.api_key, cors_allow_origin=options.cors_allow_origin, compute_type=compute_type,
         watermark_gamma=options.watermark_gamma, watermark_delta=options.watermark_delta, adapters=tuple(adapters),
+        disable_grammar_support=options.disable_grammar_support,
     )
 
 

@@ -16,6 +16,7 @@ from tokenmill.api.metrics import request_taken
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine, GenerationError
 from tokenmill.errors import ValidationError
+from tokenmill.grammar import GrammarSpec
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
 
@@ -112,6 +113,13 @@ class GenerationService:
         if model and model != self.settings.model_id and self.settings.adapters:
             raise UnknownModelError(model)
         return None
+
+    async def compile_grammar(self, grammar: GrammarSpec | None) -> None:
+        """Wait for `grammar`'s compilation (on the engine's pool, off its step loop): a grammar that cannot
+        compile is a `GrammarError` (422) before a streamed answer starts. Replicas behind gRPC compile on
+        their side, when the request reaches them (`AsyncEngine.generate`), and answer INVALID_ARGUMENT."""
+        if grammar is not None and hasattr(self.engine, "compile_grammar"):
+            await self.engine.compile_grammar(grammar)
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                      adapter: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -23,6 +23,7 @@ class ServerSettings:
     watermark_gamma: float = 0.5  # the `watermark` parameter's settings (TGI's --watermark-gamma/-delta)
     watermark_delta: float = 2.0
     adapters: tuple[str, ...] = ()  # the LoRA adapters requests may name (`adapter_id`, OpenAI's `model`)
+    disable_grammar_support: bool = False  # TGI's flag: structured output requests get 422
 
     def __post_init__(self) -> None:
         if not 0 < self.max_input_tokens < self.max_total_tokens:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tokenmill.api.errors import UnsupportedError
 from tokenmill.api.schemas import GenerateParameters, RequestBody
 from tokenmill.api.settings import ServerSettings
+from tokenmill.api.structured import tgi_grammar
 from tokenmill.api.tracing import tracer
 from tokenmill.errors import ValidationError
 from tokenmill.sampling_params import SamplingParams
@@ -123,6 +124,7 @@ def _validate_generate(inputs: str, p: GenerateParameters, settings: ServerSetti
         watermark=p.watermark,
         watermark_gamma=settings.watermark_gamma,
         watermark_delta=settings.watermark_delta,
+        grammar=tgi_grammar(p.grammar, settings),
     )
     full_text = p.return_full_text if p.return_full_text is not None else default_full_text
     return ValidRequest(ids, params, best_of, full_text)

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from tokenmill.engine import Engine
 from tokenmill.errors import TokenmillError
+from tokenmill.grammar import GrammarSpec
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -70,7 +71,10 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs, run with LoRA adapter `adapter` (None: the base model); leaving
-        the loop early (client gone) aborts it."""
+        the loop early (client gone) aborts it. A request with a grammar first waits for its compilation,
+        off the engine's thread: one that cannot compile raises its `GrammarError` before any output."""
+        if params.grammar is not None:
+            await self.compile_grammar(params.grammar)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._submit(lambda: self._add(request_id, list(prompt_token_ids), params, adapter))
@@ -89,6 +93,10 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._submit(lambda: self.engine.abort(request_id))
+
+    async def compile_grammar(self, grammar: GrammarSpec) -> None:
+        """Wait, without blocking the loop, for the engine's compilation of `grammar`; raise its GrammarError."""
+        await asyncio.wrap_future(self.engine.grammars.submit(grammar))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread, between steps, and return its result."""

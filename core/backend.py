@@ -28,6 +28,7 @@ from tokenmill.interfaces import (
     ShapeBuckets,
     SlotModel,
     TensorParallelPlan,
+    TokenMask,
 )
 from tokenmill.registry import BackendRegistry, Selection, load_registry
 
@@ -98,6 +99,10 @@ class Backend:
     def lora_method(self, dtype: torch.dtype) -> LoRAMethod:
         """The backend's way of adding LoRA adapters in `dtype`, or the reference segmented matmul."""
         return self._hooks["tokenmill_lora_method"](dtype=dtype) or LoRAMethod()
+
+    def token_mask(self) -> TokenMask:
+        """The backend's way of applying grammar masks to logits (the reference `TokenMask` by default)."""
+        return self._call("tokenmill_token_mask")
 
     def shape_buckets(self, max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
         return self._hooks["tokenmill_shape_buckets"](max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)

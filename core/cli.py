@@ -295,6 +295,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cors_allow_origin=tuple(args.cors_allow_origin), model_servers=servers,
         model_server_args=model_server_args, graceful_shutdown_s=args.graceful_termination_timeout,
         watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
+        disable_grammar_support=args.disable_grammar_support,
     )
     try:
         serve(options, launched)

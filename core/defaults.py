@@ -20,6 +20,7 @@ from tokenmill.interfaces import (
     ShapeBuckets,
     ShardStyle,
     TensorParallelPlan,
+    TokenMask,
 )
 from tokenmill.parallel import TorchDistributedCommunicator
 
@@ -91,3 +92,8 @@ def tokenmill_compile_model(model: nn.Module, buckets: ShapeBuckets | None) -> A
 @hookimpl(trylast=True)
 def tokenmill_model_executor(model_id: str, config: Any) -> nn.Module | None:
     return None
+
+
+@hookimpl(trylast=True)
+def tokenmill_token_mask() -> TokenMask:
+    return TokenMask()

@@ -6,6 +6,7 @@ thread for the serving layer; the conformance suite and benchmarks use `Engine.g
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import itertools
 import logging
@@ -20,6 +21,7 @@ from tokenmill.backend import Backend, resolve_backend
 from tokenmill.block_manager import BlockManager
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
+from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
 from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
@@ -91,6 +93,7 @@ class _RequestState:
     cumulative_logprob: float = 0.0
     first_output_sent: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    matcher: GrammarMatcher | None = None  # where the request is in its grammar (structured output)
 
 
 class Engine:
@@ -124,8 +127,11 @@ class Engine:
             buckets = None  # the model pads to its compiled shapes itself
             scheduler_config = self._use_slot_model(config, executor)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, buckets)
-        self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(self.checkpoint.eos_token_ids)
+        self.sampler = Sampler(config.seed, self.backend.token_mask())
+        # Grammars compile on this pool, off the step loop; a request waits in `_compiling` meanwhile.
+        self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
+        self._compiling: dict[str, concurrent.futures.Future] = {}
         self._states: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
@@ -395,18 +401,51 @@ class Engine:
                              if params.prompt_logprobs else None),
         )
         self._states[request_id] = state
-        self.scheduler.add_request(request)
+        if params.grammar is None:
+            self.scheduler.add_request(request)
+            return
+        compiled = self.grammars.submit(params.grammar)
+        if compiled.done():
+            try:
+                state.matcher = GrammarMatcher(compiled.result())
+            except GrammarError:
+                del self._states[request_id]
+                raise
+            self.scheduler.add_request(request)
+        else:
+            self._compiling[request_id] = compiled
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedule the requests whose grammars have compiled; fail those whose grammars cannot."""
+        if self._compiling and not self.scheduler.has_unfinished():
+            # Nothing else to run: wait a little for a compilation rather than spin.
+            concurrent.futures.wait(self._compiling.values(), timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        outputs = []
+        for request_id, compiled in [(i, f) for i, f in self._compiling.items() if f.done()]:
+            del self._compiling[request_id]
+            state = self._states[request_id]
+            try:
+                state.matcher = GrammarMatcher(compiled.result())
+            except GrammarError as exc:
+                self.scheduler.finish(state.request, FinishReason.ERROR, str(exc))
+                del self._states[request_id]
+                outputs.append(self._output(state, finished=True, error=str(exc)))
+                continue
+            self.scheduler.add_request(state.request)
+        return outputs
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request; its blocks are free when this returns."""
         state = self._states.pop(request_id, None)
         if state is None:
             return None
+        self._compiling.pop(request_id, None)
         self.scheduler.finish(state.request, FinishReason.ABORTED)
         return self._output(state, finished=True)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self._states)
@@ -416,8 +455,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return the news of every request that has some (`last_step`: how it went)."""
         started = time.monotonic()
+        outputs = self._admit_compiled() if self._compiling else []
         plan = self.scheduler.schedule()
-        outputs = [self._fail(request) for request in plan.failed]
+        outputs += [self._fail(request) for request in plan.failed]
         if plan.is_empty:
             return outputs
         num_new = sum(1 for item in plan.scheduled if item.request.num_computed_tokens == 0)
@@ -436,9 +476,11 @@ class Engine:
         requests = [plan.scheduled[i].request for i in sampling]
         sampled: dict[str, int] = {}
         if requests:
+            # Filled on the host while an accelerator still runs the forward.
+            bitmask = fill_bitmask([self._states[r.request_id].matcher for r in requests], logits.shape[-1])
             meta = SamplingMetadata.build([r.sampling_params for r in requests], [r.token_ids for r in requests],
                                           [r.num_prompt_tokens for r in requests], logits.shape[-1], logits.device,
-                                          eos_token_ids=self.eos_token_ids)
+                                          eos_token_ids=self.eos_token_ids, token_bitmask=bitmask)
             # Rows only increase, so as many rows as logits means every row in order (a decode step).
             if len(sample_rows) < logits.shape[0]:
                 logits = logits[host_to_device(torch.tensor(sample_rows), logits.device)]
@@ -526,6 +568,8 @@ class Engine:
             else:
                 text, stopped = state.stop.add(state.detokenizer.add(token), check=armed)
             reason = self._finish_reason(request, token, stopped, armed)
+            if state.matcher is not None:
+                reason = self._follow_grammar(state, token, reason)
             if reason is not None:
                 text += state.stop.flush()
                 self.scheduler.finish(request, reason)
@@ -533,6 +577,17 @@ class Engine:
             if reason is not None:
                 del self._states[request.request_id]
         return outputs
+
+    @staticmethod
+    def _follow_grammar(state: _RequestState, token: int, reason: FinishReason | None) -> FinishReason | None:
+        """Advance the request's grammar by `token`; the grammar's end (its stop token taken) ends the request."""
+        if not state.matcher.accept(token):
+            # The mask allowed only tokens the grammar accepts; this is a bug, not the client's doing.
+            logger.error("request %s: sampled token %d that its grammar refuses", state.request.request_id, token)
+            return FinishReason.ERROR
+        if state.matcher.terminated:
+            return FinishReason.EOS_TOKEN
+        return reason
 
     def _finish_reason(self, request: Request, token: int, stopped: bool, armed: bool) -> FinishReason | None:
         params = request.sampling_params

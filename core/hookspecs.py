@@ -53,6 +53,7 @@ if TYPE_CHECKING:
         ShapeBuckets,
         SlotModel,
         TensorParallelPlan,
+        TokenMask,
     )
     from tokenmill.loader import Checkpoint
 
@@ -234,6 +235,19 @@ def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
     load. The result must match `LoRAMethod`'s segmented matmul up to the dtype's rounding. A backend
     whose `tokenmill_compile_model` captures the step must run the adapted layers' LoRA too, or leave
     steps with a `LoRABatch` to the model's own forward. Default: None (the `LoRAMethod` reference).
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_token_mask() -> TokenMask | None:
+    """How this backend applies grammar masks (structured output) to a step's logits, as a `TokenMask`.
+
+    Called once when the engine is built. In a step where any request has a grammar, the sampler calls
+    its `apply` once with the float32 logits of every sampled row and one int32 bitmask for the whole
+    batch (xgrammar's layout, on the logits' device; rows without a grammar have every bit set), after
+    the biases and penalties and before temperature and the top-k/top-p filters. The result must equal
+    `TokenMask`'s exactly: disallowed tokens at -inf, every other logit unchanged. Default: `TokenMask`
+    (PyTorch: unpack the bits, one `masked_fill` over the batch).
     """
 
 

@@ -340,6 +340,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class TokenMask:
+    """Applies a grammar's allowed tokens to the logits: the reference, in plain PyTorch.
+
+    `bitmask` is int32, (rows, ceil(vocab / 32)), on the logits' device: bit j of word w allows token
+    32 * w + j (xgrammar's layout); a row with every bit set is left as it was. `apply` returns the
+    logits with every disallowed token at -inf, for the whole batch at once; it may work in place. A
+    backend returns a subclass from `tokenmill_token_mask` to do it in one kernel; an override must give
+    exactly the reference's result.
+    """
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+        shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+        allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+        return logits.masked_fill(~allowed, float("-inf"))
+
+
 @dataclass
 class LoRABatch:
     """Which LoRA adapter each token of a step uses, shared by every adapted linear layer of the step.

@@ -2,7 +2,7 @@
 
 Order of processing (TGI's, with vLLM's additions): the watermark, additive biases (`logit_bias`, and
 the stop tokens masked while a request is short of `min_tokens`), repetition, frequency and presence
-penalties, temperature, top-k, top-p, typical-p, min-p. Reported logprobs are the log-softmax of the
+penalties, the grammar mask (structured output: one bitmask for the batch, `tokenmill.grammar`), temperature, top-k, top-p, typical-p, min-p. Reported logprobs are the log-softmax of the
 processed logits (what TGI reports; for greedy requests that is the model's own distribution, after
 the watermark, biases and penalties when any are set).
 
@@ -22,6 +22,7 @@ from typing import Collection, Sequence
 
 import torch
 
+from tokenmill.interfaces import TokenMask
 from tokenmill.model_runner import host_to_device
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.watermark import WatermarkBatch, mix32
@@ -53,11 +54,22 @@ class SamplingMetadata:
     max_top_n: int
     needs_logprobs: bool
     all_seeded: bool = False  # every row seeded: no row draws from the generator
+    token_bitmask: torch.Tensor | None = None  # (B, ceil(vocab / 32)) int32 allowed tokens; None: no grammar
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]],
               num_prompt_tokens: Sequence[int], vocab_size: int, device: torch.device,
-              eos_token_ids: Collection[int] = ()) -> "SamplingMetadata":
+              eos_token_ids: Collection[int] = (), token_bitmask: torch.Tensor | None = None) -> "SamplingMetadata":
+        """`token_bitmask`: the grammars' allowed tokens, from `tokenmill.grammar.fill_bitmask`, on the host."""
+        meta = cls._build(params, token_ids, num_prompt_tokens, vocab_size, device, eos_token_ids)
+        if token_bitmask is not None:
+            meta.token_bitmask = host_to_device(token_bitmask, device)
+        return meta
+
+    @classmethod
+    def _build(cls, params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]],
+               num_prompt_tokens: Sequence[int], vocab_size: int, device: torch.device,
+               eos_token_ids: Collection[int]) -> "SamplingMetadata":
         batch = len(params)
         max_top_n = max((p.top_n_tokens for p in params), default=0)
         needs_logprobs = any(p.logprobs for p in params) or max_top_n > 0
@@ -131,12 +143,13 @@ class SamplingMetadata:
 def _biases(params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]], num_prompt_tokens: Sequence[int],
             eos_token_ids: Collection[int], vocab_size: int) -> tuple[list[list[int]], list[list[float]]] | None:
     """Per row, the token ids and values added to its logits: its `logit_bias`, and -inf on its stop
-    tokens (EOS and `stop_token_ids`) while it has generated fewer than `min_tokens` tokens. Rows are
-    padded with the id `vocab_size`, a column past the logits; None when no row has any bias."""
+    tokens (EOS and `stop_token_ids`) while it has generated fewer than `min_tokens` tokens, unless a
+    grammar decides where the text ends. Rows are padded with the id `vocab_size`, a column past the
+    logits; None when no row has any bias."""
     rows = []
     for p, tokens, num_prompt in zip(params, token_ids, num_prompt_tokens):
         row = [(i, b) for i, b in p.logit_bias if i < vocab_size]
-        if len(tokens) - num_prompt < p.min_tokens:
+        if len(tokens) - num_prompt < p.min_tokens and p.grammar is None:
             row += [(i, float("-inf")) for i in {*eos_token_ids, *p.stop_token_ids} if 0 <= i < vocab_size]
         rows.append(row)
     width = max(len(row) for row in rows)
@@ -176,8 +189,9 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, token_mask: TokenMask | None = None):
         self.seed = seed
+        self.token_mask = token_mask or TokenMask()  # the backend's grammar-mask kernel (`tokenmill_token_mask`)
         self._generators: dict[torch.device, torch.Generator | None] = {}
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -195,10 +209,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
         if meta.all_greedy:
+            logits = self._apply_grammar(logits, meta)
             tokens = logits.argmax(dim=-1)
             return self._report(logits, tokens, meta)
         logits = self._apply_biases(logits, meta)
         logits = self._apply_penalties(logits, meta)
+        logits = self._apply_grammar(logits, meta)
         greedy_tokens = logits.argmax(dim=-1)
         processed = self._warp(logits / meta.temperature, meta)
         probs = torch.softmax(processed, dim=-1)
@@ -216,6 +232,12 @@ class Sampler:
         if meta.max_top_n:
             top_lp, top_ids = logprobs.topk(meta.max_top_n, dim=-1)
         return SamplerOutput(tokens, chosen, top_ids, top_lp)
+
+    def _apply_grammar(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Every disallowed token of every constrained row at -inf, in one call for the whole batch."""
+        if meta.token_bitmask is None:
+            return logits
+        return self.token_mask.apply(logits, meta.token_bitmask)
 
     @staticmethod
     def _apply_biases(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from tokenmill.errors import ValidationError
+from tokenmill.grammar.compiler import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class SamplingParams:
     top_n_tokens: int = 0  # report this many most likely alternatives per step
     prompt_logprobs: bool = False  # TGI's decoder_input_details
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # structured output: the text must match it, and ends where it does
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

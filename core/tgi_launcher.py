@@ -76,8 +76,8 @@ def add_accepted_flags(parser: argparse.ArgumentParser, flag: Callable, environ:
          help="accepted for TGI compatibility: tokenmill sends no usage statistics, whatever the value")
     parser.add_argument("--disable-grammar-support", action="store_true",
                         default=switch(environ, "DISABLE_GRAMMAR_SUPPORT"),
-                        help="grammar-constrained requests get 422 (tokenmill refuses them anyway for now) "
-                             "[env: DISABLE_GRAMMAR_SUPPORT]")
+                        help="structured output (TGI's `grammar`, `response_format`, vLLM's `structured_outputs` "
+                             "and `guided_*`) gets 422 \"grammar is not supported\" [env: DISABLE_GRAMMAR_SUPPORT]")
     parser.add_argument("--enable-prefill-logprobs", action="store_true",
                         default=switch(environ, "ENABLE_PREFILL_LOGPROBS"),
                         help="accepted for TGI compatibility: tokenmill always returns prompt logprobs when "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tokenmill.api.grpc import model_server_pb2 as pb
+from tokenmill.grammar import GrammarSpec
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
 
@@ -14,6 +15,9 @@ _OPTIONAL_PARAMS = ("temperature", "seed")
 def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
     fields["logit_bias"] = dict(params.logit_bias)  # a map on the wire, (id, bias) pairs in SamplingParams
+    grammar = fields.pop("grammar")
+    if grammar is not None:
+        fields["grammar_kind"], fields["grammar_value"] = grammar.kind, grammar.value
     message = pb.SamplingParams(**{k: v for k, v in fields.items() if k not in _OPTIONAL_PARAMS})
     for name in _OPTIONAL_PARAMS:
         if fields[name] is not None:
@@ -24,9 +28,11 @@ def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
 def params_from_pb(message: pb.SamplingParams) -> SamplingParams:
     kwargs = {}
     for f in dataclasses.fields(SamplingParams):
-        value = getattr(message, f.name)
+        value = getattr(message, f.name, None)
         if f.name in _OPTIONAL_PARAMS:
             value = value if message.HasField(f.name) else None
+        elif f.name == "grammar":
+            value = GrammarSpec(message.grammar_kind, message.grammar_value) if message.grammar_kind else None
         elif f.name == "logit_bias":
             value = tuple(sorted(value.items()))
         elif isinstance(value, (list, tuple)) or hasattr(value, "extend"):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from tokenmill.loader import Checkpoint
 
@@ -39,6 +39,26 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w0", eos_token="w1",
                                                 unk_token="w3")
+
+
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer over the same `VOCAB` ids, for text with structure (JSON, regexes).
+
+    Ids 0-2 are BOS, EOS (as the tiny configs say) and UNK; then printable ASCII, one character a token;
+    the rest are multi-character tokens (JSON punctuation, words, digit pairs), so that, as with a real
+    vocabulary, one text has several tokenizations. Encoding splits into characters; decoding joins tokens.
+    """
+    tokens = ["<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)]
+    tokens += ['{"', '":', '",', '"}', '":"', '", "', ': ', ', ', 'true', 'false', 'null', 'yes', 'no', 'name',
+               'age', 'ok', 'abc', 'ab', 'ba', 'cc', '[]', '{}']
+    tokens += [f"{i:02d}" for i in range(100)]
+    tokens += [a + b for a in "aeiuy" for b in "nrstlmdkp"][: VOCAB - len(tokens)]
+    assert len(tokens) == VOCAB, len(tokens)
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
 
 
 @dataclass

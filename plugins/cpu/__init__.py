@@ -30,6 +30,7 @@ from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
 from tokenmill.plugins.cpu.decode_stack import compile_model
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps, fused_layer_ops_available
 from tokenmill.plugins.cpu.lora import MaskedLoRA
+from tokenmill.plugins.cpu.token_mask import CTokenMask
 from tokenmill.plugins.cpu.quant import (
     Int8WeightOnly,
     OneDNNPackedLinear,
@@ -95,6 +96,11 @@ def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
 @hookimpl
 def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
     return MaskedLoRA(dtype)
+
+
+@hookimpl
+def tokenmill_token_mask() -> CTokenMask:
+    return CTokenMask()
 
 
 @hookimpl

@@ -39,7 +39,8 @@ def _generate(inputs="w5 w6 w7", **parameters) -> dict:
     (_generate(inputs=""), "`inputs` cannot be empty"),
     (_generate(inputs=LONG), "`inputs` must have less than"),
     (_generate(max_new_tokens=100_000), "`inputs` tokens + `max_new_tokens` must be <="),
-    (_generate(grammar={"type": "regex", "value": "a+"}), "grammar is not supported"),
+    (_generate(grammar={"type": "regex", "value": "(a+"}), "the regex grammar could not be compiled: Regex parsing"),
+    (_generate(grammar={"type": "json", "value": "{no"}), "the JSON schema is not valid JSON"),
 ])
 def test_tgi_validation_errors(tiny_server, body, message) -> None:
     response = _post(tiny_server, "/generate", body)

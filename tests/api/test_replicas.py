@@ -149,6 +149,19 @@ def test_a_disconnected_stream_frees_blocks_on_the_model_server(cluster) -> None
     assert _metric(url, "tgi_batch_current_size") == 0
 
 
+def test_grammars_compile_on_the_model_servers_and_a_bad_one_is_a_422(cluster) -> None:
+    pytest.importorskip("xgrammar")
+    url = cluster[0]
+    body = {"inputs": "w5", "parameters": {"max_new_tokens": 4, "details": True,
+                                           "grammar": {"type": "regex", "value": "w5w7(w9)*"}}}
+    answer = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert [t["text"] for t in answer.json()["details"]["tokens"]][:2] == ["w5", "w7"]
+    body["parameters"]["grammar"]["value"] = "(w5"
+    refused = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert refused.status_code == 422 and "the regex grammar could not be compiled" in refused.json()["error"]
+
+
 def test_stopping_a_replica_fails_only_its_requests(cluster) -> None:
     url, replicas, _ = cluster
     started = threading.Semaphore(0)

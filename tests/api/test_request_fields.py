@@ -112,12 +112,13 @@ def test_a_refused_field_asking_for_something_gets_a_422_naming_it(tiny_server, 
 
 
 def test_a_refused_field_on_a_stream_is_refused_in_band(tiny_server) -> None:
-    body = {"inputs": "w5", "parameters": {"grammar": {"type": "regex", "value": "a+"}}}
+    body = {"inputs": "w5", "parameters": {"grammar": {"type": "regex", "value": "(a+"}}}
     events = _events(httpx.post(f"{tiny_server.url}/generate_stream", json=body, timeout=60))
-    assert events == [{"error": "Input validation error: grammar is not supported", "error_type": "validation"}]
-    chat = {"messages": [{"role": "user", "content": "w5"}], "stream": True, "guided_choice": ["yes", "no"]}
+    assert len(events) == 1 and events[0]["error_type"] == "validation"
+    assert events[0]["error"].startswith("Input validation error: the regex grammar could not be compiled: ")
+    chat = {"messages": [{"role": "user", "content": "w5"}], "stream": True, "structural_tag": {"type": "x"}}
     response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=chat, timeout=60)
-    assert response.status_code == 422 and "`guided_choice`" in response.json()["error"]
+    assert response.status_code == 422 and "`structural_tag`" in response.json()["error"]
 
 
 @pytest.mark.parametrize("field, value", [("tool_choice", "none"), ("response_format", {"type": "text"}),
@@ -334,4 +335,14 @@ def test_the_new_sampling_fields_cross_the_model_server_protocol() -> None:
     params = SamplingParams(max_new_tokens=9, min_tokens=3, stop_token_ids=(4, 9), logit_bias=((2, 1.5), (5, -100.0)),
                             watermark=True, watermark_gamma=0.25, watermark_delta=1.0, skip_special_tokens=False,
                             include_stop_str_in_output=False, top_k=3, min_p=0.1)
+    assert params_from_pb(params_to_pb(params)) == params
+
+
+@pytest.mark.parametrize("grammar", [None, ("regex", r"\d+"), ("json", '{"type": "object"}'), ("json_object", "")])
+def test_a_grammar_crosses_the_model_server_protocol(grammar) -> None:
+    from tokenmill.api.grpc.convert import params_from_pb, params_to_pb
+    from tokenmill.grammar import GrammarSpec
+    from tokenmill.sampling_params import SamplingParams
+
+    params = SamplingParams(grammar=GrammarSpec(*grammar) if grammar else None)
     assert params_from_pb(params_to_pb(params)) == params

@@ -225,3 +225,29 @@ def test_the_new_processors_never_sync() -> None:
                                       eos_token_ids={1})
         Sampler()(torch.randn(3, VOCAB, device=meta_device), meta)
     assert not audit.syncs, audit.report()
+
+
+def _bitmask(rows: list[set[int] | None], vocab: int) -> torch.Tensor:
+    """xgrammar's layout: bit j of word w allows token 32 * w + j; None: every token."""
+    words = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int64)
+    for r, allowed in enumerate(rows):
+        for token in (range(vocab) if allowed is None else allowed):
+            words[r, token // 32] |= 1 << (token % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_the_grammar_mask_restricts_constrained_rows_and_leaves_the_others_alone(sampled) -> None:
+    vocab, allowed = VOCAB, {3, 40, 61}
+    logits = _logits(4, seed=5)
+    settings = dict(temperature=1.5, seed=9) if sampled else {}
+    params = [SamplingParams(**settings), SamplingParams(**settings, logprobs=True)] * 2
+    meta = SamplingMetadata.build(params, [[1]] * 4, [1] * 4, vocab, torch.device("cpu"),
+                                  token_bitmask=_bitmask([allowed, None, allowed, None], vocab))
+    plain = SamplingMetadata.build(params, [[1]] * 4, [1] * 4, vocab, torch.device("cpu"))
+    masked, free = Sampler(seed=0)(logits, meta), Sampler(seed=0)(logits, plain)
+    assert set(masked.token_ids[[0, 2]].tolist()) <= allowed
+    assert masked.token_ids[[1, 3]].tolist() == free.token_ids[[1, 3]].tolist()
+    assert torch.equal(masked.logprobs[[1, 3]], free.logprobs[[1, 3]])
+    if not sampled:
+        assert masked.token_ids[0] == max(allowed, key=lambda t: logits[0, t])

@@ -48,3 +48,12 @@ def test_optional_hooks_fall_back_to_the_defaults(cpu) -> None:
     with pytest.raises(ValueError, match="evenly"):
         plan.shard(weight, ShardStyle.ROW, 0, 2)
     assert cpu.communicator(1, 0, torch.device("cpu")).dist_backend == "gloo"
+
+
+def test_the_token_mask_is_the_cpu_kernel_and_the_default_is_the_reference(cpu) -> None:
+    from tokenmill import defaults
+    from tokenmill.interfaces import TokenMask
+    from tokenmill.plugins.cpu.token_mask import CTokenMask
+
+    assert type(cpu.token_mask()) is CTokenMask
+    assert type(defaults.tokenmill_token_mask()) is TokenMask
