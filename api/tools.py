@@ -66,7 +66,7 @@ def plan_tools(body: ChatRequest, settings: ServerSettings, template_renders_too
     if choice == "none":
         return None
     tools = list(body.tools or [])
-    _check_names(tools)
+    _check(tools)
     if openai_grammar(body, settings) is not None:
         raise ToolError("Grammar and tools are mutually exclusive")  # TGI's words
     rendered = tuple(_rendered(t) for t in tools)
@@ -96,7 +96,8 @@ def _choice(value: Any, has_tools: bool) -> str:
     if value is None:
         return "auto" if has_tools else "none"
     if isinstance(value, dict):
-        name = (value.get("function") or {}).get("name") if value.get("type", "function") == "function" else None
+        function = value.get("function") if value.get("type", "function") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name:
             raise ToolError("`tool_choice` is \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
                             "\"function\": {\"name\": ...}}")
@@ -108,11 +109,15 @@ def _choice(value: Any, has_tools: bool) -> str:
     return value
 
 
-def _check_names(tools: list[Tool]) -> None:
+def _check(tools: list[Tool]) -> None:
     names = [t.function.name for t in tools]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ToolError(f"each tool needs its own name; given more than once: {', '.join(twice)}")
+    for i, tool in enumerate(tools):
+        if _arguments(tool).get("type", "object") != "object":  # arguments are an object, as OpenAI's are
+            raise ToolError(f"`tools[{i}].function.parameters` must be the JSON schema of an object (`\"type\": "
+                            f"\"object\"`). Given type: {json.dumps(_arguments(tool)['type'])}")
 
 
 def _rendered(tool: Tool) -> dict[str, Any]:

@@ -463,6 +463,8 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
          help="how `tool_choice: auto` finds tool calls in the model's text (vLLM's flag): hermes "
               "(<tool_call>{...}</tool_call>: Qwen2.5/3, Hermes, SmolLM3), llama3_json (a bare JSON call: Llama 3.1+) "
               "or mistral ([TOOL_CALLS][...])")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM compatibility: tool_choice auto is always served")
     add_accepted_flags(serve, flag, os.environ)
     serve.add_argument("--cors-allow-origin", action="append", default=None,
                        help="allowed CORS origin (repeatable) [env: CORS_ALLOW_ORIGIN, comma-separated]")

@@ -188,10 +188,15 @@ def _post(server, **body) -> httpx.Response:
     ({"tool_choice": "required"}, 422, "tool_error", "needs `tools`"),
     ({"tools": TOOLS + TOOLS[:1]}, 422, "tool_error", "given more than once: get_weather"),
     ({"tools": TOOLS, "tool_choice": {"type": "function"}}, 422, "tool_error", "`tool_choice` is"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_time"}}, 422, "tool_error",
+     "`tool_choice` is"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, 422,
+     "tool_error", "`tools[0].function.parameters` must be the JSON schema of an object"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, 422, "tool_error",
      "Grammar and tools are mutually exclusive"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
-      "tool_choice": "required"}, 422, "validation", "the json grammar could not be compiled"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integr"}}}}}], "tool_choice": "required"}, 422, "validation",
+     "the json grammar could not be compiled"),
     ({"functions": [{"name": "f"}]}, 422, "tool_error", "send `tools` and `tool_choice`"),
 ])
 def test_bad_tool_requests_are_422_before_any_output(server, body, status, error_type, words) -> None:
@@ -216,7 +221,7 @@ def test_tool_call_parser_flag_and_variable_reach_the_settings(monkeypatch) -> N
     from tokenmill.cli import build_parser
     from tokenmill.engine import EngineConfig
 
-    assert build_parser().parse_args(["serve"]).tool_call_parser == "hermes"
+    assert build_parser().parse_args(["serve", "--enable-auto-tool-choice"]).tool_call_parser == "hermes"
     monkeypatch.setenv("TOOL_CALL_PARSER", "mistral")
     assert build_parser().parse_args(["serve"]).tool_call_parser == "mistral"
     args = build_parser().parse_args(["serve", "--tool-call-parser", "llama3_json"])
