@@ -2,8 +2,10 @@
 
 What reaches the template: each message's role, text, `name`, earlier `tool_calls` (their JSON-string
 `arguments` parsed, as Hugging Face templates expect objects) and `tool_call_id`; the request's
-`documents` and `chat_template_kwargs`. Content parts other than text are refused by name: there is
-no multimodal model to give them to.
+`documents`, `chat_template_kwargs` and the tools to offer (`tokenmill.api.tools`). Content parts other
+than text are refused by name: there is no multimodal model to give them to. A template that never
+reads `tool_calls` sees an earlier call as the assistant's text, the JSON that TGI's tool prompt asks
+for, so the model still knows what it called when the tool's answer follows.
 
 A last message from the assistant is continued (TGI's rule, and vLLM's `continue_final_message`)
 unless `continue_final_message` is false, in which case it is a finished turn and a new one starts.
@@ -11,30 +13,62 @@ unless `continue_final_message` is false, in which case it is a finished turn an
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
-from typing import Any
+import re
+from typing import Any, Sequence
+
+import jinja2
+import jinja2.meta
 
 from tokenmill.api.errors import TemplateError
 from tokenmill.api.openai_schemas import NO_MULTIMODAL, ChatMessage, ChatRequest
 from tokenmill.errors import ValidationError
 
+_JINJA = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])  # as transformers parses templates
 
-def render(body: ChatRequest, tokenizer: Any) -> str:
-    """The prompt text for `body`'s messages, or a 422 (ValidationError, or TemplateError from the template)."""
+
+def render(body: ChatRequest, tokenizer: Any, tools: Sequence[dict[str, Any]] = (), suffix: str = "") -> str:
+    """The prompt text for `body`'s messages, `tools` offered and `suffix` appended to the last message's
+    text; or a 422 (ValidationError, or TemplateError from the template)."""
     if not body.messages:
         raise ValidationError("`messages` must contain at least one message")
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template not found")
     continuing = continues_final_message(body)
-    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    calls_as_text = "tool_calls" not in _source(tokenizer, tools)
+    messages = [_message(m, i, calls_as_text) for i, m in enumerate(body.messages)]
+    messages[-1]["content"] += suffix
     extra = _template_variables(body.chat_template_kwargs, tokenizer)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, documents=body.documents,
+                                             tools=list(tools) or None,
                                              add_generation_prompt=body.add_generation_prompt and not continuing,
                                              continue_final_message=continuing, **extra)
     except Exception as exc:  # noqa: BLE001 - jinja errors of every kind become 422 template_error
         raise TemplateError(str(exc)) from exc
+
+
+def renders_tools(tokenizer: Any) -> bool:
+    """Whether the model's template shows the model a `tools` variable (TGI asks the same of its template)."""
+    return getattr(tokenizer, "chat_template", None) is not None and "tools" in _variables(_source(tokenizer, [{}]))
+
+
+def _source(tokenizer: Any, tools: Sequence[dict[str, Any]]) -> str:
+    """The template text apply_chat_template would use: a tokenizer may hold several, one for tool use."""
+    try:
+        return tokenizer.get_chat_template(None, list(tools) or None)
+    except Exception:  # noqa: BLE001 - no template fits: render() answers with the template error
+        return ""
+
+
+@functools.lru_cache(maxsize=16)
+def _variables(source: str) -> frozenset[str]:
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_JINJA.parse(source)))
+    except jinja2.TemplateSyntaxError:  # a tag transformers adds (`{% generation %}`): look for the name
+        return frozenset(re.findall(r"\w+", source))
 
 
 def continues_final_message(body: ChatRequest) -> bool:
@@ -49,12 +83,14 @@ def continues_final_message(body: ChatRequest) -> bool:
     return body.continue_final_message
 
 
-def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+def _message(message: ChatMessage, index: int, calls_as_text: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message_text(message, index)}
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls:
         out["tool_calls"] = [_tool_call(call) for call in message.tool_calls]
+        if calls_as_text and not out["content"]:
+            out["content"] = "\n".join(json.dumps(_as_prompted(call), ensure_ascii=False) for call in out["tool_calls"])
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
@@ -72,6 +108,12 @@ def message_text(message: ChatMessage, index: int) -> str:
                                   f"`{kind}` need a multimodal model, and {NO_MULTIMODAL}")
         texts.append(part.get("text") or "")
     return "".join(texts)
+
+
+def _as_prompted(call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier call in the shape TGI's tool prompt asks the model to write: {name, parameters}."""
+    function = call.get("function") or {}
+    return {"name": function.get("name"), "parameters": function.get("arguments")}
 
 
 def _tool_call(call: dict[str, Any]) -> dict[str, Any]:

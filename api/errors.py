@@ -29,6 +29,10 @@ class TemplateError(Exception):
     """The chat template is missing or failed to render (HTTP 422)."""
 
 
+class ToolError(Exception):
+    """A tool-calling request that cannot be served as asked (HTTP 422, TGI's `tool_error`)."""
+
+
 class UnknownModelError(Exception):
     """An OpenAI route's `model` names neither the served model nor a loaded LoRA adapter (HTTP 404)."""
 
@@ -61,6 +65,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 422, {"error": f"Template error: {exc}", "error_type": "template_error"}
     if isinstance(exc, UnsupportedError):
         return 422, {"error": str(exc), "error_type": exc.error_type}
+    if isinstance(exc, ToolError):
+        return 422, {"error": str(exc), "error_type": "tool_error"}
     if isinstance(exc, UnknownModelError):
         return 404, {"error": str(exc), "error_type": "model_not_found"}
     if isinstance(exc, ClientDisconnected):  # nobody reads it; access logs and metrics do
@@ -121,6 +127,6 @@ def install_error_handlers(app, metrics=None) -> None:
 
     app.add_exception_handler(HTTPException, handle_http)
     for exc_type in (ValidationError, OverloadedError, ModelLoadingError, ShuttingDownError, GenerationError, TemplateError,
-                     UnsupportedError, UnknownModelError, ClientDisconnected):
+                     UnsupportedError, ToolError, UnknownModelError, ClientDisconnected):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(RequestValidationError, handle_malformed)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from tokenmill.api.disconnect import ClientDisconnected
 from tokenmill.api.errors import (ModelLoadingError, OverloadedError, ShuttingDownError, TemplateError,
-                                  UnknownModelError, UnsupportedError)
+                                  ToolError, UnknownModelError, UnsupportedError)
 from tokenmill.api.tgi_metrics import DURATION, TgiMetrics
 from tokenmill.api.vllm_metrics import FINISHED_REASONS, VllmSeries, vllm_series
 from tokenmill.async_engine import GenerationError
@@ -139,7 +139,7 @@ class Metrics:
 
 def failure_label(exc: BaseException) -> str:
     """TGI's `err` label for a request that ended with `exc` (infer/mod.rs, backends/v3/src/backend.rs)."""
-    if isinstance(exc, (ValidationError, UnsupportedError, UnknownModelError)):  # refused for what it asks
+    if isinstance(exc, (ValidationError, UnsupportedError, ToolError, UnknownModelError)):  # refused for what it asks
         return "validation"
     if isinstance(exc, TemplateError):
         return "template"

@@ -30,6 +30,8 @@ from tokenmill.api.service import Generation, GenerationService
 from tokenmill.api.sse import SSE_CONTENT, error_event, sse, sse_response
 from tokenmill.api.tgi import stream_headers, timing_headers
 from tokenmill.api.structured import openai_grammar
+from tokenmill.api.tool_calls import message, read_all, reader_for
+from tokenmill.api.tools import ToolPlan, plan_tools, prompt_suffix
 from tokenmill.api.validation import refuse_unsupported
 from tokenmill.errors import ValidationError
 from tokenmill.outputs import TokenInfo
@@ -223,31 +225,45 @@ async def serve_chat(body: ChatRequest, request: Request, dialect: Dialect):
     start = _prepare(body)
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("`top_logprobs` needs `logprobs: true`")
-    text = chat_template.render(body, service.tokenizer)
+    renders_tools = chat_template.renders_tools(service.tokenizer)
+    plan = plan_tools(body, service.settings, renders_tools)
+    tools, suffix = (plan.tools, prompt_suffix(plan, renders_tools, body.tool_prompt)) if plan else ((), "")
+    text = chat_template.render(body, service.tokenizer, tools, suffix)
     prompt = _truncated(service.encode(text, add_special_tokens=body.add_special_tokens),
                         body.truncate_prompt_tokens, service.settings)
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     params = _sampling(body, service, len(prompt), top_n, dialect)
+    if plan is not None:
+        params = plan.applied(params)
     await service.compile_grammar(params.grammar)  # one that cannot compile is a 422, even when streamed
     model = body.model or service.settings.model_id
     last = body.messages[-1]
     echo = chat_template.message_text(last, len(body.messages) - 1) if body.echo and last.role == "assistant" else ""
     validated = time.monotonic()
     if body.stream:
-        return sse_response(_chat_stream(service, body, prompt, params, model, echo, dialect, adapter),
+        return sse_response(_chat_stream(service, body, prompt, params, model, echo, dialect, adapter, plan),
                             stream_headers(service.settings, len(text)))
     with service.admit():
         generations = await until_disconnected(request, asyncio.gather(
             *(service.complete(prompt, _seeded(params, i), adapter) for i in range(body.n))))
-    choices = [{"index": i, "message": {"role": "assistant", "content": echo + g.text},
-                "logprobs": _chat_logprobs(g.tokens, g.top_tokens, top_n) if body.logprobs else None,
-                "finish_reason": _finish(g.finish_reason, dialect)} for i, g in enumerate(generations)]
+    choices = []
+    for i, g in enumerate(generations):
+        content, calls = read_all(reader_for(plan), echo + g.text) if plan else (echo + g.text, [])
+        choices.append({"index": i, "message": message(content, calls),
+                        "logprobs": _chat_logprobs(g.tokens, g.top_tokens, top_n) if body.logprobs else None,
+                        "finish_reason": _chat_finish(g.finish_reason, dialect, bool(calls))})
     completion = sum(len(g.tokens) for g in generations)
     payload = {**_base("chat.completion", model, body.request_id), "object": "chat.completion", "choices": choices,
                "usage": _usage(len(prompt), completion)}
     headers = timing_headers(service.settings, len(text), start, validated, len(prompt), completion,
                              max(g.queue_time_s for g in generations), max(g.inference_time_s for g in generations))
     return JSONResponse(payload, headers=headers)
+
+
+def _chat_finish(reason: str | None, dialect: Dialect, called: bool) -> str | None:
+    """OpenAI's "tool_calls" for an answer that called a tool and ended by itself (not cut by max tokens)."""
+    finish = _finish(reason, dialect)
+    return "tool_calls" if called and finish not in (None, "length") else finish
 
 
 async def serve_completions(body: CompletionRequest, request: Request, dialect: Dialect):
@@ -359,10 +375,11 @@ class _Usage:
 
 
 async def _chat_stream(service, body: ChatRequest, prompt, params, model, echo: str, dialect: Dialect,
-                       adapter: str | None) -> AsyncIterator[str]:
+                       adapter: str | None, plan: ToolPlan | None) -> AsyncIterator[str]:
     base = {**_base("chat.completion", model, body.request_id), "object": "chat.completion.chunk"}
     usage = _Usage(body.stream_options, len(prompt))
     started: set[int] = set()
+    readers = {i: reader_for(plan) for i in range(body.n)} if plan else {}
     try:
         with service.admit():
             jobs = [(i, prompt, _seeded(params, i)) for i in range(body.n)]
@@ -373,14 +390,33 @@ async def _chat_stream(service, body: ChatRequest, prompt, params, model, echo: 
                     logprobs = _chat_logprobs(out.new_tokens, out.new_top_tokens, params.top_n_tokens)
                 text = out.text_delta if index in started else echo + out.text_delta
                 started.add(index)
-                choice = {"index": index, "delta": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                          "finish_reason": _finish(out.finish_reason, dialect) if out.finished else None}
-                yield sse({**base, "choices": [choice], "usage": None, **usage.every_chunk()})
+                reader = readers.get(index)
+                deltas = _chat_deltas(reader, text, out.finished)
+                if not deltas and (logprobs or out.finished):
+                    deltas = [{}]  # a chunk for the logprobs and finish reason of text the reader holds
+                finish = _chat_finish(out.finish_reason, dialect, bool(reader and reader.calls)) if out.finished else None
+                for k, delta in enumerate(deltas):
+                    choice = {"index": index, "delta": {"role": "assistant", **delta},
+                              "logprobs": logprobs if k == 0 else None,
+                              "finish_reason": finish if k == len(deltas) - 1 else None}
+                    yield sse({**base, "choices": [choice], "usage": None, **usage.every_chunk()})
         for event in usage.last_chunk(base):
             yield event
     except Exception as exc:  # noqa: BLE001 - reported in-band, then [DONE]
         yield error_event(exc)
     yield sse("[DONE]")
+
+
+def _chat_deltas(reader, text: str, finished: bool) -> list[dict[str, Any]]:
+    """The deltas one engine output makes: its content; with tools, what the reader lets through and one delta
+    per call piece (OpenAI sends a call's name and each arguments fragment apart)."""
+    if reader is None:
+        return [{"content": text}]
+    content, calls = reader.feed(text)
+    if finished:
+        rest, more = reader.finish()
+        content, calls = content + rest, calls + more
+    return ([{"content": content}] if content else []) + [{"tool_calls": [c.openai()]} for c in calls]
 
 
 async def _completion_stream(service, body: CompletionRequest, jobs, prompts: list[str], model, dialect: Dialect,

@@ -7,13 +7,13 @@ OpenAI server, so a client of any of the three gets an answer that does what it 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from tokenmill.api.schemas import Refusal, RequestBody
 
-NO_TOOLS = "tool calling is not implemented yet"
+NO_LEGACY_FUNCTIONS = "OpenAI's deprecated functions API is not implemented; send `tools` and `tool_choice`"
 NO_MULTIMODAL = "this server runs text-only models"
 
 
@@ -44,7 +44,8 @@ _COMMON_REFUSED: dict[str, Refusal] = {
     "guided_decoding_backend": Refusal("grammars are compiled by xgrammar; no other library can be chosen",
                                        accepted=("xgrammar", "auto")),
     "guided_whitespace_pattern": Refusal("JSON is generated without free whitespace; no pattern can be set"),
-    "structural_tag": Refusal("structural tags come with tool calling, which is not implemented yet"),
+    "structural_tag": Refusal("structural tags are not implemented; `tools` with `tool_choice` required or named "
+                              "constrain tool calls"),
     "metadata": Refusal("completions are not stored"),
     "store": Refusal("completions are not stored", accepted=(False,)),
     "service_tier": Refusal("there is one service tier", accepted=("auto", "default")),
@@ -125,19 +126,34 @@ class ChatMessage(RequestBody):
     tool_call_id: str | None = None
 
 
+class FunctionDefinition(RequestBody):
+    honoured: ClassVar[frozenset[str]] = frozenset({"name", "description", "parameters"})
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments; none: the function takes none
+
+
+class Tool(RequestBody):
+    """One entry of `tools`: OpenAI's {"type": "function", "function": {...}}; TGI takes the same shape."""
+
+    honoured: ClassVar[frozenset[str]] = frozenset({"type", "function"})
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
 class ChatRequest(_Common):
     honoured: ClassVar[frozenset[str]] = _Common.honoured | {
         "messages", "logprobs", "top_logprobs", "max_completion_tokens", "echo", "add_generation_prompt",
         "continue_final_message", "chat_template_kwargs", "documents", "add_special_tokens",
+        # Tool calling (issue #18): tokenmill.api.tools.
+        "tools", "tool_choice", "tool_prompt", "parallel_tool_calls",
     }
     refused: ClassVar[dict[str, Refusal]] = {
         **_COMMON_REFUSED,
-        "tools": Refusal(NO_TOOLS, error_type="tool_error"),
-        "tool_choice": Refusal(NO_TOOLS, accepted=("none",), error_type="tool_error"),
-        "tool_prompt": Refusal(NO_TOOLS, error_type="tool_error"),
-        "parallel_tool_calls": Refusal(NO_TOOLS, error_type="tool_error"),
-        "functions": Refusal(NO_TOOLS, error_type="tool_error"),
-        "function_call": Refusal(NO_TOOLS, accepted=("none",), error_type="tool_error"),
+        "functions": Refusal(NO_LEGACY_FUNCTIONS, error_type="tool_error"),
+        "function_call": Refusal(NO_LEGACY_FUNCTIONS, accepted=("none",), error_type="tool_error"),
         "chat_template": Refusal("the model's own chat template is used; a request cannot replace it"),
         "mm_processor_kwargs": Refusal(NO_MULTIMODAL),
         "audio": Refusal(NO_MULTIMODAL),
@@ -161,11 +177,12 @@ class ChatRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
     documents: list[dict[str, Any]] | None = None  # for templates that render retrieved documents
     add_special_tokens: bool = False  # the chat template already holds the special tokens
+    tools: list[Tool] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name"}} | a bare name (TGI's); None: auto
+    tool_choice: str | dict[str, Any] | None = None
+    tool_prompt: str | None = None  # TGI's: appended to the last message when tools are rendered
+    parallel_tool_calls: bool = True  # OpenAI's default: the model may call several tools in one turn
     # Refused (see `refused`).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    tool_prompt: str | None = None
-    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
     chat_template: str | None = None

@@ -60,6 +60,7 @@ class ServeOptions:
     watermark_gamma: float = 0.5  # TGI's --watermark-gamma: the green share of requests with `watermark`
     watermark_delta: float = 2.0  # TGI's --watermark-delta: what a green token's logit gains
     disable_grammar_support: bool = False  # TGI's --disable-grammar-support: structured output gets 422
+    tool_call_parser: str = "hermes"  # vLLM's --tool-call-parser: the tool-call format of `tool_choice: auto`
 
 
 def model_name(model_id: str | None, source: str) -> str:
@@ -76,7 +77,7 @@ def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, c
         max_client_batch_size=options.max_client_batch_size, payload_limit=options.payload_limit,
         api_key=options.api_key, cors_allow_origin=options.cors_allow_origin, compute_type=compute_type,
         watermark_gamma=options.watermark_gamma, watermark_delta=options.watermark_delta, adapters=tuple(adapters),
-        disable_grammar_support=options.disable_grammar_support,
+        disable_grammar_support=options.disable_grammar_support, tool_call_parser=options.tool_call_parser,
     )
 
 

@@ -17,7 +17,7 @@ from tokenmill.grammar import GrammarSpec
 DISABLED = "grammar is not supported"  # TGI's words under --disable-grammar-support
 
 
-def _enabled(settings: ServerSettings, spec: GrammarSpec | None) -> GrammarSpec | None:
+def enabled(settings: ServerSettings, spec: GrammarSpec | None) -> GrammarSpec | None:
     if spec is not None and settings.disable_grammar_support:
         raise ValidationError(DISABLED)
     return spec
@@ -28,7 +28,7 @@ def tgi_grammar(grammar: Any, settings: ServerSettings) -> GrammarSpec | None:
     shape ({name, schema}) or a `regex`. `json_object` without a value means any JSON object."""
     if grammar is None:
         return None
-    return _enabled(settings, _tgi_spec(grammar))
+    return enabled(settings, _tgi_spec(grammar))
 
 
 def _tgi_spec(grammar: Any) -> GrammarSpec:
@@ -96,4 +96,4 @@ def openai_grammar(body: Any, settings: ServerSettings) -> GrammarSpec | None:
         found.append(("guided_grammar", GrammarSpec("ebnf", body.guided_grammar)))
     if len(found) > 1:
         raise ValidationError(f"one structured output per request; given: {', '.join(f'`{n}`' for n, _ in found)}")
-    return _enabled(settings, found[0][1] if found else None)
+    return enabled(settings, found[0][1] if found else None)

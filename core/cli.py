@@ -131,6 +131,14 @@ def positive(text: str) -> int:
     return value
 
 
+def tool_call_parser(text: str) -> str:
+    from tokenmill.api.tool_parsers import PARSERS
+
+    if text not in PARSERS:
+        raise argparse.ArgumentTypeError(f"choose {', '.join(PARSERS)}, got {text!r}")
+    return text
+
+
 def _num_shard(args: argparse.Namespace) -> int:
     """TGI's pair: --num-shard wins; --sharded true alone means one rank per device the backend found."""
     if args.num_shard is not None:
@@ -295,7 +303,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cors_allow_origin=tuple(args.cors_allow_origin), model_servers=servers,
         model_server_args=model_server_args, graceful_shutdown_s=args.graceful_termination_timeout,
         watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
-        disable_grammar_support=args.disable_grammar_support,
+        disable_grammar_support=args.disable_grammar_support, tool_call_parser=args.tool_call_parser,
     )
     try:
         serve(options, launched)
@@ -451,6 +459,12 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
          help="the share of the vocabulary on each green list of requests with `watermark` (TGI's)")
     flag("--watermark-delta", "WATERMARK_DELTA", 2.0, non_negative,
          help="what a green token's logit gains in requests with `watermark` (TGI's)")
+    flag("--tool-call-parser", "TOOL_CALL_PARSER", "hermes", tool_call_parser,
+         help="how `tool_choice: auto` finds tool calls in the model's text (vLLM's flag): hermes "
+              "(<tool_call>{...}</tool_call>: Qwen2.5/3, Hermes, SmolLM3), llama3_json (a bare JSON call: Llama 3.1+) "
+              "or mistral ([TOOL_CALLS][...])")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM compatibility: tool_choice auto is always served")
     add_accepted_flags(serve, flag, os.environ)
     serve.add_argument("--cors-allow-origin", action="append", default=None,
                        help="allowed CORS origin (repeatable) [env: CORS_ALLOW_ORIGIN, comma-separated]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.tiny_models import tiny_tokenizer
-from tokenmill.api.chat_template import render
+from tokenmill.api.chat_template import render, renders_tools
 from tokenmill.api.errors import TemplateError
 from tokenmill.api.openai_schemas import ChatRequest
 from tokenmill.errors import ValidationError
@@ -38,6 +38,32 @@ def test_tool_calls_names_and_tool_results_reach_the_template(tokenizer) -> None
                                {"role": "tool", "tool_call_id": "c1", "content": "w6"}])
     # The JSON-string arguments arrive as an object, as Hugging Face templates expect.
     assert text == "<user ann>w5</><assistant>[call weather Oslo]</><tool>w6[for c1]</><assistant>"
+
+
+def test_a_template_that_never_reads_tool_calls_sees_earlier_calls_as_text() -> None:
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    text = _render(tokenizer, [{"role": "user", "content": "w5"},
+                               {"role": "assistant", "content": None, "tool_calls": [call]},
+                               {"role": "tool", "tool_call_id": "c1", "content": "w6"}])
+    # As TGI's tool prompt asks the model to write a call: {name, parameters}.
+    assert text == '<user>w5<assistant>{"name": "weather", "parameters": {"city": "Oslo"}}<tool>w6'
+    assert not renders_tools(tokenizer)
+
+
+@pytest.mark.parametrize("template", [
+    "{% if tools %}[{{ tools | length }} tools]{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    # transformers' {% generation %} tag is no jinja: the variable is found in the text.
+    "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}{{ tools }}",
+])
+def test_tools_reach_a_template_that_reads_them_and_a_suffix_ends_the_last_message(template) -> None:
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template
+    assert renders_tools(tokenizer)
+    body = ChatRequest(messages=[{"role": "user", "content": "w5"}])
+    text = render(body, tokenizer, [{"type": "function", "function": {"name": "f"}}], suffix=" w6")
+    assert "w5 w6" in text and ("[1 tools]" in text or "'name': 'f'" in text)
 
 
 def test_documents_and_chat_template_kwargs_are_template_variables(tokenizer) -> None:

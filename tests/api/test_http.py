@@ -69,9 +69,9 @@ def test_malformed_oversized_and_mistyped_bodies(tiny_server) -> None:
     no_suffix = _post(tiny_server, "/v1/completions", {"prompt": "w5", "suffix": "w6"})
     assert no_suffix.status_code == 422 and no_suffix.json()["error_type"] == "suffix not supported"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with_tools = _post(tiny_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}],
-                                                             "tools": tools})
-    assert with_tools.status_code == 422 and with_tools.json()["error_type"] == "tool_error"
+    unknown_tool = _post(tiny_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}],
+                                                               "tools": tools, "tool_choice": "g"})
+    assert unknown_tool.status_code == 422 and unknown_tool.json()["error_type"] == "tool_error"
 
 
 def test_the_server_stays_healthy_and_leaks_no_blocks_after_bad_input(tiny_server) -> None:

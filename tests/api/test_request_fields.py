@@ -40,7 +40,7 @@ MODELS = _request_models()
 def test_the_walk_finds_both_apis_models() -> None:
     names = {m.__name__ for m in MODELS}
     assert {"GenerateRequest", "GenerateParameters", "CompatGenerateRequest", "ChatRequest", "ChatMessage",
-            "CompletionRequest", "StreamOptions"} <= names
+            "CompletionRequest", "StreamOptions", "Tool", "FunctionDefinition"} <= names
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
@@ -121,7 +121,7 @@ def test_a_refused_field_on_a_stream_is_refused_in_band(tiny_server) -> None:
     assert response.status_code == 422 and "`structural_tag`" in response.json()["error"]
 
 
-@pytest.mark.parametrize("field, value", [("tool_choice", "none"), ("response_format", {"type": "text"}),
+@pytest.mark.parametrize("field, value", [("function_call", "none"), ("response_format", {"type": "text"}),
                                           ("store", False), ("modalities", ["text"]), ("service_tier", "auto"),
                                           ("best_of", 1), ("priority", 0), ("include_reasoning", True)])
 def test_a_refused_field_asking_for_nothing_is_served(tiny_server, field, value) -> None:
