@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -25,6 +26,20 @@ class SpeculationStats:
     def tokens_per_forward(self) -> float:
         """Tokens a decoding sequence gets from one forward: 1 without speculation."""
         return self.num_decode_tokens / self.num_decode_forwards if self.num_decode_forwards else 0.0
+
+    def __add__(self, other: "SpeculationStats") -> "SpeculationStats":
+        """Two engines' counters together (the replicas behind one router)."""
+        per_position = [0] * max(len(self.accepted_per_position), len(other.accepted_per_position))
+        for counts in (self.accepted_per_position, other.accepted_per_position):
+            for k, n in enumerate(counts):
+                per_position[k] += n
+        return SpeculationStats(
+            self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
+            self.num_accepted_tokens + other.num_accepted_tokens, per_position,
+            self.num_decode_forwards + other.num_decode_forwards, self.num_decode_tokens + other.num_decode_tokens)
+
+    def copy(self) -> "SpeculationStats":
+        return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position))
 
     def record(self, verification: Verification, kept: list[list[int]]) -> None:
         for request, decoding, tokens in zip(verification.requests, verification.decoding, kept):
