@@ -152,3 +152,23 @@ def test_a_request_cancelled_with_a_draft_pending_frees_every_block(tiny) -> Non
     while engine.has_unfinished():
         engine.step()
     _assert_every_block_free(engine)
+
+
+@pytest.mark.slow
+def test_smollm2_copies_a_text_in_fewer_forwards_with_the_same_tokens() -> None:
+    """The served default (the embedded SmolLM2, its default dtype and kernels) asked to repeat a text."""
+    text = ("The history of computing stretches from mechanical calculators through vacuum tubes and transistors "
+            "to the integrated circuits of today. Each generation made machines smaller, cheaper and faster.")
+    outputs, stats = {}, {}
+    for speculate in (0, 3):
+        engine = Engine(EngineConfig(kv_cache_bytes=64 << 20, progress=False, speculate=speculate))
+        chat = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Repeat this text exactly:\n\n{text}"}], add_generation_prompt=True,
+            tokenize=False)
+        prompt = engine.tokenizer(chat, add_special_tokens=False).input_ids
+        outputs[speculate] = _tokens(engine.generate([prompt], SamplingParams(max_new_tokens=40))[0])
+        stats[speculate] = engine.speculation
+        _assert_every_block_free(engine)
+    assert outputs[3] == outputs[0]
+    assert stats[0].tokens_per_forward == 1
+    assert stats[3].tokens_per_forward > 1.5
