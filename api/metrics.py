@@ -18,6 +18,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tokenmill.api.disconnect import ClientDisconnected
+from tokenmill.api.grpc.convert import speculation_from_pb
 from tokenmill.api.errors import (ModelLoadingError, OverloadedError, ShuttingDownError, TemplateError,
                                   ToolError, UnknownModelError, UnsupportedError)
 from tokenmill.api.tgi_metrics import DURATION, TgiMetrics
@@ -25,6 +26,7 @@ from tokenmill.api.vllm_metrics import FINISHED_REASONS, VllmSeries, vllm_series
 from tokenmill.async_engine import GenerationError
 from tokenmill.errors import ValidationError
 from tokenmill.outputs import RequestOutput
+from tokenmill.speculate import SpeculationStats
 
 # The routes whose requests TGI counts (`/` only as POST: a GET is the health check).
 GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions",
@@ -54,13 +56,17 @@ class Metrics:
                                      registry=r)
         # TGI has no time-to-first-token metric (its dashboard adds queue and prefill times): this one has
         # its duration buckets; `vllm:time_to_first_token_seconds` has vLLM's.
+        # Speculative decoding: tokens a decoding sequence gets per forward (1 without it), since the start.
+        self.tokens_per_forward = Gauge("tokenmill_decode_tokens_per_forward", "Tokens a decoding sequence gets "
+                                        "from one forward (above 1: accepted draft tokens)", registry=r)
+        self._speculation_seen = SpeculationStats()
         self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Time from a request's arrival to its first "
                               "token", buckets=DURATION, registry=r)
 
     def configure(self, model_name: str, max_input_tokens: int, max_total_tokens: int, max_model_len: int,
-                  kv_capacity_tokens: int) -> None:
+                  kv_capacity_tokens: int, speculate: int = 0) -> None:
         """What the bucket layouts and labels depend on, once the model is known."""
-        self.tgi.configure(max_input_tokens, max_total_tokens, kv_capacity_tokens)
+        self.tgi.configure(max_input_tokens, max_total_tokens, kv_capacity_tokens, speculate)
         if self.vllm is None:
             self.vllm = vllm_series(self.registry, model_name, max_model_len)
 
@@ -72,6 +78,7 @@ class Metrics:
                          math.nan if rate is None else rate)  # NaN: no prefix cache to hit, not 0 %
         self._observe_preemptions(engine.scheduler.num_preemptions)
         self._observe_compiles(engine.num_compiles)
+        self._observe_speculation(engine.speculation)
         self.tgi.batch.observe_engine(engine)
 
     def observe_replicas(self, router) -> None:
@@ -83,6 +90,7 @@ class Metrics:
                          sum(rates) / len(rates) if rates else (math.nan if infos else 0.0))
         self._observe_preemptions(sum(i.num_preemptions for i in infos))
         self._observe_compiles(sum(i.num_compiles for i in infos))
+        self._observe_speculation(sum((speculation_from_pb(i.speculation) for i in infos), SpeculationStats()))
         if infos:
             self.tgi.max_total_tokens.set(sum(i.kv_capacity_tokens for i in infos))
         self.tgi.observe_replica_batches({r.address: r.info.batch_metrics for r in router.replicas
@@ -111,6 +119,19 @@ class Metrics:
         # A counter only rises: a replica that restarted (its count fell) adds what it compiled since.
         self.compiles.inc(max(0, total - self._compiles_seen))
         self._compiles_seen = total
+
+    def _observe_speculation(self, stats: SpeculationStats) -> None:
+        """vLLM's spec_decode counters rise by what the engine's totals rose since the last look."""
+        self.tokens_per_forward.set(stats.tokens_per_forward)
+        seen, self._speculation_seen = self._speculation_seen, stats.copy()
+        if self.vllm is None:
+            return
+        self.vllm.spec_drafts.inc(max(0, stats.num_drafts - seen.num_drafts))
+        self.vllm.spec_draft_tokens.inc(max(0, stats.num_draft_tokens - seen.num_draft_tokens))
+        self.vllm.spec_accepted_tokens.inc(max(0, stats.num_accepted_tokens - seen.num_accepted_tokens))
+        before = seen.accepted_per_position + [0] * len(stats.accepted_per_position)
+        for position, total in enumerate(stats.accepted_per_position):
+            self.vllm.accepted_at(position).inc(max(0, total - before[position]))
 
     @contextlib.contextmanager
     def request(self):
@@ -233,6 +254,7 @@ class EngineRequest:
             elif vllm is not None:
                 vllm.inter_token.observe((now - self.last_token) / len(out.new_tokens))
             self.last_token = now
+            self.metrics.tgi.skipped_tokens.observe(len(out.new_tokens) - 1)
             if vllm is not None:
                 vllm.generation_tokens.inc(len(out.new_tokens))
         if out.finished:
@@ -247,7 +269,6 @@ class EngineRequest:
         tgi.queue_duration.observe(queue)
         tgi.inference_duration.observe(inference)
         tgi.time_per_token.observe(inference / max(1, generated))
-        tgi.skipped_tokens.observe(0)
         if tgi.generated_tokens is not None:
             tgi.generated_tokens.observe(generated)
         vllm = self.metrics.vllm

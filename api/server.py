@@ -88,7 +88,7 @@ def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationServ
                              engine.adapter_names)
     metrics = Metrics()
     metrics.configure(settings.model_id, settings.max_input_tokens, settings.max_total_tokens, engine.max_model_len,
-                      engine.kv_capacity_tokens)
+                      engine.kv_capacity_tokens, engine.config.speculate)
     runner = AsyncEngine(engine)
     runner.step_listeners.append(lambda eng, _: metrics.observe_engine(eng))
     return GenerationService(runner, engine.tokenizer, settings, metrics), metrics, runner
@@ -175,7 +175,7 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
                                          f"{len(addresses)}-{info.backend}", tuple(info.adapters))
         s = service.settings
         metrics.configure(s.model_id, s.max_input_tokens, s.max_total_tokens, info.max_model_len,
-                          info.kv_capacity_tokens)
+                          info.kv_capacity_tokens, info.speculate)
         router.start()
         service.ready = True
         logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(addresses))

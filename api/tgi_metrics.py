@@ -42,10 +42,15 @@ def linear_buckets(maximum: int) -> tuple[float, ...]:
 
 DURATION = duration_buckets()
 BATCH_SIZE = tuple(float(i + 1) for i in range(1024))  # tgi_batch_next_size
-# TGI's own bucket config for speculated tokens is commented out, so its exporter renders a summary;
-# its dashboard queries `tgi_request_skipped_tokens_bucket`, which a histogram answers. tokenmill does not
-# speculate: every request skips 0 tokens.
-SKIPPED = (0.0,)
+
+
+def skipped_buckets(speculate: int) -> tuple[float, ...]:
+    """`tgi_request_skipped_tokens`: one bucket per count a step can skip, 0 to --speculate. TGI's own bucket
+    config (the same) is commented out, so its exporter renders a summary; its dashboard queries
+    `tgi_request_skipped_tokens_bucket`, which a histogram answers."""
+    return tuple(float(i) for i in range(speculate + 1))
+
+
 METHODS = ("prefill", "decode")
 
 
@@ -68,8 +73,8 @@ class TgiMetrics:
                                             buckets=DURATION, registry=r)
         self.time_per_token = Histogram("tgi_request_mean_time_per_token_duration", "Mean time per token per request",
                                         buckets=DURATION, registry=r)
-        self.skipped_tokens = Histogram("tgi_request_skipped_tokens", "Speculated tokens per request",
-                                        buckets=SKIPPED, registry=r)
+        # Observed per request and step, as TGI does: the tokens beyond the first that the step gave it.
+        self.skipped_tokens = self._skipped_tokens(0)
         self.queue_size = Gauge("tgi_queue_size", "Current queue size", registry=r)
         self.batch_size = Gauge("tgi_batch_current_size", "Current batch size", registry=r)
         self.max_total_tokens = Gauge("tgi_batch_max_total_tokens", "Maximum amount of tokens in total.", registry=r)
@@ -80,11 +85,17 @@ class TgiMetrics:
         self.batch = BatchMetrics()
         self._replica_batches: dict[str, list] = {}  # behind `tokenmill serve`: each model server's batch samples
 
-    def configure(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int) -> None:
+    def _skipped_tokens(self, speculate: int) -> Histogram:
+        return Histogram("tgi_request_skipped_tokens", "Speculated tokens per request",
+                         buckets=skipped_buckets(speculate), registry=self.registry)
+
+    def configure(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int,
+                  speculate: int = 0) -> None:
         r = self.registry
-        for old in (self.input_length, self.generated_tokens, self.max_new_tokens):
+        for old in (self.input_length, self.generated_tokens, self.max_new_tokens, self.skipped_tokens):
             if old is not None:  # configured again: the new limits' buckets replace the old
                 r.unregister(old)
+        self.skipped_tokens = self._skipped_tokens(speculate)
         self.input_length = Histogram("tgi_request_input_length", "Input token length per request",
                                       buckets=linear_buckets(max_input_tokens), registry=r)
         self.generated_tokens = Histogram("tgi_request_generated_tokens", "Generated tokens per request",

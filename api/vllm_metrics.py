@@ -57,6 +57,14 @@ class VllmSeries:
     request_prompt_tokens: Histogram
     request_generation_tokens: Histogram
     max_tokens: Histogram
+    spec_drafts: Counter
+    spec_draft_tokens: Counter
+    spec_accepted_tokens: Counter
+    spec_accepted_per_position: Counter  # the family: labels (model_name, engine, position)
+    labels: tuple[str, str]
+
+    def accepted_at(self, position: int) -> Counter:
+        return self.spec_accepted_per_position.labels(*self.labels, str(position))
 
 
 def vllm_series(registry: CollectorRegistry, model_name: str, max_model_len: int) -> VllmSeries:
@@ -104,4 +112,10 @@ def vllm_series(registry: CollectorRegistry, model_name: str, max_model_len: int
                                             tokens),
         max_tokens=histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.",
                              tokens),
+        spec_drafts=counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts."),
+        spec_draft_tokens=counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens."),
+        spec_accepted_tokens=counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens."),
+        spec_accepted_per_position=Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                           "Accepted tokens per draft position.", LABELS + ("position",), registry=r),
+        labels=labels,
     )

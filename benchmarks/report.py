@@ -310,6 +310,11 @@ def write(results: dict, out: Path) -> Path:
     if results.get("tensor_parallel"):
         lines += tensor_parallel_lines(results["tensor_parallel"])
 
+    if results.get("speculation"):
+        from benchmarks.speculation import report_lines
+
+        lines += report_lines(results["speculation"])
+
     for name in _plots(results, out):
         lines += [f"![{name}]({name})", ""]
     path = out / "REPORT.md"

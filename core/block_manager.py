@@ -125,13 +125,19 @@ class BlockManager:
             self.cached.setdefault(parent, block)
         request.num_hashed_blocks = num_full
 
-    def free_request(self, request: Request) -> None:
-        """Release the request's blocks; tail blocks go to the free list first, so prefixes live longer."""
-        for block in reversed(request.block_ids):
+    def release_tail(self, request: Request, num_tokens: int) -> None:
+        """Release the request's blocks past its first `num_tokens` tokens, tail first (with a draft, the
+        blocks of rejected speculative tokens: the request's own, past its committed prefix)."""
+        keep = self.blocks_needed(num_tokens)
+        for block in reversed(request.block_ids[keep:]):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free[block] = None
-        request.block_ids = []
+        del request.block_ids[keep:]
+
+    def free_request(self, request: Request) -> None:
+        """Release the request's blocks; tail blocks go to the free list first, so prefixes live longer."""
+        self.release_tail(request, 0)
         request.num_hashed_blocks = 0
 
 

@@ -50,7 +50,7 @@ ENGINE_FLAGS = ("--model-id", "--dtype", "--quantize", "--kv-cache-bytes", "--ma
                 "--cuda-memory-fraction", "--cuda-graphs", "--load-format", "--num-shard", "--sharded",
                 "--master-addr", "--master-port", "--node-rank", "--local-shards", "--cpu-bind",
                 "--rendezvous-timeout", "--revision", "--huggingface-hub-cache", "--otlp-service-name",
-                "--lora-adapters")
+                "--lora-adapters", "--speculate")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -124,6 +124,13 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -194,7 +201,7 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
         max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
         cache_dir=Path(args.cache_dir).expanduser(), max_batch_total_tokens=args.max_batch_total_tokens,
         memory_fraction=args.cuda_memory_fraction, graph_batch_sizes=args.cuda_graphs, load_format=args.load_format,
-        lora_adapters=_lora_adapters(args), **_shard_fields(args),
+        lora_adapters=_lora_adapters(args), speculate=args.speculate, **_shard_fields(args),
     )
 
 
@@ -400,6 +407,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
          help="LoRA adapters served beside the model, comma-separated name=folder (a bare folder or cached hub id "
               "is named by itself), in PEFT's format (adapter_config.json + adapter_model.safetensors); a request "
               "picks one by name with `adapter_id` (TGI) or `model` (OpenAI), and any mix shares a batch")
+    flag("--speculate", "SPECULATE", 0, count, aliases=("--num-speculative-tokens",),
+         help="speculative decoding: up to N draft tokens per decoding sequence and step, found by n-gram prompt "
+              "lookup and verified in the same forward; greedy output is unchanged, copy-heavy answers take fewer "
+              "steps (vLLM's --num-speculative-tokens is the same); 0: off")
     parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=FOLDER",
                         help="vLLM's form of --lora-adapters: name=folder items, or JSON {\"name\": ..., "
                              "\"path\": ...}; both flags may be given")

@@ -34,6 +34,7 @@ from tokenmill.sampler import Sampler, SamplingMetadata
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.slots import PREFIX_CACHING_UNAVAILABLE, SlotAllocator, SlotRunner
+from tokenmill.speculate import NgramSpeculator, SpeculationStats, Verification
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class EngineConfig:
     cpu_bind: tuple[tuple[int, ...], ...] = ()  # the cores of each local rank, in local-rank order; (): unpinned
     # LoRA adapters served next to the base model: (name requests use, PEFT folder or hub id), in slot order.
     lora_adapters: tuple[tuple[str, str], ...] = ()
+    speculate: int = 0  # draft tokens per decoding sequence and step, by n-gram prompt lookup (TGI's); 0: off
 
     @property
     def ranks_per_node(self) -> int:
@@ -129,6 +131,10 @@ class Engine:
         self.scheduler = Scheduler(scheduler_config, self.block_manager, buckets)
         self.eos_token_ids = set(self.checkpoint.eos_token_ids)
         self.sampler = Sampler(config.seed, self.backend.token_mask())
+        if config.speculate < 0:
+            raise ValidationError(f"--speculate must be 0 (off) or a number of draft tokens, got {config.speculate}")
+        self.speculator = NgramSpeculator(config.speculate, self.max_model_len) if config.speculate else None
+        self.speculation = SpeculationStats()
         # Grammars compile on this pool, off the step loop; a request waits in `_compiling` meanwhile.
         self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         self._compiling: dict[str, concurrent.futures.Future] = {}
@@ -148,6 +154,10 @@ class Engine:
         if config.lora_adapters:
             raise ValidationError(f"backend {self.backend.name!r} runs its own model, which takes no LoRA adapters: "
                                   "start it without --lora-adapters / --lora-modules")
+        if config.speculate:
+            # Its slots only grow, one step after another: rejected draft tokens could not be taken back.
+            raise ValidationError(f"backend {self.backend.name!r} runs its own model, which cannot verify draft tokens: "
+                                  "start it without --speculate")
         if config.enable_prefix_caching:
             logger.warning("prefix caching: %s", PREFIX_CACHING_UNAVAILABLE)
         self.prefix_caching = PREFIX_CACHING_UNAVAILABLE
@@ -473,24 +483,30 @@ class Engine:
         sample_rows, prompt_rows = self._split_logits(plan, steps)
         if prompt_rows:
             self._record_prompt_logprobs(logits, prompt_rows)
-        requests = [plan.scheduled[i].request for i in sampling]
-        sampled: dict[str, int] = {}
-        if requests:
+        # One sampling row per sampling request, or with a draft one per fed position (`tokenmill.speculate`).
+        verification = Verification([plan.scheduled[i].request for i in sampling])
+        sampled: dict[str, list[int]] = {}
+        if verification.requests:
+            rows = verification.row_requests()
             # Filled on the host while an accelerator still runs the forward.
-            bitmask = fill_bitmask([self._states[r.request_id].matcher for r in requests], logits.shape[-1])
-            meta = SamplingMetadata.build([r.sampling_params for r in requests], [r.token_ids for r in requests],
-                                          [r.num_prompt_tokens for r in requests], logits.shape[-1], logits.device,
+            bitmask = fill_bitmask([self._states[r.request_id].matcher for r in rows], logits.shape[-1])
+            meta = SamplingMetadata.build([r.sampling_params for r in rows], verification.histories(),
+                                          [r.num_prompt_tokens for r in rows], logits.shape[-1], logits.device,
                                           eos_token_ids=self.eos_token_ids, token_bitmask=bitmask)
             # Rows only increase, so as many rows as logits means every row in order (a decode step).
             if len(sample_rows) < logits.shape[0]:
                 logits = logits[host_to_device(torch.tensor(sample_rows), logits.device)]
             token_ids, logprobs, top_ids, top_lps = self.sampler(logits, meta).tolist()  # the one wait for the device
-            sampled = dict(zip((r.request_id for r in requests), token_ids))
+            kept = verification.kept(token_ids)
+            self.speculation.record(verification, kept)
+            sampled = {r.request_id: tokens for r, tokens in zip(verification.requests, kept)}
         forwarded = time.monotonic()
         self.scheduler.update(plan, sampled)
         filtered = time.monotonic()
-        if requests:
-            outputs += self._process_samples(requests, logprobs, top_ids, top_lps)
+        if verification.requests:
+            outputs += self._process_samples(verification, kept, logprobs, top_ids, top_lps)
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         self.last_step = self._step_stats(plan, num_new, [started, now, forwarded, filtered, time.monotonic()])
         return outputs
 
@@ -509,17 +525,20 @@ class Engine:
         steps, sampling = [], []
         for index, item in enumerate(plan.scheduled):
             request, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
-            samples = start + n == request.num_tokens
+            samples = n == request.num_pending_tokens
             wants_prompt = request.sampling_params.prompt_logprobs and start < request.num_prompt_tokens
-            steps.append(SequenceStep(request.token_ids[start : start + n], start, request.block_ids,
-                                      n if wants_prompt else int(samples), request.adapter))
+            # A sampling sequence needs the logits of its last token and of each draft token after it.
+            num_logits = n if wants_prompt else (len(request.draft_token_ids) + 1) * samples
+            steps.append(SequenceStep(request.pending_token_ids(start, n), start, request.block_ids, num_logits,
+                                      request.adapter))
             if samples:
                 sampling.append(index)
         return steps, sampling
 
     @staticmethod
     def _split_logits(plan: SchedulerOutput, steps: list[SequenceStep]):
-        """Rows of the logits to sample from, and (request, position, row) for prompt logprobs."""
+        """Rows of the logits to sample from (a sequence with a draft: one per fed position, its last token's
+        and its draft's), and (request, position, row) for prompt logprobs."""
         sample_rows, prompt_rows, row = [], [], 0
         for item, step in zip(plan.scheduled, steps):
             start = step.start_position
@@ -529,8 +548,9 @@ class Engine:
                     position = start + len(step.token_ids) - step.num_logits + offset
                     if position + 1 < item.request.num_prompt_tokens:
                         prompt_rows.append((item.request, position + 1, row + offset))
-            if start + len(step.token_ids) == item.request.num_tokens:
-                sample_rows.append(row + step.num_logits - 1)
+            if item.num_new_tokens == item.request.num_pending_tokens:
+                end = row + step.num_logits
+                sample_rows.extend(range(end - len(item.request.draft_token_ids) - 1, end))
             row += step.num_logits
         return sample_rows, prompt_rows
 
@@ -543,40 +563,57 @@ class Engine:
             self._states[request.request_id].prompt_logprobs.append(
                 TokenInfo(token, logprob, self.tokenizer.decode([token])))
 
-    def _process_samples(self, requests: list[Request], logprobs: list[float] | None,
+    def _process_samples(self, verification: Verification, kept: list[list[int]], logprobs: list[float] | None,
                          top_ids: list[list[int]] | None, top_lps: list[list[float]] | None) -> list[RequestOutput]:
+        """Each request's news: its kept tokens in order, up to the first that ends it."""
         outputs = []
         now = time.monotonic()
-        for i, request in enumerate(requests):
+        for request, row, tokens in zip(verification.requests, verification.starts, kept):
             state = self._states[request.request_id]
             state.timings.setdefault("first_token", now)
-            params = request.sampling_params
-            token = request.token_ids[-1]
-            logprob = logprobs[i] if logprobs is not None else None
-            if logprob is not None:
-                state.cumulative_logprob += logprob
-            special = token in self.tokenizer.all_special_ids
-            info = TokenInfo(token, logprob, self.tokenizer.decode([token]), special)
-            tops = []
-            if params.top_n_tokens and top_ids is not None:
-                tops = [[TokenInfo(t, lp, self.tokenizer.decode([t]), t in self.tokenizer.all_special_ids)
-                         for t, lp in zip(top_ids[i][: params.top_n_tokens], top_lps[i][: params.top_n_tokens])]]
-            # Until min_tokens are out nothing stops generation (the sampler holds the stop tokens back).
-            armed = request.num_output_tokens >= params.min_tokens
-            if armed and token in params.stop_token_ids and not params.include_stop_str_in_output:
-                text, stopped = state.stop.add("")  # a stop token's text is dropped, as a stop string's is
-            else:
-                text, stopped = state.stop.add(state.detokenizer.add(token), check=armed)
-            reason = self._finish_reason(request, token, stopped, armed)
-            if state.matcher is not None:
-                reason = self._follow_grammar(state, token, reason)
+            infos, tops, text, reason = [], [], "", None
+            first = request.num_tokens - len(tokens)  # where this step's tokens start in token_ids
+            for k, token in enumerate(tokens):
+                info, top, piece, reason = self._take_token(state, token, first + k + 1, row + k, logprobs, top_ids,
+                                                            top_lps)
+                infos.append(info)
+                tops += top
+                text += piece
+                if reason is not None:
+                    del request.token_ids[first + k + 1 :]  # verified past the end: not part of the answer
+                    break
             if reason is not None:
                 text += state.stop.flush()
                 self.scheduler.finish(request, reason)
-            outputs.append(self._output(state, [info], tops, text, finished=reason is not None))
+            outputs.append(self._output(state, infos, tops, text, finished=reason is not None))
             if reason is not None:
                 del self._states[request.request_id]
         return outputs
+
+    def _take_token(self, state: _RequestState, token: int, num_tokens: int, row: int, logprobs: list[float] | None,
+                    top_ids: list[list[int]] | None, top_lps: list[list[float]] | None):
+        """One new token, the `num_tokens`-th of the request, sampled in `row`: its info, top tokens, the text
+        it completes and the reason it ends the request (None: it does not)."""
+        request, params = state.request, state.request.sampling_params
+        logprob = logprobs[row] if logprobs is not None else None
+        if logprob is not None:
+            state.cumulative_logprob += logprob
+        special = token in self.tokenizer.all_special_ids
+        info = TokenInfo(token, logprob, self.tokenizer.decode([token]), special)
+        tops = []
+        if params.top_n_tokens and top_ids is not None:
+            tops = [[TokenInfo(t, lp, self.tokenizer.decode([t]), t in self.tokenizer.all_special_ids)
+                     for t, lp in zip(top_ids[row][: params.top_n_tokens], top_lps[row][: params.top_n_tokens])]]
+        # Until min_tokens are out nothing stops generation (the sampler holds the stop tokens back).
+        armed = num_tokens - request.num_prompt_tokens >= params.min_tokens
+        if armed and token in params.stop_token_ids and not params.include_stop_str_in_output:
+            text, stopped = state.stop.add("")  # a stop token's text is dropped, as a stop string's is
+        else:
+            text, stopped = state.stop.add(state.detokenizer.add(token), check=armed)
+        reason = self._finish_reason(request, token, num_tokens, stopped, armed)
+        if state.matcher is not None:
+            reason = self._follow_grammar(state, token, reason)
+        return info, tops, text, reason
 
     @staticmethod
     def _follow_grammar(state: _RequestState, token: int, reason: FinishReason | None) -> FinishReason | None:
@@ -589,13 +626,15 @@ class Engine:
             return FinishReason.EOS_TOKEN
         return reason
 
-    def _finish_reason(self, request: Request, token: int, stopped: bool, armed: bool) -> FinishReason | None:
+    def _finish_reason(self, request: Request, token: int, num_tokens: int, stopped: bool,
+                       armed: bool) -> FinishReason | None:
+        """Why the request ends at `token`, its `num_tokens`-th token; None: it goes on."""
         params = request.sampling_params
         if armed and not params.ignore_eos and token in self.eos_token_ids:
             return FinishReason.EOS_TOKEN
         if stopped or (armed and token in params.stop_token_ids):
             return FinishReason.STOP_SEQUENCE
-        if request.num_output_tokens >= params.max_new_tokens or request.num_tokens >= self.max_model_len:
+        if num_tokens - request.num_prompt_tokens >= params.max_new_tokens or num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

@@ -45,6 +45,9 @@ class Request:
     finish_message: str = ""
     num_preemptions: int = 0
     adapter: int = 0  # the LoRA adapter's slot (`tokenmill.lora`); 0: the base model
+    # Speculative decoding (`tokenmill.speculate`): tokens guessed to follow `token_ids`, fed with the last
+    # token at the next step and verified there; never part of `token_ids` until verified.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -57,6 +60,18 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens the next step may feed: those not computed yet, then the draft."""
+        return self.num_tokens + len(self.draft_token_ids) - self.num_computed_tokens
+
+    def pending_token_ids(self, start: int, count: int) -> list[int]:
+        """`count` tokens from position `start` of the tokens followed by the draft."""
+        tokens = self.token_ids[start : start + count]
+        if len(tokens) < count:
+            tokens += self.draft_token_ids[: count - len(tokens)]
+        return tokens
 
     @property
     def output_token_ids(self) -> list[int]:

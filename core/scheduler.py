@@ -124,8 +124,12 @@ class Scheduler:
                 continue
             if phase is not None and (phase == "decode") != self._is_decode(request):
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_pending_tokens, budget)
             while not self.blocks.append(request, num_new):
+                if request.draft_token_ids:  # a guess is not worth preempting anyone: drop it first
+                    request.draft_token_ids = []
+                    num_new = min(request.num_pending_tokens, budget)
+                    continue
                 victim = max((r for r in self.running if r.status is RequestStatus.RUNNING),
                              key=lambda r: r.arrival_index)
                 if victim is request and self._only_one_holding_blocks(request):
@@ -142,6 +146,8 @@ class Scheduler:
                 if victim is request:
                     break
             if request.status is RequestStatus.RUNNING:
+                # A budget cut short of the whole draft verifies what fits (with the last token, one at least).
+                del request.draft_token_ids[max(0, num_new - (request.num_tokens - request.num_computed_tokens)):]
                 scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
 
@@ -188,17 +194,24 @@ class Scheduler:
             output.padded_num_seqs = self.buckets.pad_num_seqs(len(scheduled))
         return output
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance every scheduled request past this step's tokens and append its sampled token."""
+    def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
+        """Advance every scheduled request past this step's tokens and append the tokens it sampled: one,
+        or with a draft, the draft tokens verified and the token after them."""
         for item in output.scheduled:
             request = item.request
             if request.is_finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens += item.num_new_tokens
+            tokens = sampled.get(request.request_id)
+            if tokens:
+                request.token_ids += tokens
+                # Rejected draft positions were computed for tokens that are not the sequence's: they are
+                # no longer computed (the next step overwrites their cache slots), and blocks past the
+                # sequence go back to the pool.
+                request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+                request.draft_token_ids = []
+                self.blocks.release_tail(request, request.num_tokens)
             self.blocks.commit_full_blocks(request)
-            token = sampled.get(request.request_id)
-            if token is not None:
-                request.token_ids.append(token)
 
     def finish(self, request: Request, reason: FinishReason, message: str = "") -> None:
         """End a request (stop condition met, client gone): its blocks are free at once."""
@@ -225,6 +238,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.blocks.free_request(request)
+        request.draft_token_ids = []  # it comes back as a prompt to recompute
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -232,8 +246,10 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _record(self, output: SchedulerOutput) -> None:
-        decode = sum(1 for s in output.scheduled
-                     if s.num_new_tokens == 1 and s.request.num_computed_tokens >= s.request.num_prompt_tokens)
+        # Decode tokens: the last sampled token of a running sequence, and its draft tokens if any.
+        decode = sum(s.num_new_tokens for s in output.scheduled
+                     if s.request.num_tokens - s.request.num_computed_tokens == 1
+                     and s.request.num_computed_tokens >= s.request.num_prompt_tokens)
         self.step_records.append(StepRecord(
             step=self._step,
             num_prefill_tokens=output.num_tokens - decode,

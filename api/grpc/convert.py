@@ -8,6 +8,7 @@ from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.grammar import GrammarSpec
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.speculate import SpeculationStats
 
 _OPTIONAL_PARAMS = ("temperature", "seed")
 
@@ -39,6 +40,15 @@ def params_from_pb(message: pb.SamplingParams) -> SamplingParams:
             value = tuple(value)
         kwargs[f.name] = value
     return SamplingParams(**kwargs)
+
+
+def speculation_to_pb(stats: SpeculationStats) -> pb.SpeculationStats:
+    return pb.SpeculationStats(**dataclasses.asdict(stats))
+
+
+def speculation_from_pb(message: pb.SpeculationStats) -> SpeculationStats:
+    return SpeculationStats(**{f.name: (list if f.name == "accepted_per_position" else int)(getattr(message, f.name))
+                               for f in dataclasses.fields(SpeculationStats)})
 
 
 def token_to_pb(token: TokenInfo) -> pb.TokenInfo:

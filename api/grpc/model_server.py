@@ -21,7 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
-from tokenmill.api.grpc.convert import output_to_pb, params_from_pb
+from tokenmill.api.grpc.convert import output_to_pb, params_from_pb, speculation_to_pb
 from tokenmill.api.tgi_metrics import BatchMetrics
 from tokenmill.api.tracing import extract_context, tracer
 from tokenmill.async_engine import AsyncEngine, GenerationError
@@ -91,6 +91,7 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             prefix_cache_hit_rate=math.nan if engine.prefix_cache_hit_rate is None else engine.prefix_cache_hit_rate,
             num_preemptions=engine.scheduler.num_preemptions, num_compiles=engine.num_compiles,
             ready=self.ready, batch_metrics=self.batch_metrics.snapshot(), adapters=engine.adapter_names,
+            speculate=engine.config.speculate, speculation=speculation_to_pb(engine.speculation),
         )
 
 

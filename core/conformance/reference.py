@@ -68,6 +68,9 @@ class PagedBatch:
     full_keys: list[torch.Tensor]  # per sequence, the whole context: earlier tokens then new ones
     full_values: list[torch.Tensor]
     query_lens: list[int]  # new tokens per sequence in `step`
+    # Per sequence with earlier context, what `fill` wrote: the context, then any rejected tokens.
+    fill_keys: list[torch.Tensor]
+    fill_values: list[torch.Tensor]
 
 
 def _paged_step(
@@ -105,13 +108,16 @@ def build_paged_batch(
     seqs: list[tuple[int, int]],
     generator: torch.Generator,
     device: torch.device,
+    rejected: int = 0,
 ) -> PagedBatch:
     """A batch of sequences, each ``(num_cached, num_new)`` tokens, over shuffled blocks.
 
-    Blocks are handed out in a random order so no kernel can rely on contiguous blocks.
+    Blocks are handed out in a random order so no kernel can rely on contiguous blocks. With `rejected`,
+    `fill` also writes that many tokens past each context, with other keys and values, as a step
+    verifying draft tokens leaves the rejected ones: `step` must write over them and never see them.
     """
     block_size = layout.block_size
-    blocks_needed = [math.ceil((cached + new) / block_size) for cached, new in seqs]
+    blocks_needed = [math.ceil((cached + max(new, rejected if cached else 0)) / block_size) for cached, new in seqs]
     if sum(blocks_needed) > num_blocks:
         raise ValueError("the cache is too small for this batch")
     order = torch.randperm(num_blocks, generator=generator).tolist()
@@ -126,9 +132,11 @@ def build_paged_batch(
 
     with_context = [i for i, (cached, _) in enumerate(seqs) if cached]
     fill = None
+    fill_keys = [torch.cat([keys[i][: seqs[i][0]], randn(rejected, spec.num_kv_heads)]) for i in with_context]
+    fill_values = [torch.cat([values[i][: seqs[i][0]], randn(rejected, spec.num_kv_heads)]) for i in with_context]
     if with_context:
-        pick = lambda items: [items[i] for i in with_context]  # noqa: E731
-        fill = _paged_step(pick(tables), [(0, seqs[i][0]) for i in with_context], pick(keys), pick(values),
-                           pick(queries), block_size, device)
+        fill_queries = [randn(seqs[i][0] + rejected, spec.num_heads) for i in with_context]
+        fill = _paged_step([tables[i] for i in with_context], [(0, seqs[i][0] + rejected) for i in with_context],
+                           fill_keys, fill_values, fill_queries, block_size, device)
     step = _paged_step(tables, [(c, c + n) for c, n in seqs], keys, values, queries, block_size, device)
-    return PagedBatch(fill, step, keys, values, [n for _, n in seqs])
+    return PagedBatch(fill, step, keys, values, [n for _, n in seqs], fill_keys, fill_values)

@@ -31,6 +31,9 @@ def _batches(block_size: int) -> dict[str, list[tuple[int, int]]]:
         "decode": [(1, 1), (b - 1, 1), (b, 1), (2 * b + 2, 1), (3 * b - 1, 1)],
         "chunked_prefill": [(b, b), (b + 3, 2 * b - 1), (5, 7)],
         "mixed": [(2 * b + 1, 1), (0, b + 2), (b - 1, 1), (7, b + 9), (3 * b, 1)],
+        # Speculative decoding's verification: each decoding sequence feeds its last token and a few
+        # draft tokens over its context, beside plain decodes.
+        "multi_token_decode": [(2 * b + 1, 4), (b - 1, 2), (b, 4), (3 * b - 1, 1), (5, 3), (b - 3, 4)],
     }
 
 
@@ -42,29 +45,38 @@ def _check_step(attention, step, kv_cache, expected, dtype):
     assert error < _tolerance(dtype), f"max abs error {error:.2e}"
 
 
-def _run_case(backend, device, dtype, seqs, **spec_kwargs):
+def _run_case(backend, device, dtype, seqs, rejected=0, **spec_kwargs):
     heads, kv_heads = spec_kwargs.pop("heads", (4, 2))
     spec = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=32, scale=32**-0.5, dtype=dtype,
                          **spec_kwargs)
     layout = backend.kv_cache_layout(KVCacheShape(1, kv_heads, 32, dtype), device)
     kv_cache = layout.allocate(NUM_BLOCKS)[0]
     attention = backend.attention(spec, layout)
-    batch = build_paged_batch(layout, NUM_BLOCKS, spec, seqs, torch.Generator().manual_seed(len(seqs)), device)
+    batch = build_paged_batch(layout, NUM_BLOCKS, spec, seqs, torch.Generator().manual_seed(len(seqs)), device,
+                              rejected)
     if batch.fill is not None:
-        fill_lens = [c for c, _ in seqs if c]
-        fill_keys = [k[:c] for k, (c, _) in zip(batch.full_keys, seqs) if c]
-        fill_values = [v[:c] for v, (c, _) in zip(batch.full_values, seqs) if c]
-        expected = reference_attention(batch.fill.query.cpu(), fill_keys, fill_values, fill_lens, spec)
+        fill_lens = [c + rejected for c, _ in seqs if c]
+        expected = reference_attention(batch.fill.query.cpu(), batch.fill_keys, batch.fill_values, fill_lens, spec)
         _check_step(attention, batch.fill, kv_cache, expected, dtype)
     expected = reference_attention(batch.step.query.cpu(), batch.full_keys, batch.full_values, batch.query_lens, spec)
     _check_step(attention, batch.step, kv_cache, expected, dtype)
 
 
-@pytest.mark.parametrize("case", ["prefill_one", "prefill_ragged", "decode", "chunked_prefill", "mixed"])
+@pytest.mark.parametrize("case", ["prefill_one", "prefill_ragged", "decode", "chunked_prefill", "mixed",
+                                  "multi_token_decode"])
 def test_attention_matches_reference(backend, platform, device, case) -> None:
     block_size = backend.kv_cache_layout(KVCacheShape(1, 2, 32, torch.float32), device).block_size
     for dtype in dtypes_under_test(platform):
         _run_case(backend, device, dtype, _batches(block_size)[case])
+
+
+def test_attention_overwrites_rejected_draft_tokens(backend, platform, device) -> None:
+    """After a verification rejected draft tokens, the next step writes its own tokens over their cache slots
+    (the context's length tells where it ends, nothing is cleared): attention sees only the new ones."""
+    block_size = backend.kv_cache_layout(KVCacheShape(1, 2, 32, torch.float32), device).block_size
+    b = block_size
+    for dtype in dtypes_under_test(platform):
+        _run_case(backend, device, dtype, [(b - 2, 1), (2 * b + 1, 4), (5, 3), (b, 2)], rejected=3)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1), (6, 2)], ids=["mha", "mqa", "gqa3"])

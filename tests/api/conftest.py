@@ -43,13 +43,13 @@ def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = 
 class TinyServer:
     """uvicorn on a thread, serving a tiny random Llama; `engine` is reachable for assertions."""
 
-    def __init__(self, tokenizer=None, tiny=None, chat_template=CHAT_TEMPLATE, **options):
+    def __init__(self, tokenizer=None, tiny=None, chat_template=CHAT_TEMPLATE, speculate: int = 0, **options):
         checkpoint = (tiny or build_tiny("llama")).checkpoint()  # `tiny`: e.g. one taught an answer
         if tokenizer is not None:  # e.g. `char_tokenizer()`, for structured output
             checkpoint.tokenizer = tokenizer
         checkpoint.tokenizer.chat_template = chat_template
         engine_config = EngineConfig(backend="cpu", dtype="float32", kv_cache_bytes=4 << 20, progress=False,
-                                     model_id="tiny-llama")
+                                     model_id="tiny-llama", speculate=speculate)
         self.engine = Engine(engine_config, checkpoint=checkpoint)
         serve_options = ServeOptions(engine=engine_config, **options)
         self.service, self.metrics, self.runner = build_service(serve_options, self.engine)

@@ -258,3 +258,30 @@ def test_the_router_sums_its_model_servers_batch_metrics() -> None:
     assert "tgi_batch_current_max_tokens 30.0" in text
     assert "tgi_batch_max_total_tokens 200.0" in text
     assert not [name for name in re.findall(r"^(tgi_\w+)", text, re.M) if name.endswith(("_total", "_created"))]
+
+
+def test_speculative_decoding_shows_in_vllm_counters_and_tgi_skipped_tokens() -> None:
+    server = TinyServer(speculate=3)
+    try:
+        phrase = " ".join(f"w{i}" for i in (5, 9, 14, 5, 22, 9)) + " "
+        response = _post(server, "/generate", {"inputs": phrase * 6, "parameters": {"max_new_tokens": 40,
+                                                                                    "details": True}})
+        assert response.status_code == 200
+        stats = server.engine.speculation
+        assert stats.num_accepted_tokens > 0
+        deadline = time.monotonic() + 10  # the engine thread observes its step after answering
+        while _value(server, "vllm:spec_decode_num_accepted_tokens") != stats.num_accepted_tokens:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _value(server, "vllm:spec_decode_num_drafts") == stats.num_drafts
+        assert _value(server, "vllm:spec_decode_num_draft_tokens") == stats.num_draft_tokens
+        assert [_value(server, "vllm:spec_decode_num_accepted_tokens_per_pos", position=str(k))
+                for k in range(3)] == (stats.accepted_per_position + [0, 0, 0])[:3]
+        assert _value(server, "tokenmill_decode_tokens_per_forward") == pytest.approx(stats.tokens_per_forward)
+        assert stats.tokens_per_forward > 1
+        # TGI's histogram: per request and step, the tokens past the first; buckets 0 to --speculate.
+        assert _value(server, "tgi_request_skipped_tokens_sum") == stats.num_accepted_tokens
+        assert _value(server, "tgi_request_skipped_tokens_count") == stats.num_decode_forwards + 1  # and the prefill
+        assert 'tgi_request_skipped_tokens_bucket{le="3.0"}' in _text(server)
+    finally:
+        server.stop()

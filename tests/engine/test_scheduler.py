@@ -28,7 +28,7 @@ def _add(scheduler: Scheduler, name: str, prompt_len: int, max_new: int, arrival
 def _step(scheduler: Scheduler, rng: random.Random) -> list[Request]:
     """One step with fake sampling; returns the requests that finished."""
     output = scheduler.schedule()
-    sampled = {s.request.request_id: rng.randrange(97) for s in output.scheduled
+    sampled = {s.request.request_id: [rng.randrange(97)] for s in output.scheduled
                if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens}
     scheduler.update(output, sampled)
     finished = []
@@ -119,7 +119,7 @@ def test_shape_buckets_cap_and_pad_each_step() -> None:
             assert output.num_tokens <= 32 and len(output.scheduled) <= 4
             assert output.padded_num_tokens in buckets.num_tokens and output.padded_num_tokens >= output.num_tokens
             assert output.padded_num_seqs in buckets.num_seqs
-        sampled = {s.request.request_id: 1 for s in output.scheduled
+        sampled = {s.request.request_id: [1] for s in output.scheduled
                    if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens}
         scheduler.update(output, sampled)
         for s in output.scheduled:
@@ -137,3 +137,38 @@ def test_a_request_outgrowing_the_cache_fails_without_prefix_caching_too() -> No
         _step(scheduler, rng)
     assert request.finish_reason is FinishReason.ERROR and "KV-cache blocks" in request.finish_message
     assert scheduler.blocks.num_free_blocks == 4
+
+
+def test_drafts_ride_with_the_last_token_and_rejected_ones_give_their_blocks_back() -> None:
+    """Random drafts, random verdicts, a small cache and budget (preemptions, cut drafts): every step feeds a
+    decoding request its last token and what fits of its draft, every verdict leaves exactly the blocks of
+    the kept tokens (none past the sequence), and every block comes back."""
+    scheduler, rng = _scheduler(num_blocks=40, block_size=4, budget=20, max_seqs=8), random.Random(3)
+    requests = [_add(scheduler, f"r{i}", rng.randrange(2, 20), rng.randrange(1, 30), i) for i in range(16)]
+    for _ in range(5_000):
+        if not scheduler.has_unfinished():
+            break
+        for r in scheduler.running:
+            if r.num_tokens - r.num_computed_tokens == 1:
+                left = r.sampling_params.max_new_tokens - r.num_output_tokens
+                r.draft_token_ids = [rng.randrange(97) for _ in range(rng.randrange(0, min(4, left)))]
+        output = scheduler.schedule()
+        sampled = {}
+        for s in output.scheduled:
+            r = s.request
+            assert s.num_new_tokens <= r.num_pending_tokens
+            if s.num_new_tokens == r.num_pending_tokens:  # it samples: keep some of the draft, then one more
+                sampled[r.request_id] = r.draft_token_ids[: rng.randrange(len(r.draft_token_ids) + 1)] + [5]
+            else:
+                assert not r.draft_token_ids  # a cut step carries no draft
+        scheduler.update(output, sampled)
+        for s in output.scheduled:
+            r = s.request
+            if r.request_id in sampled:
+                assert r.num_computed_tokens == r.num_tokens - 1 and not r.draft_token_ids
+                blocks = scheduler.blocks
+                assert blocks.blocks_needed(r.num_computed_tokens) <= len(r.block_ids) <= blocks.blocks_needed(r.num_tokens)
+            if not r.is_finished and r.num_output_tokens >= r.sampling_params.max_new_tokens:
+                scheduler.finish(r, FinishReason.LENGTH)
+    assert all(r.is_finished for r in requests)
+    assert scheduler.blocks.num_free_blocks == 40

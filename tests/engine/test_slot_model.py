@@ -149,7 +149,7 @@ def test_the_scheduler_fails_a_whole_prompt_no_step_can_hold() -> None:
     first = scheduler.schedule()
     assert [s.request.request_id for s in first.scheduled] == ["short"]
     assert not first.failed  # it waits: a later step may have the room
-    scheduler.update(first, {"short": 7})
+    scheduler.update(first, {"short": [7]})
     second = scheduler.schedule()
     assert [r.request_id for r in second.failed] == ["long"] and long.finish_reason is FinishReason.ERROR
     assert [s.request.request_id for s in second.scheduled] == ["short"]  # then the decode step

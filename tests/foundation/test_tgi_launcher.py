@@ -158,12 +158,12 @@ def test_the_launcher_forwards_revision_cache_and_service_name_to_its_model_serv
 
 def test_refused_settings_stop_the_start_naming_each_before_anything_loads(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ALL_VARIABLES}
-    env.update(SPECULATE="3", NGROK_AUTHTOKEN="tok_do_not_print", TRUST_REMOTE_CODE="false")
+    env.update(KV_CACHE_DTYPE="fp8_e5m2", NGROK_AUTHTOKEN="tok_do_not_print", TRUST_REMOTE_CODE="false")
     result = run_cli("serve", "--rope-factor", "2.0", "--trust-remote-code", "--port", "1", env=env, check=False)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("tokenmill serve: ")]
     assert [re.match(r"tokenmill serve: (\S+)", line).group(1) for line in lines] == [
-        "SPECULATE", "--trust-remote-code", "--rope-factor", "NGROK_AUTHTOKEN"]
+        "KV_CACHE_DTYPE", "--trust-remote-code", "--rope-factor", "NGROK_AUTHTOKEN"]
     assert "tok_do_not_print" not in result.stderr
     assert "model server" not in result.stderr  # refused before anything started
 
