@@ -142,9 +142,10 @@ class ReplicaRouter:
         replica.in_flight += 1
         replica.num_requests += 1
         call = replica.stub.Generate(request, metadata=inject_context())
+        reads = _ShieldedReads(call)
         started = finished = False
         try:
-            async for message in call:
+            while (message := await reads.next()) is not None:
                 out = output_from_pb(request.request_id, message)
                 started, finished = True, out.finished
                 yield out
@@ -161,8 +162,51 @@ class ReplicaRouter:
             raise error from exc
         finally:
             replica.in_flight -= 1
-            if not finished:
-                call.cancel()  # the client left: the model server aborts the request and frees its blocks
+            if not finished and not call.done():
+                self._leave(replica, reads, request.request_id)
+
+    def _leave(self, replica: Replica, reads: _ShieldedReads, request_id: str) -> None:
+        """The client left mid-stream: the model server aborts the request (freeing its blocks) and its
+        stream is read to the end in the background. Cancelling the call would free the request as fast,
+        but grpc.aio leaks a read batch cancelled in flight (grpc/grpc#43360): the soak measured about
+        1.4 KB of router RSS lost per departed client."""
+        task = asyncio.get_running_loop().create_task(self._abort_and_drain(replica, reads, request_id))
+        replica.tasks.add(task)
+        task.add_done_callback(replica.tasks.discard)
+
+    async def _abort_and_drain(self, replica: Replica, reads: _ShieldedReads, request_id: str) -> None:
+        try:
+            await replica.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=ABORT_TIMEOUT_S)
+            async with asyncio.timeout(ABORT_TIMEOUT_S):
+                while await reads.next() is not None:
+                    pass
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            logger.warning("model server %s did not abort request %s (%s); cancelling its call", replica.address,
+                           request_id, exc)
+            reads.call.cancel()
+
+
+# How long a model server may take to end an aborted request's stream before its call is cancelled.
+ABORT_TIMEOUT_S = 10.0
+
+
+class _ShieldedReads:
+    """A server stream's messages (None at its end), each read shielded from its reader's cancellation.
+
+    A read cancelled in flight leaks its batch in grpc.aio (grpc/grpc#43360). Here the read goes on when
+    its reader is cancelled, and the next `next()` takes its message.
+    """
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall):
+        self.call = call
+        self._pending: asyncio.Future | None = None
+
+    async def next(self):
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.call.read())
+        message = await asyncio.shield(self._pending)  # a CancelledError here leaves the read pending
+        self._pending = None
+        return None if message is grpc.aio.EOF else message
 
 
 class _Unreached(Exception):

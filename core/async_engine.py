@@ -112,7 +112,14 @@ class AsyncEngine:
         return await asyncio.wrap_future(done)
 
     def abort(self, request_id: str) -> None:
-        self._submit(lambda: self.engine.abort(request_id))
+        """Abort a request from outside its stream: the stream's reader gets its final (aborted) output."""
+
+        def command() -> None:
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._deliver(request_id, out)
+
+        self._submit(command)
 
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)

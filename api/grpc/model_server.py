@@ -79,6 +79,10 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             finally:
                 self._calls.discard(call)
 
+    async def Abort(self, request, context):
+        self.runner.abort(request.request_id)
+        return pb.AbortResponse()
+
     async def Info(self, request, context):
         engine = self.engine
         blocks = engine.block_manager
