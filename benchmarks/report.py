@@ -315,6 +315,11 @@ def write(results: dict, out: Path) -> Path:
 
         lines += report_lines(results["speculation"])
 
+    if results.get("structured"):
+        from benchmarks.structured import report_lines as structured_lines
+
+        lines += structured_lines(results["structured"])
+
     for name in _plots(results, out):
         lines += [f"![{name}]({name})", ""]
     path = out / "REPORT.md"

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report, speculation, tensor_parallel
+from benchmarks import report, speculation, structured, tensor_parallel
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-quality", action="store_true", help="skip the perplexity of each serving mode")
     parser.add_argument("--no-speculation", action="store_true", help="skip --speculate 0 against 3 at c=1")
+    parser.add_argument("--no-structured", action="store_true",
+                        help="skip c=16 throughput with every request JSON-constrained against none")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_speculation and "tokenmill" in servers:
         print("speculative decoding: --speculate 0 against 3 at c=1, in process", flush=True)
         results["speculation"] = speculation.run(args.passes)
+    if not args.no_structured and "tokenmill" in servers:
+        print("structured output: c=16 with every request JSON-constrained against none, in process", flush=True)
+        results["structured"] = structured.run(args.passes)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     path = report.write(results, args.out)
     print(f"report: {path}", flush=True)
