@@ -35,6 +35,10 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Health probes in a row without an answer before a replica that answered before counts as unhealthy.
+SLOW_PROBES_TO_UNHEALTHY = 3
+
+
 @dataclass
 class Replica:
     address: str
@@ -45,15 +49,17 @@ class Replica:
     info: pb.InfoResponse | None = None
     num_requests: int = 0
     num_failures: int = 0
+    slow_probes: int = 0  # health probes in a row that got no answer before their deadline
     tasks: set = field(default_factory=set)
 
 
 class ReplicaRouter:
-    def __init__(self, addresses: Sequence[str], health_interval_s: float = 1.0):
+    def __init__(self, addresses: Sequence[str], health_interval_s: float = 1.0, probe_timeout_s: float = 2.0):
         if not addresses:
             raise ValueError("the router needs at least one model server address")
         self.replicas = [self._connect(a) for a in addresses]
         self.health_interval_s = health_interval_s
+        self.probe_timeout_s = probe_timeout_s
         self._health_task: asyncio.Task | None = None
         self.on_health: list = []  # callbacks(router) after each health round (metrics)
 
@@ -92,10 +98,14 @@ class ReplicaRouter:
     async def check_health(self) -> None:
         async def probe(replica: Replica) -> None:
             try:
-                replica.info = await replica.stub.Info(pb.InfoRequest(), timeout=2.0)
-                healthy = replica.info.ready
-            except grpc.aio.AioRpcError:
-                healthy = False
+                replica.info = await replica.stub.Info(pb.InfoRequest(), timeout=self.probe_timeout_s)
+                healthy, replica.slow_probes = replica.info.ready, 0
+            except grpc.aio.AioRpcError as exc:
+                # No answer in time is a busy replica as often as a hung one (the soak saw probes time out
+                # on an overloaded machine): only a run of them takes it out. A refused connection does so at once.
+                slow = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                replica.slow_probes = replica.slow_probes + 1 if slow else 0
+                healthy = replica.healthy and slow and replica.slow_probes < SLOW_PROBES_TO_UNHEALTHY
             if healthy != replica.healthy:
                 log = logger.info if healthy else logger.warning
                 log("model server %s is now %s", replica.address, "healthy" if healthy else "unhealthy")
