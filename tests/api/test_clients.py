@@ -51,7 +51,7 @@ def test_openai_completions(served_smollm2) -> None:
 def test_text_generation_client(served_smollm2) -> None:
     from text_generation import Client
 
-    client = Client(served_smollm2)
+    client = Client(served_smollm2, timeout=120)  # its default 10 s is tight on a loaded 2-core machine
     response = client.generate("The capital of France is", max_new_tokens=8, decoder_input_details=True)
     assert "Paris" in response.generated_text
     assert response.details.generated_tokens == len(response.details.tokens) == 8
