@@ -9,14 +9,15 @@ from typing import Callable
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 
-from tokenmill.api import openai_api, sagemaker, tgi, vertex, vllm_routes
+from tokenmill.api import dashboard, openai_api, sagemaker, tgi, vertex, vllm_routes
 from tokenmill.api.auth import authorized, http_route_is_protected
+from tokenmill.api.dashboard import DashboardHistory
 from tokenmill.api.errors import install_error_handlers
 from tokenmill.api.metrics import Metrics, ObservedRequests
 from tokenmill.api.service import GenerationService
 from tokenmill.api.tracing import extract_context, tracer
-
 
 
 class PayloadLimit:
@@ -64,36 +65,45 @@ def _without(router: APIRouter, path: str) -> APIRouter:
     return APIRouter(routes=[route for route in router.routes if getattr(route, "path", None) != path])
 
 
+@contextlib.asynccontextmanager
+async def _public_grpc(app: FastAPI, service: GenerationService, address: str):
+    """Run the public gRPC server on this event loop; its health turns SERVING once warm."""
+    from tokenmill.api.grpc.public_server import PublicGrpcServer
+
+    grpc_server = PublicGrpcServer(service, address)
+    app.state.grpc_server = grpc_server
+    await grpc_server.start()
+
+    async def follow_readiness() -> None:
+        while not service.ready:
+            await asyncio.sleep(0.2)
+        await grpc_server.set_serving(True)
+
+    watcher = asyncio.create_task(follow_readiness())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        await grpc_server.set_serving(False)
+        await grpc_server.stop()
+
+
 def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        """Run the public gRPC server on this event loop; its health turns SERVING once warm."""
-        if grpc_address is None:
+        async with contextlib.AsyncExitStack() as running:
+            await running.enter_async_context(app.state.dashboard.sampling())
+            if grpc_address is not None:
+                await running.enter_async_context(_public_grpc(app, service, grpc_address))
             yield
-            return
-        from tokenmill.api.grpc.public_server import PublicGrpcServer
 
-        grpc_server = PublicGrpcServer(service, grpc_address)
-        app.state.grpc_server = grpc_server
-        await grpc_server.start()
-
-        async def follow_readiness() -> None:
-            while not service.ready:
-                await asyncio.sleep(0.2)
-            await grpc_server.set_serving(True)
-
-        watcher = asyncio.create_task(follow_readiness())
-        try:
-            yield
-        finally:
-            watcher.cancel()
-            await grpc_server.set_serving(False)
-            await grpc_server.stop()
-
-    app = FastAPI(title="tokenmill", version=service.settings.version, lifespan=lifespan,
-                  description="TGI- and OpenAI-compatible text generation")
+    # FastAPI's own /docs and /redoc load their scripts from a CDN, blank where the server has no internet
+    # access: fastapi-offline serves the same pages with Swagger UI and ReDoc from its package.
+    app = FastAPIOffline(title="tokenmill", version=service.settings.version, lifespan=lifespan,
+                         description="TGI- and OpenAI-compatible text generation")
     app.state.service = service
     app.state.metrics = metrics
+    app.state.dashboard = DashboardHistory(service, metrics)
 
     @app.middleware("http")
     async def limits_and_auth(request: Request, call_next):
@@ -124,6 +134,7 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
     app.include_router(sagemaker.router)
     app.include_router(vertex.router)
     app.include_router(vllm_routes.router)
+    app.include_router(dashboard.router)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:

@@ -62,6 +62,9 @@ class Metrics:
         self._speculation_seen = SpeculationStats()
         self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Time from a request's arrival to its first "
                               "token", buckets=DURATION, registry=r)
+        # vLLM's inter-token buckets start at 10 ms, coarser than a fast decode: this one has TGI's durations.
+        self.inter_token = Histogram("tokenmill_inter_token_latency_seconds", "Time between a request's tokens",
+                                     buckets=DURATION, registry=r)
 
     def configure(self, model_name: str, max_input_tokens: int, max_total_tokens: int, max_model_len: int,
                   kv_capacity_tokens: int, speculate: int = 0) -> None:
@@ -251,8 +254,11 @@ class EngineRequest:
                     vllm.prompt_tokens.inc(out.num_prompt_tokens)
                     vllm.prefix_queries.inc(out.num_prompt_tokens)
                     vllm.prefix_hits.inc(out.num_cached_tokens)
-            elif vllm is not None:
-                vllm.inter_token.observe((now - self.last_token) / len(out.new_tokens))
+            else:
+                gap = (now - self.last_token) / len(out.new_tokens)
+                self.metrics.inter_token.observe(gap)
+                if vllm is not None:
+                    vllm.inter_token.observe(gap)
             self.last_token = now
             self.metrics.tgi.skipped_tokens.observe(len(out.new_tokens) - 1)
             if vllm is not None:

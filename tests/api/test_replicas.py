@@ -116,6 +116,17 @@ def test_twenty_concurrent_requests_spread_over_both_replicas(cluster) -> None:
     assert sum(counts) >= 20 and min(counts) >= 5, counts
 
 
+def test_the_dashboard_shows_each_replica_and_the_output_rate(cluster) -> None:
+    url, _, addresses = cluster
+    data = httpx.get(f"{url}/dashboard/data", timeout=10).json()
+    replicas = {r["address"]: r for r in data["replicas"]}
+    assert set(replicas) == set(addresses)
+    assert all(r["healthy"] and r["requests"] >= 5 and r["failures"] == 0 for r in replicas.values())
+    assert set(data["points"][-1]["load"]) == set(addresses)
+    assert any(p["output_tokens_per_s"] > 0 for p in data["points"])
+    assert any(p["ttft_s"]["p50"] is not None for p in data["points"])
+
+
 def test_one_trace_id_spans_router_and_model_server(cluster, collector) -> None:
     url, _, _ = cluster
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -194,6 +205,13 @@ def test_stopping_a_replica_fails_only_its_requests(cluster) -> None:
     after = [_generate(url, 5) for _ in range(5)]
     assert all(r.status_code == 200 for r in after)
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_the_dashboard_shows_the_stopped_replica_unhealthy(cluster) -> None:
+    url, _, addresses = cluster
+    replicas = {r["address"]: r for r in httpx.get(f"{url}/dashboard/data", timeout=10).json()["replicas"]}
+    assert not replicas[addresses[0]]["healthy"] and replicas[addresses[0]]["failures"] >= 1
+    assert replicas[addresses[1]]["healthy"]
 
 
 def test_sigterm_finishes_in_flight_streams_and_refuses_new_ones(cluster) -> None:

@@ -44,6 +44,7 @@ def test_wheel_holds_only_the_tokenmill_package(wheel: Path) -> None:
     assert top_level == {"tokenmill", "tokenmill-0.1.0.dist-info"}
     assert "tokenmill/conformance/test_attention.py" in names
     assert "tokenmill/plugins/cpu/attention.py" in names
+    assert {"tokenmill/api/static/dashboard.html", "tokenmill/api/static/dashboard.js"} <= set(names)
 
 
 def test_clean_venv_regular_install_imports(wheel: Path, tmp_path: Path) -> None:
@@ -59,8 +60,9 @@ def test_clean_venv_regular_install_imports(wheel: Path, tmp_path: Path) -> None
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True, timeout=600)
     added = {p.name for p in site.iterdir()} - before
     assert added == {"tokenmill", "tokenmill-0.1.0.dist-info"}
-    code = ("import tokenmill, tokenmill.api, tokenmill.plugins.cpu; "
-            "print(tokenmill.__file__); print(tokenmill.plugins.cpu.__file__)")
+    code = ("import tokenmill, tokenmill.api, tokenmill.plugins.cpu; from tokenmill.api.dashboard import STATIC; "
+            "assert all((STATIC / f).is_file() for f in ('dashboard.html', 'dashboard.js')); "
+            "print(tokenmill.__file__); print(tokenmill.plugins.cpu.__file__); print(STATIC)")
     printed = subprocess.check_output([str(python), "-c", code], text=True)
     assert all(line.startswith(str(site)) for line in printed.split())
     env_json = subprocess.check_output([str(env_dir / "bin" / "tokenmill"), "env", "--json"], text=True)
