@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.tokenmill-bench-installed
 # The CPU path pins torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install serve test soak conformance env bench gpu-check neuron-check clean
+.PHONY: install serve test soak conformance env bench gpu-check neuron-check docker clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -95,6 +95,10 @@ $(NEURON_STAMP): pyproject.toml
 
 neuron-check: $(NEURON_STAMP)
 	$(NEURON_VENV)/bin/python -m pytest tests/neuron $(ARGS)
+
+# The image of one backend family (deploy/docker/BACKEND.Dockerfile); needs a Docker daemon with BuildKit.
+docker:
+	DOCKER_BUILDKIT=1 docker build -f deploy/docker/$(or $(BACKEND),cpu).Dockerfile -t tokenmill:$(or $(BACKEND),cpu) .
 
 env: $(STAMP)
 	$(VENV)/bin/tokenmill env

@@ -1,5 +1,6 @@
-"""/metrics as TGI's and vLLM's users read it: TGI's Grafana dashboard finds data for every query, TGI's
-names, types and bucket layouts, each request counted once, and vLLM's names as aliases."""
+"""/metrics as TGI's and vLLM's users read it: TGI's Grafana dashboard and tokenmill's own
+(deploy/grafana/tokenmill.json) find data for every query, TGI's names, types and bucket layouts, each
+request counted once, and vLLM's names as aliases."""
 
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import TinyServer
+from tests.api.dashboards import dashboard_gaps, selectors, tokenmill_queries
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.api.metrics import Metrics
 from tokenmill.api.tgi_metrics import BatchMetrics
 from tokenmill.outputs import StepStats
 
 DASHBOARD = json.loads((Path(__file__).parent / "data" / "tgi_grafana_queries.json").read_text())
-SELECTOR = re.compile(r"\b(tgi_[a-z0-9_]+)\s*(?:\{([^}]*)\})?")
-MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
-# A target label Prometheus adds when it scrapes (Kubernetes discovery), not one a server exports.
-TARGET_LABELS = {"container"}
+TGI_QUERIES = [(query["panel"], query["expr"]) for query in DASHBOARD["queries"]]
+# Only a router fronting model servers reports on them: checked behind `tokenmill serve`.
+REPLICA_SERIES = ("tokenmill_replica_",)
 LONG = " ".join(f"w{5 + i % 50}" for i in range(40))  # longer than a KV block: a second send hits the prefix cache
 
 
@@ -84,54 +85,35 @@ def _traffic(server, running_tokens: int = 200) -> None:
         assert any("[DONE]" in line for line in lines)
 
 
-def _selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
-    return [(name, [m for m in MATCHER.findall(matchers or "") if m[0] not in TARGET_LABELS])
-            for name, matchers in SELECTOR.findall(expr)]
-
-
-def _label_matches(value: str, op: str, wanted: str) -> bool:
-    return {"=": value == wanted, "!=": value != wanted, "=~": re.fullmatch(wanted, value) is not None,
-            "!~": re.fullmatch(wanted, value) is None}[op]
-
-
-def _data_for(families: dict, name: str, matchers) -> tuple[str | None, float, int]:
-    """(family type, sum of the matching samples' values, how many) for one selector."""
-    kind, total, count = None, 0.0, 0
-    for family in families.values():
-        for sample in family.samples:
-            if sample.name not in (name, f"{name}_total"):
-                continue
-            if all(_label_matches(sample.labels.get(k, ""), op, v) for k, op, v in matchers):
-                kind, total, count = family.type, total + sample.value, count + 1
-    return kind, total, count
-
-
-def _dashboard_gaps(server) -> list[str]:
-    """Each selector of the dashboard's queries that finds no data on /metrics, and why."""
-    text = _text(server)
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    gaps = []
-    for query in DASHBOARD["queries"]:
-        for name, matchers in _selectors(query["expr"]):
-            where = f"{query['panel']}: {name}{matchers}"
-            kind, total, count = _data_for(families, name, matchers)
-            if not re.search(rf"^{re.escape(name)}[{{ ]", text, re.M):
-                gaps.append(f"no sample named exactly {name} ({where})")
-            elif not count:
-                gaps.append(f"no sample matches {where}")
-            elif kind in ("counter", "histogram") and total <= 0:  # rate(), increase(), quantiles need counts
-                gaps.append(f"nothing counted for {where}")
-    return gaps
-
-
 def test_the_dashboard_queries_are_all_there() -> None:
-    assert len(DASHBOARD["queries"]) == 57
-    assert all(_selectors(query["expr"]) for query in DASHBOARD["queries"])
+    assert len(TGI_QUERIES) == 57
+    assert all(selectors(expr) for _, expr in TGI_QUERIES)
+    assert len(tokenmill_queries()) == 21
+    assert all(selectors(expr) for _, expr in tokenmill_queries())
 
 
 def test_every_query_of_tgi_s_grafana_dashboard_finds_data(server) -> None:
     _traffic(server)
-    assert _dashboard_gaps(server) == []
+    assert dashboard_gaps(_text(server), TGI_QUERIES) == []
+
+
+def test_every_query_of_tokenmill_s_grafana_dashboard_finds_data() -> None:
+    """deploy/grafana/tokenmill.json: KV and prefix cache, compiles, speculation (drafts from a copy-heavy
+    prompt), latencies; every series its queries select is exported, and every histogram has counted."""
+    server = TinyServer(speculate=3, max_concurrent_requests=8)
+    try:
+        _traffic(server, running_tokens=40)
+        phrase = " ".join(f"w{i}" for i in (5, 9, 14, 5, 22, 9)) + " "
+        copy = {"inputs": phrase * 6, "parameters": {"max_new_tokens": 24}}
+        for _ in range(2):  # the second send hits the prefix cache
+            assert _post(server, "/generate", copy).status_code == 200
+
+        def gaps() -> list[str]:  # no preemption or compilation happens here: those counters stay at 0
+            return dashboard_gaps(_text(server), tokenmill_queries(), counted=("histogram",), skip=REPLICA_SERIES)
+
+        assert _wait_for(lambda: not gaps()), gaps()  # the engine thread observes its last step after answering
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
@@ -139,7 +121,15 @@ def test_every_dashboard_query_finds_data_behind_tokenmill_serve(served_smollm2)
     """The default deployment: the engine steps run in a model-server process, and their batch metrics
     reach the router's /metrics with its info (each health round)."""
     _traffic(served_smollm2, running_tokens=48)
-    assert _wait_for(lambda: not _dashboard_gaps(served_smollm2), timeout_s=15), _dashboard_gaps(served_smollm2)
+
+    def gaps() -> list[str]:
+        """tokenmill's dashboard: exported, replicas included. Speculation is off here: its counters stay at 0,
+        and the per-position one has no series (one per draft position, as in vLLM)."""
+        text = _text(served_smollm2)
+        return dashboard_gaps(text, TGI_QUERIES) + dashboard_gaps(
+            text, tokenmill_queries(), counted=(), skip=("vllm:spec_decode_num_accepted_tokens_per_pos",))
+
+    assert _wait_for(lambda: not gaps(), timeout_s=15), gaps()
 
 
 def test_tgi_s_counters_keep_their_names_and_have_no_created_series(server) -> None:

@@ -1,0 +1,18 @@
+# tokenmill for Google TPUs: Python's slim Debian image; torch 2.9's CPU build and torch-xla[tpu] 2.9 (libtpu) from
+# PyPI through the `tpu` extra. On a machine without a TPU it runs on XLA's CPU device (PJRT_DEVICE=CPU).
+# Build from the repository root: docker build -f deploy/docker/tpu.Dockerfile -t tokenmill:tpu .
+FROM python:3.11.13-slim-bookworm
+
+SHELL ["/bin/sh", "-eu", "-c"]
+RUN --mount=type=bind,target=/src,rw sh /src/deploy/docker/install.sh tpu torch==2.9.0 https://download.pytorch.org/whl/cpu
+
+# Hub downloads (HF_HOME) and tokenmill's derived files (~/.cache/tokenmill; home is /data) go to the /data
+# volume: mount it to keep them across restarts.
+ENV PATH=/opt/tokenmill/bin:$PATH HF_HOME=/data/huggingface PORT=3000
+VOLUME /data
+USER 10001
+EXPOSE 3000 3001
+# 503 until the model is warm and while draining on SIGTERM; the start period covers a model download.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/health', timeout=4)"]
+ENTRYPOINT ["tokenmill", "serve"]
