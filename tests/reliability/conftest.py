@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Callable
+from typing import AsyncIterator, Callable
 
+import grpc
 import uvicorn
 
 from tests.api.conftest import CHAT_TEMPLATE, TinyServer, free_port, wait_healthy
 from tests.tiny_models import build_tiny
 from tokenmill.api.app import build_app
+from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
+from tokenmill.api.grpc.model_server import ModelServerServicer
 from tokenmill.api.server import ServeOptions, build_service
+from tokenmill.async_engine import AsyncEngine
 from tokenmill.backend import Backend
 from tokenmill.engine import Engine, EngineConfig
 
-__all__ = ["EngineServer", "TinyServer", "assert_drained", "tiny_engine", "wait_for"]
+__all__ = ["EngineServer", "TinyServer", "assert_drained", "model_server", "tiny_engine", "wait_for"]
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
@@ -63,3 +68,20 @@ def tiny_engine(kv_cache_bytes: int = 4 << 20, backend: Backend | None = None, *
     engine_config = EngineConfig(backend=backend.name if backend else "cpu", dtype="float32", progress=False,
                                  kv_cache_bytes=kv_cache_bytes, model_id="tiny-llama", **config)
     return Engine(engine_config, backend=backend, checkpoint=checkpoint)
+
+
+@contextlib.asynccontextmanager
+async def model_server(engine: Engine, interceptors: tuple = ()) -> AsyncIterator[str]:
+    """`engine` served as a ready model-server replica on a loopback port, in this process; its address."""
+    runner = AsyncEngine(engine).start()
+    servicer = ModelServerServicer(engine, runner, "tiny-llama")
+    servicer.ready = True
+    server = grpc.aio.server(interceptors=list(interceptors))
+    pb_grpc.add_ModelServerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+        runner.stop()

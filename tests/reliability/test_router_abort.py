@@ -9,11 +9,8 @@ import contextlib
 
 import grpc
 
-from tests.reliability.conftest import tiny_engine
-from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
-from tokenmill.api.grpc.model_server import ModelServerServicer
+from tests.reliability.conftest import model_server, tiny_engine
 from tokenmill.api.router import ReplicaRouter
-from tokenmill.async_engine import AsyncEngine
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -42,40 +39,32 @@ class GenerateEnds(grpc.aio.ServerInterceptor):
 
 
 async def _leave_mid_stream(engine) -> list[str]:
-    runner = AsyncEngine(engine).start()
-    servicer = ModelServerServicer(engine, runner, "tiny-llama")
-    servicer.ready = True
     ends = GenerateEnds()
-    server = grpc.aio.server(interceptors=[ends])
-    pb_grpc.add_ModelServerServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    router = ReplicaRouter([f"127.0.0.1:{port}"])
-    try:
-        await router.wait_ready(30)
-        two_outputs = asyncio.Event()
+    async with model_server(engine, (ends,)) as address:
+        router = ReplicaRouter([address])
+        try:
+            await router.wait_ready(30)
+            two_outputs = asyncio.Event()
 
-        async def client() -> None:
-            seen = 0
-            params = SamplingParams(max_new_tokens=900, ignore_eos=True)
-            async for _ in router.generate("leaver", [5, 6, 7], params):
-                seen += 1
-                if seen == 2:
-                    two_outputs.set()
+            async def client() -> None:
+                seen = 0
+                params = SamplingParams(max_new_tokens=900, ignore_eos=True)
+                async for _ in router.generate("leaver", [5, 6, 7], params):
+                    seen += 1
+                    if seen == 2:
+                        two_outputs.set()
 
-        task = asyncio.create_task(client())
-        await two_outputs.wait()
-        task.cancel()  # lands while the router awaits the next output, as a disconnect does
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        async with asyncio.timeout(15):
-            while not ends.ends or not engine.block_manager.num_free_blocks == engine.num_blocks:
-                await asyncio.sleep(0.05)
-        return ends.ends
-    finally:
-        await router.stop()
-        await server.stop(0)
-        runner.stop()
+            task = asyncio.create_task(client())
+            await two_outputs.wait()
+            task.cancel()  # lands while the router awaits the next output, as a disconnect does
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with asyncio.timeout(15):
+                while not ends.ends or not engine.block_manager.num_free_blocks == engine.num_blocks:
+                    await asyncio.sleep(0.05)
+            return ends.ends
+        finally:
+            await router.stop()
 
 
 def test_a_client_leaving_behind_the_router_aborts_by_id_and_the_stream_completes() -> None:
