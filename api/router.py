@@ -6,8 +6,8 @@ front ends do not know whether the engine is local or behind the internal gRPC p
 Prefix-aware routing (the default) sends a prompt to the replica that last served its longest known
 prefix, the one whose prefix cache may still hold those KV blocks, unless that replica has more than
 `max_imbalance` requests in flight beyond the least-loaded one; then, and for a prefix never seen, the
-least-loaded replica takes it. Requests sharing a system prompt thus prefill it once per replica that
-serves them, not once per replica.
+least-loaded replica takes it. Requests sharing a system prompt thus find it in one replica's cache
+instead of prefilling it on every replica, each of which must keep it cached.
 """
 
 from __future__ import annotations
