@@ -54,6 +54,12 @@ class Metrics:
                                       ["replica"], registry=r)
         self.replica_healthy = Gauge("tokenmill_replica_healthy", "1 while a model server is healthy", ["replica"],
                                      registry=r)
+        # Prefix-aware routing (api/router.py): hits over lookups is its hit rate.
+        self.router_prefix_lookups = Counter("tokenmill_router_prefix_lookups", "Requests the router routed by "
+                                             "their prompt's prefix", registry=r)
+        self.router_prefix_hits = Counter("tokenmill_router_prefix_hits", "Requests the router sent to the "
+                                          "replica that served their prefix before", registry=r)
+        self._router_prefix_seen = (0, 0)
         # TGI has no time-to-first-token metric (its dashboard adds queue and prefill times): this one has
         # its duration buckets; `vllm:time_to_first_token_seconds` has vLLM's.
         # Speculative decoding: tokens a decoding sequence gets per forward (1 without it), since the start.
@@ -101,6 +107,10 @@ class Metrics:
         for replica in router.replicas:
             self.replica_requests.labels(replica=replica.address).set(replica.num_requests)
             self.replica_healthy.labels(replica=replica.address).set(1 if replica.healthy else 0)
+        lookups, hits = self._router_prefix_seen
+        self.router_prefix_lookups.inc(router.prefix_lookups - lookups)
+        self.router_prefix_hits.inc(router.prefix_hits - hits)
+        self._router_prefix_seen = (router.prefix_lookups, router.prefix_hits)
 
     def _set_gauges(self, waiting: int, running: int, kv_usage: float, prefix_hit_rate: float) -> None:
         self.tgi.queue_size.set(waiting)

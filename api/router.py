@@ -1,7 +1,13 @@
-"""The router's client of its model-server replicas: least-loaded choice, health, failure isolation.
+"""The router's client of its model-server replicas: prefix-aware or least-loaded choice, health, failure isolation.
 
 `ReplicaRouter.generate` has the in-process `AsyncEngine.generate` signature, so the HTTP and gRPC
 front ends do not know whether the engine is local or behind the internal gRPC protocol.
+
+Prefix-aware routing (the default) sends a prompt to the replica that last served its longest known
+prefix, the one whose prefix cache may still hold those KV blocks, unless that replica has more than
+`max_imbalance` requests in flight beyond the least-loaded one; then, and for a prefix never seen, the
+least-loaded replica takes it. Requests sharing a system prompt thus find it in one replica's cache
+instead of prefilling it on every replica, each of which must keep it cached.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import grpc
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
 from tokenmill.api.grpc.convert import output_from_pb, params_to_pb
+from tokenmill.api.routing import PrefixAffinity, RoutingPolicy
 from tokenmill.api.tracing import inject_context
 from tokenmill.async_engine import GenerationError
+from tokenmill.block_manager import prompt_block_hashes
 from tokenmill.errors import ValidationError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -37,6 +45,9 @@ CHANNEL_OPTIONS = [
 
 # Health probes in a row without an answer before a replica that answered before counts as unhealthy.
 SLOW_PROBES_TO_UNHEALTHY = 3
+# Prompt blocks hashed to route a request (4,096 tokens at 16 a block, about 0.5 ms on the router's event
+# loop): enough to tell apart prefixes that share a long system prompt, bounded for very long prompts.
+MAX_ROUTED_BLOCKS = 256
 
 
 @dataclass
@@ -54,12 +65,17 @@ class Replica:
 
 
 class ReplicaRouter:
-    def __init__(self, addresses: Sequence[str], health_interval_s: float = 1.0, probe_timeout_s: float = 2.0):
+    def __init__(self, addresses: Sequence[str], health_interval_s: float = 1.0, probe_timeout_s: float = 2.0,
+                 policy: RoutingPolicy = RoutingPolicy()):
         if not addresses:
             raise ValueError("the router needs at least one model server address")
         self.replicas = [self._connect(a) for a in addresses]
         self.health_interval_s = health_interval_s
         self.probe_timeout_s = probe_timeout_s
+        self.policy = policy
+        self.affinity = PrefixAffinity()
+        self.prefix_lookups = 0  # requests routed by a prefix (prompts with a full block, several replicas)
+        self.prefix_hits = 0  # of which sent to the replica that served their prefix before
         self._health_task: asyncio.Task | None = None
         self.on_health: list = []  # callbacks(router) after each health round (metrics)
 
@@ -109,21 +125,57 @@ class ReplicaRouter:
             if healthy != replica.healthy:
                 log = logger.info if healthy else logger.warning
                 log("model server %s is now %s", replica.address, "healthy" if healthy else "unhealthy")
-            replica.healthy = healthy
+            if healthy:
+                replica.healthy = True
+            else:
+                self._mark_unhealthy(replica)
 
         await asyncio.gather(*(probe(r) for r in self.replicas))
         for callback in self.on_health:
             callback(self)
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Replica:
+    def _mark_unhealthy(self, replica: Replica) -> None:
+        """No more work for `replica` until a health probe says otherwise; its prefixes are forgotten, since
+        a replica that comes back has most likely restarted with an empty cache."""
+        if replica.healthy:
+            self.affinity.forget(replica.address)
+        replica.healthy = False
+
+    def prefix_hashes(self, prompt_token_ids: Sequence[int], adapter: str | None) -> list[bytes]:
+        """The prompt's prefix hashes as the replicas' prefix caches key them; none where routing ignores
+        prefixes (least-loaded, one replica, no prefix cache, an adapter no replica has)."""
+        if self.policy.mode != "prefix" or len(self.replicas) < 2:
+            return []
+        info = next((r.info for r in self.replicas if r.healthy and r.info is not None), None)
+        if info is None or not info.prefix_cache_block_size:
+            return []
+        if adapter is not None and adapter not in info.adapters:
+            return []
+        slot = info.adapters.index(adapter) + 1 if adapter is not None else 0  # the engine's LoRA slot
+        return list(prompt_block_hashes(prompt_token_ids, info.prefix_cache_block_size, slot, MAX_ROUTED_BLOCKS))
+
+    def pick(self, exclude: frozenset[str] = frozenset(), prefix_hashes: Sequence[bytes] = ()) -> Replica:
+        """The replica for a request: the one that served its longest known prefix unless it is overloaded
+        (or excluded), else the least-loaded healthy one; the prefix is remembered on the one picked."""
         healthy = [r for r in self.replicas if r.healthy and r.address not in exclude]
         if not healthy:
             raise GenerationError("Request failed during generation: no healthy model server")
-        return min(healthy, key=lambda r: (r.in_flight, r.num_requests))
+        least_loaded = min(healthy, key=lambda r: (r.in_flight, r.num_requests))
+        if not prefix_hashes:
+            return least_loaded
+        self.prefix_lookups += 1
+        owner = self.affinity.owner(prefix_hashes)
+        chosen = next((r for r in healthy if r.address == owner), None)
+        if chosen is not None and chosen.in_flight - least_loaded.in_flight <= self.policy.max_imbalance:
+            self.prefix_hits += 1
+        else:
+            chosen = least_loaded
+        self.affinity.remember(prefix_hashes, chosen.address)
+        return chosen
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        """The request's outputs from the least-loaded healthy replica.
+        """The request's outputs from the replica `pick` chooses for its prompt.
 
         A replica that cannot be reached (killed since the last health probe) has received nothing, so
         the request goes to the next healthy one, each replica tried once. Once a replica has sent an
@@ -131,9 +183,10 @@ class ReplicaRouter:
         """
         request = pb.EngineRequest(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                                    params=params_to_pb(params), adapter=adapter)
+        prefix_hashes = self.prefix_hashes(prompt_token_ids, adapter)
         tried: set[str] = set()
         while True:
-            replica = self.pick(frozenset(tried))
+            replica = self.pick(frozenset(tried), prefix_hashes)
             tried.add(replica.address)
             try:
                 # Closed with this generator, not later by the garbage collector: a client that leaves
@@ -164,7 +217,7 @@ class ReplicaRouter:
                 raise ValidationError(exc.details()) from exc
             replica.num_failures += 1
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
-                replica.healthy = False  # stop sending it work until a health probe says otherwise
+                self._mark_unhealthy(replica)
             error = GenerationError(f"Request failed during generation: model server {replica.address} failed: "
                                     f"{exc.code().name}: {exc.details()}")
             if exc.code() == grpc.StatusCode.UNAVAILABLE and not started:

@@ -23,6 +23,7 @@ from tokenmill.api.app import build_app
 from tokenmill.api.launch import start_model_server
 from tokenmill.api.metrics import Metrics
 from tokenmill.api.router import ReplicaRouter
+from tokenmill.api.routing import RoutingPolicy
 from tokenmill.api.service import GenerationService
 from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine
@@ -55,6 +56,7 @@ class ServeOptions:
     cors_allow_origin: tuple[str, ...] = ()
     model_servers: tuple[str, ...] = ()  # empty: launch one local model server
     model_server_args: tuple[str, ...] = ()  # engine flags passed to the launched model server
+    routing: RoutingPolicy = RoutingPolicy()  # how a request's replica is picked among several
     startup_timeout_s: float = 600.0
     graceful_shutdown_s: int = 30
     watermark_gamma: float = 0.5  # TGI's --watermark-gamma: the green share of requests with `watermark`
@@ -150,7 +152,7 @@ def _drained(signum, frame) -> None:
 
 
 async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: subprocess.Popen | None) -> None:
-    router = ReplicaRouter(addresses)
+    router = ReplicaRouter(addresses, policy=options.routing)
     metrics = Metrics()
     router.on_health.append(metrics.observe_replicas)
     placeholder = make_settings(options, options.engine.model_id or "loading", 2, "loading")

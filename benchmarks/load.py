@@ -43,11 +43,12 @@ class RequestRecord:
         return [b - a for a, b in zip(times, times[1:])]
 
 
-def chat_body(model: str, prompt: str) -> dict:
+def chat_body(model: str, prompt: str, system: str | None = None, max_tokens: int = OUTPUT_TOKENS) -> dict:
+    messages = [{"role": "system", "content": system}] if system is not None else []
     return {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": OUTPUT_TOKENS,
+        "messages": messages + [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
@@ -55,10 +56,11 @@ def chat_body(model: str, prompt: str) -> dict:
     }
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> RequestRecord:
+async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, prompt: str, system: str | None = None,
+                      max_tokens: int = OUTPUT_TOKENS) -> RequestRecord:
     record = RequestRecord(sent=time.perf_counter())
     try:
-        async with session.post(url, json=chat_body(model, prompt)) as response:
+        async with session.post(url, json=chat_body(model, prompt, system, max_tokens)) as response:
             if response.status != 200:
                 record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return record
@@ -89,7 +91,7 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, prom
     return record
 
 
-def _session(limit: int) -> aiohttp.ClientSession:
+def client_session(limit: int) -> aiohttp.ClientSession:
     # A fresh connection per request: llama-server closes idle keep-alive connections after a few
     # seconds, and a request written to one that was just closed fails before the server sees it.
     return aiohttp.ClientSession(
@@ -109,7 +111,7 @@ async def closed_loop(base_url: str, model: str, concurrency: int, total_request
         for index in counter:
             records.append(await stream_chat(session, url, model, PROMPTS[index % len(PROMPTS)]))
 
-    async with _session(concurrency) as session:
+    async with client_session(concurrency) as session:
         start = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         return records, time.perf_counter() - start
@@ -120,7 +122,7 @@ async def open_loop(base_url: str, model: str, rate: float, total_requests: int,
     """Requests arriving as a Poisson process of `rate` per second, whatever the server's pace."""
     url = f"{base_url}/v1/chat/completions"
     gaps = random.Random(seed)
-    async with _session(total_requests) as session:
+    async with client_session(total_requests) as session:
         start = time.perf_counter()
         tasks = []
         for index in range(total_requests):

@@ -320,6 +320,11 @@ def write(results: dict, out: Path) -> Path:
 
         lines += structured_lines(results["structured"])
 
+    if results.get("routing"):
+        from benchmarks.routing import report_lines as routing_lines
+
+        lines += routing_lines(results["routing"])
+
     for name in _plots(results, out):
         lines += [f"![{name}]({name})", ""]
     path = out / "REPORT.md"

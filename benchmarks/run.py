@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report, speculation, structured, tensor_parallel
+from benchmarks import report, routing, speculation, structured, tensor_parallel
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-speculation", action="store_true", help="skip --speculate 0 against 3 at c=1")
     parser.add_argument("--no-structured", action="store_true",
                         help="skip c=16 throughput with every request JSON-constrained against none")
+    parser.add_argument("--no-routing", action="store_true",
+                        help="skip prefix-aware against least-loaded routing over 2 model-server replicas")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_structured and "tokenmill" in servers:
         print("structured output: c=16 with every request JSON-constrained against none, in process", flush=True)
         results["structured"] = structured.run(args.passes)
+    if not args.no_routing and "tokenmill" in servers:
+        print("routing: prefix-aware against least-loaded, 2 model-server replicas and a router per mode", flush=True)
+        results["routing"] = routing.run(args.passes, log_dir)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     path = report.write(results, args.out)
     print(f"report: {path}", flush=True)

@@ -7,7 +7,7 @@ import numpy as np
 from benchmarks.load import RequestRecord
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
@@ -22,11 +22,11 @@ def summarise(records: list[RequestRecord], duration_s: float) -> dict:
         "duration_s": duration_s,
         "output_tok_s": output_tokens / duration_s,
         "requests_s": len(ok) / duration_s,
-        "ttft_p50_s": _percentile([r.ttft for r in ok], 50),
-        "ttft_p99_s": _percentile([r.ttft for r in ok], 99),
-        "itl_p50_s": _percentile(gaps, 50),
-        "itl_p99_s": _percentile(gaps, 99),
-        "e2e_p50_s": _percentile([r.latency for r in ok], 50),
+        "ttft_p50_s": percentile([r.ttft for r in ok], 50),
+        "ttft_p99_s": percentile([r.ttft for r in ok], 99),
+        "itl_p50_s": percentile(gaps, 50),
+        "itl_p99_s": percentile(gaps, 99),
+        "e2e_p50_s": percentile([r.latency for r in ok], 50),
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from typing import Iterator, Sequence
 
 from tokenmill.request import Request
 
@@ -49,13 +50,6 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hash(self, parent: bytes | None, tokens: list[int]) -> bytes:
-        # A cryptographic digest: Python's hash() of int tuples is predictable, and a crafted collision
-        # would hand one request another's KV cache.
-        digest = hashlib.blake2b(parent or b"", digest_size=16)
-        digest.update(array("q", tokens).tobytes())
-        return digest.digest()
-
     def allocate_prefix(self, request: Request) -> int:
         """Share the cached blocks of the request's longest cached prefix; return its token count.
 
@@ -64,13 +58,9 @@ class BlockManager:
         assert not request.block_ids, "prefix lookup is for requests without blocks"
         if not self.enable_prefix_caching:
             return 0
-        bs = self.block_size
-        num_full = (request.num_tokens - 1) // bs
         self.prefix_queries += request.num_tokens
-        parent = _chain_start(request)
-        for index in range(num_full):
-            parent = self._hash(parent, request.token_ids[index * bs : (index + 1) * bs])
-            block = self.cached.get(parent)
+        for prefix_hash in prompt_block_hashes(request.token_ids, self.block_size, request.adapter):
+            block = self.cached.get(prefix_hash)
             if block is None:
                 break
             if self.ref_counts[block] == 0:
@@ -78,7 +68,7 @@ class BlockManager:
             self.ref_counts[block] += 1
             request.block_ids.append(block)
         request.num_hashed_blocks = len(request.block_ids)
-        num_cached = len(request.block_ids) * bs
+        num_cached = len(request.block_ids) * self.block_size
         self.prefix_hits += num_cached
         return num_cached
 
@@ -112,17 +102,15 @@ class BlockManager:
         """Register the blocks that became full of computed tokens, so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
-        num_full = request.num_computed_tokens // bs
-        index = request.num_hashed_blocks
-        if index >= num_full:
+        num_full = request.num_computed_tokens // self.block_size
+        first = request.num_hashed_blocks
+        if first >= num_full:
             return
-        parent = self.block_hashes[request.block_ids[index - 1]] if index else _chain_start(request)
-        for index in range(index, num_full):
-            parent = self._hash(parent, request.token_ids[index * bs : (index + 1) * bs])
-            block = request.block_ids[index]
-            self.block_hashes[block] = parent
-            self.cached.setdefault(parent, block)
+        parent = self.block_hashes[request.block_ids[first - 1]] if first else chain_start(request.adapter)
+        hashes = chained_hashes(request.token_ids, self.block_size, parent, first, num_full)
+        for block, prefix_hash in zip(request.block_ids[first:num_full], hashes):
+            self.block_hashes[block] = prefix_hash
+            self.cached.setdefault(prefix_hash, block)
         request.num_hashed_blocks = num_full
 
     def release_tail(self, request: Request, num_tokens: int) -> None:
@@ -141,6 +129,34 @@ class BlockManager:
         request.num_hashed_blocks = 0
 
 
-def _chain_start(request: Request) -> bytes | None:
+def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """The hash of a full block of `tokens` after the prefix hashed `parent`: it names the whole prefix."""
+    # A cryptographic digest: Python's hash() of int tuples is predictable, and a crafted collision
+    # would hand one request another's KV cache.
+    digest = hashlib.blake2b(parent or b"", digest_size=16)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
+
+
+def chain_start(adapter_slot: int) -> bytes | None:
     """What the first block's hash is chained to: nothing for the base model, the adapter's slot for LoRA."""
-    return b"lora-adapter-%d" % request.adapter if request.adapter else None
+    return b"lora-adapter-%d" % adapter_slot if adapter_slot else None
+
+
+def chained_hashes(token_ids: Sequence[int], block_size: int, parent: bytes | None, start: int,
+                   stop: int) -> Iterator[bytes]:
+    """The prefix hashes of blocks `start` to `stop - 1` of `token_ids`, chained from `parent` (block
+    `start - 1`'s hash, or the chain's start); lazily, so a lookup that misses early hashes no further."""
+    for index in range(start, stop):
+        parent = block_hash(parent, token_ids[index * block_size : (index + 1) * block_size])
+        yield parent
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, adapter_slot: int = 0,
+                        max_blocks: int | None = None) -> Iterator[bytes]:
+    """The prefix hashes a prompt is looked up by in the prefix cache, first block first: those of its full
+    blocks before the last token, which is never taken from the cache (its step produces the logits). The
+    router keys replicas by the same hashes (`tokenmill.api.prefix_affinity`)."""
+    num_full = (len(token_ids) - 1) // block_size
+    stop = num_full if max_blocks is None else min(num_full, max_blocks)
+    return chained_hashes(token_ids, block_size, chain_start(adapter_slot), 0, stop)

@@ -146,6 +146,14 @@ def tool_call_parser(text: str) -> str:
     return text
 
 
+def routing_mode(text: str) -> str:
+    from tokenmill.api.routing import ROUTING_MODES
+
+    if text not in ROUTING_MODES:
+        raise argparse.ArgumentTypeError(f"choose {', '.join(ROUTING_MODES)}, got {text!r}")
+    return text
+
+
 def _num_shard(args: argparse.Namespace) -> int:
     """TGI's pair: --num-shard wins; --sharded true alone means one rank per device the backend found."""
     if args.num_shard is not None:
@@ -297,6 +305,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         launched = start_model_server(model_server_args)
 
+    from tokenmill.api.routing import RoutingPolicy
     from tokenmill.api.server import ModelServerExited, ServeOptions, serve
     from tokenmill.api.tracing import setup_tracing
 
@@ -311,6 +320,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_server_args=model_server_args, graceful_shutdown_s=args.graceful_termination_timeout,
         watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
         disable_grammar_support=args.disable_grammar_support, tool_call_parser=args.tool_call_parser,
+        routing=RoutingPolicy(args.routing, args.routing_max_imbalance),
     )
     try:
         serve(options, launched)
@@ -482,6 +492,12 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--model-server", action="append", default=[],
                        help="front this running model server instead of launching one (repeatable) "
                             "[env: MODEL_SERVERS, comma-separated]")
+    flag("--routing", "ROUTING", "prefix", routing_mode,
+         help="how a request's model server is picked among several: prefix (the one that served its prompt's "
+              "prefix, whose prefix cache may hold it, unless overloaded; else least-loaded) or least-loaded")
+    flag("--routing-max-imbalance", "ROUTING_MAX_IMBALANCE", 4, count,
+         help="prefix routing: requests in flight a prefix's model server may have beyond the least-loaded one "
+              "before the request goes to the least-loaded one instead")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -238,7 +238,7 @@ def test_the_router_sums_its_model_servers_batch_metrics() -> None:
                                 info=pb.InfoResponse(ready=True, kv_capacity_tokens=100, batch_metrics=b.snapshot()))
                 for address, b in (("unix:a", first), ("unix:b", second))]
     metrics = Metrics()
-    metrics.observe_replicas(SimpleNamespace(replicas=replicas))
+    metrics.observe_replicas(SimpleNamespace(replicas=replicas, prefix_lookups=0, prefix_hits=0))
     text = metrics.render().decode()
     assert 'tgi_batch_inference_count{method="decode"} 3.0' in text
     assert 'tgi_batch_inference_success{method="decode"} 2.0' in text

@@ -261,3 +261,19 @@ def test_the_rank_subcommand_is_not_offered_to_users() -> None:
     from tokenmill.cli import build_parser
 
     assert "shard-worker" not in build_parser().format_help()
+
+
+def test_routing_defaults_to_prefix_and_is_set_by_flag_or_variable(capsys, monkeypatch) -> None:
+    from tokenmill.cli import build_parser
+
+    for name in ("ROUTING", "ROUTING_MAX_IMBALANCE"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["serve"])
+    assert (args.routing, args.routing_max_imbalance) == ("prefix", 4)
+    monkeypatch.setenv("ROUTING", "least-loaded")
+    assert build_parser().parse_args(["serve"]).routing == "least-loaded"
+    args = build_parser().parse_args(["serve", "--routing", "prefix", "--routing-max-imbalance", "0"])
+    assert (args.routing, args.routing_max_imbalance) == ("prefix", 0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--routing", "round-robin"])
+    assert "choose prefix, least-loaded" in capsys.readouterr().err

@@ -8,7 +8,6 @@ import time
 from typing import AsyncIterator, Callable
 
 import grpc
-
 import uvicorn
 
 from tests.api.conftest import CHAT_TEMPLATE, TinyServer, free_port, wait_healthy
