@@ -24,8 +24,8 @@ def tiny():
     return build_tiny("llama")
 
 
-def _engine(tiny, speculate: int, checkpoint=None, **overrides) -> Engine:
-    config = EngineConfig(backend="cpu", dtype="float32", kv_cache_bytes=8 << 20, progress=False, speculate=speculate,
+def _engine(tiny, speculate: int, checkpoint=None, dtype: str = "float32", **overrides) -> Engine:
+    config = EngineConfig(backend="cpu", dtype=dtype, kv_cache_bytes=8 << 20, progress=False, speculate=speculate,
                           **overrides)
     return Engine(config, checkpoint=checkpoint or tiny.checkpoint())
 
@@ -71,11 +71,13 @@ def test_drafts_only_where_they_can_be_verified() -> None:
     assert speculator.room(request(10, 9, max_new_tokens=100, grammar=GrammarSpec("json_object"))) == 0
 
 
-def test_greedy_output_is_plain_decodings_batched_and_alone(tiny) -> None:
+# bfloat16 is the CPU's default: a verified draft token must get the bits a one-token decode gets there too.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_output_is_plain_decodings_batched_and_alone(tiny, dtype) -> None:
     prompts = _prompts(0, 6)
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 7, 24, 31, 2, 40)]
-    plain = [_tokens(o) for o in _engine(tiny, 0).generate(prompts, params)]
-    engine = _engine(tiny, 3)
+    plain = [_tokens(o) for o in _engine(tiny, 0, dtype=dtype).generate(prompts, params)]
+    engine = _engine(tiny, 3, dtype=dtype)
     batched = [_tokens(o) for o in engine.generate(prompts, params)]
     alone = [_tokens(engine.generate([p], q)[0]) for p, q in zip(prompts, params)]
     assert batched == plain and alone == plain
