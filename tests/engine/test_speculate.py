@@ -52,7 +52,10 @@ def test_prompt_lookup_copies_what_followed_the_longest_earlier_match() -> None:
     assert propose_ngram([5, 3, 7, 8, 3, 6, 5, 3], 3) == [7, 8, 3]
     assert propose_ngram([1, 2, 3, 4], 3) == []  # the last token is new
     assert propose_ngram([1, 2, 1, 2], 0) == []
-    assert propose_ngram([7, 1, 2, 7], 5) == [1, 2, 7]  # a continuation shorter than asked, up to the end
+    assert propose_ngram([7, 1, 2, 7, 1], 5) == [2, 7, 1]  # a continuation shorter than asked, up to the end
+    # A lone repeated token is no match by default: too weak a guess to be worth verifying.
+    assert propose_ngram([7, 1, 2, 7], 5) == []
+    assert propose_ngram([7, 1, 2, 7], 5, min_ngram=1) == [1, 2, 7]
 
 
 def test_drafts_only_where_they_can_be_verified() -> None:
@@ -117,6 +120,8 @@ def test_seeded_sampling_gives_the_same_tokens_with_and_without_speculation(tiny
                              ignore_eos=True) for s in (1, 2, 3, 4)]
     plain = [_tokens(o) for o in _engine(tiny, 0).generate(prompts, params)]
     engine = _engine(tiny, 3)
+    # Sampled text of a random model rarely repeats two tokens in a row: guess after any repeated token.
+    engine.speculator = NgramSpeculator(3, engine.max_model_len, min_ngram=1)
     assert [_tokens(o) for o in engine.generate(prompts, params)] == plain
     assert engine.speculation.num_accepted_tokens > 0
     _assert_every_block_free(engine)
