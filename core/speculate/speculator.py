@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from tokenmill.request import Request
-from tokenmill.speculate.ngram import MAX_NGRAM, propose_ngram
+from tokenmill.speculate.ngram import MAX_NGRAM, MIN_NGRAM, propose_ngram
 from tokenmill.speculate.verify import Verification
 
 
@@ -61,14 +61,16 @@ class NgramSpeculator:
     """Drafts of up to `num_draft` tokens by prompt lookup (`propose_ngram`), for every decoding sequence
     that can take them."""
 
-    def __init__(self, num_draft: int, max_model_len: int, max_ngram: int = MAX_NGRAM):
+    def __init__(self, num_draft: int, max_model_len: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM):
         self.num_draft = num_draft
         self.max_model_len = max_model_len
         self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
 
     def propose(self, requests: Iterable[Request]) -> None:
         for request in requests:
-            request.draft_token_ids = propose_ngram(request.token_ids, self.room(request), self.max_ngram)
+            request.draft_token_ids = propose_ngram(request.token_ids, self.room(request), self.max_ngram,
+                                                    self.min_ngram)
 
     def room(self, request: Request) -> int:
         """How many draft tokens `request` can verify next step: none mid-prompt or under a grammar (the

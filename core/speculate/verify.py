@@ -7,7 +7,8 @@ row r sampled exactly it; the first row that disagrees, or the row after the who
 step's last token. So every kept token is the token plain decoding would have sampled at its place:
 
 * greedy requests get plain decoding's output, token for token (up to the float rounding of a
-  several-token query against a one-token one);
+  several-token query against a one-token one: none where the backend computes each fed token as a
+  one-token decode at its position);
 * seeded requests too: a seeded draw depends on (seed, position, token) alone (`tokenmill.sampler`);
 * unseeded requests draw from the engine's generator, which then serves more rows than plain
   decoding would: the text differs from a run without speculation, its distribution does not. With a

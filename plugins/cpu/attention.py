@@ -9,6 +9,12 @@ max_query_len, max_seq_len)``; every layer then gathers its keys and values with
 in place instead. Grouping keeps a 2,000-token chunk from padding every decode beside it to 2,000 query
 rows; decodes need no query padding at all.
 
+Short queries (at most `MAX_ROW_QUERY` tokens: speculative decoding's verification, the tail of a
+prompt) go to the decode kernel too, each query token as a row of its own whose context ends at its
+position (`row_contexts`). A row's arithmetic is then the one a one-token decode at that position gets,
+so a verified draft token's logits are bit for bit those plain decoding would have computed, and
+greedy output is the same with and without `--speculate` at any dtype (decode_stack.py does the same).
+
 A padded step (a backend with shape buckets, see `AttentionMetadata`) runs as the unpadded step of its
 real rows: the padding tokens are neither written to the cache nor attended, and their output is zero.
 """
@@ -35,6 +41,8 @@ from tokenmill.plugins.cpu.kernels import decode_attention_kernel_available, pag
 
 DEFAULT_BLOCK_SIZE = 16
 CAUSAL = "causal"  # a group mask meaning: SDPA's own is_causal
+# Queries up to this long are attended row by row by the decode kernel: `--speculate` up to 15 drafts.
+MAX_ROW_QUERY = 16
 
 
 class CPUKVCacheLayout(KVCacheLayout):
@@ -86,16 +94,31 @@ class _Group:
     """Sequences attended together: gather indices and mask padded to the group's own longest query."""
 
     token_index: torch.Tensor | None  # (group_tokens,) rows of the step's tokens; None = all, in order
-    token_to_padded: torch.Tensor | None  # row of each group token in the padded (B * max_q) layout; None if max_q == 1
-    # Gather index and mask, None for decodes the compiled kernel takes (it reads the blocks in place):
+    token_to_padded: torch.Tensor | None  # row of each group token in the padded (B * max_q) layout; None if unpadded
+    # Gather index and mask, None for queries the compiled decode kernel takes (it reads the blocks in place):
     kv_rows: torch.Tensor | None  # (B, kv_heads, max_seq_len) cache row of each context position (block 0 where padding)
     mask: torch.Tensor | CausalBias | str | None  # (B, 1, max_q, max_seq_len) True where the query may attend;
     # None = attend all; CAUSAL or a lower-right CausalBias: one sequence, causality left to SDPA
     num_seqs: int
     max_query_len: int
-    block_tables: torch.Tensor  # (B, max_blocks) int32, for the compiled decode kernel
-    seq_lens: torch.Tensor  # (B,) int32
+    # For the compiled decode kernel, per query token where it takes the group (`row_contexts`), else per sequence:
+    block_tables: torch.Tensor  # (rows, max_blocks) int32
+    seq_lens: torch.Tensor  # (rows,) int32
     total_positions: int
+
+
+def row_contexts(query_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                 num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query token as a one-token decode: its sequence's block table and the context it attends to
+    (row r of a sequence whose query has q tokens sees its first seq_len - q + r + 1 positions)."""
+    query_lens = query_lens.long()
+    seq_of_row = torch.repeat_interleave(torch.arange(len(query_lens), device=query_lens.device), query_lens,
+                                         output_size=num_tokens)
+    ends = torch.cumsum(query_lens, 0)
+    rows = torch.arange(num_tokens, device=query_lens.device)
+    # seq_len - (end - row) is the token's position; it attends up to and including itself.
+    row_lens = seq_lens.long()[seq_of_row] - ends[seq_of_row] + rows + 1
+    return block_tables[seq_of_row].contiguous(), row_lens.to(torch.int32)
 
 
 def _cache_rows(blocks: torch.Tensor, offsets: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
@@ -119,7 +142,8 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
     max_q, max_kv = int(query_lens.max()), int(seq_lens.max())
 
     kv_rows = mask = None
-    if max_q > 1 or not kernel_decodes:
+    by_rows = kernel_decodes and max_q <= MAX_ROW_QUERY
+    if not by_rows:
         positions = torch.arange(max_kv, device=device)
         blocks = block_tables.long().gather(1, (positions // block_size).expand(num_seqs, -1).clamp(
             max=block_tables.shape[1] - 1))
@@ -133,7 +157,9 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
     offset_in_query = torch.arange(group_tokens, device=device) - (torch.cumsum(query_lens, 0) - query_lens)[seq_of_token]
     if seqs is not None:
         token_index = starts[seq_of_token] + offset_in_query
-    if max_q > 1:
+    if by_rows and max_q > 1:
+        block_tables, seq_lens = row_contexts(query_lens, seq_lens, block_tables, group_tokens)
+    elif max_q > 1:
         token_to_padded = seq_of_token * max_q + offset_in_query
     return _Group(token_index, token_to_padded, kv_rows, mask, num_seqs, max_q,
                   block_tables.contiguous(), seq_lens.to(torch.int32).contiguous(), int(seq_lens.sum()))
@@ -181,15 +207,17 @@ def _without_padding(meta: AttentionMetadata) -> AttentionMetadata | None:
 
 def _build_groups(meta: AttentionMetadata, block_size: int, spec: AttentionSpec,
                   kernel_decodes: bool) -> list[_Group]:
-    """Decodes in one group; prefill chunks grouped by length class (within 2x of each other).
+    """Decodes in one group (with the short queries the decode kernel takes row by row); prefill chunks
+    grouped by length class (within 2x of each other).
 
     Padding is per group, so a 2,000-token chunk never pads the decodes or a 30-token chunk beside it
     to 2,000 query rows. A step has at most one group per power of two, never one per sequence.
     """
-    if meta.max_query_len == 1:
+    if meta.max_query_len == 1 or (kernel_decodes and meta.max_query_len <= MAX_ROW_QUERY):
         return [_build_group(meta, None, block_size, spec, kernel_decodes)]
     query_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
-    length_class = torch.where(query_lens == 1, 0, 1 + torch.log2(query_lens.double()).ceil().long())
+    decodes = query_lens <= (MAX_ROW_QUERY if kernel_decodes else 1)
+    length_class = torch.where(decodes, 0, 1 + torch.log2(query_lens.double()).ceil().long())
     classes = torch.unique(length_class)
     if classes.numel() == 1:
         return [_build_group(meta, None, block_size, spec, kernel_decodes)]
@@ -262,7 +290,7 @@ class CPUPagedAttention(AttentionBackend):
         """Attention of the group's (tokens, heads, head_dim) queries; same shape out."""
         spec = self.spec
         num_seqs, max_q = group.num_seqs, group.max_query_len
-        if max_q == 1 and self.kernel_decodes:
+        if group.kv_rows is None:  # the decode kernel, one row per query token
             return paged_decode_attention(query, kv_cache[0], kv_cache[1], group.block_tables, group.seq_lens,
                                           group.total_positions, self.block_size, spec.sliding_window, spec.scale)
         rows = kv_cache.view(2, -1, spec.head_dim)

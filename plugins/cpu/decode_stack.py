@@ -4,10 +4,15 @@
 Module by module, a batch-1 decode step of SmolLM2-135M spent ~6 ms of its ~12 in Python dispatch
 (~300 module calls, tensor allocations and argument checks for kernels of a few microseconds each).
 The C call chains the very kernels those modules call, with the same arguments, so its hidden states
-are bit-identical to theirs; steps with any prefill token, and models or configurations it does not
-cover (biases, q/k norms, sliding windows, other linear methods), run module by module as before. So
-do decode steps in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a
-server with adapters still take the C path.
+are bit-identical to theirs. It takes every step whose queries are at most `MAX_ROW_QUERY` tokens:
+plain decodes, and speculative decoding's verification (a sequence's last token and its drafts), each
+query token a row of its own whose context ends at its position (`row_contexts`), as the module path's
+attention does for such queries. Every kernel computes a row alone, the same whatever the batch, so a
+draft token's logits are those a one-token decode at its position gets: greedy output is the same with
+and without `--speculate`. Longer prefill chunks, and models or configurations it does not cover
+(biases, q/k norms, sliding windows, other linear methods), run module by module as before. So do steps
+in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a server with
+adapters still take the C path.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from tokenmill.interfaces import AttentionMetadata
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from tokenmill.plugins.cpu.attention import CPUPagedAttention
+from tokenmill.plugins.cpu.attention import MAX_ROW_QUERY, CPUPagedAttention, row_contexts
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps
 from tokenmill.plugins.cpu.quant import GGML_MAX_ROWS, PackedBF16Weight, PackedGGMLWeight
 
@@ -106,7 +111,8 @@ class DecodeStack:
     def supports(self, metadata: AttentionMetadata) -> bool:
         # A step padded to a shape bucket (its last real token before the end) runs module by module:
         # the C step would write its padding tokens' keys at slot -1.
-        return (metadata.max_query_len == 1 and int(metadata.query_start_loc[-1]) == metadata.slot_mapping.shape[0]
+        return (metadata.max_query_len <= MAX_ROW_QUERY
+                and int(metadata.query_start_loc[-1]) == metadata.slot_mapping.shape[0]
                 and (self.lora is None or self.lora.batch is None))
 
     def _cache_pointers(self, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -123,8 +129,11 @@ class DecodeStack:
         out = torch.empty_like(hidden)
         positions = positions.contiguous()
         slots = metadata.slot_mapping.contiguous()
-        block_tables = metadata.block_tables.contiguous()
-        seq_lens = metadata.seq_lens.contiguous()
+        block_tables, seq_lens = metadata.block_tables, metadata.seq_lens
+        if metadata.max_query_len > 1:  # the C step attends one row per query token
+            query_lens = metadata.query_start_loc[1:] - metadata.query_start_loc[:-1]
+            block_tables, seq_lens = row_contexts(query_lens, seq_lens, block_tables, input_ids.shape[0])
+        block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
         hidden_size, num_heads, num_kv_heads, head_dim, intermediate = self.shape
         _decode_stack.decode(
             hidden.data_ptr(), out.data_ptr(), self.plan.data_ptr(), self._cache_pointers(kv_caches).data_ptr(),

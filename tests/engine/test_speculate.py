@@ -24,8 +24,8 @@ def tiny():
     return build_tiny("llama")
 
 
-def _engine(tiny, speculate: int, checkpoint=None, **overrides) -> Engine:
-    config = EngineConfig(backend="cpu", dtype="float32", kv_cache_bytes=8 << 20, progress=False, speculate=speculate,
+def _engine(tiny, speculate: int, checkpoint=None, dtype: str = "float32", **overrides) -> Engine:
+    config = EngineConfig(backend="cpu", dtype=dtype, kv_cache_bytes=8 << 20, progress=False, speculate=speculate,
                           **overrides)
     return Engine(config, checkpoint=checkpoint or tiny.checkpoint())
 
@@ -52,7 +52,10 @@ def test_prompt_lookup_copies_what_followed_the_longest_earlier_match() -> None:
     assert propose_ngram([5, 3, 7, 8, 3, 6, 5, 3], 3) == [7, 8, 3]
     assert propose_ngram([1, 2, 3, 4], 3) == []  # the last token is new
     assert propose_ngram([1, 2, 1, 2], 0) == []
-    assert propose_ngram([7, 1, 2, 7], 5) == [1, 2, 7]  # a continuation shorter than asked, up to the end
+    assert propose_ngram([7, 1, 2, 7, 1], 5) == [2, 7, 1]  # a continuation shorter than asked, up to the end
+    # A lone repeated token is no match by default: too weak a guess to be worth verifying.
+    assert propose_ngram([7, 1, 2, 7], 5) == []
+    assert propose_ngram([7, 1, 2, 7], 5, min_ngram=1) == [1, 2, 7]
 
 
 def test_drafts_only_where_they_can_be_verified() -> None:
@@ -71,11 +74,13 @@ def test_drafts_only_where_they_can_be_verified() -> None:
     assert speculator.room(request(10, 9, max_new_tokens=100, grammar=GrammarSpec("json_object"))) == 0
 
 
-def test_greedy_output_is_plain_decodings_batched_and_alone(tiny) -> None:
+# bfloat16 is the CPU's default: a verified draft token must get the bits a one-token decode gets there too.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_output_is_plain_decodings_batched_and_alone(tiny, dtype) -> None:
     prompts = _prompts(0, 6)
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 7, 24, 31, 2, 40)]
-    plain = [_tokens(o) for o in _engine(tiny, 0).generate(prompts, params)]
-    engine = _engine(tiny, 3)
+    plain = [_tokens(o) for o in _engine(tiny, 0, dtype=dtype).generate(prompts, params)]
+    engine = _engine(tiny, 3, dtype=dtype)
     batched = [_tokens(o) for o in engine.generate(prompts, params)]
     alone = [_tokens(engine.generate([p], q)[0]) for p, q in zip(prompts, params)]
     assert batched == plain and alone == plain
@@ -115,6 +120,8 @@ def test_seeded_sampling_gives_the_same_tokens_with_and_without_speculation(tiny
                              ignore_eos=True) for s in (1, 2, 3, 4)]
     plain = [_tokens(o) for o in _engine(tiny, 0).generate(prompts, params)]
     engine = _engine(tiny, 3)
+    # Sampled text of a random model rarely repeats two tokens in a row: guess after any repeated token.
+    engine.speculator = NgramSpeculator(3, engine.max_model_len, min_ngram=1)
     assert [_tokens(o) for o in engine.generate(prompts, params)] == plain
     assert engine.speculation.num_accepted_tokens > 0
     _assert_every_block_free(engine)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig
+from tokenmill.model_runner import SequenceStep
 from tokenmill.plugins.cpu.decode_stack import CapturedForward, DecodeStack
 from tokenmill.plugins.cpu.quant import bf16_gemm_available
 from tokenmill.sampling_params import SamplingParams
@@ -49,3 +51,58 @@ def test_models_the_decode_stack_does_not_cover_run_module_by_module(family, dty
     assert DecodeStack.build(engine.model) is None
     assert engine.runner.forward is engine.model
     assert len(engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]) == 3
+
+
+def test_a_verification_query_gets_the_logits_of_one_token_decodes_bit_for_bit() -> None:
+    """Speculative decoding's verification step (a sequence's last token and its drafts as one query, beside
+    others) runs in the C step, and each fed token gets the logits a one-token decode at its place gets:
+    what keeps greedy output the same with and without `--speculate` in bfloat16."""
+    engine = _engine("llama")
+    runner = engine.runner
+    assert isinstance(runner.forward, CapturedForward)
+    stack, taken = runner.forward.stack, []
+
+    class Counting:  # the stack, counting the steps it takes
+        supports = stack.supports
+
+        def __call__(self, *args):
+            taken.append(args[3].max_query_len)
+            return stack(*args)
+
+    runner.forward.stack = Counting()
+    rng = random.Random(7)
+    block_size = engine.layout.block_size
+    # (context length, fed tokens): contexts and queries that cross block boundaries; one plain decode.
+    shapes = [(block_size - 2, 4), (2 * block_size + 5, 3), (9, 1), (40, 4)]
+    prompts = [[rng.randrange(4, VOCAB) for _ in range(n)] for n, _ in shapes]
+    fed = [[rng.randrange(4, VOCAB) for _ in range(q)] for _, q in shapes]
+    tables, first = [], 1
+    for (n, q) in shapes:
+        blocks = -(-(n + q) // block_size)
+        tables.append(list(range(first, first + blocks)))
+        first += blocks
+
+    def prefill() -> None:
+        runner.execute([SequenceStep(p, 0, t, 1) for p, t in zip(prompts, tables)])
+
+    prefill()
+    one_by_one = [[] for _ in shapes]
+    for k in range(max(q for _, q in shapes)):
+        live = [i for i, tokens in enumerate(fed) if k < len(tokens)]
+        logits = runner.execute([SequenceStep([fed[i][k]], len(prompts[i]) + k, tables[i], 1) for i in live])
+        for row, i in enumerate(live):
+            one_by_one[i].append(logits[row])
+    expected = torch.stack([row for rows in one_by_one for row in rows])
+    assert taken and max(taken) == 1  # the prompts ran module by module, the decodes in C
+
+    def verify() -> torch.Tensor:
+        return runner.execute([SequenceStep(tokens, len(p), t, len(tokens))
+                               for p, t, tokens in zip(prompts, tables, fed)])
+
+    taken.clear()
+    assert torch.equal(verify(), expected)
+    assert taken == [4]  # the verification step ran in C
+    # The module-by-module forward attends such queries row by row too: the same bits.
+    runner.forward = engine.model
+    prefill()
+    assert torch.equal(verify(), expected)

@@ -9,9 +9,12 @@
  *
  * Per layer: add + RMSNorm, fused QKV projection, rotary on queries and keys, the new keys and values
  * written to their cache slots, paged decode attention, output projection, add + RMSNorm, fused
- * gate/up projection, SiLU-and-multiply, down projection; then the final norm. Each sequence has
- * exactly one query token (a pure decode step); decode_stack.py takes every other step to the
- * module-by-module forward.
+ * gate/up projection, SiLU-and-multiply, down projection; then the final norm. Each row is one query
+ * token with a block table and context length of its own: a plain decode step has a row per sequence,
+ * a verification step (speculative decoding) a row per fed token, each attending up to its own
+ * position (decode_stack.py builds the per-row tables). All keys and values are written before any
+ * row attends, and every kernel computes a row alone, so a row's result does not depend on the rows
+ * beside it. decode_stack.py takes longer queries to the module-by-module forward.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
