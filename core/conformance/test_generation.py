@@ -52,6 +52,7 @@ def _speculative_runs(backend, dtype: torch.dtype):
     return runs
 
 
+@pytest.mark.paged_cache  # drafts are verified over the paged cache; a model that owns its cache refuses them
 def test_speculative_decoding_keeps_greedy_output(backend, platform) -> None:
     """`--speculate`: draft tokens verified in one multi-token query per sequence over the paged cache, the
     rejected ones rolled back; the tokens are plain decoding's and every block comes back."""
@@ -62,6 +63,7 @@ def test_speculative_decoding_keeps_greedy_output(backend, platform) -> None:
     assert stats.num_accepted_tokens > 0
 
 
+@pytest.mark.paged_cache  # drafts are verified over the paged cache; a model that owns its cache refuses them
 def test_speculative_decoding_at_the_preferred_dtype(backend, platform) -> None:
     """The same in the dtype the backend serves by default, where its compiled step
     (`tokenmill_compile_model`) takes what it covers of the verification steps. A verified token may be
