@@ -45,7 +45,9 @@ class GrammarSpec:
                 raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"a JSON schema is an object. Given: {type(schema).__name__}")
-        return cls("json", json.dumps(schema, sort_keys=True))
+        # Key order is kept: a schema's property order is the order of the generated object's keys
+        # (OpenAI's strict mode writes properties as declared), so two orders are two grammars.
+        return cls("json", json.dumps(schema))
 
     @classmethod
     def choice(cls, options: Collection[str]) -> "GrammarSpec":

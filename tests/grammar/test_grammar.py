@@ -50,6 +50,13 @@ def test_the_same_grammar_text_compiles_once_and_is_shared(compiler) -> None:
     assert compiler.submit(spec) is not compiler.submit(GrammarSpec("regex", "ab+"))
 
 
+def test_properties_come_in_the_order_the_schema_declares(compiler, tokenizer) -> None:
+    declared = {**SCHEMA, "properties": {"tag": SCHEMA["properties"]["tag"], "ok": SCHEMA["properties"]["ok"]}}
+    _walk(compiler, tokenizer, GrammarSpec.json_schema(declared), '{"tag": "ab", "ok": true}')
+    matcher = _walk(compiler, tokenizer, GrammarSpec.json_schema(declared), '{"')
+    assert tokenizer.convert_tokens_to_ids("o") not in _allowed(fill_bitmask([matcher], VOCAB), 0)
+
+
 @pytest.mark.parametrize("spec, message", [
     (GrammarSpec("regex", "(ab"), "parenthesis is not closed"),
     (GrammarSpec("ebnf", "root ::= missing"), 'Rule "missing" is not defined'),
