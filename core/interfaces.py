@@ -352,7 +352,8 @@ class TokenMask:
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-        allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+        # bitwise_right_shift, not `>>`: torch-xla 2.9 gives wrong bits for `tensor >> tensor` (measured).
+        allowed = (bitmask[:, :, None].bitwise_right_shift(shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
         return logits.masked_fill(~allowed, float("-inf"))
 
 
