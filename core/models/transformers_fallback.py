@@ -44,7 +44,7 @@ def refused(reason: str) -> Exception:
     """The error saying why the fallback cannot run a model."""
     from tokenmill.models import UnsupportedArchitectureError  # defined beside the selection, which imports us
 
-    return UnsupportedArchitectureError(f"the transformers fallback cannot run it: {reason}")
+    return UnsupportedArchitectureError(f"the transformers fallback cannot run this model: {reason}")
 
 
 @dataclass(frozen=True)
