@@ -146,7 +146,8 @@ _register()
 
 
 def causal_lm_class(config: Any) -> type:
-    """transformers' causal-LM class for `config`; raises `UnsupportedArchitectureError` saying why the fallback cannot run it."""
+    """transformers' causal-LM class for `config`; raises `UnsupportedArchitectureError` saying why the fallback
+    cannot run it."""
     from transformers import PretrainedConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -159,12 +160,11 @@ def causal_lm_class(config: Any) -> type:
     except KeyError:
         raise refused(f"transformers has no causal-LM class for model type {config.model_type!r}") from None
     if getattr(model_class, "_is_stateful", False):
-        raise refused(f"{model_class.__name__} keeps recurrent or state-space state besides attention, "
-                              "which the paged KV cache does not hold")
+        raise refused(f"{model_class.__name__} keeps recurrent or state-space state besides attention, which the "
+                      "paged KV cache does not hold")
     if not model_class.is_backend_compatible():
-        raise refused(f"{model_class.__name__}'s transformers code does not route attention through the "
-                              "attention interface (_supports_attention_backend is False), so the paged cache cannot "
-                              "be plugged in")
+        raise refused(f"{model_class.__name__}'s transformers code does not route attention through the attention "
+                      "interface (_supports_attention_backend is False), so the paged cache cannot be plugged in")
     return model_class
 
 
@@ -193,7 +193,7 @@ def _probe(config_json: str, config_class: type) -> tuple[LayerAttention, ...]:
         model.base_model(input_ids=ids, position_ids=positions, use_cache=False, **{STEP_KWARG: probe})
     except Exception as exc:  # noqa: BLE001 - whatever stops the trace, the fallback cannot run the model
         raise refused(f"its forward could not be traced on the meta device to find its attention layers "
-                              f"({type(exc).__name__}: {exc})") from exc
+                      f"({type(exc).__name__}: {exc})") from exc
     finally:
         _ACTIVE_PROBE.reset(token)
     num_layers = config.num_hidden_layers
@@ -207,12 +207,13 @@ def _probe(config_json: str, config_class: type) -> tuple[LayerAttention, ...]:
     shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
     if len(shapes) > 1:
         raise refused(f"its layers cache keys of different shapes (kv heads, head size) {sorted(shapes)}; the "
-                              "paged cache has one shape for every layer")
+                      "paged cache has one shape for every layer")
     return layers
 
 
 def probe_attention(config: Any) -> tuple[LayerAttention, ...]:
-    """Each layer's attention, learned from one meta-device forward (cached per config); raises `UnsupportedArchitectureError`."""
+    """Each layer's attention, learned from one meta-device forward (cached per config); raises
+    `UnsupportedArchitectureError` naming what the fallback cannot run."""
     causal_lm_class(config)
     return _probe(config.to_json_string(use_diff=False), type(config))
 
@@ -239,8 +240,8 @@ class TransformersCausalLM(nn.Module):
                  parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         if parallel.is_parallel:
-            raise refused(f"the transformers fallback runs on one rank; {config.architectures[0]} has no "
-                                  "tokenmill implementation to shard: run it with one shard")
+            raise refused(f"it runs on one rank, and {config.architectures[0]} has no tokenmill implementation to "
+                          "shard: run it with one shard")
         self.config = config
         self.dtype = dtype
         layers = probe_attention(config)
