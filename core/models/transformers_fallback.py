@@ -245,8 +245,11 @@ class TransformersCausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         layers = probe_attention(config)
-        # A plain list, not submodules: the attention is the backend's, reached through the registered function.
-        self.layer_attention = [make_attention(layer.spec(dtype)) for layer in layers]
+        # One backend per distinct spec, shared by its layers as in our own models (the engine prepares each
+        # once a step). A plain list, not submodules: the registered function reaches it through the step.
+        specs = [layer.spec(dtype) for layer in layers]
+        backends = {spec: make_attention(spec) for spec in dict.fromkeys(specs)}
+        self.layer_attention = [backends[spec] for spec in specs]
         self.hf = _meta_model(config, dtype, experts_implementation=EXPERTS)  # weights come with load_weights
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -270,6 +273,9 @@ class TransformersCausalLM(nn.Module):
             raise ValueError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
         if info["mismatched_keys"]:
             raise ValueError(f"checkpoint tensors of the wrong shape: {sorted(info['mismatched_keys'])[:5]}")
+        if info["unexpected_keys"]:  # transformers drops them too (extra heads, stale buffers)
+            logger.warning("the checkpoint's %d tensors the model does not use are ignored, e.g. %s",
+                           len(info["unexpected_keys"]), ", ".join(sorted(info["unexpected_keys"])[:5]))
         self.hf = model.eval()
         check_logits_are_the_head(self.hf)
 
