@@ -41,3 +41,8 @@ def test_concurrent_requests_match_transformers_greedy(neox_server) -> None:
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         assert list(pool.map(generate, PROMPTS)) == expected
     assert httpx.get(f"{server.url}/info").json()["model_implementation"] == "transformers"
+
+
+def test_info_behind_tokenmill_serve_names_our_own_implementation(served_smollm2) -> None:
+    # The router learns it from the model server's Info; SmolLM2 is a Llama, one of ours.
+    assert httpx.get(f"{served_smollm2}/info").json()["model_implementation"] == "tokenmill"
