@@ -38,6 +38,7 @@ STEP_KWARG = "tokenmill_step"  # the keyword argument that carries the step to t
 # Mixture-of-experts layers loop over their experts: correct in every dtype on every device (the grouped
 # kernel transformers defaults to takes bfloat16 only on some).
 EXPERTS = "eager"
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}  # transformers' `config.layer_types` we serve
 
 
 def refused(reason: str) -> Exception:
@@ -97,7 +98,8 @@ class _Probe:
         if key.shape[-1] != head_dim or value.shape[-1] != head_dim:
             self.problems.append(f"{name}: query, key and value head sizes differ ({head_dim}, {key.shape[-1]}, "
                                  f"{value.shape[-1]})")
-        window = kwargs.get("sliding_window")
+        # Most modules pass their window; some only keep it as an attribute and leave it to the mask.
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         self.layers[layer] = LayerAttention(
             num_heads=query.shape[1], num_kv_heads=key.shape[1], head_dim=head_dim,
             scale=float(head_dim**-0.5 if scaling is None else scaling),
@@ -162,6 +164,13 @@ def causal_lm_class(config: Any) -> type:
     if getattr(model_class, "_is_stateful", False):
         raise refused(f"{model_class.__name__} keeps recurrent or state-space state besides attention, which the "
                       "paged KV cache does not hold")
+    other_layers = set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if other_layers:
+        raise refused(f"it has {', '.join(sorted(other_layers))} layers; the paged cache serves full and "
+                      "sliding-window attention")
+    if getattr(config, "attention_chunk_size", None):
+        raise refused("it attends within chunks (chunked local attention), which tokenmill's attention backends "
+                      "do not do")
     if not model_class.is_backend_compatible():
         raise refused(f"{model_class.__name__}'s transformers code does not route attention through the attention "
                       "interface (_supports_attention_backend is False), so the paged cache cannot be plugged in")
@@ -204,6 +213,11 @@ def _probe(config_json: str, config_class: type) -> tuple[LayerAttention, ...]:
     if probe.problems:
         raise refused("; ".join(dict.fromkeys(probe.problems)))
     layers = tuple(probe.layers[i] for i in range(num_layers))
+    layer_types = getattr(config, "layer_types", None) or ()
+    unwindowed = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention" and
+                  layers[i].sliding_window is None]
+    if unwindowed:
+        raise refused(f"layers {unwindowed} are sliding-window layers that do not tell attention their window")
     shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
     if len(shapes) > 1:
         raise refused(f"its layers cache keys of different shapes (kv heads, head size) {sorted(shapes)}; the "

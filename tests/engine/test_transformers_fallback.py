@@ -64,14 +64,16 @@ def test_the_fallback_runs_module_by_module_and_our_families_stay_ours() -> None
     assert model_implementation(get_model_class(build_tiny("llama").config)) == "tokenmill"
 
 
-@pytest.mark.parametrize("config_class, reason", [
-    ("MambaConfig", "recurrent or state-space state"),
-    ("T5Config", "encoder-decoder"),
-    ("BloomConfig", "does not route attention through the attention interface"),
-    ("GptOssConfig", "attention sinks"),
+@pytest.mark.parametrize("config_class, options, reason", [
+    ("MambaConfig", {}, "recurrent or state-space state"),
+    ("Lfm2Config", {"layer_types": ["conv", "full_attention"]}, "conv layers"),
+    ("T5Config", {}, "encoder-decoder"),
+    ("BloomConfig", {}, "does not route attention through the attention interface"),
+    ("GptOssConfig", {}, "attention sinks"),
 ])
-def test_architectures_the_fallback_cannot_run_are_refused_saying_why(config_class: str, reason: str) -> None:
-    config = getattr(transformers, config_class)(num_hidden_layers=2)
+def test_architectures_the_fallback_cannot_run_are_refused_saying_why(config_class: str, options: dict,
+                                                                      reason: str) -> None:
+    config = getattr(transformers, config_class)(num_hidden_layers=2, **options)
     config.architectures = [config_class.replace("Config", "ForCausalLM")]
     with pytest.raises(UnsupportedArchitectureError, match=reason):
         get_model_class(config)
