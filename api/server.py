@@ -70,7 +70,7 @@ def model_name(model_id: str | None, source: str) -> str:
 
 
 def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, compute_type: str,
-                  adapters: tuple[str, ...] = ()) -> ServerSettings:
+                  adapters: tuple[str, ...] = (), model_implementation: str = "tokenmill") -> ServerSettings:
     max_total = options.max_total_tokens or max_model_tokens
     return ServerSettings(
         model_id=model_id, max_input_tokens=options.max_input_tokens or max_total - 1, max_total_tokens=max_total,
@@ -80,6 +80,7 @@ def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, c
         api_key=options.api_key, cors_allow_origin=options.cors_allow_origin, compute_type=compute_type,
         watermark_gamma=options.watermark_gamma, watermark_delta=options.watermark_delta, adapters=tuple(adapters),
         disable_grammar_support=options.disable_grammar_support, tool_call_parser=options.tool_call_parser,
+        model_implementation=model_implementation,
     )
 
 
@@ -87,7 +88,7 @@ def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationServ
     """The front end over an in-process engine (tests use this with a tiny model)."""
     settings = make_settings(options, model_name(options.engine.model_id, engine.checkpoint.source),
                              min(engine.max_model_len, engine.kv_capacity_tokens), f"1-{engine.backend.name}",
-                             engine.adapter_names)
+                             engine.adapter_names, engine.model_implementation)
     metrics = Metrics()
     metrics.configure(settings.model_id, settings.max_input_tokens, settings.max_total_tokens, engine.max_model_len,
                       engine.kv_capacity_tokens, engine.config.speculate)
@@ -174,7 +175,8 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
                                                                         options.engine.load_format))
         service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),
                                          min(info.max_model_len, info.kv_capacity_tokens),
-                                         f"{len(addresses)}-{info.backend}", tuple(info.adapters))
+                                         f"{len(addresses)}-{info.backend}", tuple(info.adapters),
+                                         info.model_implementation or "tokenmill")
         s = service.settings
         metrics.configure(s.model_id, s.max_input_tokens, s.max_total_tokens, info.max_model_len,
                           info.kv_capacity_tokens, info.speculate)

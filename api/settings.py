@@ -25,6 +25,7 @@ class ServerSettings:
     adapters: tuple[str, ...] = ()  # the LoRA adapters requests may name (`adapter_id`, OpenAI's `model`)
     disable_grammar_support: bool = False  # TGI's flag: structured output requests get 422
     tool_call_parser: str = "hermes"  # vLLM's flag: how `tool_choice: auto` finds calls in the text (api/tool_parsers)
+    model_implementation: str = "tokenmill"  # whose code runs the model: tokenmill, transformers (fallback), backend
 
     def __post_init__(self) -> None:
         if not 0 < self.max_input_tokens < self.max_total_tokens:

@@ -216,7 +216,8 @@ async def tokenize(body: GenerateRequest, request: Request):
 
 @router.get("/info")
 async def info(request: Request):
-    """TGI's `Info`, field for field; `router` is TGI's router's name, for clients that check it."""
+    """TGI's `Info`, field for field, and `model_implementation`; `router` is TGI's router's name, for clients
+    that check it."""
     s = _service(request).settings
     return {
         "model_id": s.model_id, "model_sha": None, "model_pipeline_tag": "text-generation",
@@ -225,6 +226,8 @@ async def info(request: Request):
         "max_total_tokens": s.max_total_tokens, "validation_workers": 1,
         "max_client_batch_size": s.max_client_batch_size, "router": "text-generation-router", "version": s.version,
         "sha": None, "docker_label": None,
+        # tokenmill's: whose code runs the model ("tokenmill", or "transformers" for the fallback)
+        "model_implementation": s.model_implementation,
     }
 
 

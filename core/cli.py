@@ -31,7 +31,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     from tokenmill.env_report import print_report
     from tokenmill.registry import load_registry
 
-    print_report(load_registry(), args.backend, args.json)
+    print_report(load_registry(), args.backend, args.json, args.model_id)
     return 0
 
 
@@ -282,7 +282,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from tokenmill.env_report import print_report
         from tokenmill.registry import load_registry
 
-        print_report(load_registry(), args.backend, False)
+        print_report(load_registry(), args.backend, False, args.model_id or "")
     if args.hostname == "0.0.0.0" and listen_address(_env("HOSTNAME")) != (_env("HOSTNAME") or "0.0.0.0"):
         logger.info("HOSTNAME=%s is no IP address (Docker and shells set it to the machine's name): listening on "
                     "0.0.0.0, as TGI does", _env("HOSTNAME"))
@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="list the backend plugins, their devices and which one would be chosen")
     _add_backend_flag(env)
     env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.add_argument("--model-id", default=None,
+                     help="also say whose code would run this model (a folder, GGUF file or cached hub id): "
+                          "tokenmill's own implementation or the transformers fallback")
     env.set_defaults(func=_cmd_env)
 
     conformance = commands.add_parser(

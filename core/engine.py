@@ -26,7 +26,7 @@ from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
-from tokenmill.models import get_model_class, kv_cache_shape
+from tokenmill.models import get_model_class, kv_cache_shape, model_implementation
 from tokenmill.outputs import RequestOutput, StepStats, TokenInfo
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 from tokenmill.request import FinishReason, Request
@@ -161,6 +161,7 @@ class Engine:
         if config.enable_prefix_caching:
             logger.warning("prefix caching: %s", PREFIX_CACHING_UNAVAILABLE)
         self.prefix_caching = PREFIX_CACHING_UNAVAILABLE
+        self.model_implementation = "backend"  # the backend's own model, not the core's
         self.model = model
         self.max_model_len = min(self.max_model_len, model.max_seq_len)
         self.checkpoint.tensors = {}
@@ -180,10 +181,12 @@ class Engine:
         """The core's model over a paged KV cache of the backend's layout; returns the shape buckets."""
         model_config = self.model_config
         self.prefix_caching = "enabled" if config.enable_prefix_caching else "disabled"
+        model_class = get_model_class(model_config)
+        self._use_model_implementation(model_implementation(model_class))
         self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype, self.parallel),
                                                    self.device)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
-        model_class = functools.partial(get_model_class(model_config), parallel=self.parallel)
+        model_class = functools.partial(model_class, parallel=self.parallel)
         if self.checkpoint.format == "dummy":
             self.model = build_dummy_model(model_class, model_config, self._make_attention, self.dtype, self.device,
                                            config.seed)
@@ -225,6 +228,22 @@ class Engine:
                                   self.platform.inference_mode, self.lora)
         self.block_manager = self._new_block_manager()
         return buckets
+
+    def _use_model_implementation(self, implementation: str) -> None:
+        """Say whose code runs the model; refuse what the transformers fallback cannot do."""
+        self.model_implementation = implementation
+        architecture = (getattr(self.model_config, "architectures", None) or ["?"])[0]
+        if implementation == "tokenmill":
+            logger.info("model %s: tokenmill's own implementation", architecture)
+            return
+        logger.info("model %s: no tokenmill implementation, running transformers' modeling code (the transformers "
+                    "fallback) with tokenmill's paged attention", architecture)
+        config = self.config
+        lacking = [flag for flag, asked in (("--quantize", config.quantize), ("--lora-adapters", config.lora_adapters),
+                                            ("--load-format dummy", config.load_format == "dummy")) if asked]
+        if lacking:
+            raise ValidationError(f"{architecture} runs on the transformers fallback, which does not take "
+                                  f"{', '.join(lacking)}; start it without")
 
     def _profile_largest_step(self) -> None:
         """`MemoryRequest.profile`: one eager forward of the largest step, on a scratch cache freed on return.

@@ -6,19 +6,44 @@ import json
 import platform
 from typing import Any
 
-from tokenmill.errors import BackendUnavailableError
+from tokenmill.errors import BackendUnavailableError, TokenmillError
 from tokenmill.probe import installed_version
 from tokenmill.registry import BackendRegistry, PluginReport
 
 CORE_DISTRIBUTIONS = ("tokenmill", "torch", "transformers", "tokenizers", "pluggy", "gguf", "safetensors")
+IMPLEMENTATIONS = {
+    "tokenmill": "tokenmill's own implementation",
+    "transformers": "no tokenmill implementation: the transformers fallback (transformers' modeling code, "
+                    "tokenmill's paged attention)",
+}
 
 
 def _gib(n: int | None) -> str:
     return "?" if not n else f"{n / (1 << 30):.1f} GiB"
 
 
-def build_report(registry: BackendRegistry, forced: str | None = None) -> dict[str, Any]:
-    """The whole report as plain data (what `--json` prints)."""
+def model_report(model_id: str) -> dict[str, Any]:
+    """Whose code would run `model_id` ("" or None: the embedded model), from its config alone."""
+    from tokenmill.loader import load_config
+    from tokenmill.models import get_model_class, model_implementation
+
+    report: dict[str, Any] = {"model_id": model_id or "(embedded default)", "architectures": [],
+                              "model_implementation": None, "reason": None}
+    try:
+        config = load_config(model_id or None)
+        report["architectures"] = list(getattr(config, "architectures", None) or [])
+        implementation = model_implementation(get_model_class(config))
+    except (TokenmillError, OSError, ValueError) as exc:  # unreadable, or an architecture nothing runs
+        report["reason"] = str(exc)
+        return report
+    report["model_implementation"] = implementation
+    report["reason"] = IMPLEMENTATIONS[implementation]
+    return report
+
+
+def build_report(registry: BackendRegistry, forced: str | None = None, model_id: str | None = None) -> dict[str, Any]:
+    """The whole report as plain data (what `--json` prints); with `model_id` ("" for the embedded model),
+    also whose code would run that model."""
     plugins = []
     for report in registry.reports().values():
         d = report.discovery
@@ -45,7 +70,10 @@ def build_report(registry: BackendRegistry, forced: str | None = None) -> dict[s
         chosen = {"name": None, "reason": str(exc)}
     versions = {name: installed_version(name) or "not installed" for name in CORE_DISTRIBUTIONS}
     versions["python"] = platform.python_version()
-    return {"versions": versions, "plugins": plugins, "chosen": chosen}
+    report = {"versions": versions, "plugins": plugins, "chosen": chosen}
+    if model_id is not None:
+        report["model"] = model_report(model_id)
+    return report
 
 
 def _plugin_lines(plugin: dict[str, Any]) -> list[str]:
@@ -73,6 +101,10 @@ def format_report(report: dict[str, Any]) -> str:
     for plugin in report["plugins"]:
         lines += _plugin_lines(plugin)
     chosen = report["chosen"]
+    if "model" in report:
+        model = report["model"]
+        lines += ["", f"Model: {model['model_id']} ({', '.join(model['architectures']) or 'architecture unknown'})",
+                  f"  model_implementation: {model['model_implementation'] or 'none'} ({model['reason']})"]
     lines.append("")
     if chosen["name"]:
         lines.append(f"Chosen backend: {chosen['name']} ({chosen['reason']})")
@@ -81,6 +113,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def print_report(registry: BackendRegistry, forced: str | None, as_json: bool) -> None:
-    report = build_report(registry, forced)
+def print_report(registry: BackendRegistry, forced: str | None, as_json: bool, model_id: str | None = None) -> None:
+    report = build_report(registry, forced, model_id)
     print(json.dumps(report, indent=2) if as_json else format_report(report))

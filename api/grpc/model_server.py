@@ -95,6 +95,7 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             prefix_cache_hit_rate=math.nan if engine.prefix_cache_hit_rate is None else engine.prefix_cache_hit_rate,
             num_preemptions=engine.scheduler.num_preemptions, num_compiles=engine.num_compiles,
             ready=self.ready, batch_metrics=self.batch_metrics.snapshot(), adapters=engine.adapter_names,
+            model_implementation=engine.model_implementation,
             speculate=engine.config.speculate, speculation=speculation_to_pb(engine.speculation),
             prefix_cache_block_size=blocks.block_size if engine.prefix_caching == "enabled" else 0,
         )

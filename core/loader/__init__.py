@@ -28,7 +28,7 @@ from tokenmill.loader.safetensors_loader import load_hf_folder
 
 __all__ = ["BUILTIN_SHAPES", "Checkpoint", "HubOptions", "LOAD_FORMATS", "ModelNotFoundError",
            "UnsupportedCheckpointError", "build_dummy_model", "default_model_path", "fetch", "is_hub_id",
-           "load_checkpoint", "load_tokenizer", "parse_dtype"]
+           "load_checkpoint", "load_config", "load_tokenizer", "parse_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,21 @@ def load_checkpoint(
     if not (path / "config.json").exists() and len(ggufs) == 1:
         return _load_gguf(ggufs[0], dtype, progress, cache_dir)
     return load_hf_folder(path, dtype, progress)
+
+
+def load_config(model_id: str | None = None, revision: str | None = None) -> Any:
+    """Only the transformers config of `model_id` (default: the embedded model), no weights read."""
+    model_id = model_id or default_model_path()
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return config_from_gguf(GGUFFile(path))
+    folder = path if path.is_dir() else resolve_hub_id(model_id, revision)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not (folder / "config.json").exists() and len(ggufs) == 1:
+        return config_from_gguf(GGUFFile(ggufs[0]))
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
 
 
 def load_tokenizer(model_id: str | None = None, cache_dir: Path | None = None, load_format: str = "auto") -> Any:

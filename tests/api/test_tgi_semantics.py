@@ -88,7 +88,8 @@ def test_the_openapi_document_is_also_where_tgi_serves_it(tiny_server):
 
 def test_info_has_tgis_fields(tiny_server):
     info = httpx.get(f"{tiny_server.url}/info").json()
-    assert set(info) == TGI_INFO_KEYS
+    assert set(info) == TGI_INFO_KEYS | {"model_implementation"}  # ours: whose code runs the model
+    assert info["model_implementation"] == "tokenmill"  # the tiny Llama is one of ours
     assert info["router"] == "text-generation-router" and info["max_total_tokens"] > info["max_input_tokens"]
 
 

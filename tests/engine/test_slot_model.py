@@ -123,6 +123,7 @@ def test_prefix_caching_is_reported_unavailable(tiny, caplog) -> None:
     assert f"prefix caching: {PREFIX_CACHING_UNAVAILABLE}" in caplog.text
     assert engine.prefix_caching == PREFIX_CACHING_UNAVAILABLE
     assert engine.prefix_cache_hit_rate is None  # no rate to report, not a rate of 0
+    assert engine.model_implementation == "backend"  # /info says the backend's own model runs
     prompt = list(range(4, 60))
     first, second = engine.generate([prompt, prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
     assert first[-1].num_cached_tokens == second[-1].num_cached_tokens == 0
