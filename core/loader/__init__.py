@@ -50,6 +50,9 @@ class Checkpoint:
     timings_s: dict[str, float] = field(default_factory=dict)
     # GGUF only: quantized weights' blocks as stored (the same weights as in `tensors`), by name.
     ggml_weights: dict[str, GGMLWeight] = field(default_factory=dict)
+    # A vision-language model's processor (transformers' AutoProcessor: its image processor and the prompt
+    # expansion of images into image tokens); None for a text-only model.
+    processor: Any = None
 
 
 def default_model_path() -> str:
