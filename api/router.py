@@ -22,12 +22,13 @@ import grpc
 
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
-from tokenmill.api.grpc.convert import output_from_pb, params_to_pb
+from tokenmill.api.grpc.convert import images_to_pb, output_from_pb, params_to_pb
 from tokenmill.api.routing import PrefixAffinity, RoutingPolicy
 from tokenmill.api.tracing import inject_context
 from tokenmill.async_engine import GenerationError
 from tokenmill.block_manager import prompt_block_hashes
 from tokenmill.errors import ValidationError
+from tokenmill.multimodal import ImageInput
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -174,7 +175,7 @@ class ReplicaRouter:
         return chosen
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None, images: Sequence[ImageInput] = ()) -> AsyncIterator[RequestOutput]:
         """The request's outputs from the replica `pick` chooses for its prompt.
 
         A replica that cannot be reached (killed since the last health probe) has received nothing, so
@@ -182,8 +183,10 @@ class ReplicaRouter:
         output, its failure is the request's: the client has seen tokens no other replica would repeat.
         """
         request = pb.EngineRequest(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                                   params=params_to_pb(params), adapter=adapter)
-        prefix_hashes = self.prefix_hashes(prompt_token_ids, adapter)
+                                   params=params_to_pb(params), adapter=adapter, images=images_to_pb(images))
+        # A prompt with images goes to the least-loaded replica: the router cannot place the images' tokens
+        # (the engine hashes their blocks with the images' content), so its token hashes would mislead.
+        prefix_hashes = self.prefix_hashes(prompt_token_ids, adapter) if not images else []
         tried: set[str] = set()
         while True:
             replica = self.pick(frozenset(tried), prefix_hashes)

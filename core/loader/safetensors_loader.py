@@ -32,7 +32,10 @@ def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
     if generation_config.exists():
         eos = json.loads(generation_config.read_text()).get("eos_token_id", eos)
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    return Checkpoint(config, tensors, tokenizer, str(path), "safetensors", eos_ids, processor=load_processor(path, config))
+    processor = load_processor(path, config)
+    if processor is not None and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template  # a VLM's template may live with its processor
+    return Checkpoint(config, tensors, tokenizer, str(path), "safetensors", eos_ids, processor=processor)
 
 
 def load_processor(path: Path, config: Any) -> Any:

@@ -7,6 +7,6 @@ prefill chunk may cover part of an image. An image's content hash joins the pref
 holding its first token: the placeholder token ids are the same for every image.
 """
 
-from tokenmill.multimodal.inputs import ImageInput, ImageSpan, image_block_keys, place_images
+from tokenmill.multimodal.inputs import ImageInput, ImageSpan, decode_image, image_block_keys, place_images
 
-__all__ = ["ImageInput", "ImageSpan", "image_block_keys", "place_images"]
+__all__ = ["ImageInput", "ImageSpan", "decode_image", "image_block_keys", "place_images"]

@@ -9,7 +9,6 @@ prompt whose image tokens all come from the prefix cache never encodes the image
 from __future__ import annotations
 
 import bisect
-import io
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -17,7 +16,7 @@ import torch
 
 from tokenmill.errors import ValidationError
 from tokenmill.model_runner import StepEmbeddings
-from tokenmill.multimodal.inputs import ImageInput, ImageSpan, place_images
+from tokenmill.multimodal.inputs import ImageInput, ImageSpan, decode_image, place_images
 from tokenmill.request import Request
 
 
@@ -53,13 +52,7 @@ class ImageEncoder:
         return spans, RequestImages(pixels)
 
     def _preprocess(self, image: ImageInput, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            picture = Image.open(io.BytesIO(image.data)).convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise ValidationError(f"image {index} cannot be read as an image: {exc}") from exc
-        batch = self.image_processor(images=[[picture]], return_tensors="pt")
+        batch = self.image_processor(images=[[decode_image(image.data, index)]], return_tensors="pt")
         values = batch["pixel_values"][0]
         mask = batch["pixel_attention_mask"][0] if "pixel_attention_mask" in batch else torch.ones(
             values.shape[0], *values.shape[2:], dtype=torch.bool)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from tokenmill.errors import ValidationError
 
@@ -53,3 +54,13 @@ def image_block_keys(spans: Sequence[ImageSpan]) -> tuple[tuple[int, bytes], ...
     """(position of the first image token, content hash) of each image: the block holding that position
     hashes the image's content with its tokens, and every later block chains from that block's hash."""
     return tuple((span.positions[0], span.image.content_hash) for span in spans if span.positions)
+
+
+def decode_image(data: bytes, index: int) -> Any:
+    """The PIL image (RGB) of an image file; a ValidationError naming image `index` if it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValidationError(f"image {index} cannot be read as an image: {exc}") from exc

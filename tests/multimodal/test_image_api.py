@@ -1,0 +1,157 @@
+"""Images over HTTP: OpenAI `image_url` parts and TGI's markdown images reach a tiny Idefics3 and give
+transformers' greedy output; http(s) URLs are fetched within limits; text-only models refuse images."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import threading
+
+import httpx
+import pytest
+
+from tests.api.conftest import TinyServer
+from tests.multimodal.tiny_vlm import CHAT_TEMPLATE, build_tiny_vlm, png
+from tokenmill.api.images import ImageLimits, ImagePrompts
+from tokenmill.conformance.ports import free_port
+from tokenmill.errors import ValidationError
+from tokenmill.multimodal import ImageInput
+from tokenmill.sampling_params import SamplingParams
+
+MAX_NEW = 5
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return build_tiny_vlm()
+
+
+@pytest.fixture(scope="module")
+def vlm_server(vlm):
+    server = TinyServer(tiny=vlm, chat_template=CHAT_TEMPLATE, max_concurrent_requests=8, payload_limit=200_000)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    """A local HTTP server holding /a.png (png(7)); never the internet."""
+    body = png(7)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/a.png" else 404)
+            self.send_header("Content-Length", str(len(body) if self.path == "/a.png" else 0))
+            self.end_headers()
+            if self.path == "/a.png":
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _assert_greedy(got: list[int], expected: list[int]) -> None:
+    """The server's tokens are transformers' greedy ones, up to where the server stopped at EOS."""
+    assert got and got == expected[: len(got)], (got, expected)
+    assert len(got) == len(expected) or got[-1] == EOS
+
+
+def _chat(url: str, parts: list[dict]) -> dict:
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": MAX_NEW, "temperature": 0,
+            "logprobs": True}
+    return {"route": "/v1/chat/completions", "body": body, "url": url}
+
+
+def _generate(url: str, inputs: str) -> dict:
+    body = {"inputs": inputs, "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
+    return {"route": "/generate", "body": body, "url": url}
+
+
+async def _post_all(server, calls: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(*(client.post(f"{server.url}{c['route']}", json=c["body"]) for c in calls))
+
+
+def _token_ids(server, response: httpx.Response) -> list[int]:
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    if "choices" in payload:
+        tokens = [t["token"] for t in payload["choices"][0]["logprobs"]["content"]]
+        return server.engine.tokenizer.convert_tokens_to_ids(tokens)
+    return [t["id"] for t in payload["details"]["tokens"]]
+
+
+def test_chat_and_generate_with_one_and_two_images_match_transformers(vlm_server, vlm, image_host) -> None:
+    one, two, fetched = [png(1)], [png(2), png(3, (50, 30))], [png(7)]
+    chat_prompt = "user: {} <end_of_utterance> assistant: "
+    cases = [  # (request, prompt text as the model sees it, images)
+        (_chat("", [{"type": "text", "text": "w5 "}, {"type": "image_url", "image_url": {"url": data_url(one[0])}}]),
+         chat_prompt.format("w5 <image>"), one),
+        (_chat("", [{"type": "image_url", "image_url": {"url": data_url(two[0])}}, {"type": "text", "text": " w6 w7 "},
+                    {"type": "image_url", "image_url": {"url": data_url(two[1])}}]),
+         chat_prompt.format("<image> w6 w7 <image>"), two),
+        (_chat("", [{"type": "text", "text": "w8 "}, {"type": "image_url", "image_url": {"url": f"{image_host}/a.png"}}]),
+         chat_prompt.format("w8 <image>"), fetched),
+        (_generate("", f"w9 ![]({data_url(one[0])}) w20"), "w9 <image> w20", one),
+        (_generate("", f"![a]({data_url(two[0])}) w21 ![b]({data_url(two[1])})"), "<image> w21 <image>", two),
+    ]
+    responses = asyncio.run(_post_all(vlm_server, [call for call, _, _ in cases]))  # served concurrently
+    for response, (_, text, images) in zip(responses, cases):
+        _, expected = vlm.greedy(text, images, MAX_NEW)
+        _assert_greedy(_token_ids(vlm_server, response), expected)
+
+
+def test_refusals_name_what_was_wrong(vlm_server, image_host) -> None:
+    cases = [
+        (_chat("", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]), "cannot be read"),
+        (_chat("", [{"type": "image_url", "image_url": {"url": f"{image_host}/missing.png"}}]), "HTTP 404"),
+        (_chat("", [{"type": "image_url", "image_url": {"url": "ftp://host/a.png"}}]), "data URL or an http(s) URL"),
+        (_chat("", [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]), "input_audio"),
+    ]
+    for response, (_, reason) in zip(asyncio.run(_post_all(vlm_server, [c for c, _ in cases])), cases):
+        assert response.status_code == 422 and reason in response.json()["error"], response.text
+
+
+def test_image_urls_obey_the_flag_and_the_limits(vlm, image_host) -> None:
+    processor = vlm.processor
+    url = f"{image_host}/a.png"
+    with pytest.raises(ValidationError, match="--disable-image-urls"):
+        asyncio.run(ImagePrompts(processor, ImageLimits(allow_urls=False)).read(url, "x"))
+    with pytest.raises(ValidationError, match="100-byte limit"):
+        asyncio.run(ImagePrompts(processor, ImageLimits(max_bytes=100)).read(url, "x"))
+    with pytest.raises(ValidationError, match="100-byte limit"):
+        asyncio.run(ImagePrompts(processor, ImageLimits(max_bytes=100)).read(data_url(png(7)), "x"))
+    assert asyncio.run(ImagePrompts(processor).read(url, "x")) == png(7)
+
+
+def test_an_image_sent_to_a_text_only_model_is_refused() -> None:
+    server = TinyServer(max_concurrent_requests=2)
+    try:
+        chat = _chat("", [{"type": "text", "text": "w5"}, {"type": "image_url", "image_url": {"url": data_url(png(1))}}])
+        response = httpx.post(f"{server.url}{chat['route']}", json=chat["body"], timeout=60)
+        assert response.status_code == 422 and "text-only" in response.json()["error"]
+        with pytest.raises(ValidationError, match="text-only"):  # what a router's request meets on the replica
+            server.engine.add_request("r", [5, 6], SamplingParams(max_new_tokens=2), images=[ImageInput(png(1), 1)])
+    finally:
+        server.stop()
+
+
+def test_images_cross_the_model_server_protocol() -> None:
+    from tokenmill.api.grpc import model_server_pb2 as pb
+    from tokenmill.api.grpc.convert import images_from_pb, images_to_pb
+
+    images = [ImageInput(png(1), 4), ImageInput(b"\x00\xff", 8)]
+    wire = pb.EngineRequest(images=images_to_pb(images)).SerializeToString()
+    crossed = images_from_pb(pb.EngineRequest.FromString(wire).images)
+    assert crossed == images and crossed[0].content_hash == images[0].content_hash
