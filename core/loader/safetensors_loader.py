@@ -27,7 +27,7 @@ def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
     torch_dtype = parse_dtype(dtype, default)
     tensors = _read_safetensors(path, torch_dtype, progress)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    eos = config.eos_token_id
+    eos = getattr(config.get_text_config(), "eos_token_id", None)  # a vision-language config keeps it in text_config
     generation_config = path / "generation_config.json"
     if generation_config.exists():
         eos = json.loads(generation_config.read_text()).get("eos_token_id", eos)
