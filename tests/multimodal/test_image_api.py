@@ -155,3 +155,31 @@ def test_images_cross_the_model_server_protocol() -> None:
     wire = pb.EngineRequest(images=images_to_pb(images)).SerializeToString()
     crossed = images_from_pb(pb.EngineRequest.FromString(wire).images)
     assert crossed == images and crossed[0].content_hash == images[0].content_hash
+
+
+def test_images_reach_a_model_server_through_the_router(vlm, tmp_path) -> None:
+    """A saved SmolVLM-shaped folder: its processor read as the router reads it, the engine loaded from it
+    behind the internal gRPC protocol, the images sent through `ReplicaRouter`."""
+    from tests.reliability.conftest import model_server
+    from tokenmill.api.router import ReplicaRouter
+    from tokenmill.engine import Engine, EngineConfig
+    from tokenmill.loader import load_processor
+
+    vlm.reference.save_pretrained(tmp_path)
+    vlm.processor.save_pretrained(tmp_path)
+    engine = Engine(EngineConfig(model_id=str(tmp_path), backend="cpu", dtype="float32", kv_cache_bytes=4 << 20,
+                                 progress=False))
+    ids, images = ImagePrompts(load_processor(str(tmp_path))).encode("w9 <image> w20 <image>", [png(1), png(2)])
+
+    async def generate() -> list[int]:
+        async with model_server(engine) as (address, _):
+            router = ReplicaRouter([address])
+            await router.wait_ready(30)
+            try:
+                params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+                return [t.id async for out in router.generate("r", ids, params, None, images) for t in out.new_tokens]
+            finally:
+                await router.stop()
+
+    prompt, expected = vlm.greedy("w9 <image> w20 <image>", [png(1), png(2)], MAX_NEW)
+    assert ids == prompt and asyncio.run(generate()) == expected
