@@ -438,14 +438,15 @@ class Engine:
             self._compiling[request_id] = compiled
 
     def _prepare_images(self, prompt_token_ids: Sequence[int], images: Sequence[ImageInput]):
-        """The images' token positions and pixels, or a ValidationError (a model that takes no images)."""
-        if not images:
-            return (), None
-        if self.image_encoder is None:
+        """The images' token positions and pixels, or a ValidationError: images for a model that takes none,
+        or a vision-language model's prompt whose image tokens are not its images' (typed as text, say)."""
+        if self.image_encoder is not None:
+            return self.image_encoder.prepare(prompt_token_ids, images)
+        if images:
             reason = ("takes no images: it is a text-only model" if not hasattr(self.model, "encode_images")
                       else "has no image processor (preprocessor_config.json) to read images with")
             raise ValidationError(f"this model {reason}")
-        return self.image_encoder.prepare(prompt_token_ids, images)
+        return (), None
 
     def _admit_compiled(self) -> list[RequestOutput]:
         """Schedule the requests whose grammars have compiled; fail those whose grammars cannot."""
@@ -525,9 +526,8 @@ class Engine:
         forwarded = time.monotonic()
         self.scheduler.update(plan, sampled)
         for item in plan.scheduled:
-            state = self._states.get(item.request.request_id)
-            if state is not None and state.images is not None:
-                ImageEncoder.release_computed(item.request, state.images)
+            if item.request.images and item.request.request_id in self._states:
+                ImageEncoder.release_computed(item.request, self._states[item.request.request_id].images)
         filtered = time.monotonic()
         if verification.requests:
             outputs += self._process_samples(verification, kept, logprobs, top_ids, top_lps)
@@ -555,8 +555,10 @@ class Engine:
             wants_prompt = request.sampling_params.prompt_logprobs and start < request.num_prompt_tokens
             # A sampling sequence needs the logits of its last token and of each draft token after it.
             num_logits = n if wants_prompt else (len(request.draft_token_ids) + 1) * samples
-            images = self._states[request.request_id].images
-            embeddings = None if images is None else self.image_encoder.step_embeddings(request, images, start, n)
+            embeddings = None
+            if request.images:  # rows for the image tokens this step feeds, if any
+                images = self._states[request.request_id].images
+                embeddings = self.image_encoder.step_embeddings(request, images, start, n)
             steps.append(SequenceStep(request.pending_token_ids(start, n), start, request.block_ids, num_logits,
                                       request.adapter, embeddings))
             if samples:

@@ -79,6 +79,8 @@ def test_images_that_do_not_match_the_prompt_are_refused(engine, vlm) -> None:
     params = SamplingParams(max_new_tokens=2)
     with pytest.raises(ValidationError, match="image tokens"):
         engine.add_request("too-many", prompt, params, images=_images([png(1), png(2)]))
+    with pytest.raises(ValidationError, match="image tokens"):  # an image token typed as text, no image
+        engine.add_request("no-image", prompt, params)
     with pytest.raises(ValidationError, match="cannot be read as an image"):
         engine.add_request("not-an-image", prompt, params, images=[ImageInput(b"GIF89a", 4)])
     assert not engine.has_unfinished()
