@@ -60,6 +60,19 @@ def test_a_prefill_chunk_may_cut_through_an_image(vlm) -> None:
     assert got == expected
 
 
+def test_images_split_into_tiles_match_transformers(vlm) -> None:
+    from tokenmill.api.images import ImagePrompts
+
+    splitting = vlm.splitting()
+    engine = _engine(splitting, max_num_batched_tokens=16)
+    pictures = [png(1, (40, 64)), png(2, (20, 20))]
+    ids, images = ImagePrompts(splitting.processor).encode(ONE_IMAGE.replace("w44", "<image>"), pictures)
+    prompt, expected = splitting.greedy(ONE_IMAGE.replace("w44", "<image>"), pictures, MAX_NEW)
+    assert ids == prompt and [image.num_tokens for image in images] == [20, 20]  # (2 x 2 + 1) tiles of 4
+    outputs = engine.generate([ids], SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True), images=[images])
+    assert _tokens(outputs[0]) == expected
+
+
 def test_the_prefix_cache_keys_image_blocks_by_content(vlm) -> None:
     engine = _engine(vlm)
     first, _ = _run(engine, [(TWO_IMAGES, [png(1), png(2)])], vlm)

@@ -32,6 +32,15 @@ class TinyVLM:
     processor: Any
     _greedy: dict = field(default_factory=dict)
 
+    def splitting(self) -> "TinyVLM":
+        """The same model behind a processor that splits an image into up to 2 x 2 tiles plus the whole
+        image as a last tile (SmolVLM's way with large images)."""
+        image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 2 * IMAGE_SIZE},
+                                                    max_image_size={"longest_edge": IMAGE_SIZE})
+        processor = transformers.Idefics3Processor(image_processor, self.processor.tokenizer,
+                                                   image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE)
+        return TinyVLM(self.config, self.reference, processor)
+
     def checkpoint(self) -> Checkpoint:
         tensors = {k: v.clone() for k, v in self.reference.state_dict().items()}
         return Checkpoint(self.config, tensors, self.processor.tokenizer, "tiny-idefics3", "safetensors", (1,),
