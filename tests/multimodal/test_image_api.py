@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import json
 import threading
 
 import httpx
@@ -73,9 +74,9 @@ def _chat(url: str, parts: list[dict]) -> dict:
     return {"route": "/v1/chat/completions", "body": body, "url": url}
 
 
-def _generate(url: str, inputs: str) -> dict:
+def _generate(url: str, inputs: str, route: str = "/generate") -> dict:
     body = {"inputs": inputs, "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
-    return {"route": "/generate", "body": body, "url": url}
+    return {"route": route, "body": body, "url": url}
 
 
 async def _post_all(server, calls: list[dict]) -> list[httpx.Response]:
@@ -85,6 +86,9 @@ async def _post_all(server, calls: list[dict]) -> list[httpx.Response]:
 
 def _token_ids(server, response: httpx.Response) -> list[int]:
     assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+        return [event["token"]["id"] for event in events]
     payload = response.json()
     if "choices" in payload:
         tokens = [t["token"] for t in payload["choices"][0]["logprobs"]["content"]]
@@ -105,6 +109,7 @@ def test_chat_and_generate_with_one_and_two_images_match_transformers(vlm_server
          chat_prompt.format("w8 <image>"), fetched),
         (_generate("", f"w9 ![]({data_url(one[0])}) w20"), "w9 <image> w20", one),
         (_generate("", f"![a]({data_url(two[0])}) w21 ![b]({data_url(two[1])})"), "<image> w21 <image>", two),
+        (_generate("", f"w22 ![]({data_url(one[0])})", "/generate_stream"), "w22 <image>", one),
     ]
     responses = asyncio.run(_post_all(vlm_server, [call for call, _, _ in cases]))  # served concurrently
     for response, (_, text, images) in zip(responses, cases):
