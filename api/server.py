@@ -178,6 +178,7 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
                                                                         options.engine.load_format))
         processor = await asyncio.to_thread(load_processor, info.source, options.engine.load_format)
         service.images = image_prompts(processor, options.image_limits)
+        router.image_token_id = getattr(processor, "image_token_id", None)
         if processor is not None and not getattr(service.tokenizer, "chat_template", None):
             service.tokenizer.chat_template = processor.chat_template  # a VLM's template may live with its processor
         service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),

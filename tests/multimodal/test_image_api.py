@@ -188,3 +188,32 @@ def test_images_reach_a_model_server_through_the_router(vlm, tmp_path) -> None:
 
     prompt, expected = vlm.greedy("w9 <image> w20 <image>", [png(1), png(2)], MAX_NEW)
     assert ids == prompt and asyncio.run(generate()) == expected
+
+
+def test_the_router_hashes_a_prompts_images_as_the_engine_does(vlm) -> None:
+    """Prefix-aware routing keys an image prompt by the images' content, with the engine's own block hashes."""
+    from tokenmill.api.grpc import model_server_pb2 as pb
+    from tokenmill.api.router import ReplicaRouter
+    from tokenmill.block_manager import prompt_block_hashes
+    from tokenmill.multimodal import image_block_keys, place_images
+
+    text = "w5 w6 w7 w8 w9 w20 w21 w22 w23 w24 <image> w25 w26 w27 w28"
+    first_ids, first = ImagePrompts(vlm.processor).encode(text, [png(1)])
+    other_ids, other = ImagePrompts(vlm.processor).encode(text, [png(2)])
+
+    async def hashes() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        router = ReplicaRouter(("127.0.0.1:9", "127.0.0.1:7"))
+        for replica in router.replicas:
+            replica.healthy, replica.info = True, pb.InfoResponse(ready=True, prefix_cache_block_size=4)
+        try:
+            unknown = router.prefix_hashes(first_ids, None, first)  # no image token known: routed by load
+            router.image_token_id = vlm.config.image_token_id
+            return unknown, router.prefix_hashes(first_ids, None, first), router.prefix_hashes(other_ids, None, other)
+        finally:
+            await router.stop()
+
+    unknown, routed, routed_other = asyncio.run(hashes())
+    keys = image_block_keys(place_images(first_ids, vlm.config.image_token_id, first))
+    assert unknown == [] and routed == list(prompt_block_hashes(first_ids, 4, image_keys=keys))
+    # The same token ids up to the image's block, other hashes from there on.
+    assert first_ids == other_ids and routed[:3] == routed_other[:3] and routed[3:] != routed_other[3:]
