@@ -2,8 +2,10 @@
 
 What reaches the template: each message's role, text, `name`, earlier `tool_calls` (their JSON-string
 `arguments` parsed, as Hugging Face templates expect objects) and `tool_call_id`; the request's
-`documents`, `chat_template_kwargs` and the tools to offer (`tokenmill.api.tools`). Content parts other
-than text are refused by name: there is no multimodal model to give them to. A template that never
+`documents`, `chat_template_kwargs` and the tools to offer (`tokenmill.api.tools`). A vision-language
+model's template gets a message with images as its content parts, each `image_url` part as an `image`
+part (where the template writes the model's image placeholder; `tokenmill.api.images` reads the URLs).
+Any other part, and an image sent to a text-only model, is refused by name. A template that never
 reads `tool_calls` sees an earlier call as the assistant's text, the JSON that TGI's tool prompt asks
 for, so the model still knows what it called when the tool's answer follows.
 
@@ -29,17 +31,21 @@ from tokenmill.errors import ValidationError
 _JINJA = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])  # as transformers parses templates
 
 
-def render(body: ChatRequest, tokenizer: Any, tools: Sequence[dict[str, Any]] = (), suffix: str = "") -> str:
+def render(body: ChatRequest, tokenizer: Any, tools: Sequence[dict[str, Any]] = (), suffix: str = "",
+           images: bool = False) -> str:
     """The prompt text for `body`'s messages, `tools` offered and `suffix` appended to the last message's
-    text; or a 422 (ValidationError, or TemplateError from the template)."""
+    text; or a 422 (ValidationError, or TemplateError from the template). `images`: the model reads images."""
     if not body.messages:
         raise ValidationError("`messages` must contain at least one message")
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template not found")
     continuing = continues_final_message(body)
     calls_as_text = "tool_calls" not in _source(tokenizer, tools)
-    messages = [_message(m, i, calls_as_text) for i, m in enumerate(body.messages)]
-    messages[-1]["content"] += suffix
+    messages = [_message(m, i, calls_as_text, images) for i, m in enumerate(body.messages)]
+    if isinstance(messages[-1]["content"], list):
+        messages[-1]["content"] += [{"type": "text", "text": suffix}] if suffix else []
+    else:
+        messages[-1]["content"] += suffix
     extra = _template_variables(body.chat_template_kwargs, tokenizer)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, documents=body.documents,
@@ -83,8 +89,10 @@ def continues_final_message(body: ChatRequest) -> bool:
     return body.continue_final_message
 
 
-def _message(message: ChatMessage, index: int, calls_as_text: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": message.role, "content": message_text(message, index)}
+def _message(message: ChatMessage, index: int, calls_as_text: bool, images: bool) -> dict[str, Any]:
+    with_images = images and isinstance(message.content, list) and any(_is_image(p) for p in message.content)
+    content = _parts_with_images(message, index) if with_images else message_text(message, index)
+    out: dict[str, Any] = {"role": message.role, "content": content}
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls:
@@ -103,11 +111,45 @@ def message_text(message: ChatMessage, index: int) -> str:
     texts = []
     for j, part in enumerate(message.content):
         kind = part.get("type")
+        if kind == "image_url":
+            raise ValidationError(f"`messages[{index}].content[{j}]` is not supported: content parts of type "
+                                  "`image_url` need a vision-language model, and this model is text-only")
         if kind != "text":
             raise ValidationError(f"`messages[{index}].content[{j}]` is not supported: content parts of type "
                                   f"`{kind}` need a multimodal model, and {NO_MULTIMODAL}")
         texts.append(part.get("text") or "")
     return "".join(texts)
+
+
+def _is_image(part: dict[str, Any]) -> bool:
+    return part.get("type") == "image_url"
+
+
+def _parts_with_images(message: ChatMessage, index: int) -> list[dict[str, Any]]:
+    """A message's content parts as a vision-language template reads them: text, and `image` parts."""
+    parts = []
+    for j, part in enumerate(message.content):
+        if _is_image(part):
+            parts.append({"type": "image"})
+        elif part.get("type") == "text":
+            parts.append({"type": "text", "text": part.get("text") or ""})
+        else:
+            raise ValidationError(f"`messages[{index}].content[{j}]` is not supported: content parts of type "
+                                  f"`{part.get('type')}` are not read, {NO_MULTIMODAL}")
+    return parts
+
+
+def image_urls(body: ChatRequest) -> list[tuple[str, str]]:
+    """The (url, where) of every image part of the messages, in prompt order."""
+    urls = []
+    for i, message in enumerate(body.messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if _is_image(part):
+                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                if not isinstance(url, str):
+                    raise ValidationError(f"`messages[{i}].content[{j}].image_url.url` must be a URL string")
+                urls.append((url, f"`messages[{i}].content[{j}]`"))
+    return urls
 
 
 def _as_prompted(call: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from tokenmill.api.tool_calls import message, read_all, reader_for
 from tokenmill.api.tools import ToolPlan, plan_tools, prompt_suffix
 from tokenmill.api.validation import refuse_unsupported
 from tokenmill.errors import ValidationError
+from tokenmill.multimodal import ImageInput
 from tokenmill.outputs import TokenInfo
 from tokenmill.sampling_params import SamplingParams
 
@@ -228,9 +229,14 @@ async def serve_chat(body: ChatRequest, request: Request, dialect: Dialect):
     renders_tools = chat_template.renders_tools(service.tokenizer)
     plan = plan_tools(body, service.settings, renders_tools)
     tools, suffix = (plan.tools, prompt_suffix(plan, renders_tools, body.tool_prompt)) if plan else ((), "")
-    text = chat_template.render(body, service.tokenizer, tools, suffix)
-    prompt = _truncated(service.encode(text, add_special_tokens=body.add_special_tokens),
-                        body.truncate_prompt_tokens, service.settings)
+    text = chat_template.render(body, service.tokenizer, tools, suffix, images=service.images is not None)
+    images = []
+    if service.images is not None:  # a vision-language model: its processor expands the images' placeholders
+        files = await service.images.read_all(chat_template.image_urls(body))
+        ids, images = service.images.encode(text, files, body.add_special_tokens)
+    else:
+        ids = service.encode(text, add_special_tokens=body.add_special_tokens)
+    prompt = _truncated(ids, body.truncate_prompt_tokens, service.settings)
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     params = _sampling(body, service, len(prompt), top_n, dialect)
     if plan is not None:
@@ -241,11 +247,11 @@ async def serve_chat(body: ChatRequest, request: Request, dialect: Dialect):
     echo = chat_template.message_text(last, len(body.messages) - 1) if body.echo and last.role == "assistant" else ""
     validated = time.monotonic()
     if body.stream:
-        return sse_response(_chat_stream(service, body, prompt, params, model, echo, dialect, adapter, plan),
+        return sse_response(_chat_stream(service, body, prompt, params, model, echo, dialect, adapter, plan, images),
                             stream_headers(service.settings, len(text)))
     with service.admit():
         generations = await until_disconnected(request, asyncio.gather(
-            *(service.complete(prompt, _seeded(params, i), adapter) for i in range(body.n))))
+            *(service.complete(prompt, _seeded(params, i), adapter, images) for i in range(body.n))))
     choices = []
     for i, g in enumerate(generations):
         content, calls = read_all(reader_for(plan), echo + g.text) if plan else (echo + g.text, [])
@@ -326,13 +332,13 @@ def _joined(first: dict[str, list], second: dict[str, list]) -> dict[str, list]:
 
 
 async def _merged(service: GenerationService, jobs: list[tuple[int, list[int], SamplingParams]],
-                  adapter: str | None):
+                  adapter: str | None, images: Sequence[ImageInput] = ()):
     """(choice index, output) from concurrent streams, as they come; an error in any ends them all."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
         try:
-            async for out in service.stream(ids, params, adapter):
+            async for out in service.stream(ids, params, adapter, images):
                 await queue.put((index, out))
         except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((index, exc))
@@ -375,7 +381,8 @@ class _Usage:
 
 
 async def _chat_stream(service, body: ChatRequest, prompt, params, model, echo: str, dialect: Dialect,
-                       adapter: str | None, plan: ToolPlan | None) -> AsyncIterator[str]:
+                       adapter: str | None, plan: ToolPlan | None, images: Sequence[ImageInput] = ()
+                       ) -> AsyncIterator[str]:
     base = {**_base("chat.completion", model, body.request_id), "object": "chat.completion.chunk"}
     usage = _Usage(body.stream_options, len(prompt))
     started: set[int] = set()
@@ -383,7 +390,7 @@ async def _chat_stream(service, body: ChatRequest, prompt, params, model, echo: 
     try:
         with service.admit():
             jobs = [(i, prompt, _seeded(params, i)) for i in range(body.n)]
-            async for index, out in _merged(service, jobs, adapter):
+            async for index, out in _merged(service, jobs, adapter, images):
                 usage.completion_tokens += len(out.new_tokens)
                 logprobs = None
                 if body.logprobs and out.new_tokens:

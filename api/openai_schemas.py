@@ -14,7 +14,7 @@ from pydantic import Field
 from tokenmill.api.schemas import Refusal, RequestBody
 
 NO_LEGACY_FUNCTIONS = "OpenAI's deprecated functions API is not implemented; send `tools` and `tool_choice`"
-NO_MULTIMODAL = "this server runs text-only models"
+NO_MULTIMODAL = "tokenmill reads text, and images where the model is a vision-language one: no other modality"
 
 
 class StreamOptions(RequestBody):
@@ -120,7 +120,7 @@ class ChatMessage(RequestBody):
     honoured: ClassVar[frozenset[str]] = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
     role: str
-    content: str | list[dict[str, Any]] | None = None  # text parts only: other part types are refused by value
+    content: str | list[dict[str, Any]] | None = None  # text parts, and image_url parts for a vision-language model
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # earlier calls, passed to the chat template
     tool_call_id: str | None = None

@@ -22,12 +22,13 @@ import grpc
 
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
-from tokenmill.api.grpc.convert import output_from_pb, params_to_pb
+from tokenmill.api.grpc.convert import images_to_pb, output_from_pb, params_to_pb
 from tokenmill.api.routing import PrefixAffinity, RoutingPolicy
 from tokenmill.api.tracing import inject_context
 from tokenmill.async_engine import GenerationError
 from tokenmill.block_manager import prompt_block_hashes
 from tokenmill.errors import ValidationError
+from tokenmill.multimodal import ImageInput, image_block_keys, place_images
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -78,6 +79,9 @@ class ReplicaRouter:
         self.prefix_hits = 0  # of which sent to the replica that served their prefix before
         self._health_task: asyncio.Task | None = None
         self.on_health: list = []  # callbacks(router) after each health round (metrics)
+        # A vision-language model's image token (the server sets it from the model's processor): where a
+        # prompt's images sit, whose content the replicas hash into their blocks. None: image prompts go by load.
+        self.image_token_id: int | None = None
 
     @staticmethod
     def _connect(address: str) -> Replica:
@@ -141,10 +145,12 @@ class ReplicaRouter:
             self.affinity.forget(replica.address)
         replica.healthy = False
 
-    def prefix_hashes(self, prompt_token_ids: Sequence[int], adapter: str | None) -> list[bytes]:
-        """The prompt's prefix hashes as the replicas' prefix caches key them; none where routing ignores
-        prefixes (least-loaded, one replica, no prefix cache, an adapter no replica has)."""
-        if self.policy.mode != "prefix" or len(self.replicas) < 2:
+    def prefix_hashes(self, prompt_token_ids: Sequence[int], adapter: str | None,
+                      images: Sequence[ImageInput] = ()) -> list[bytes]:
+        """The prompt's prefix hashes as the replicas' prefix caches key them, its images' content included;
+        none where routing ignores prefixes (least-loaded, one replica, no prefix cache, an adapter no replica
+        has, images without a known image token)."""
+        if self.policy.mode != "prefix" or len(self.replicas) < 2 or (images and self.image_token_id is None):
             return []
         info = next((r.info for r in self.replicas if r.healthy and r.info is not None), None)
         if info is None or not info.prefix_cache_block_size:
@@ -152,7 +158,9 @@ class ReplicaRouter:
         if adapter is not None and adapter not in info.adapters:
             return []
         slot = info.adapters.index(adapter) + 1 if adapter is not None else 0  # the engine's LoRA slot
-        return list(prompt_block_hashes(prompt_token_ids, info.prefix_cache_block_size, slot, MAX_ROUTED_BLOCKS))
+        keys = image_block_keys(place_images(prompt_token_ids, self.image_token_id, images)) if images else ()
+        return list(prompt_block_hashes(prompt_token_ids, info.prefix_cache_block_size, slot, MAX_ROUTED_BLOCKS,
+                                        keys))
 
     def pick(self, exclude: frozenset[str] = frozenset(), prefix_hashes: Sequence[bytes] = ()) -> Replica:
         """The replica for a request: the one that served its longest known prefix unless it is overloaded
@@ -174,7 +182,7 @@ class ReplicaRouter:
         return chosen
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None, images: Sequence[ImageInput] = ()) -> AsyncIterator[RequestOutput]:
         """The request's outputs from the replica `pick` chooses for its prompt.
 
         A replica that cannot be reached (killed since the last health probe) has received nothing, so
@@ -182,8 +190,8 @@ class ReplicaRouter:
         output, its failure is the request's: the client has seen tokens no other replica would repeat.
         """
         request = pb.EngineRequest(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                                   params=params_to_pb(params), adapter=adapter)
-        prefix_hashes = self.prefix_hashes(prompt_token_ids, adapter)
+                                   params=params_to_pb(params), adapter=adapter, images=images_to_pb(images))
+        prefix_hashes = self.prefix_hashes(prompt_token_ids, adapter, images)
         tried: set[str] = set()
         while True:
             replica = self.pick(frozenset(tried), prefix_hashes)

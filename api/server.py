@@ -20,6 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from tokenmill.api.app import build_app
+from tokenmill.api.images import ImageLimits, ImagePrompts
 from tokenmill.api.launch import start_model_server
 from tokenmill.api.metrics import Metrics
 from tokenmill.api.router import ReplicaRouter
@@ -29,7 +30,7 @@ from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.errors import TokenmillError
-from tokenmill.loader import load_tokenizer
+from tokenmill.loader import load_processor, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class ServeOptions:
     watermark_delta: float = 2.0  # TGI's --watermark-delta: what a green token's logit gains
     disable_grammar_support: bool = False  # TGI's --disable-grammar-support: structured output gets 422
     tool_call_parser: str = "hermes"  # vLLM's --tool-call-parser: the tool-call format of `tool_choice: auto`
+    image_limits: ImageLimits = ImageLimits()  # how image URLs are read, for a vision-language model
 
 
 def model_name(model_id: str | None, source: str) -> str:
@@ -94,7 +96,9 @@ def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationServ
                       engine.kv_capacity_tokens, engine.config.speculate)
     runner = AsyncEngine(engine)
     runner.step_listeners.append(lambda eng, _: metrics.observe_engine(eng))
-    return GenerationService(runner, engine.tokenizer, settings, metrics), metrics, runner
+    service = GenerationService(runner, engine.tokenizer, settings, metrics)
+    service.images = image_prompts(engine.checkpoint.processor, options.image_limits)
+    return service, metrics, runner
 
 
 def serve(options: ServeOptions, launched: tuple[str, subprocess.Popen] | None = None) -> None:
@@ -173,6 +177,11 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
         service.tokenizer = await (early_tokenizer or asyncio.to_thread(load_tokenizer, info.source,
                                                                         options.engine.cache_dir,
                                                                         options.engine.load_format))
+        processor = await asyncio.to_thread(load_processor, info.source, options.engine.load_format)
+        service.images = image_prompts(processor, options.image_limits)
+        router.image_token_id = getattr(processor, "image_token_id", None)
+        if processor is not None and not getattr(service.tokenizer, "chat_template", None):
+            service.tokenizer.chat_template = processor.chat_template  # a VLM's template may live with its processor
         service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),
                                          min(info.max_model_len, info.kv_capacity_tokens),
                                          f"{len(addresses)}-{info.backend}", tuple(info.adapters),
@@ -216,6 +225,11 @@ async def _wait_for_replica(router: ReplicaRouter, child: subprocess.Popen | Non
             raise RuntimeError(f"the model server exited during start-up (code {child.returncode})")
         await asyncio.sleep(0.2)
     return waiting.result()
+
+
+def image_prompts(processor, limits: ImageLimits) -> ImagePrompts | None:
+    """What reads a vision-language model's images; None for a text-only model (images get 422)."""
+    return ImagePrompts(processor, limits) if processor is not None else None
 
 
 def with_engine(options: ServeOptions, **changes) -> ServeOptions:

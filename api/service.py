@@ -17,6 +17,7 @@ from tokenmill.api.settings import ServerSettings
 from tokenmill.async_engine import AsyncEngine, GenerationError
 from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarSpec
+from tokenmill.multimodal import ImageInput
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
 
@@ -64,6 +65,7 @@ class GenerationService:
         self._ids = itertools.count()
         self.ready = False
         self.draining = False  # after SIGTERM: no new requests, in-flight ones finish
+        self.images: Any = None  # `tokenmill.api.images.ImagePrompts` for a vision-language model; None: text only
 
     def checked(self) -> "GenerationService":
         """This service, if it can take generation requests (else 503: loading, or draining)."""
@@ -121,19 +123,19 @@ class GenerationService:
         if grammar is not None and hasattr(self.engine, "compile_grammar"):
             await self.engine.compile_grammar(grammar)
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
-                     adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None,
+                     images: Sequence[ImageInput] = ()) -> AsyncIterator[RequestOutput]:
         observed = self.metrics.engine_request(len(prompt_ids), params.max_new_tokens) if self.metrics else None
-        async for out in self.engine.generate(self.new_id(), prompt_ids, params, adapter):
+        async for out in self.engine.generate(self.new_id(), prompt_ids, params, adapter, images):
             if out.error:
                 raise GenerationError(f"Request failed during generation: {out.error}")
             if observed is not None:
                 observed.output(out)
             yield out
 
-    async def complete(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       adapter: str | None = None) -> Generation:
+    async def complete(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None,
+                       images: Sequence[ImageInput] = ()) -> Generation:
         generation = Generation()
-        async for out in self.stream(prompt_ids, params, adapter):
+        async for out in self.stream(prompt_ids, params, adapter, images):
             generation.add(out)
         return generation

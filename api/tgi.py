@@ -69,7 +69,8 @@ async def _generate(request: Request, service: GenerationService, body: Generate
                     default_full_text: bool) -> JSONResponse:
     start = time.monotonic()
     valid = validate_generate(body.inputs, body.parameters, service.settings, service.tokenizer,
-                              add_special_tokens=body.add_special_tokens, default_full_text=default_full_text)
+                              add_special_tokens=body.add_special_tokens, default_full_text=default_full_text,
+                              encoded=await _with_images(service, body))
     adapter = service.adapter_id(body.parameters.adapter_id)
     validated = time.monotonic()
     with service.admit():
@@ -106,9 +107,19 @@ def _tgi_json(response: GenerateResponse) -> dict[str, Any]:
 
 async def _run_best_of(service: GenerationService, valid: ValidRequest, adapter: str | None) -> list[Generation]:
     if valid.best_of == 1:
-        return [await service.complete(valid.prompt_ids, valid.params, adapter)]
+        return [await service.complete(valid.prompt_ids, valid.params, adapter, valid.images)]
     variants = [dataclasses.replace(valid.params, seed=random.getrandbits(63)) for _ in range(valid.best_of)]
-    return list(await asyncio.gather(*(service.complete(valid.prompt_ids, p, adapter) for p in variants)))
+    return list(await asyncio.gather(*(service.complete(valid.prompt_ids, p, adapter, valid.images)
+                                       for p in variants)))
+
+
+async def _with_images(service: GenerationService, body: GenerateRequest):
+    """`inputs`' token ids and images where a vision-language model gets markdown images in it, else None
+    (a text-only model reads `![](...)` as text, as TGI's do)."""
+    if service.images is None:
+        return None
+    ids, images = await service.images.from_markdown(body.inputs, body.add_special_tokens)
+    return (ids, images) if images else None
 
 
 def timing_headers(settings, characters: int, start: float, validated: float, prompt_tokens: int,
@@ -144,11 +155,12 @@ async def _stream_events(service: GenerationService, body: GenerateRequest, defa
                          ) -> AsyncIterator[str]:
     try:
         valid = validate_generate(body.inputs, body.parameters, service.settings, service.tokenizer, stream=True,
+                                  encoded=await _with_images(service, body),
                                   add_special_tokens=body.add_special_tokens, default_full_text=default_full_text)
         adapter = service.adapter_id(body.parameters.adapter_id)
         with service.admit():
             index = 0
-            async for out in service.stream(valid.prompt_ids, valid.params, adapter):
+            async for out in service.stream(valid.prompt_ids, valid.params, adapter, valid.images):
                 for i, token in enumerate(out.new_tokens):
                     index += 1
                     event = {"index": index, "token": _token(dataclasses.replace(token, text=out.text_delta))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 from tokenmill.api.errors import UnsupportedError
 from tokenmill.api.schemas import GenerateParameters, RequestBody
@@ -11,6 +12,7 @@ from tokenmill.api.settings import ServerSettings
 from tokenmill.api.structured import tgi_grammar
 from tokenmill.api.tracing import tracer
 from tokenmill.errors import ValidationError
+from tokenmill.multimodal import ImageInput
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -20,6 +22,7 @@ class ValidRequest:
     params: SamplingParams
     best_of: int
     return_full_text: bool
+    images: Sequence[ImageInput] = ()  # the prompt's images, their tokens in prompt_ids (vision-language models)
 
 
 def refuse_unsupported(body: RequestBody) -> None:
@@ -82,16 +85,17 @@ def validate_generate(*args, **kwargs) -> ValidRequest:
 
 
 def _validate_generate(inputs: str, p: GenerateParameters, settings: ServerSettings, tokenizer,
-                      stream: bool = False, add_special_tokens: bool = True, default_full_text: bool = False
-                      ) -> ValidRequest:
-    """The token ids and sampling parameters for a TGI request, or a ValidationError."""
+                      stream: bool = False, add_special_tokens: bool = True, default_full_text: bool = False,
+                      encoded: tuple[list[int], Sequence[ImageInput]] | None = None) -> ValidRequest:
+    """The token ids and sampling parameters for a TGI request, or a ValidationError. `encoded`: the token
+    ids and images of `inputs` with markdown images, already expanded (`tokenmill.api.images`)."""
     _check_ranges(p, settings)
     best_of = _check_best_of(p, settings, stream)
     if stream and p.decoder_input_details:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
     if not inputs:
         raise ValidationError("`inputs` cannot be empty")
-    ids = tokenizer(inputs, add_special_tokens=add_special_tokens).input_ids
+    ids, images = encoded or (tokenizer(inputs, add_special_tokens=add_special_tokens).input_ids, ())
     if p.truncate is not None:
         if not 0 < p.truncate <= settings.max_input_tokens:
             raise ValidationError(f"`truncate` must be strictly positive and less than {settings.max_input_tokens}. "
@@ -127,4 +131,4 @@ def _validate_generate(inputs: str, p: GenerateParameters, settings: ServerSetti
         grammar=tgi_grammar(p.grammar, settings),
     )
     full_text = p.return_full_text if p.return_full_text is not None else default_full_text
-    return ValidRequest(ids, params, best_of, full_text)
+    return ValidRequest(ids, params, best_of, full_text, tuple(images))

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from tokenmill.engine import Engine
 from tokenmill.errors import TokenmillError
 from tokenmill.grammar import GrammarSpec
+from tokenmill.multimodal import ImageInput
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -69,7 +70,7 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None, images: Sequence[ImageInput] = ()) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs, run with LoRA adapter `adapter` (None: the base model); leaving
         the loop early (client gone) aborts it. A request with a grammar first waits for its compilation,
         off the engine's thread: one that cannot compile raises its `GrammarError` before any output."""
@@ -77,7 +78,7 @@ class AsyncEngine:
             await self.compile_grammar(params.grammar)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params, adapter))
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params, adapter, images))
         finished = False
         try:
             while True:
@@ -125,9 +126,10 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _add(self, request_id: str, prompt: list[int], params: SamplingParams, adapter: str | None) -> None:
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams, adapter: str | None,
+             images: Sequence[ImageInput]) -> None:
         try:
-            self.engine.add_request(request_id, prompt, params, adapter)
+            self.engine.add_request(request_id, prompt, params, adapter, images)
         except Exception as exc:  # noqa: BLE001 - delivered to the waiting handler, which maps it to a status
             self._deliver(request_id, exc)
 

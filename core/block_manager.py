@@ -59,7 +59,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         self.prefix_queries += request.num_tokens
-        for prefix_hash in prompt_block_hashes(request.token_ids, self.block_size, request.adapter):
+        for prefix_hash in prompt_block_hashes(request.token_ids, self.block_size, request.adapter,
+                                               image_keys=request.image_keys):
             block = self.cached.get(prefix_hash)
             if block is None:
                 break
@@ -107,7 +108,7 @@ class BlockManager:
         if first >= num_full:
             return
         parent = self.block_hashes[request.block_ids[first - 1]] if first else chain_start(request.adapter)
-        hashes = chained_hashes(request.token_ids, self.block_size, parent, first, num_full)
+        hashes = chained_hashes(request.token_ids, self.block_size, parent, first, num_full, request.image_keys)
         for block, prefix_hash in zip(request.block_ids[first:num_full], hashes):
             self.block_hashes[block] = prefix_hash
             self.cached.setdefault(prefix_hash, block)
@@ -129,12 +130,14 @@ class BlockManager:
         request.num_hashed_blocks = 0
 
 
-def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
-    """The hash of a full block of `tokens` after the prefix hashed `parent`: it names the whole prefix."""
+def block_hash(parent: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
+    """The hash of a full block of `tokens` after the prefix hashed `parent`: it names the whole prefix.
+    `extra`: what else decides the block's keys and values (the content of images starting in it)."""
     # A cryptographic digest: Python's hash() of int tuples is predictable, and a crafted collision
     # would hand one request another's KV cache.
     digest = hashlib.blake2b(parent or b"", digest_size=16)
     digest.update(array("q", tokens).tobytes())
+    digest.update(extra)
     return digest.digest()
 
 
@@ -144,19 +147,24 @@ def chain_start(adapter_slot: int) -> bytes | None:
 
 
 def chained_hashes(token_ids: Sequence[int], block_size: int, parent: bytes | None, start: int,
-                   stop: int) -> Iterator[bytes]:
+                   stop: int, image_keys: Sequence[tuple[int, bytes]] = ()) -> Iterator[bytes]:
     """The prefix hashes of blocks `start` to `stop - 1` of `token_ids`, chained from `parent` (block
-    `start - 1`'s hash, or the chain's start); lazily, so a lookup that misses early hashes no further."""
+    `start - 1`'s hash, or the chain's start); lazily, so a lookup that misses early hashes no further.
+
+    `image_keys`: (position of its first token, content hash) of each image in the prompt
+    (`tokenmill.multimodal.image_block_keys`); the block holding that position hashes the image too."""
     for index in range(start, stop):
-        parent = block_hash(parent, token_ids[index * block_size : (index + 1) * block_size])
+        begin, end = index * block_size, (index + 1) * block_size
+        extra = b"".join(content for position, content in image_keys if begin <= position < end)
+        parent = block_hash(parent, token_ids[begin:end], extra)
         yield parent
 
 
 def prompt_block_hashes(token_ids: Sequence[int], block_size: int, adapter_slot: int = 0,
-                        max_blocks: int | None = None) -> Iterator[bytes]:
+                        max_blocks: int | None = None, image_keys: Sequence[tuple[int, bytes]] = ()) -> Iterator[bytes]:
     """The prefix hashes a prompt is looked up by in the prefix cache, first block first: those of its full
     blocks before the last token, which is never taken from the cache (its step produces the logits). The
     router keys replicas by the same hashes (`tokenmill.api.prefix_affinity`)."""
     num_full = (len(token_ids) - 1) // block_size
     stop = num_full if max_blocks is None else min(num_full, max_blocks)
-    return chained_hashes(token_ids, block_size, chain_start(adapter_slot), 0, stop)
+    return chained_hashes(token_ids, block_size, chain_start(adapter_slot), 0, stop, image_keys)

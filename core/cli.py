@@ -77,6 +77,13 @@ def non_negative(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def batch_sizes(text: str) -> tuple[int, ...]:
     """TGI's `--cuda-graphs`: comma-separated decode batch sizes to capture; "0" captures none."""
     try:
@@ -305,6 +312,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         launched = start_model_server(model_server_args)
 
+    from tokenmill.api.images import ImageLimits
     from tokenmill.api.routing import RoutingPolicy
     from tokenmill.api.server import ModelServerExited, ServeOptions, serve
     from tokenmill.api.tracing import setup_tracing
@@ -321,6 +329,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
         disable_grammar_support=args.disable_grammar_support, tool_call_parser=args.tool_call_parser,
         routing=RoutingPolicy(args.routing, args.routing_max_imbalance),
+        image_limits=ImageLimits(not args.disable_image_urls, args.image_fetch_timeout, args.max_image_bytes),
     )
     try:
         serve(options, launched)
@@ -492,6 +501,13 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--model-server", action="append", default=[],
                        help="front this running model server instead of launching one (repeatable) "
                             "[env: MODEL_SERVERS, comma-separated]")
+    serve.add_argument("--disable-image-urls", action="store_true", default=switch(os.environ, "DISABLE_IMAGE_URLS"),
+                       help="a vision-language model reads images from data URLs only: http(s) image URLs get 422 "
+                            "(the server fetches nothing on a client's behalf) [env: DISABLE_IMAGE_URLS]")
+    flag("--image-fetch-timeout", "IMAGE_FETCH_TIMEOUT", 10.0, positive_float,
+         help="seconds an http(s) image URL has to answer in full")
+    flag("--max-image-bytes", "MAX_IMAGE_BYTES", 10_000_000, positive,
+         help="largest image file a request may send or name (data URLs are also bound by --payload-limit)")
     flag("--routing", "ROUTING", "prefix", routing_mode,
          help="how a request's model server is picked among several: prefix (the one that served its prompt's "
               "prefix, whose prefix cache may hold it, unless overloaded; else least-loaded) or least-loaded")

@@ -26,7 +26,9 @@ from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
-from tokenmill.models import get_model_class, kv_cache_shape, model_implementation
+from tokenmill.models import get_model_class, kv_cache_shape, model_implementation, text_config_of
+from tokenmill.multimodal import ImageInput
+from tokenmill.multimodal.encoder import ImageEncoder, RequestImages
 from tokenmill.outputs import RequestOutput, StepStats, TokenInfo
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 from tokenmill.request import FinishReason, Request
@@ -96,6 +98,7 @@ class _RequestState:
     first_output_sent: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     matcher: GrammarMatcher | None = None  # where the request is in its grammar (structured output)
+    images: RequestImages | None = None  # the prompt's images, for a vision-language model
 
 
 class Engine:
@@ -116,9 +119,11 @@ class Engine:
         self.tokenizer = self.checkpoint.tokenizer
         model_config = self.checkpoint.config
         self.model_config = model_config
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.text_config = text_config_of(model_config)  # the language model's (a vision-language config's text_config)
+        self.max_model_len = config.max_model_len or self.text_config.max_position_embeddings
 
         self.lora: LoRAAdapters | None = None  # the LoRA adapters, when `lora_adapters` names some
+        self.image_encoder: ImageEncoder | None = None  # a vision-language model's, with its image processor
         executor = self.backend.model_executor(
             model_id=config.model_id or self.checkpoint.source, config=model_config, checkpoint=self.checkpoint, dtype=self.dtype,
             device=self.device, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
@@ -136,7 +141,7 @@ class Engine:
         self.speculator = NgramSpeculator(config.speculate, self.max_model_len) if config.speculate else None
         self.speculation = SpeculationStats()
         # Grammars compile on this pool, off the step loop; a request waits in `_compiling` meanwhile.
-        self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.text_config.vocab_size, self.eos_token_ids)
         self._compiling: dict[str, concurrent.futures.Future] = {}
         self._states: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
@@ -227,6 +232,9 @@ class Engine:
                                   self.layout.block_size, self.device, padding, self.platform.sampling_device,
                                   self.platform.inference_mode, self.lora)
         self.block_manager = self._new_block_manager()
+        processor = getattr(self.checkpoint, "processor", None)
+        if hasattr(self.model, "encode_images") and processor is not None:
+            self.image_encoder = ImageEncoder(self.model, processor.image_processor)
         return buckets
 
     def _use_model_implementation(self, implementation: str) -> None:
@@ -255,7 +263,7 @@ class Engine:
         """
         config = self.config
         num_tokens = max(1, min(config.max_num_batched_tokens, self.max_model_len,
-                                self.model_config.max_position_embeddings))
+                                self.text_config.max_position_embeddings))
         num_blocks = -(-num_tokens // self.layout.block_size)
         scratch = self.layout.allocate(num_blocks)
         runner = ModelRunner(self.model, self.model, scratch, list(self._attention.values()), self.layout.block_size,
@@ -400,9 +408,10 @@ class Engine:
         return self.lora.names if self.lora is not None else ()
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                    adapter: str | None = None) -> None:
+                    adapter: str | None = None, images: Sequence[ImageInput] = ()) -> None:
         """Queue a request, run with LoRA adapter `adapter` (None: the base model); it joins the running
-        batch at the next step, whatever adapters the batch's other requests use."""
+        batch at the next step, whatever adapters the batch's other requests use. `images`: the prompt's,
+        in order, their tokens already in `prompt_token_ids` (`tokenmill.multimodal`)."""
         if adapter is not None and self.lora is None:
             raise ValidationError(f"LoRA adapter {adapter!r} is not loaded; this server has no adapters "
                                   "(start it with --lora-adapters or --lora-modules)")
@@ -419,7 +428,9 @@ class Engine:
         if total > limit:
             raise ValidationError(f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: "
                                   f"{len(prompt_token_ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`")
-        request = Request(request_id, list(prompt_token_ids), params, next(self._arrivals), adapter=slot)
+        spans, request_images = self._prepare_images(prompt_token_ids, images)
+        request = Request(request_id, list(prompt_token_ids), params, next(self._arrivals), adapter=slot,
+                          images=spans)
         state = _RequestState(
             request,
             IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
@@ -428,6 +439,7 @@ class Engine:
             # The first prompt token has no logprob (nothing precedes it); TGI still sends its text.
             prompt_logprobs=([TokenInfo(prompt_token_ids[0], None, self.tokenizer.decode([prompt_token_ids[0]]))]
                              if params.prompt_logprobs else None),
+            images=request_images,
         )
         self._states[request_id] = state
         if params.grammar is None:
@@ -443,6 +455,17 @@ class Engine:
             self.scheduler.add_request(request)
         else:
             self._compiling[request_id] = compiled
+
+    def _prepare_images(self, prompt_token_ids: Sequence[int], images: Sequence[ImageInput]):
+        """The images' token positions and pixels, or a ValidationError: images for a model that takes none,
+        or a vision-language model's prompt whose image tokens are not its images' (typed as text, say)."""
+        if self.image_encoder is not None:
+            return self.image_encoder.prepare(prompt_token_ids, images)
+        if images:
+            reason = ("takes no images: it is a text-only model" if not hasattr(self.model, "encode_images")
+                      else "has no image processor (preprocessor_config.json) to read images with")
+            raise ValidationError(f"this model {reason}")
+        return (), None
 
     def _admit_compiled(self) -> list[RequestOutput]:
         """Schedule the requests whose grammars have compiled; fail those whose grammars cannot."""
@@ -521,6 +544,9 @@ class Engine:
             sampled = {r.request_id: tokens for r, tokens in zip(verification.requests, kept)}
         forwarded = time.monotonic()
         self.scheduler.update(plan, sampled)
+        for item in plan.scheduled:
+            if item.request.images and item.request.request_id in self._states:
+                ImageEncoder.release_computed(item.request, self._states[item.request.request_id].images)
         filtered = time.monotonic()
         if verification.requests:
             outputs += self._process_samples(verification, kept, logprobs, top_ids, top_lps)
@@ -548,8 +574,12 @@ class Engine:
             wants_prompt = request.sampling_params.prompt_logprobs and start < request.num_prompt_tokens
             # A sampling sequence needs the logits of its last token and of each draft token after it.
             num_logits = n if wants_prompt else (len(request.draft_token_ids) + 1) * samples
+            embeddings = None
+            if request.images:  # rows for the image tokens this step feeds, if any
+                images = self._states[request.request_id].images
+                embeddings = self.image_encoder.step_embeddings(request, images, start, n)
             steps.append(SequenceStep(request.pending_token_ids(start, n), start, request.block_ids, num_logits,
-                                      request.adapter))
+                                      request.adapter, embeddings))
             if samples:
                 sampling.append(index)
         return steps, sampling
@@ -693,15 +723,17 @@ class Engine:
     # ---- batch API --------------------------------------------------------------------------------
 
     def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 adapters: Sequence[str | None] | None = None) -> list[list[RequestOutput]]:
+                 adapters: Sequence[str | None] | None = None,
+                 images: Sequence[Sequence[ImageInput]] | None = None) -> list[list[RequestOutput]]:
         """Run the prompts to completion together, prompt i with LoRA adapter `adapters[i]` (None, or no
-        `adapters`: the base model); every output of each, in order."""
+        `adapters`: the base model) and images `images[i]`; every output of each, in order."""
         prompts = list(prompts)
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        images = list(images) if images is not None else [()] * len(prompts)
         ids = [f"batch-{next(self._arrivals)}-{i}" for i in range(len(prompts))]
-        for request_id, prompt, p, adapter in zip(ids, prompts, params_list, adapters):
-            self.add_request(request_id, prompt, p, adapter)
+        for request_id, prompt, p, adapter, pictures in zip(ids, prompts, params_list, adapters, images):
+            self.add_request(request_id, prompt, p, adapter, pictures)
         results: dict[str, list[RequestOutput]] = {i: [] for i in ids}
         while any(not results[i] or not results[i][-1].finished for i in ids):
             for out in self.step():

@@ -48,6 +48,14 @@ def _pinned_memory_serves(device_type: str) -> bool:
 
 
 @dataclass(frozen=True)
+class StepEmbeddings:
+    """Rows that replace the token embeddings at some of a sequence's fed tokens (an image's, `tokenmill.multimodal`)."""
+
+    offsets: Sequence[int]  # indices into the step's token_ids, ascending
+    rows: torch.Tensor  # (len(offsets), hidden)
+
+
+@dataclass(frozen=True)
 class SequenceStep:
     """One sequence's share of a step."""
 
@@ -56,6 +64,7 @@ class SequenceStep:
     block_table: Sequence[int]  # the sequence's blocks, covering start_position + len(token_ids) tokens
     num_logits: int  # trailing positions that need logits: 1 to sample, more for prompt logprobs, 0 mid-prefill
     adapter: int = 0  # the LoRA adapter's slot (`tokenmill.lora`); 0: the base model
+    embeddings: StepEmbeddings | None = None  # image rows for some of token_ids; None: token embeddings only
 
 
 @dataclass
@@ -237,6 +246,21 @@ def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.nd
     )
 
 
+def _merged_embeddings(steps: Sequence[SequenceStep], device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows of the flattened batch, their embeddings) over every step that brings some; None if none does.
+    Real tokens come first and in sequence order, padded or not, so a row is its sequence's start plus offset."""
+    if all(step.embeddings is None for step in steps):
+        return None
+    indices, rows, start = [], [], 0
+    for step in steps:
+        if step.embeddings is not None:
+            indices.extend(start + offset for offset in step.embeddings.offsets)
+            rows.append(step.embeddings.rows)
+        start += len(step.token_ids)
+    return host_to_device(np.asarray(indices, dtype=np.int64), device), torch.cat(rows).to(device)
+
+
 def step_shape(inputs: StepInputs) -> StepShape:
     """The shape of padded `inputs`, read from host-side sizes only."""
     return StepShape(num_tokens=inputs.input_ids.shape[0], num_seqs=inputs.metadata.num_seqs,
@@ -292,7 +316,12 @@ class ModelRunner:
             backend.prepare(inputs.metadata)
         if self.lora is not None:
             self.lora.begin_step(inputs.lora)
-        hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        embeddings = _merged_embeddings(steps, self.device)
+        if embeddings is None:
+            hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        else:  # a prefill step with image rows: the model's own forward, never a captured decode step
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata,
+                                input_embeddings=embeddings)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if self.logits_device is not None:  # moved whole, padded rows too: a copy of a static shape
             logits = logits.to(self.logits_device)

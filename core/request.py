@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.multimodal.inputs import ImageSpan, image_block_keys
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -48,10 +50,15 @@ class Request:
     # Speculative decoding (`tokenmill.speculate`): tokens guessed to follow `token_ids`, fed with the last
     # token at the next step and verified there; never part of `token_ids` until verified.
     draft_token_ids: list[int] = field(default_factory=list)
+    # The prompt's images and their token positions (`tokenmill.multimodal`); their content keys the prefix
+    # cache blocks that hold their tokens.
+    images: tuple[ImageSpan, ...] = ()
+    image_keys: tuple[tuple[int, bytes], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.image_keys = image_block_keys(self.images)
 
     @property
     def num_prompt_tokens(self) -> int:

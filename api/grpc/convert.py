@@ -6,6 +6,7 @@ import dataclasses
 
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.grammar import GrammarSpec
+from tokenmill.multimodal import ImageInput
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.speculate import SpeculationStats
@@ -40,6 +41,14 @@ def params_from_pb(message: pb.SamplingParams) -> SamplingParams:
             value = tuple(value)
         kwargs[f.name] = value
     return SamplingParams(**kwargs)
+
+
+def images_to_pb(images) -> list[pb.Image]:
+    return [pb.Image(data=image.data, num_tokens=image.num_tokens) for image in images]
+
+
+def images_from_pb(messages) -> list[ImageInput]:
+    return [ImageInput(message.data, message.num_tokens) for message in messages]
 
 
 def speculation_to_pb(stats: SpeculationStats) -> pb.SpeculationStats:

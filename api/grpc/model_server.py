@@ -21,7 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from tokenmill.api.grpc import model_server_pb2 as pb
 from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
-from tokenmill.api.grpc.convert import output_to_pb, params_from_pb, speculation_to_pb
+from tokenmill.api.grpc.convert import images_from_pb, output_to_pb, params_from_pb, speculation_to_pb
 from tokenmill.api.tgi_metrics import BatchMetrics
 from tokenmill.api.tracing import extract_context, tracer
 from tokenmill.async_engine import AsyncEngine, GenerationError
@@ -64,7 +64,7 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
                 params = params_from_pb(request.params)
                 adapter = request.adapter if request.HasField("adapter") else None
                 async for out in self.runner.generate(request.request_id, list(request.prompt_token_ids), params,
-                                                      adapter):
+                                                      adapter, images_from_pb(request.images)):
                     if out.finished:
                         _record_phases(span, out)
                     yield output_to_pb(out)

@@ -24,11 +24,11 @@ from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointErr
 from tokenmill.loader.gguf_file import GGUFFile
 from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf, tokenizer_from_gguf
 from tokenmill.loader.hub import HubOptions, fetch, is_hub_id, resolve_hub_id
-from tokenmill.loader.safetensors_loader import load_hf_folder
+from tokenmill.loader.safetensors_loader import load_hf_folder, load_processor as load_hf_processor
 
 __all__ = ["BUILTIN_SHAPES", "Checkpoint", "HubOptions", "LOAD_FORMATS", "ModelNotFoundError",
            "UnsupportedCheckpointError", "build_dummy_model", "default_model_path", "fetch", "is_hub_id",
-           "load_checkpoint", "load_config", "load_tokenizer", "parse_dtype"]
+           "load_checkpoint", "load_config", "load_processor", "load_tokenizer", "parse_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class Checkpoint:
     timings_s: dict[str, float] = field(default_factory=dict)
     # GGUF only: quantized weights' blocks as stored (the same weights as in `tensors`), by name.
     ggml_weights: dict[str, GGMLWeight] = field(default_factory=dict)
+    # A vision-language model's processor (transformers' AutoProcessor: its image processor and the prompt
+    # expansion of images into image tokens); None for a text-only model.
+    processor: Any = None
 
 
 def default_model_path() -> str:
@@ -142,6 +145,17 @@ def load_tokenizer(model_id: str | None = None, cache_dir: Path | None = None, l
     if not (folder / "config.json").exists() and len(ggufs) == 1:
         return _cached_gguf_tokenizer(ggufs[0], cache_dir)
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_processor(source: str, load_format: str = "auto") -> Any:
+    """Only the multimodal processor of the model at `source` (the router's, to expand images); None for a
+    text-only model, a GGUF file or random weights."""
+    path = Path(source).expanduser()
+    if _check_load_format(load_format) == "dummy" or not path.is_dir() or not (path / "config.json").exists():
+        return None
+    from transformers import AutoConfig
+
+    return load_hf_processor(path, AutoConfig.from_pretrained(str(path)))
 
 
 def _check_load_format(load_format: str) -> str:

@@ -27,12 +27,27 @@ def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
     torch_dtype = parse_dtype(dtype, default)
     tensors = _read_safetensors(path, torch_dtype, progress)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    eos = config.eos_token_id
+    eos = getattr(config.get_text_config(), "eos_token_id", None)  # a vision-language config keeps it in text_config
     generation_config = path / "generation_config.json"
     if generation_config.exists():
         eos = json.loads(generation_config.read_text()).get("eos_token_id", eos)
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    return Checkpoint(config, tensors, tokenizer, str(path), "safetensors", eos_ids)
+    processor = load_processor(path, config)
+    if processor is not None and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template  # a VLM's template may live with its processor
+    return Checkpoint(config, tensors, tokenizer, str(path), "safetensors", eos_ids, processor=processor)
+
+
+def load_processor(path: Path, config: Any) -> Any:
+    """The multimodal processor of a vision-language model's folder (one whose config has a `vision_config`
+    and that ships a preprocessor config); None for any other."""
+    from transformers import AutoProcessor
+
+    if getattr(config, "vision_config", None) is None:
+        return None
+    if not (path / "preprocessor_config.json").exists() and not (path / "processor_config.json").exists():
+        return None
+    return AutoProcessor.from_pretrained(str(path))
 
 
 def _read_safetensors(path: Path, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 from tokenmill.errors import TokenmillError
 from tokenmill.interfaces import KVCacheShape
 from tokenmill.models import llama, transformers_fallback
+from tokenmill.models.idefics3 import Idefics3ForConditionalGeneration
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.phi3 import Phi3ForCausalLM
 from tokenmill.models.qwen2 import Qwen2ForCausalLM
@@ -18,6 +19,7 @@ from tokenmill.models.transformers_fallback import TransformersCausalLM
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 MODELS = {
+    "Idefics3ForConditionalGeneration": Idefics3ForConditionalGeneration,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
@@ -25,7 +27,8 @@ MODELS = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
-__all__ = ["MODELS", "UnsupportedArchitectureError", "get_model_class", "kv_cache_shape", "model_implementation"]
+__all__ = ["MODELS", "UnsupportedArchitectureError", "get_model_class", "kv_cache_shape", "model_implementation",
+           "text_config_of"]
 
 
 class UnsupportedArchitectureError(TokenmillError, ValueError):
@@ -64,4 +67,9 @@ def kv_cache_shape(config: Any, dtype: torch.dtype, parallel: ParallelContext = 
     """What each rank caches per token and layer for the model `get_model_class` picks."""
     if _own_class(config) is None:
         return transformers_fallback.kv_cache_shape(config, dtype, parallel)
-    return llama.kv_cache_shape(config, dtype, parallel)
+    return llama.kv_cache_shape(text_config_of(config), dtype, parallel)
+
+
+def text_config_of(config: Any) -> Any:
+    """The language model's config: a vision-language config's `text_config`, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -111,6 +111,7 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
     qk_norm = False
+    loaded_elsewhere: tuple[str, ...] = ()  # parameter prefixes a subclass loads itself (a vision tower)
 
     def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype,
                  parallel: ParallelContext = SINGLE_RANK):
@@ -138,8 +139,13 @@ class LlamaForCausalLM(nn.Module):
         self.to(dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
+                metadata: AttentionMetadata,
+                input_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`input_embeddings`: (token rows, embeddings) put in place of those tokens' own (an image's)."""
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
+        if input_embeddings is not None:
+            rows, embeddings = input_embeddings
+            hidden = hidden.index_copy(0, rows, embeddings.to(hidden.dtype))
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, self.rotary, kv_cache, metadata)
@@ -155,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy transformers-named tensors in, fusing q/k/v and gate/up; unknown or missing names raise."""
-        params = dict(self.named_parameters())
+        params = {k: v for k, v in self.named_parameters() if not k.startswith(self.loaded_elsewhere)}
         loaded = set()
         for name, tensor in tensors.items():
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.tie_word_embeddings):
