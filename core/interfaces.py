@@ -413,6 +413,65 @@ class LoRAMethod:
         return y
 
 
+class MoEMethod:
+    """Runs a mixture-of-experts layer's experts over a flat batch: the reference, in plain PyTorch.
+
+    Each token goes to the `top_k` experts its router scores highest and gets their outputs summed,
+    weighted by the routing weights. An expert is a SwiGLU MLP, ``down @ (silu(gate @ x) * (up @ x))``.
+    The reference sorts the step's (token, expert) pairs by expert and runs one batched matmul pair per
+    expert that receives tokens (an expert receiving none costs nothing), then adds each pair's output
+    into its token's row, experts in ascending order. A backend returns a subclass from
+    `tokenmill_moe_method` to run them as a grouped GEMM or a fused kernel; an override must give this
+    reference's result up to the dtype's rounding (the conformance suite checks it).
+    """
+
+    def prepare(self, gate_up: torch.Tensor, down: torch.Tensor) -> Any:
+        """One layer's experts in this method's form, once at load.
+
+        `gate_up` is (num_experts, 2 * intermediate, hidden): each expert's gate rows, then its up rows;
+        `down` is (num_experts, hidden, intermediate); both in the model's dtype on its device. Over
+        tensor-parallel ranks they are this rank's slice of every expert's intermediate features (the
+        layer sums the ranks' outputs).
+        """
+        return gate_up, down
+
+    def route(self, router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_tokens, top_k) float32 routing weights and int64 expert ids, from (num_tokens, num_experts)
+        router logits: the softmax over experts in float32, its `top_k` largest, divided by their sum when
+        `renormalize` (Mixtral, Qwen3-MoE; Qwen2-MoE keeps the softmax's values)."""
+        weights, ids = torch.softmax(router_logits.float(), dim=-1).topk(top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """(num_tokens, hidden): for each token t, ``sum_j weights[t, j] * expert[ids[t, j]](x[t])``, summed in
+        float32 and returned in `x`'s dtype."""
+        gate_up, down = prepared
+        num_tokens, top_k = ids.shape
+        order = ids.flatten().argsort(stable=True)  # (token, expert) pairs grouped by expert
+        counts = torch.bincount(ids.flatten(), minlength=gate_up.shape[0]).tolist()
+        pair_weights = weights.flatten()
+        out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start:start + count]
+            tokens = pairs // top_k
+            gate, up = F.linear(x.index_select(0, tokens), gate_up[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[expert])
+            out.index_add_(0, tokens, y.float() * pair_weights.index_select(0, pairs)[:, None])
+            start += count
+        return out.to(x.dtype)
+
+    def apply(self, x: torch.Tensor, router_logits: torch.Tensor, prepared: Any, top_k: int,
+              renormalize: bool) -> torch.Tensor:
+        """The layer's output for `x` (num_tokens, hidden) given its router's logits: `route`, then `experts`."""
+        weights, ids = self.route(router_logits, top_k, renormalize)
+        return self.experts(x, weights, ids, prepared)
+
+
 @dataclass(frozen=True)
 class ShapeBuckets:
     """Static shapes for backends that compile per shape; the scheduler pads each step up to them.

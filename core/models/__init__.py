@@ -6,16 +6,22 @@ from typing import Any
 
 from tokenmill.errors import TokenmillError
 from tokenmill.models.llama import LlamaForCausalLM, kv_cache_shape
+from tokenmill.models.mixtral import MixtralForCausalLM
 from tokenmill.models.phi3 import Phi3ForCausalLM
 from tokenmill.models.qwen2 import Qwen2ForCausalLM
+from tokenmill.models.qwen2_moe import Qwen2MoeForCausalLM
 from tokenmill.models.qwen3 import Qwen3ForCausalLM
+from tokenmill.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODELS = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 __all__ = ["MODELS", "UnsupportedArchitectureError", "get_model_class", "kv_cache_shape"]
