@@ -11,7 +11,7 @@ two methods alternating in one process; both include the routing (softmax, top-k
 from __future__ import annotations
 
 import statistics
-import time
+import timeit
 
 import torch
 
@@ -24,12 +24,7 @@ TOKENS = (1, 4, 16, 64, 256)
 
 
 def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timeit.repeat(fn, number=1, repeat=reps))
 
 
 def main() -> None:
