@@ -251,7 +251,9 @@ def tokenmill_moe_method(dtype: torch.dtype) -> MoEMethod | None:
     routing (softmax, top-k, optional renormalization) and the grouped expert matmuls over the step's
     tokens sorted by expert are the method's. The result must match `MoEMethod`'s up to the dtype's
     rounding, whatever the routing: experts receiving no token, one, or all. Default: None (the
-    `MoEMethod` reference, one batched matmul pair per active expert in PyTorch).
+    `MoEMethod` reference, one batched matmul pair per active expert in PyTorch; it reads each expert's
+    token count back to the host, so a `tokenmill_compile_model` that captures graphs must leave a model
+    whose method is not `graph_capturable` eager: `tokenmill.layers.moe.graph_capturable(model)` says).
     """
 
 

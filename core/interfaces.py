@@ -425,6 +425,11 @@ class MoEMethod:
     reference's result up to the dtype's rounding (the conformance suite checks it).
     """
 
+    # Whether `apply` never reads a device value back to the host, so a step running it may be captured as
+    # a graph. The reference reads each expert's token count (one sync per layer): a backend that captures
+    # steps keeps models with such a method eager, or returns a method of its own that sets this.
+    graph_capturable = False
+
     def prepare(self, gate_up: torch.Tensor, down: torch.Tensor) -> Any:
         """One layer's experts in this method's form, once at load.
 

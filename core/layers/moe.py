@@ -162,6 +162,12 @@ def experts_of(model: nn.Module) -> dict[str, FusedExperts]:
     return {path: module for path, module in model.named_modules() if isinstance(module, FusedExperts)}
 
 
+def graph_capturable(model: nn.Module) -> bool:
+    """False where an expert stack's method reads device values back to the host (`MoEMethod.graph_capturable`):
+    a backend that captures steps as graphs runs such a model eagerly."""
+    return all(experts.method.graph_capturable for experts in experts_of(model).values())
+
+
 def prepare_experts(model: nn.Module, method: MoEMethod) -> None:
     """Give every expert stack of `model` to the backend's `method`, once, after the weights are loaded."""
     for experts in experts_of(model).values():
