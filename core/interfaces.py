@@ -419,8 +419,8 @@ class MoEMethod:
     Each token goes to the `top_k` experts its router scores highest and gets their outputs summed,
     weighted by the routing weights. An expert is a SwiGLU MLP, ``down @ (silu(gate @ x) * (up @ x))``.
     The reference sorts the step's (token, expert) pairs by expert and runs one batched matmul pair per
-    expert that receives tokens (an expert receiving none costs nothing), then adds each pair's output
-    into its token's row, experts in ascending order. A backend returns a subclass from
+    expert that receives tokens (an expert receiving none costs nothing), then sums each token's weighted
+    outputs in ascending expert order (transformers' order). A backend returns a subclass from
     `tokenmill_moe_method` to run them as a grouped GEMM or a fused kernel; an override must give this
     reference's result up to the dtype's rounding (the conformance suite checks it).
     """
@@ -451,24 +451,35 @@ class MoEMethod:
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, prepared: Any) -> torch.Tensor:
         """(num_tokens, hidden): for each token t, ``sum_j weights[t, j] * expert[ids[t, j]](x[t])``, summed in
-        float32 and returned in `x`'s dtype."""
-        gate_up, down = prepared
+        float32, experts in ascending order, and returned in `x`'s dtype.
+
+        The (token, expert) pairs are sorted by expert once, so each expert's inputs are one contiguous slice
+        of a single gather, run through `expert_mlp`; the outputs go back to their pairs in one copy. A
+        subclass may override `expert_mlp` alone to run each expert on its own kernels.
+        """
         num_tokens, top_k = ids.shape
-        order = ids.flatten().argsort(stable=True)  # (token, expert) pairs grouped by expert
-        counts = torch.bincount(ids.flatten(), minlength=gate_up.shape[0]).tolist()
-        pair_weights = weights.flatten()
-        out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start:start + count]
-            tokens = pairs // top_k
-            gate, up = F.linear(x.index_select(0, tokens), gate_up[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, down[expert])
-            out.index_add_(0, tokens, y.float() * pair_weights.index_select(0, pairs)[:, None])
-            start += count
+        ids, slots = ids.sort(dim=1)  # a token's outputs are summed in ascending expert order
+        weights = weights.gather(1, slots)
+        order = ids.flatten().argsort(stable=True)
+        rows = x.index_select(0, order // top_k)
+        outputs, start = [], 0
+        for expert, count in enumerate(torch.bincount(ids.flatten()).tolist()):
+            if count:
+                outputs.append(self.expert_mlp(rows[start:start + count], prepared, expert))
+                start += count
+        pairs = torch.empty(num_tokens * top_k, x.shape[1], dtype=torch.float32, device=x.device)
+        pairs = pairs.index_copy_(0, order, torch.cat(outputs).float()).view(num_tokens, top_k, -1)
+        pairs = pairs * weights[:, :, None]
+        out = pairs[:, 0]
+        for slot in range(1, top_k):
+            out = out + pairs[:, slot]
         return out.to(x.dtype)
+
+    def expert_mlp(self, rows: torch.Tensor, prepared: Any, expert: int) -> torch.Tensor:
+        """Expert `expert`'s SwiGLU MLP over `rows` (num_rows, hidden), the inputs of the tokens sent to it."""
+        gate_up, down = prepared
+        gate, up = F.linear(rows, gate_up[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, down[expert])
 
     def apply(self, x: torch.Tensor, router_logits: torch.Tensor, prepared: Any, top_k: int,
               renormalize: bool) -> torch.Tensor:
