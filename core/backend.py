@@ -24,6 +24,7 @@ from tokenmill.interfaces import (
     LayerOps,
     LoRAMethod,
     MemoryRequest,
+    MoEMethod,
     QuantMethod,
     ShapeBuckets,
     SlotModel,
@@ -99,6 +100,10 @@ class Backend:
     def lora_method(self, dtype: torch.dtype) -> LoRAMethod:
         """The backend's way of adding LoRA adapters in `dtype`, or the reference segmented matmul."""
         return self._hooks["tokenmill_lora_method"](dtype=dtype) or LoRAMethod()
+
+    def moe_method(self, dtype: torch.dtype) -> MoEMethod:
+        """The backend's way of running mixture-of-experts layers in `dtype`, or the PyTorch reference."""
+        return self._hooks["tokenmill_moe_method"](dtype=dtype) or MoEMethod()
 
     def token_mask(self) -> TokenMask:
         """The backend's way of applying grammar masks to logits (the reference `TokenMask` by default)."""

@@ -16,6 +16,7 @@ from tokenmill.interfaces import (
     LayerOps,
     LoRAMethod,
     MemoryRequest,
+    MoEMethod,
     QuantMethod,
     ShapeBuckets,
     ShardStyle,
@@ -76,6 +77,11 @@ def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
 
 @hookimpl(trylast=True)
 def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
+    return None
+
+
+@hookimpl(trylast=True)
+def tokenmill_moe_method(dtype: torch.dtype) -> MoEMethod | None:
     return None
 
 

@@ -23,6 +23,7 @@ from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
 from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
+from tokenmill.layers.moe import experts_of, prepare_experts
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
@@ -205,6 +206,8 @@ class Engine:
         elif (dense := self.backend.dense_linear_method(self.dtype)) is not None:
             self._prepare_linears(dense)
         self.checkpoint.ggml_weights = {}
+        if experts_of(self.model):
+            prepare_experts(self.model, self.backend.moe_method(self.dtype))
 
         self._bind_layer_ops(self.backend.layer_ops(self.dtype))
         if config.lora_adapters:  # before compile_model: a captured step must see the adapted layers

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         LayerOps,
         LoRAMethod,
         MemoryRequest,
+        MoEMethod,
         QuantMethod,
         ShapeBuckets,
         SlotModel,
@@ -235,6 +236,24 @@ def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
     load. The result must match `LoRAMethod`'s segmented matmul up to the dtype's rounding. A backend
     whose `tokenmill_compile_model` captures the step must run the adapted layers' LoRA too, or leave
     steps with a `LoRABatch` to the model's own forward. Default: None (the `LoRAMethod` reference).
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_moe_method(dtype: torch.dtype) -> MoEMethod | None:
+    """How this backend runs the experts of mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE) in
+    `dtype`, as a `MoEMethod` subclass, or None.
+
+    Called once when a model with such layers is built. `prepare` receives each layer's stacked expert
+    weights once at load (gate and up fused: (experts, 2 * intermediate, hidden); down: (experts, hidden,
+    intermediate); this rank's slice of each expert under tensor parallelism) and may re-lay them out for
+    the device. Each step, every such layer calls `apply` once with its input and its router's logits:
+    routing (softmax, top-k, optional renormalization) and the grouped expert matmuls over the step's
+    tokens sorted by expert are the method's. The result must match `MoEMethod`'s up to the dtype's
+    rounding, whatever the routing: experts receiving no token, one, or all. Default: None (the
+    `MoEMethod` reference, one batched matmul pair per active expert in PyTorch; it reads each expert's
+    token count back to the host, so a `tokenmill_compile_model` that captures graphs must leave a model
+    whose method is not `graph_capturable` eager: `tokenmill.layers.moe.graph_capturable(model)` says).
     """
 
 

@@ -414,6 +414,81 @@ class LoRAMethod:
         return y
 
 
+class MoEMethod:
+    """Runs a mixture-of-experts layer's experts over a flat batch: the reference, in plain PyTorch.
+
+    Each token goes to the `top_k` experts its router scores highest and gets their outputs summed,
+    weighted by the routing weights. An expert is a SwiGLU MLP, ``down @ (silu(gate @ x) * (up @ x))``.
+    The reference sorts the step's (token, expert) pairs by expert and runs one batched matmul pair per
+    expert that receives tokens (an expert receiving none costs nothing), then sums each token's weighted
+    outputs in ascending expert order (transformers' order). A backend returns a subclass from
+    `tokenmill_moe_method` to run them as a grouped GEMM or a fused kernel; an override must give this
+    reference's result up to the dtype's rounding (the conformance suite checks it).
+    """
+
+    # Whether `apply` never reads a device value back to the host, so a step running it may be captured as
+    # a graph. The reference reads each expert's token count (one sync per layer): a backend that captures
+    # steps keeps models with such a method eager, or returns a method of its own that sets this.
+    graph_capturable = False
+
+    def prepare(self, gate_up: torch.Tensor, down: torch.Tensor) -> Any:
+        """One layer's experts in this method's form, once at load.
+
+        `gate_up` is (num_experts, 2 * intermediate, hidden): each expert's gate rows, then its up rows;
+        `down` is (num_experts, hidden, intermediate); both in the model's dtype on its device. Over
+        tensor-parallel ranks they are this rank's slice of every expert's intermediate features (the
+        layer sums the ranks' outputs).
+        """
+        return gate_up, down
+
+    def route(self, router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_tokens, top_k) float32 routing weights and int64 expert ids, from (num_tokens, num_experts)
+        router logits: the softmax over experts in float32, its `top_k` largest, divided by their sum when
+        `renormalize` (Mixtral, Qwen3-MoE; Qwen2-MoE keeps the softmax's values)."""
+        weights, ids = torch.softmax(router_logits.float(), dim=-1).topk(top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """(num_tokens, hidden): for each token t, ``sum_j weights[t, j] * expert[ids[t, j]](x[t])``, summed in
+        float32, experts in ascending order, and returned in `x`'s dtype.
+
+        The (token, expert) pairs are sorted by expert once, so each expert's inputs are one contiguous slice
+        of a single gather, run through `expert_mlp`; the outputs go back to their pairs in one copy. A
+        subclass may override `expert_mlp` alone to run each expert on its own kernels.
+        """
+        num_tokens, top_k = ids.shape
+        ids, slots = ids.sort(dim=1)  # a token's outputs are summed in ascending expert order
+        weights = weights.gather(1, slots)
+        order = ids.flatten().argsort(stable=True)
+        rows = x.index_select(0, order // top_k)
+        outputs, start = [], 0
+        for expert, count in enumerate(torch.bincount(ids.flatten()).tolist()):
+            if count:
+                outputs.append(self.expert_mlp(rows[start:start + count], prepared, expert))
+                start += count
+        pairs = torch.empty(num_tokens * top_k, x.shape[1], dtype=torch.float32, device=x.device)
+        pairs = pairs.index_copy_(0, order, torch.cat(outputs).float()).view(num_tokens, top_k, -1)
+        pairs = pairs * weights[:, :, None]
+        out = pairs[:, 0]
+        for slot in range(1, top_k):
+            out = out + pairs[:, slot]
+        return out.to(x.dtype)
+
+    def expert_mlp(self, rows: torch.Tensor, prepared: Any, expert: int) -> torch.Tensor:
+        """Expert `expert`'s SwiGLU MLP over `rows` (num_rows, hidden), the inputs of the tokens sent to it."""
+        gate_up, down = prepared
+        gate, up = F.linear(rows, gate_up[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, down[expert])
+
+    def apply(self, x: torch.Tensor, router_logits: torch.Tensor, prepared: Any, top_k: int,
+              renormalize: bool) -> torch.Tensor:
+        """The layer's output for `x` (num_tokens, hidden) given its router's logits: `route`, then `experts`."""
+        weights, ids = self.route(router_logits, top_k, renormalize)
+        return self.experts(x, weights, ids, prepared)
+
+
 @dataclass(frozen=True)
 class ShapeBuckets:
     """Static shapes for backends that compile per shape; the scheduler pads each step up to them.

@@ -1,4 +1,5 @@
-"""End to end: the engine on this backend generates exactly transformers' greedy tokens (tiny Llama)."""
+"""End to end: the engine on this backend generates exactly transformers' greedy tokens (tiny Llama-family and
+mixture-of-experts models, the latter through the backend's `tokenmill_moe_method`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tokenmill.engine import Engine, EngineConfig
 from tokenmill.sampling_params import SamplingParams
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "mixtral", "qwen2_moe"])
 def test_greedy_generation_matches_the_reference(backend, platform, family) -> None:
     if torch.float32 not in platform.supported_dtypes:
         pytest.skip("token identity with the float32 reference needs float32 support")

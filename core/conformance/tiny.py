@@ -29,6 +29,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", dict()),
     "qwen3": ("Qwen3Config", dict(head_dim=32)),
     "phi3": ("Phi3Config", dict(pad_token_id=2, sliding_window=None)),
+    # Mixture of experts: top-2 routing; Qwen2-MoE's norm_topk_prob is False, its layer 0 dense (mlp_only_layers).
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=96, norm_topk_prob=False,
+                                         mlp_only_layers=[0])),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True)),
 }
 
 

@@ -20,7 +20,7 @@ from tokenmill.parallel import SINGLE_RANK, ParallelContext
 class Idefics3ForConditionalGeneration(LlamaForCausalLM):
     """The Llama of `config.text_config`, plus `vision_model` and `connector` for `encode_images`."""
 
-    loaded_elsewhere = ("vision_model.", "connector.")
+    subclass_loaded_prefixes = ("vision_model.", "connector.")
 
     def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype,
                  parallel: ParallelContext = SINGLE_RANK):
@@ -58,11 +58,11 @@ class Idefics3ForConditionalGeneration(LlamaForCausalLM):
         vision, text = {}, {}
         for name, tensor in tensors.items():
             local = name.removeprefix("model.")
-            if local.startswith(self.loaded_elsewhere):
+            if local.startswith(self.subclass_loaded_prefixes):
                 vision[local] = tensor
             else:
                 text[name.replace("model.text_model.", "model.", 1)] = tensor
-        for prefix in self.loaded_elsewhere:
+        for prefix in self.subclass_loaded_prefixes:
             module = getattr(self, prefix.rstrip("."))
             own = {k.removeprefix(prefix): v for k, v in vision.items() if k.startswith(prefix)}
             module.load_state_dict(own, strict=True)

@@ -76,9 +76,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     ops = LayerOps()  # the backend's, set by the engine
 
-    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext = SINGLE_RANK):
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext = SINGLE_RANK,
+                 intermediate_size: int | None = None):
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [size, size], False, dtype, ShardStyle.COLUMN, parallel)
         self.down_proj = row_parallel_linear(size, config.hidden_size, False, dtype, parallel)
 
@@ -88,12 +89,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, backend, dtype, qkv_bias: bool, qk_norm: bool, shape: RankShape,
-                 parallel: ParallelContext = SINGLE_RANK):
+                 parallel: ParallelContext = SINGLE_RANK, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, backend, dtype, qkv_bias, qk_norm, shape, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, dtype, parallel)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, dtype, parallel)
 
     def forward(self, positions, hidden, residual, rotary, kv_cache, metadata):
         if residual is None:
@@ -111,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
     qk_norm = False
-    loaded_elsewhere: tuple[str, ...] = ()  # parameter prefixes a subclass loads itself (a vision tower)
+    subclass_loaded_prefixes: tuple[str, ...] = ()  # parameter prefixes a subclass loads itself (a vision tower)
 
     def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype,
                  parallel: ParallelContext = SINGLE_RANK):
@@ -126,8 +127,9 @@ class LlamaForCausalLM(nn.Module):
         backend = make_attention(spec)
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, dtype, parallel)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, backend, dtype, self.qkv_bias, self.qk_norm, shape, parallel)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, backend, dtype, self.qkv_bias, self.qk_norm, shape, parallel,
+                              self.make_mlp(config, index, dtype, parallel))
+            for index in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
@@ -137,6 +139,10 @@ class LlamaForCausalLM(nn.Module):
             # Same tensor; a backend's dense-linear method may still give the head its own packed copy.
             self.lm_head.weight = self.embed_tokens.weight
         self.to(dtype)
+
+    def make_mlp(self, config: Any, layer_index: int, dtype: torch.dtype, parallel: ParallelContext) -> nn.Module:
+        """Layer `layer_index`'s feed-forward block; mixture-of-experts families override it."""
+        return LlamaMLP(config, dtype, parallel)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata,
@@ -159,10 +165,13 @@ class LlamaForCausalLM(nn.Module):
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy transformers-named tensors in, fusing q/k/v and gate/up; unknown or missing names raise."""
-        params = {k: v for k, v in self.named_parameters() if not k.startswith(self.loaded_elsewhere)}
-        loaded = set()
+    def load_weights(self, tensors: dict[str, torch.Tensor], loaded_elsewhere: set[str] = frozenset()) -> None:
+        """Copy transformers-named tensors in, fusing q/k/v and gate/up; unknown or missing names raise.
+
+        `loaded_elsewhere` names parameters a subclass filled itself (stacked experts), not missing here;
+        parameters under `subclass_loaded_prefixes` (a vision tower) are not this method's at all."""
+        params = {k: v for k, v in self.named_parameters() if not k.startswith(self.subclass_loaded_prefixes)}
+        loaded = set(loaded_elsewhere)
         for name, tensor in tensors.items():
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.tie_word_embeddings):
                 continue

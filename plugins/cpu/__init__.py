@@ -21,6 +21,7 @@ from tokenmill.interfaces import (
     LayerOps,
     LoRAMethod,
     MemoryRequest,
+    MoEMethod,
     QuantMethod,
 )
 from tokenmill.parallel import TorchDistributedCommunicator
@@ -30,6 +31,7 @@ from tokenmill.plugins.cpu.attention import CPUKVCacheLayout, CPUPagedAttention
 from tokenmill.plugins.cpu.decode_stack import compile_model
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps, fused_layer_ops_available
 from tokenmill.plugins.cpu.lora import MaskedLoRA
+from tokenmill.plugins.cpu.moe import PackedBF16Experts
 from tokenmill.plugins.cpu.token_mask import CTokenMask
 from tokenmill.plugins.cpu.quant import (
     Int8WeightOnly,
@@ -96,6 +98,14 @@ def tokenmill_layer_ops(dtype: torch.dtype) -> LayerOps | None:
 @hookimpl
 def tokenmill_lora_method(dtype: torch.dtype) -> LoRAMethod | None:
     return MaskedLoRA(dtype)
+
+
+@hookimpl
+def tokenmill_moe_method(dtype: torch.dtype) -> MoEMethod | None:
+    # bf16 with the packed kernel, like the dense linears; float32 keeps the reference (MKL's F.linear).
+    if dtype == torch.bfloat16 and bf16_gemm_available() and fused_layer_ops_available():
+        return PackedBF16Experts()
+    return None
 
 
 @hookimpl

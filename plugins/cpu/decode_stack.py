@@ -10,7 +10,8 @@ query token a row of its own whose context ends at its position (`row_contexts`)
 attention does for such queries. Every kernel computes a row alone, the same whatever the batch, so a
 draft token's logits are those a one-token decode at its position gets: greedy output is the same with
 and without `--speculate`. Longer prefill chunks, and models or configurations it does not cover
-(biases, q/k norms, sliding windows, other linear methods), run module by module as before. So do steps
+(biases, q/k norms, sliding windows, mixture-of-experts layers, other linear methods), run module by
+module as before: `_layer_plan` takes a layer only if its MLP is exactly `LlamaMLP`. So do steps
 in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a server with
 adapters still take the C path.
 """

@@ -28,6 +28,7 @@ from tokenmill.interfaces import (
     MemoryRequest,
     QuantMethod,
 )
+from tokenmill.layers.moe import graph_capturable
 from tokenmill.parallel import TorchDistributedCommunicator
 
 
@@ -98,8 +99,8 @@ class TritonGpuPlugin:
 
     @hookimpl
     def tokenmill_compile_model(self, model: torch.nn.Module, capture_sizes: tuple[int, ...] | None) -> Any:
-        if not self._graphs or self._interpreting or capture_sizes == ():
-            return model
+        if not self._graphs or self._interpreting or capture_sizes == () or not graph_capturable(model):
+            return model  # graphs off, or experts run by a method that syncs with the host: eager
         from tokenmill.plugins.triton.attention import TritonPagedAttention
         from tokenmill.plugins.triton.graphs import DEFAULT_CAPTURE_SIZES, DecodeGraphs, TorchGraphCapture
 

@@ -46,6 +46,7 @@ CASES: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "qwen2": ("qwen2", {}, None),
     "qwen3": ("qwen3", {}, None),
     "phi3": ("phi3", {}, None),
+    "qwen2_moe": ("qwen2_moe", {}, None),  # experts, a shared expert and a dense layer, each split over the ranks
     "llama_int8": ("llama", {}, "int8"),
     "phi3_int8": ("phi3", {}, "int8"),
 }
@@ -223,6 +224,14 @@ def test_a_model_that_does_not_split_is_refused_with_the_counts_that_work() -> N
     assert model.layers[0].self_attn.attn.backend.num_heads == 3  # the spec make_attention got
     assert model.layers[0].self_attn.attn.backend.num_kv_heads == 1
     assert tuple(model.embed_tokens.weight.shape) == (49152 // 3, 576)
+
+
+def test_experts_that_do_not_split_are_refused() -> None:
+    config = build_tiny("qwen2_moe", moe_intermediate_size=30).config
+    with pytest.raises(ValidationError, match="cannot shard the experts' moe_intermediate_size of 30 over 4 ranks"):
+        _build_on_meta(config, _context(0, 4))
+    model = _build_on_meta(config, _context(1, 2))
+    assert tuple(model.layers[1].mlp.experts.down_proj.shape) == (8, 64, 15)  # every expert, half its features
 
 
 @pytest.mark.parametrize("world_size,heads,kv_heads", [(1, 4, 2), (2, 2, 1), (4, 1, 1)])

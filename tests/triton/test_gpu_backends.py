@@ -73,6 +73,16 @@ def test_a_decode_step_on_the_cuda_plugin_does_no_host_sync(family) -> None:
     assert not audit.syncs, audit.report()
 
 
+def test_a_model_whose_experts_sync_with_the_host_is_left_eager_not_captured() -> None:
+    # The reference MoE method reads each expert's token count back to the host, which a graph cannot hold.
+    from tokenmill.plugins.triton.graphs import DecodeGraphs
+
+    dense, _, _ = _build(build_tiny("qwen3").config, torch.device("meta"), torch.bfloat16, num_blocks=8)
+    assert isinstance(cuda.tokenmill_compile_model(model=dense, capture_sizes=None), DecodeGraphs)
+    moe, _, _ = _build(build_tiny("qwen3_moe").config, torch.device("meta"), torch.bfloat16, num_blocks=8)
+    assert cuda.tokenmill_compile_model(model=moe, capture_sizes=None) is moe
+
+
 class InterpretedBackend(Backend):
     """The cuda backend with its device set-up replaced by its interpreter platform (this machine has no GPU)."""
 
