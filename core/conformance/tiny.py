@@ -32,11 +32,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # Windows of 8 tokens, so most test prompts cross them. Gemma 2's weights are drawn 5x wider, so its
     # attention is sharp enough for the score cap to change which tokens it attends to; both caps are low
     # enough for tanh to bend (at Gemma 2's own 50 and 30 they would be the identity on a tiny model).
-    "gemma2": ("Gemma2Config", dict(sliding_window=8, query_pre_attn_scalar=24, initializer_range=0.1,
-                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, initializer_range=0.1,
+                                    attn_logit_softcapping=1.0, final_logit_softcapping=3.0,
                                     tie_word_embeddings=True)),
     "gemma3": ("Gemma3TextConfig", dict(
-        sliding_window=8, query_pre_attn_scalar=16, final_logit_softcapping=0.3, num_hidden_layers=3,
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=12, final_logit_softcapping=0.3, num_hidden_layers=3,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0}})),
