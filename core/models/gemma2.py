@@ -15,24 +15,17 @@ import torch
 from torch import nn
 
 from tokenmill.errors import ValidationError
-from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec
+from tokenmill.interfaces import AttentionBackend, AttentionSpec
 from tokenmill.layers.mlp import GatedMLP
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenmill.layers.softcap import soft_cap
-from tokenmill.layers.vocab_parallel import embedding
-from tokenmill.models.llama import LlamaAttention, MakeAttention, head_dim_of
-from tokenmill.models.sharding import RankShape, rank_shape
-from tokenmill.models.weights import CheckpointLoading, output_head
+from tokenmill.models.decoder import DecoderModel, input_norm
+from tokenmill.models.llama import LlamaAttention, MakeAttention
+from tokenmill.models.sharding import RankShape
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
-SLIDING = "sliding_attention"
-
-
-def layer_types_of(config: Any) -> list[str]:
-    """Each layer's attention, "sliding_attention" or "full_attention" (transformers fills `layer_types`
-    from the older `sliding_window_pattern` when a config lacks it)."""
-    return list(config.layer_types)
+SLIDING = "sliding_attention"  # a `layer_types` entry; the other is "full_attention"
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -51,62 +44,48 @@ class GemmaDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(size, eps, offset=1.0)
 
     def forward(self, positions, hidden, residual, rotary, kv_cache, metadata):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = input_norm(self.input_layernorm, hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, rotary, kv_cache, metadata))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
-class Gemma2ForCausalLM(CheckpointLoading, nn.Module):
-    """Gemma 2; `forward` returns hidden states, `compute_logits` soft-capped logits."""
-
+class Gemma2ForCausalLM(DecoderModel):
     qk_norm = False
     attention_soft_cap = True  # Gemma 3 keeps the config field but no longer applies it
 
     def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype,
                  parallel: ParallelContext = SINGLE_RANK):
-        super().__init__()
         if getattr(config, "use_bidirectional_attention", False):
             raise ValidationError("Gemma with use_bidirectional_attention (an embedding model) is not supported; "
                                   "tokenmill serves causal language models")
-        self.config = config
-        self.parallel = parallel
-        shape = rank_shape(config, parallel)
-        head_dim = head_dim_of(config)
-        self.layer_types = layer_types_of(config)
+        super().__init__(config, dtype, parallel)
+        shape, head_dim = self.shape, self.head_dim
+        # Each layer's attention (transformers fills `layer_types` in when a checkpoint's config lacks it).
+        layer_types = list(config.layer_types)
         cap = config.attn_logit_softcapping if self.attention_soft_cap else None
         backends = {kind: make_attention(AttentionSpec(
             shape.num_heads, shape.num_kv_heads, head_dim, config.query_pre_attn_scalar ** -0.5, dtype,
             sliding_window=int(config.sliding_window) if kind == SLIDING else None, logit_softcap=cap))
-            for kind in sorted(set(self.layer_types))}
-        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, dtype, parallel)
+            for kind in sorted(set(layer_types))}
         # A tensor in the model's dtype, as transformers rounds it (sqrt(3072) is 55.5 in bfloat16).
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, backends[kind], dtype, self.qk_norm, shape, parallel)
-                                    for kind in self.layer_types)
+                                    for kind in layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
-        self.rotary = nn.ModuleDict(self.rotary_embeddings(config, head_dim, dtype))  # by layer type
-        self.lm_head, self.tie_word_embeddings = output_head(config, self.embed_tokens, dtype, parallel)
+        self.rotary = nn.ModuleDict(self.rotary_embeddings(config, sorted(set(layer_types)), dtype))
+        self.layer_rotary = [self.rotary[kind] for kind in layer_types]
         self.final_logit_softcapping = config.final_logit_softcapping
-        self.to(dtype)
+        self.build_head(dtype)
 
-    def rotary_embeddings(self, config: Any, head_dim: int, dtype: torch.dtype) -> dict[str, RotaryEmbedding]:
-        """One RoPE for every layer type."""
-        rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
-        return {kind: rotary for kind in set(self.layer_types)}
+    def rotary_embeddings(self, config: Any, layer_types: list[str], dtype: torch.dtype
+                          ) -> dict[str, RotaryEmbedding]:
+        """The RoPE of each layer type: one for all."""
+        rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
+        return {kind: rotary for kind in layer_types}
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) * self.embed_scale  # (T, hidden)
-        residual = None
-        for layer, kind, kv_cache in zip(self.layers, self.layer_types, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, self.rotary[kind], kv_cache, metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return soft_cap(self.lm_head(hidden), self.final_logit_softcapping).float()

@@ -20,9 +20,10 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     qk_norm = True
     attention_soft_cap = False
 
-    def rotary_embeddings(self, config: Any, head_dim: int, dtype: torch.dtype) -> dict[str, RotaryEmbedding]:
+    def rotary_embeddings(self, config: Any, layer_types: list[str], dtype: torch.dtype
+                          ) -> dict[str, RotaryEmbedding]:
         """One RoPE per layer type, from transformers 5's `rope_parameters` keyed by layer type."""
-        by_type = config.rope_parameters
-        return {kind: RotaryEmbedding(head_dim, config.max_position_embeddings,
-                                      rope_parameters(SimpleNamespace(rope_parameters=by_type[kind])), dtype)
-                for kind in set(self.layer_types)}
+        return {kind: RotaryEmbedding(self.head_dim, config.max_position_embeddings,
+                                      rope_parameters(SimpleNamespace(rope_parameters=config.rope_parameters[kind])),
+                                      dtype)
+                for kind in layer_types}
