@@ -74,12 +74,12 @@ def test_logprobs_match_transformers(family: str) -> None:
         assert abs(token.logprob - expected) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
-def test_sliding_window_is_exercised_beyond_the_window(family: str) -> None:
-    tiny = build_tiny(family)
+def test_sliding_window_is_exercised_beyond_the_window() -> None:
+    # Gemma 2/3 and StarCoder2 have 8-token windows, which every prompt above crosses as it generates.
+    tiny = build_tiny("mistral")
     engine = _engine(tiny)
-    prompt = _prompts(1, seed=3)[0] * 2  # longer than the window (Mistral's 24 tokens, Gemma 2's 8)
-    assert len(prompt) > tiny.config.sliding_window
+    prompt = _prompts(1, seed=3)[0] * 2  # longer than the 24-token window
+    assert len(prompt) > 24
     outputs = engine.generate([prompt], SamplingParams(max_new_tokens=30, ignore_eos=True))[0]
     assert _tokens(outputs) == tiny.greedy(prompt, 30)
 
