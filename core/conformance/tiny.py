@@ -36,8 +36,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                     attn_logit_softcapping=1.0, final_logit_softcapping=3.0,
                                     tie_word_embeddings=True)),
     "gemma3": ("Gemma3TextConfig", dict(
-        head_dim=16, sliding_window=8, query_pre_attn_scalar=12, final_logit_softcapping=0.3, num_hidden_layers=3,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=12, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0}})),
     "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.1,
