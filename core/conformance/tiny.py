@@ -36,7 +36,28 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                          mlp_only_layers=[0])),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True)),
+    # Windows of 8 tokens, so most test prompts cross them. Gemma 2's weights are drawn 5x wider, so its
+    # attention is sharp enough for the score cap to change which tokens it attends to; both caps are low
+    # enough for tanh to bend (at Gemma 2's own 50 and 30 they would be the identity on a tiny model).
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, initializer_range=0.1,
+                                    attn_logit_softcapping=1.0, final_logit_softcapping=3.0,
+                                    tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=12, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0}})),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.1,
+                                      logits_scaling=8.0, attention_bias=True, mlp_bias=True)),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=8, tie_word_embeddings=True)),
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),
 }
+
+# Architectures whose name is not the config's with "ForCausalLM" for "Config".
+ARCHITECTURES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
+
+# Families whose biases and norm weights transformers starts at constants (zeros, ones): the tiny models
+# get random ones instead, which a bias or norm loaded wrongly, dropped or added twice would change.
+PERTURBED = {"gemma2", "gemma3", "granite", "starcoder2", "phi"}
 
 
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -88,8 +109,18 @@ class TinyModel:
 def build_tiny(name: str, seed: int = 0, **overrides: Any) -> TinyModel:
     class_name, extra = FAMILIES[name]
     config = getattr(transformers, class_name)(**{**COMMON, **extra, **overrides})
-    config.architectures = [class_name.replace("Config", "ForCausalLM")]
+    config.architectures = [ARCHITECTURES.get(class_name, class_name.replace("Config", "ForCausalLM"))]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                           attn_implementation="eager").eval()
+    if name in PERTURBED:
+        _perturb_constant_parameters(model, seed)
     return TinyModel(name, config, model)
+
+
+@torch.no_grad()
+def _perturb_constant_parameters(model: Any, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            param.add_(torch.randn(param.shape, generator=generator) * 0.2)

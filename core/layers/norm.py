@@ -1,8 +1,9 @@
-"""RMSNorm, with the residual add fused in (one pass over the hidden states instead of two)."""
+"""RMSNorm and LayerNorm, with the residual add fused in (RMSNorm: one pass over the hidden states instead of two)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.interfaces import LayerOps
@@ -24,3 +25,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return self.ops.rms_norm(x, residual, self.weight, self.eps, self.offset)
+
+
+class LayerNorm(nn.Module):
+    """`(x - mean) / std * weight + bias` (StarCoder2, Phi-2), with `RMSNorm`'s calling convention: given a
+    residual, normalises `x + residual` and returns `(normalised, x + residual)`."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        x = x + residual
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps), x

@@ -21,7 +21,10 @@ def padded_vocab_size(vocab_size: int, world_size: int) -> int:
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    return F.pad(tensor, (0, 0, 0, rows - tensor.shape[0])) if rows > tensor.shape[0] else tensor
+    """`tensor` (a weight, or a bias) padded with zero rows to `rows` rows."""
+    if rows <= tensor.shape[0]:
+        return tensor
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, rows - tensor.shape[0]))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -55,8 +58,9 @@ class ParallelLMHead(Linear):
     """The output head, column-parallel over the padded vocabulary: each rank computes its slice of
     the logits, an all-gather puts them side by side, and the padded columns are dropped."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype, parallel: ParallelContext):
-        super().__init__(hidden_size, [padded_vocab_size(vocab_size, parallel.world_size)], False, dtype,
+    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype, parallel: ParallelContext,
+                 bias: bool = False):
+        super().__init__(hidden_size, [padded_vocab_size(vocab_size, parallel.world_size)], bias, dtype,
                          ShardStyle.COLUMN, parallel)
         self.vocab_size = vocab_size
 
@@ -83,7 +87,8 @@ def embedding(vocab_size: int, hidden_size: int, dtype: torch.dtype,
     return VocabParallelEmbedding(vocab_size, hidden_size, dtype, parallel)
 
 
-def lm_head(hidden_size: int, vocab_size: int, dtype: torch.dtype, parallel: ParallelContext = SINGLE_RANK) -> Linear:
+def lm_head(hidden_size: int, vocab_size: int, dtype: torch.dtype, parallel: ParallelContext = SINGLE_RANK,
+            bias: bool = False) -> Linear:
     if not parallel.is_parallel:
-        return Linear(hidden_size, [vocab_size], False, dtype)
-    return ParallelLMHead(hidden_size, vocab_size, dtype, parallel)
+        return Linear(hidden_size, [vocab_size], bias, dtype)
+    return ParallelLMHead(hidden_size, vocab_size, dtype, parallel, bias)

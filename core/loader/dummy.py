@@ -112,7 +112,7 @@ def build_dummy_model(model_class: Callable[..., nn.Module], config: Any, make_a
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Fill `model`'s parameters in place, on their device, from `seed` (see `build_dummy_model`)."""
-    from tokenmill.layers.norm import RMSNorm
+    from tokenmill.layers.norm import LayerNorm, RMSNorm
 
     generators: dict[torch.device, torch.Generator | None] = {}
     seen: set[int] = set()  # tied weights are filled once
@@ -123,6 +123,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             seen.add(id(param))
             if isinstance(module, RMSNorm):
                 param.fill_(1.0 - module.offset)  # a scale of one, whichever form the norm takes
+            elif isinstance(module, LayerNorm) and name == "weight":
+                param.fill_(1.0)
             elif name == "bias":
                 param.zero_()
             else:

@@ -10,27 +10,37 @@ import torch
 from tokenmill.errors import TokenmillError
 from tokenmill.interfaces import KVCacheShape
 from tokenmill.models import llama, transformers_fallback
+from tokenmill.models.gemma2 import Gemma2ForCausalLM
+from tokenmill.models.gemma3 import Gemma3ForCausalLM
+from tokenmill.models.granite import GraniteForCausalLM
 from tokenmill.models.idefics3 import Idefics3ForConditionalGeneration
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.mixtral import MixtralForCausalLM
+from tokenmill.models.phi import PhiForCausalLM
 from tokenmill.models.phi3 import Phi3ForCausalLM
 from tokenmill.models.qwen2 import Qwen2ForCausalLM
 from tokenmill.models.qwen2_moe import Qwen2MoeForCausalLM
 from tokenmill.models.qwen3 import Qwen3ForCausalLM
 from tokenmill.models.qwen3_moe import Qwen3MoeForCausalLM
+from tokenmill.models.starcoder2 import Starcoder2ForCausalLM
 from tokenmill.models.transformers_fallback import TransformersCausalLM
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 MODELS = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
     "Idefics3ForConditionalGeneration": Idefics3ForConditionalGeneration,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "PhiForCausalLM": PhiForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
 }
 
 __all__ = ["MODELS", "UnsupportedArchitectureError", "get_model_class", "kv_cache_shape", "model_implementation",

@@ -16,14 +16,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tokenmill.interfaces import (AttentionBackend, AttentionMetadata, AttentionSpec, GGMLWeight, KVCacheShape,
-                                  LayerOps, ShardStyle)
+from tokenmill.interfaces import (AttentionBackend, AttentionMetadata, AttentionSpec, KVCacheShape, LayerOps,
+                                  ShardStyle)
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.linear import Linear, row_parallel_linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
-from tokenmill.layers.vocab_parallel import embedding, lm_head
+from tokenmill.layers.vocab_parallel import embedding
 from tokenmill.models.sharding import RankShape, rank_shape
+from tokenmill.models.weights import CheckpointLoading, output_head
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 MakeAttention = Callable[[AttentionSpec], AttentionBackend]
@@ -41,7 +42,8 @@ def kv_cache_shape(config: Any, dtype: torch.dtype, parallel: ParallelContext = 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, backend: AttentionBackend, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
-                 shape: RankShape, parallel: ParallelContext = SINGLE_RANK):
+                 shape: RankShape, parallel: ParallelContext = SINGLE_RANK, o_bias: bool = False,
+                 qk_norm_offset: float = 0.0):
         super().__init__()
         self.num_heads = shape.num_heads
         self.num_kv_heads = shape.num_kv_heads
@@ -53,10 +55,10 @@ class LlamaAttention(nn.Module):
         attention_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias or attention_bias, dtype,
                                ShardStyle.COLUMN, parallel, parts)
-        self.o_proj = row_parallel_linear(q_size, config.hidden_size, attention_bias, dtype, parallel)
+        self.o_proj = row_parallel_linear(q_size, config.hidden_size, attention_bias or o_bias, dtype, parallel)
         # One norm weight of head_dim shared by every head: it applies to this rank's heads unchanged.
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, qk_norm_offset) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, qk_norm_offset) if qk_norm else None
         self.attn = Attention(backend)
         local_kv_size = self.num_kv_heads * self.head_dim
         self.split = [self.num_heads * self.head_dim, local_kv_size, local_kv_size]
@@ -107,12 +109,11 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CheckpointLoading, nn.Module):
     """Decoder-only transformer over a flat batch; `forward` returns hidden states, `compute_logits` logits."""
 
     qkv_bias = False
     qk_norm = False
-    subclass_loaded_prefixes: tuple[str, ...] = ()  # parameter prefixes a subclass loads itself (a vision tower)
 
     def __init__(self, config: Any, make_attention: MakeAttention, dtype: torch.dtype,
                  parallel: ParallelContext = SINGLE_RANK):
@@ -133,11 +134,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = lm_head(config.hidden_size, config.vocab_size, dtype, parallel)
-        if self.tie_word_embeddings:
-            # Same tensor; a backend's dense-linear method may still give the head its own packed copy.
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head, self.tie_word_embeddings = output_head(config, self.embed_tokens, dtype, parallel)
         self.to(dtype)
 
     def make_mlp(self, config: Any, layer_index: int, dtype: torch.dtype, parallel: ParallelContext) -> nn.Module:
@@ -160,60 +157,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
-
-    # Checkpoint tensors that land in a slice of a fused parameter: suffix -> (our module, shard).
-    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
-    def load_weights(self, tensors: dict[str, torch.Tensor], loaded_elsewhere: set[str] = frozenset()) -> None:
-        """Copy transformers-named tensors in, fusing q/k/v and gate/up; unknown or missing names raise.
-
-        `loaded_elsewhere` names parameters a subclass filled itself (stacked experts), not missing here;
-        parameters under `subclass_loaded_prefixes` (a vision tower) are not this method's at all."""
-        params = {k: v for k, v in self.named_parameters() if not k.startswith(self.subclass_loaded_prefixes)}
-        loaded = set(loaded_elsewhere)
-        for name, tensor in tensors.items():
-            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.tie_word_embeddings):
-                continue
-            local = name.removeprefix("model.")
-            module_path, _, kind = local.rpartition(".")
-            parent, _, leaf = module_path.rpartition(".")
-            if leaf in self.packed:
-                fused, shard = self.packed[leaf]
-                module = self.get_submodule(f"{parent}.{fused}")
-                if shard is None:  # already fused in the checkpoint
-                    module.load_fused(kind, tensor)
-                else:
-                    module.load_shard(kind, tensor, shard)
-                loaded.add(f"{parent}.{fused}.{kind}")
-            elif local in params:
-                module = self.get_submodule(module_path)
-                if self.parallel.is_parallel and hasattr(module, "load_shard"):
-                    module.load_shard(kind, tensor)  # a sharded layer keeps this rank's part
-                elif params[local].shape != tensor.shape:
-                    raise ValueError(f"{name}: expected shape {tuple(params[local].shape)}, got {tuple(tensor.shape)}")
-                else:
-                    params[local].data.copy_(tensor)
-                loaded.add(local)
-            else:
-                raise ValueError(f"unexpected tensor {name!r} for {type(self).__name__}")
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
-
-    def load_ggml_weights(self, weights: dict[str, GGMLWeight]) -> None:
-        """Give each linear layer the GGUF blocks of its (transformers-named) weight, for backends whose
-        linear method runs them; call after `load_weights`. Non-linear weights are ignored."""
-        for name, weight in weights.items():
-            if name == "model.embed_tokens.weight" and self.tie_word_embeddings:
-                self.lm_head.load_ggml_shard(weight)  # the head is the embedding: its matmuls may read the blocks
-                continue
-            module_path, _, kind = name.removeprefix("model.").rpartition(".")
-            parent, _, leaf = module_path.rpartition(".")
-            fused, shard = self.packed.get(leaf, (leaf, None))
-            module = self.get_submodule(f"{parent}.{fused}" if parent else fused)
-            if isinstance(module, Linear) and kind == "weight":
-                module.load_ggml_shard(weight, shard)
 
 
 def sliding_window_of(config: Any) -> int | None:

@@ -69,6 +69,18 @@ def _layer_plan(layer: nn.Module, eps: float) -> list[int] | None:
     return [norms[0].weight.data_ptr(), norms[1].weight.data_ptr()] + [field for plan in linears for field in plan]
 
 
+def _computes_the_llama_forward(model: nn.Module) -> bool:
+    """Whether `model` computes what decode_stack.c transcribes: `LlamaForCausalLM.forward` over full RoPE.
+
+    Other families (Gemma's scaled embeddings and extra norms, Granite's multipliers, Phi-2's parallel
+    block, LayerNorms, partial RoPE) are other classes, and a Llama subclass that overrides `forward`
+    computes something else: all of them run module by module rather than get the C step's wrong numbers.
+    Layer by layer, `_layer_plan` asks the same of the blocks.
+    """
+    return (isinstance(model, LlamaForCausalLM) and type(model).forward is LlamaForCausalLM.forward
+            and type(model.rotary) is RotaryEmbedding)
+
+
 class DecodeStack:
     """The captured decode step of one model; `supports` says which steps it takes."""
 
@@ -90,7 +102,7 @@ class DecodeStack:
         """The captured step for `model`, or None where the C path does not cover it."""
         if _decode_stack is None or not _decode_stack.available():
             return None
-        if not isinstance(model, LlamaForCausalLM) or type(model.rotary) is not RotaryEmbedding:
+        if not _computes_the_llama_forward(model):
             return None
         if model.parallel.is_parallel:
             return None  # a sharded model reduces over ranks between the matmuls; the C step has no collectives

@@ -23,21 +23,43 @@ def _prompts(count: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(4, VOCAB) for _ in range(rng.randrange(3, 60))] for _ in range(count)]
 
 
+def _tokens(outputs) -> list[int]:
+    return [t.id for o in outputs for t in o.new_tokens]
+
+
+def _staggered(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Greedy tokens of each prompt, prompt i joining the running batch at step 2 * i."""
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while step <= 2 * (len(prompts) - 1) or engine.has_unfinished():
+        if step % 2 == 0 and step // 2 < len(prompts):
+            engine.add_request(f"r{step // 2}", prompts[step // 2], params)
+            tokens[f"r{step // 2}"] = []
+        for out in engine.step():
+            tokens[out.request_id] += [t.id for t in out.new_tokens]
+        step += 1
+    return [tokens[f"r{i}"] for i in range(len(prompts))]
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_greedy_matches_transformers_alone_and_batched(family: str) -> None:
+def test_greedy_matches_transformers_alone_batched_and_staggered(family: str) -> None:
     tiny = build_tiny(family)
     engine = _engine(tiny)
     prompts = _prompts(4, seed=len(family))
     expected = [tiny.greedy(p, 20) for p in prompts]
     params = SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=True)
-    alone = [engine.generate([p], params)[0] for p in prompts]
-    together = engine.generate(prompts, params)
-    for outputs_alone, outputs_batched, reference in zip(alone, together, expected):
-        assert [t.id for o in outputs_alone for t in o.new_tokens] == reference
-        assert [t.id for o in outputs_batched for t in o.new_tokens] == reference
+    alone = [_tokens(engine.generate([p], params)[0]) for p in prompts]
+    together = [_tokens(outputs) for outputs in engine.generate(prompts, params)]
+    # A fresh cache and a small token budget: prompts are computed anew, in chunks, beside other
+    # requests' decodes and chunks.
+    staggered = _staggered(_engine(tiny, max_num_batched_tokens=24), prompts, params)
+    assert alone == expected
+    assert together == expected
+    assert staggered == expected
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+# Gemma 2's final soft cap and Granite's logits_scaling keep the argmax: logprobs are where they show.
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma2", "granite"])
 def test_logprobs_match_transformers(family: str) -> None:
     tiny = build_tiny(family)
     engine = _engine(tiny)
@@ -53,12 +75,13 @@ def test_logprobs_match_transformers(family: str) -> None:
 
 
 def test_sliding_window_is_exercised_beyond_the_window() -> None:
+    # Gemma 2/3 and StarCoder2 have 8-token windows, which every prompt above crosses as it generates.
     tiny = build_tiny("mistral")
     engine = _engine(tiny)
     prompt = _prompts(1, seed=3)[0] * 2  # longer than the 24-token window
     assert len(prompt) > 24
     outputs = engine.generate([prompt], SamplingParams(max_new_tokens=30, ignore_eos=True))[0]
-    assert [t.id for o in outputs for t in o.new_tokens] == tiny.greedy(prompt, 30)
+    assert _tokens(outputs) == tiny.greedy(prompt, 30)
 
 
 def test_unsupported_architecture_lists_the_supported_ones() -> None:

@@ -47,6 +47,8 @@ CASES: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "qwen3": ("qwen3", {}, None),
     "phi3": ("phi3", {}, None),
     "qwen2_moe": ("qwen2_moe", {}, None),  # experts, a shared expert and a dense layer, each split over the ranks
+    "gemma2": ("gemma2", {}, None),
+    "phi_padded_vocab": ("phi", {"vocab_size": 251}, None),  # the head's bias is padded and sliced too
     "llama_int8": ("llama", {}, "int8"),
     "phi3_int8": ("phi3", {}, "int8"),
 }

@@ -44,13 +44,29 @@ def test_captured_decode_steps_match_the_module_forward_bit_for_bit(family, num_
 
 @pytest.mark.parametrize("family,dtype,quantize", [("qwen2", "bfloat16", None), ("mistral", "bfloat16", None),
                                                    ("qwen3", "bfloat16", None), ("llama", "float32", None),
-                                                   ("llama", "bfloat16", "int8")])
+                                                   ("llama", "bfloat16", "int8"), ("gemma2", "bfloat16", None),
+                                                   ("gemma3", "bfloat16", None), ("granite", "bfloat16", None),
+                                                   ("starcoder2", "bfloat16", None), ("phi", "bfloat16", None)])
 def test_models_the_decode_stack_does_not_cover_run_module_by_module(family, dtype, quantize) -> None:
-    # q/k/v biases, a sliding window, q/k norms, float32, int8 weights: the C path has none of them.
+    # q/k/v biases, a sliding window, q/k norms, float32, int8 weights, and the families whose blocks are
+    # not Llama's (Gemma's, Granite's multipliers, LayerNorms, Phi-2's parallel block): the C path has none.
     engine = _engine(family, dtype, quantize)
     assert DecodeStack.build(engine.model) is None
     assert engine.runner.forward is engine.model
     assert len(engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]) == 3
+
+
+def test_a_llama_subclass_with_its_own_forward_runs_module_by_module() -> None:
+    # Granite-like: Llama's blocks and weights, but a forward the C step does not transcribe.
+    engine = _engine("llama")
+    assert DecodeStack.build(engine.model) is not None
+
+    class ScaledEmbeddings(type(engine.model)):
+        def forward(self, input_ids, positions, kv_caches, metadata):
+            return super().forward(input_ids, positions, kv_caches, metadata) * 2
+
+    engine.model.__class__ = ScaledEmbeddings
+    assert DecodeStack.build(engine.model) is None
 
 
 def test_a_verification_query_gets_the_logits_of_one_token_decodes_bit_for_bit() -> None:
