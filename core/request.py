@@ -48,10 +48,14 @@ class Request:
     # Speculative decoding (`tokenmill.speculate`): tokens guessed to follow `token_ids`, fed with the last
     # token at the next step and verified there; never part of `token_ids` until verified.
     draft_token_ids: list[int] = field(default_factory=list)
+    # The tokens transformers' first forward of this sequence covers: its prompt, or, after a longrope
+    # switch recomputed it, the whole sequence then (`tokenmill.layers.rotary`, `AttentionMetadata.rope_lengths`).
+    rope_prefill_length: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.rope_prefill_length = self.rope_prefill_length or len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,7 +21,7 @@ from tokenmill.interfaces import (AttentionBackend, AttentionMetadata, Attention
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.linear import Linear, row_parallel_linear
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import rotary_embedding
 from tokenmill.layers.vocab_parallel import embedding, lm_head
 from tokenmill.models.sharding import RankShape, rank_shape
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
@@ -129,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
+        self.rotary = rotary_embedding(config, head_dim, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = lm_head(config.hidden_size, config.vocab_size, dtype, parallel)
         if self.tie_word_embeddings:
@@ -141,8 +141,9 @@ class LlamaForCausalLM(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
         residual = None
+        rotary = self.rotary.for_step(positions, metadata)  # once per step: a scaling may depend on lengths
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, self.rotary, kv_cache, metadata)
+            hidden, residual = layer(positions, hidden, residual, rotary, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
