@@ -178,6 +178,9 @@ def rotary_embedding(config: Any, head_dim: int, dtype: torch.dtype) -> nn.Modul
         return LengthScaledRotaryEmbedding(config, params, dtype)
     if rope_type == "default":
         inv_freq, scaling = default_frequencies(head_dim, params["rope_theta"]), 1.0
+        factors = getattr(config, "rope_freq_factors", None)
+        if factors is not None:  # a GGUF's rope_freqs (Llama 3.1): llama.cpp divides each frequency by its factor
+            inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
     else:
         inv_freq, scaling = _init_function(rope_type)(config, None)
     return RotaryEmbedding(head_dim, context_length(config), inv_freq, scaling, dtype)
