@@ -33,12 +33,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # weights large enough that attention depends on positions (at 0.02, greedy tokens ignore RoPE).
     "qwen2_yarn": ("Qwen2Config", dict(initializer_range=0.2, max_position_embeddings=32, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
-    "llama_dynamic": ("LlamaConfig", dict(initializer_range=0.2, max_position_embeddings=32, rope_scaling={"rope_type": "dynamic",
-                                                                                    "factor": 4.0})),
-    "phi3_longrope": ("Phi3Config", dict(initializer_range=0.2, pad_token_id=2, sliding_window=None, max_position_embeddings=128,
-                                         original_max_position_embeddings=32, rope_scaling={
-        "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0],
-        "long_factor": [1.0, 1.5, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0]})),
+    "llama_dynamic": ("LlamaConfig", dict(initializer_range=0.2, max_position_embeddings=32, rope_scaling={
+        "rope_type": "dynamic", "factor": 4.0})),
+    "phi3_longrope": ("Phi3Config", dict(
+        initializer_range=0.2, pad_token_id=2, sliding_window=None, max_position_embeddings=128,
+        original_max_position_embeddings=32, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0],
+            "long_factor": [1.0, 1.5, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0]})),
 }
 
 

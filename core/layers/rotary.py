@@ -122,16 +122,15 @@ class LengthScaledRotaryEmbedding(nn.Module):
         self.rope_type = params["rope_type"]
         self.dtype = dtype
         self.init_function = _init_function(self.rope_type)
-        inv_freq, self.scaling = self.init_function(config, None)
-        self.register_buffer("short_inv_freq", inv_freq, persistent=False)
+        # Plain float32 tensors, not buffers: the model's `.to(dtype)` must not round the frequencies.
+        self.short_inv_freq, self.scaling = self.init_function(config, None)
         if self.rope_type == "longrope":
             # transformers' threshold and long set (computed for the first length past the threshold).
             self.threshold = longrope_switch_length(config)
-            self.register_buffer("long_inv_freq", self.init_function(config, None, seq_len=self.threshold + 1)[0],
-                                 persistent=False)
+            self.long_inv_freq = self.init_function(config, None, seq_len=self.threshold + 1)[0]
         else:  # dynamic: the base is rescaled only past max_position_embeddings
             self.threshold = int(config.max_position_embeddings)
-            self._dynamic: dict[int, torch.Tensor] = {}
+        self._dynamic: dict[int, torch.Tensor] = {}
 
     def _dynamic_frequencies(self, length: int) -> torch.Tensor:
         if length not in self._dynamic:
@@ -140,13 +139,20 @@ class LengthScaledRotaryEmbedding(nn.Module):
             self._dynamic[length] = inv_freq.to(self.short_inv_freq.device)
         return self._dynamic[length]
 
+    def _to_device(self, device: torch.device) -> None:
+        if self.short_inv_freq.device != device:
+            self.short_inv_freq = self.short_inv_freq.to(device)
+            if self.rope_type == "longrope":
+                self.long_inv_freq = self.long_inv_freq.to(device)
+            self._dynamic.clear()
+
     def for_step(self, positions: torch.Tensor, metadata: AttentionMetadata) -> _StepRotary:
         lengths = metadata.rope_lengths
         if lengths is None:
             raise ValueError(f"RoPE scaling {self.rope_type!r} needs the step's rope_lengths")
-        long = (lengths > self.threshold)[:, None]
+        self._to_device(positions.device)
         if self.rope_type == "longrope":
-            inv_freq = torch.where(long, self.long_inv_freq, self.short_inv_freq)
+            inv_freq = torch.where((lengths > self.threshold)[:, None], self.long_inv_freq, self.short_inv_freq)
         else:
             # One frequency set per distinct length past the threshold (a host read: the lengths pick them).
             distinct = sorted({n for n in lengths.tolist() if n > self.threshold})

@@ -109,7 +109,8 @@ def _rope_scaling(gguf: GGUFFile, arch: str) -> dict[str, Any]:
             "short_factor": gguf.load("rope_factors_short.weight").tolist()}}
     if "rope_freqs.weight" in gguf.tensors:
         if scaling_type != "none":
-            raise UnsupportedCheckpointError(f"{gguf.path}: rope_freqs with RoPE scaling {scaling_type!r} is not supported")
+            raise UnsupportedCheckpointError(
+                f"{gguf.path}: rope_freqs together with RoPE scaling {scaling_type!r} is not supported")
         # Llama 3.1's scaling, kept by llama.cpp only as the factor dividing each frequency.
         return {"rope_freq_factors": gguf.load("rope_freqs.weight").tolist()}
     if scaling_type == "none":
