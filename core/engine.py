@@ -586,9 +586,11 @@ class Engine:
         targets = host_to_device(torch.tensor([req.token_ids[pos] for req, pos, _ in rows]), logits.device)
         logprobs = torch.log_softmax(logits[index], dim=-1).gather(1, targets[:, None]).squeeze(1).tolist()
         for (request, position, _), logprob in zip(rows, logprobs):
+            recorded = self._states[request.request_id].prompt_logprobs
+            if len(recorded) > position:
+                continue  # a recomputed prompt (preemption, longrope switch): its logprobs are already out
             token = request.token_ids[position]
-            self._states[request.request_id].prompt_logprobs.append(
-                TokenInfo(token, logprob, self.tokenizer.decode([token])))
+            recorded.append(TokenInfo(token, logprob, self.tokenizer.decode([token])))
 
     def _process_samples(self, verification: Verification, kept: list[list[int]], logprobs: list[float] | None,
                          top_ids: list[list[int]] | None, top_lps: list[list[float]] | None) -> list[RequestOutput]:

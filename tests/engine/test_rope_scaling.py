@@ -22,9 +22,11 @@ def test_chunked_prefill_in_a_batch_matches_transformers_alone(family: str) -> N
     assert engine.prefix_caching.startswith("disabled")  # a prompt's keys depend on its length
     rng = random.Random(11)
     prompts = [[rng.randrange(4, VOCAB) for _ in range(n)] for n in (45, 26, 8)]  # past, across, short of 32
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=14, ignore_eos=True))
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=14, ignore_eos=True, prompt_logprobs=True))
     for prompt, output in zip(prompts, outputs):
         assert [t.id for o in output for t in o.new_tokens] == tiny.greedy(prompt, 14)
+        # The 26-token prompt is fed again when longrope recomputes it: its logprobs are reported once.
+        assert [t.id for o in output for t in o.prompt_logprobs or ()] == prompt
 
 
 def test_longrope_refuses_speculative_decoding() -> None:
