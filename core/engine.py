@@ -249,7 +249,7 @@ class Engine:
         """
         config = self.config
         num_tokens = max(1, min(config.max_num_batched_tokens, self.max_model_len,
-                                self.model_config.max_position_embeddings))
+                                context_length(self.model_config)))
         num_blocks = -(-num_tokens // self.layout.block_size)
         scratch = self.layout.allocate(num_blocks)
         runner = ModelRunner(self.model, self.model, scratch, list(self._attention.values()), self.layout.block_size,
