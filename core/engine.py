@@ -24,6 +24,7 @@ from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
 from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.layers.moe import experts_of, prepare_experts
+from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
@@ -38,6 +39,8 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.slots import PREFIX_CACHING_UNAVAILABLE, SlotAllocator, SlotRunner
 from tokenmill.speculate import NgramSpeculator, SpeculationStats, Verification
+
+PREFIX_CACHING_LENGTH_DEPENDENT_ROPE = "disabled (the model's RoPE scaling depends on each prompt's length)"
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ class Engine:
         model_config = self.checkpoint.config
         self.model_config = model_config
         self.text_config = text_config_of(model_config)  # the language model's (a vision-language config's text_config)
-        self.max_model_len = config.max_model_len or self.text_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or context_length(self.text_config)
 
         self.lora: LoRAAdapters | None = None  # the LoRA adapters, when `lora_adapters` names some
         self.image_encoder: ImageEncoder | None = None  # a vision-language model's, with its image processor
@@ -140,6 +143,11 @@ class Engine:
         if config.speculate < 0:
             raise ValidationError(f"--speculate must be 0 (off) or a number of draft tokens, got {config.speculate}")
         self.speculator = NgramSpeculator(config.speculate, self.max_model_len) if config.speculate else None
+        self.longrope_switch = longrope_switch_length(model_config)
+        if config.speculate and self.longrope_switch is not None:
+            # Draft rows could cross the switch before the sequence is recomputed past it.
+            raise ValidationError("--speculate is not supported with longrope RoPE scaling (Phi-3 128k); "
+                                  "start without --speculate")
         self.speculation = SpeculationStats()
         # Grammars compile on this pool, off the step loop; a request waits in `_compiling` meanwhile.
         self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.text_config.vocab_size, self.eos_token_ids)
@@ -180,7 +188,7 @@ class Engine:
     def _new_block_manager(self) -> BlockManager:
         if isinstance(self.model, SlotModel):
             return SlotAllocator(self.model)
-        return BlockManager(self.num_blocks, self.layout.block_size, self.config.enable_prefix_caching,
+        return BlockManager(self.num_blocks, self.layout.block_size, self.prefix_caching == "enabled",
                             self.layout.resident_block_limit(self.num_blocks))
 
     def _build_paged_model(self, config: EngineConfig):
@@ -189,6 +197,11 @@ class Engine:
         self.prefix_caching = "enabled" if config.enable_prefix_caching else "disabled"
         model_class = get_model_class(model_config)
         self._use_model_implementation(model_implementation(model_class))
+        if config.enable_prefix_caching and rope_depends_on_length(self.text_config):
+            # A prompt token's key is rotated for its own prompt's length: the same prefix in another
+            # prompt has other keys (`tokenmill.layers.rotary`), so blocks cannot be shared.
+            self.prefix_caching = PREFIX_CACHING_LENGTH_DEPENDENT_ROPE
+            logger.warning("prefix caching: %s", self.prefix_caching)
         self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype, self.parallel),
                                                    self.device)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
@@ -266,7 +279,7 @@ class Engine:
         """
         config = self.config
         num_tokens = max(1, min(config.max_num_batched_tokens, self.max_model_len,
-                                self.text_config.max_position_embeddings))
+                                context_length(self.text_config)))
         num_blocks = -(-num_tokens // self.layout.block_size)
         scratch = self.layout.allocate(num_blocks)
         runner = ModelRunner(self.model, self.model, scratch, list(self._attention.values()), self.layout.block_size,
@@ -511,6 +524,8 @@ class Engine:
         """Run one scheduling step; return the news of every request that has some (`last_step`: how it went)."""
         started = time.monotonic()
         outputs = self._admit_compiled() if self._compiling else []
+        if self.longrope_switch is not None:
+            self._recompute_past_longrope_switch()
         plan = self.scheduler.schedule()
         outputs += [self._fail(request) for request in plan.failed]
         if plan.is_empty:
@@ -569,6 +584,18 @@ class Engine:
         return StepStats(**counts, schedule_s=scheduled - started, forward_s=forwarded - scheduled,
                          filter_s=filtered - forwarded, decode_s=done - filtered, total_s=done - started)
 
+    def _recompute_past_longrope_switch(self) -> None:
+        """transformers' Phi-3 drops a sequence's cache when it first grows past the longrope switch and
+        recomputes it all in one forward, with the long factors (`Phi3ForCausalLM.prepare_inputs_for_generation`):
+        a sequence whose cache was computed with the short ones is recomputed from its first token, as a
+        prefill of the whole sequence (its blocks kept, to be overwritten)."""
+        switch = self.longrope_switch
+        for request in self.scheduler.running:
+            if (0 < request.num_computed_tokens <= switch < request.num_tokens
+                    and request.rope_prefill_length <= switch):
+                request.rope_prefill_length = request.num_tokens
+                request.num_computed_tokens = 0
+
     def _sequence_steps(self, plan: SchedulerOutput) -> tuple[list[SequenceStep], list[int]]:
         steps, sampling = [], []
         for index, item in enumerate(plan.scheduled):
@@ -582,7 +609,7 @@ class Engine:
                 images = self._states[request.request_id].images
                 embeddings = self.image_encoder.step_embeddings(request, images, start, n)
             steps.append(SequenceStep(request.pending_token_ids(start, n), start, request.block_ids, num_logits,
-                                      request.adapter, embeddings))
+                                      request.adapter, embeddings, rope_prefill_length=request.rope_prefill_length))
             if samples:
                 sampling.append(index)
         return steps, sampling
@@ -611,9 +638,11 @@ class Engine:
         targets = host_to_device(torch.tensor([req.token_ids[pos] for req, pos, _ in rows]), logits.device)
         logprobs = torch.log_softmax(logits[index], dim=-1).gather(1, targets[:, None]).squeeze(1).tolist()
         for (request, position, _), logprob in zip(rows, logprobs):
+            recorded = self._states[request.request_id].prompt_logprobs
+            if len(recorded) > position:
+                continue  # a recomputed prompt (preemption, longrope switch): its logprobs are already out
             token = request.token_ids[position]
-            self._states[request.request_id].prompt_logprobs.append(
-                TokenInfo(token, logprob, self.tokenizer.decode([token])))
+            recorded.append(TokenInfo(token, logprob, self.tokenizer.decode([token])))
 
     def _process_samples(self, verification: Verification, kept: list[list[int]], logprobs: list[float] | None,
                          top_ids: list[list[int]] | None, top_lps: list[list[float]] | None) -> list[RequestOutput]:

@@ -172,6 +172,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) int64, cache slot (block * block_size + offset) per token
     max_query_len: int  # host-side copies, so kernels need no device sync
     max_seq_len: int
+    # (num_tokens,) int64: per token, the sequence length its RoPE frequencies are computed for,
+    # max(prompt length, position + 1) (`Request.rope_prefill_length`), read by length-dependent scalings
+    # (`tokenmill.layers.rotary`); 1 for padding.
+    rope_lengths: torch.Tensor | None = None
     # What `AttentionBackend.prepare` computed for this step, under keys of the backend's choosing
     # (layers with different specs share one metadata object).
     backend_data: dict[Any, Any] = field(default_factory=dict)

@@ -65,6 +65,7 @@ class SequenceStep:
     num_logits: int  # trailing positions that need logits: 1 to sample, more for prompt logprobs, 0 mid-prefill
     adapter: int = 0  # the LoRA adapter's slot (`tokenmill.lora`); 0: the base model
     embeddings: StepEmbeddings | None = None  # image rows for some of token_ids; None: token embeddings only
+    rope_prefill_length: int = 0  # `Request.rope_prefill_length`, for length-dependent RoPE (`rope_lengths`)
 
 
 @dataclass
@@ -173,6 +174,8 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
     for row, s in enumerate(steps):
         block_tables[row, : len(s.block_table)] = s.block_table
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    prefill_lens = np.fromiter((s.rope_prefill_length for s in steps), dtype=np.int64, count=len(steps))
+    rope_lengths = np.maximum(prefill_lens[seq_of_token], positions + 1)  # see AttentionMetadata.rope_lengths
 
     seq_lens = starts + query_lens
     num_logits = np.fromiter((s.num_logits for s in steps), dtype=np.int64, count=len(steps))
@@ -181,7 +184,7 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
     ) if num_logits.any() else np.zeros(0, dtype=np.int64)
     if padding is not None:
         inputs = _padded_inputs(padding, token_ids, positions, cu_query, seq_lens, block_tables, slot_mapping,
-                                logits_indices, int(query_lens.max()) == 1, device)
+                                logits_indices, int(query_lens.max()) == 1, device, rope_lengths)
         inputs.lora = _lora_batch(steps, query_lens, inputs.input_ids.shape[0], device)
         return inputs
 
@@ -192,6 +195,7 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         slot_mapping=host_to_device(slot_mapping, device),
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
+        rope_lengths=host_to_device(rope_lengths, device),
     )
     return StepInputs(
         input_ids=host_to_device(token_ids, device),
@@ -216,7 +220,8 @@ def _lora_batch(steps: Sequence[SequenceStep], query_lens: np.ndarray, num_token
 
 def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.ndarray, cu_query: np.ndarray,
                    seq_lens: np.ndarray, block_tables: np.ndarray, slot_mapping: np.ndarray,
-                   logits_indices: np.ndarray, is_decode: bool, device: torch.device) -> StepInputs:
+                   logits_indices: np.ndarray, is_decode: bool, device: torch.device,
+                   rope_lengths: np.ndarray) -> StepInputs:
     """The step's unpadded host arrays, padded to its `StepShape` (see `StepPadding`) and sent over."""
     num_tokens, num_seqs, num_logits = len(token_ids), len(seq_lens), len(logits_indices)
     width = block_tables.shape[1]
@@ -236,6 +241,7 @@ def _padded_inputs(padding: StepPadding, token_ids: np.ndarray, positions: np.nd
         slot_mapping=host_to_device(pad(slot_mapping, shape.num_tokens, -1), device),
         max_query_len=1 if is_decode else shape.num_tokens,
         max_seq_len=padding.max_seq_len_of(shape.blocks_per_seq),
+        rope_lengths=host_to_device(pad(rope_lengths, shape.num_tokens, 1), device),
     )
     return StepInputs(
         input_ids=host_to_device(pad(token_ids, shape.num_tokens, 0), device),

@@ -54,11 +54,15 @@ class Request:
     # cache blocks that hold their tokens.
     images: tuple[ImageSpan, ...] = ()
     image_keys: tuple[tuple[int, bytes], ...] = field(init=False, default=())
+    # The tokens transformers' first forward of this sequence covers: its prompt, or, after a longrope
+    # switch recomputed it, the whole sequence then (`tokenmill.layers.rotary`, `AttentionMetadata.rope_lengths`).
+    rope_prefill_length: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         self.image_keys = image_block_keys(self.images)
+        self.rope_prefill_length = self.rope_prefill_length or len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

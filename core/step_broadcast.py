@@ -1,7 +1,8 @@
 """Rank 0's message to the other ranks each step, and the two ways it travels.
 
 A message is one int64 array: a header ``[kind, num_seqs, num_tokens, num_table_entries]``, then per
-sequence its query length, start position, logit count, block-table length and LoRA adapter slot, then
+sequence its query length, start position, logit count, block-table length, LoRA adapter slot and RoPE
+prefill length, then
 every token and every block-table entry. `STEP` carries the scheduler's `SequenceStep`s, from which each rank builds
 the very `StepInputs` rank 0 builds (`build_step_inputs` is deterministic); `STOP` ends the workers'
 loop. Sending the steps rather than the built tensors keeps one builder of model inputs, and lets
@@ -29,7 +30,7 @@ from tokenmill.model_runner import SequenceStep
 
 STEP, STOP = 1, 2
 HEADER = 4
-COLUMNS = 5  # ints per sequence
+COLUMNS = 6  # ints per sequence
 
 
 def encode_steps(steps: Sequence[SequenceStep]) -> np.ndarray:
@@ -45,6 +46,7 @@ def encode_steps(steps: Sequence[SequenceStep]) -> np.ndarray:
     columns[2] = np.fromiter((s.num_logits for s in steps), dtype=np.int64, count=n)
     columns[3] = table_lens
     columns[4] = np.fromiter((s.adapter for s in steps), dtype=np.int64, count=n)
+    columns[5] = np.fromiter((s.rope_prefill_length for s in steps), dtype=np.int64, count=n)
     body = HEADER + COLUMNS * n
     message[body : body + num_tokens] = np.fromiter((t for s in steps for t in s.token_ids), dtype=np.int64,
                                                     count=num_tokens)
@@ -55,14 +57,15 @@ def encode_steps(steps: Sequence[SequenceStep]) -> np.ndarray:
 
 def decode_steps(message: np.ndarray) -> list[SequenceStep]:
     n, num_tokens = int(message[1]), int(message[2])
-    query_lens, starts, num_logits, table_lens, adapters = message[HEADER : HEADER + COLUMNS * n].reshape(
-        COLUMNS, n).tolist()
+    columns = message[HEADER : HEADER + COLUMNS * n].reshape(COLUMNS, n).tolist()
+    query_lens, starts, num_logits, table_lens, adapters, prompt_lens = columns
     body = HEADER + COLUMNS * n
     tokens = message[body : body + num_tokens].tolist()
     tables = message[body + num_tokens :].tolist()
     steps, t, b = [], 0, 0
-    for q, start, logits, length, adapter in zip(query_lens, starts, num_logits, table_lens, adapters):
-        steps.append(SequenceStep(tokens[t : t + q], start, tables[b : b + length], logits, adapter))
+    for q, start, logits, length, adapter, prompt in zip(query_lens, starts, num_logits, table_lens, adapters,
+                                                         prompt_lens):
+        steps.append(SequenceStep(tokens[t : t + q], start, tables[b : b + length], logits, adapter, rope_prefill_length=prompt))
         t, b = t + q, b + length
     return steps
 

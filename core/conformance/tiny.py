@@ -50,6 +50,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                       logits_scaling=8.0, attention_bias=True, mlp_bias=True)),
     "starcoder2": ("Starcoder2Config", dict(sliding_window=8, tie_word_embeddings=True)),
     "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),
+    # RoPE scalings, with contexts short enough that the tests' prompts and continuations cross them, and
+    # weights large enough that attention depends on positions (at 0.02, greedy tokens ignore RoPE).
+    "qwen2_yarn": ("Qwen2Config", dict(initializer_range=0.2, max_position_embeddings=32, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama_dynamic": ("LlamaConfig", dict(initializer_range=0.2, max_position_embeddings=32, rope_scaling={
+        "rope_type": "dynamic", "factor": 4.0})),
+    "phi3_longrope": ("Phi3Config", dict(
+        initializer_range=0.2, pad_token_id=2, sliding_window=None, max_position_embeddings=128,
+        original_max_position_embeddings=32, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0],
+            "long_factor": [1.0, 1.5, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0]})),
 }
 
 # Architectures whose name is not the config's with "ForCausalLM" for "Config".
@@ -100,7 +111,10 @@ class TinyModel:
         return Checkpoint(self.config, tensors, tiny_tokenizer(), f"tiny-{self.name}", "safetensors", (1,))
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        """transformers' greedy continuation, never stopping early."""
+        """transformers' greedy continuation, never stopping early, as if the model were fresh."""
+        # transformers' dynamic RoPE keeps the longest length it has seen and resets on a sequence
+        # shorter than the model's context: one short forward gives this prompt a fresh start.
+        self.reference(torch.tensor([[0]]))
         out = self.reference.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens)
         return out[0, len(prompt):].tolist()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.interfaces import AttentionMetadata
 
 
 def rotary_dim_of(head_dim: int, params: dict[str, Any], config: Any) -> int:
@@ -18,15 +18,23 @@ def rotary_dim_of(head_dim: int, params: dict[str, Any], config: Any) -> int:
 
 
 class PartialRotaryEmbedding(nn.Module):
-    """Rotates each head's first `rotary_dim` features (with frequencies of a `rotary_dim`-wide RoPE) and
-    passes the rest through; called as a `RotaryEmbedding` is."""
+    """Rotates each head's first `rotary_dim` features with `rotary` (a `rotary_dim`-wide RoPE,
+    `tokenmill.layers.rotary.rotary_embedding`) and passes the rest through; used as that RoPE is."""
 
-    def __init__(self, rotary_dim: int, max_positions: int, params: dict[str, Any], dtype: torch.dtype):
+    def __init__(self, rotary_dim: int, rotary: nn.Module):
         super().__init__()
         self.rotary_dim = rotary_dim
-        self.rotary = RotaryEmbedding(rotary_dim, max_positions, params, dtype)
+        self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+    def for_step(self, positions: torch.Tensor, metadata: AttentionMetadata) -> _PartialStep:
+        return _PartialStep(self.rotary_dim, self.rotary.for_step(positions, metadata))
+
+
+class _PartialStep:
+    def __init__(self, rotary_dim: int, rotary):
+        self.rotary_dim, self.rotary = rotary_dim, rotary
+
+    def __call__(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         d = self.rotary_dim
         # Copies: the backend's rotary may work in place and expects whole rows.
         query_rot, key_rot = self.rotary(positions, query[..., :d].contiguous(), key[..., :d].contiguous())

@@ -19,6 +19,7 @@ ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
 }
 
 # llama.cpp tensor names -> transformers parameter names (per layer after the `blk.N.` prefix).
@@ -35,6 +36,8 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# llama.cpp's phi3 keeps Phi-3's fused projections: attn_qkv, and ffn_up holding gate and up.
+_PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -87,7 +90,41 @@ def config_from_gguf(gguf: GGUFFile) -> Any:
         kwargs["head_dim"] = head_dim
     if arch == "qwen2":
         kwargs["use_sliding_window"] = False
+    if arch == "phi3":
+        kwargs["sliding_window"] = key("attention.sliding_window")
+    kwargs.update(_rope_scaling(gguf, arch))
     return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _rope_scaling(gguf: GGUFFile, arch: str) -> dict[str, Any]:
+    """Config fields for the RoPE scaling the GGUF carries, as llama.cpp's convert script writes it:
+    metadata for linear and yarn, per-frequency tensors for Llama 3.1 (rope_freqs) and longrope."""
+    f = gguf.fields
+    scaling_type = f.get(f"{arch}.rope.scaling.type", "none")
+    original = f.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_factors_long.weight" in gguf.tensors:
+        return {"original_max_position_embeddings": original, "rope_scaling": {
+            "rope_type": "longrope", "original_max_position_embeddings": original,
+            "long_factor": gguf.load("rope_factors_long.weight").tolist(),
+            "short_factor": gguf.load("rope_factors_short.weight").tolist()}}
+    if "rope_freqs.weight" in gguf.tensors:
+        if scaling_type != "none":
+            raise UnsupportedCheckpointError(
+                f"{gguf.path}: rope_freqs together with RoPE scaling {scaling_type!r} is not supported")
+        # Llama 3.1's scaling, kept by llama.cpp only as the factor dividing each frequency.
+        return {"rope_freq_factors": gguf.load("rope_freqs.weight").tolist()}
+    if scaling_type == "none":
+        return {}
+    if scaling_type not in ("linear", "yarn"):
+        raise UnsupportedCheckpointError(f"{gguf.path}: RoPE scaling {scaling_type!r} is not supported; "
+                                         "supported: none, linear, yarn, rope_freqs, longrope")
+    scaling = {"rope_type": scaling_type, "factor": float(f[f"{arch}.rope.scaling.factor"])}
+    if scaling_type == "yarn":
+        scaling["original_max_position_embeddings"] = original
+        for name in ("beta_fast", "beta_slow"):
+            if f"{arch}.rope.scaling.yarn_{name}" in f:
+                scaling[name] = float(f[f"{arch}.rope.scaling.yarn_{name}"])
+    return {"rope_scaling": scaling}
 
 
 def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -96,13 +133,18 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
+# Read into the config by `config_from_gguf`, not weights.
+_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _PHI3_NAMES if arch == "phi3" else _LAYER_NAMES
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
+    if match and match.group(2) in names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{names[part]}.{kind}"
     return None
 
 
@@ -118,14 +160,10 @@ def tensors_from_gguf(
     arch = gguf_architecture(gguf)
     tensors, ggml_weights = {}, {}
     for name in gguf.tensors:
-        target = hf_name(name)
+        if name in _ROPE_TENSORS:
+            continue
+        target = hf_name(name, arch)
         if target is None:
-            if name.startswith("rope_freqs"):
-                # llama.cpp keeps Llama 3.1's RoPE scaling only as per-frequency factors; without them the
-                # model would run with the wrong rotary frequencies, so refuse rather than drift.
-                raise UnsupportedCheckpointError(
-                    f"{gguf.path}: GGUF files with rope_freqs (Llama 3.1+ RoPE scaling) are not supported yet; "
-                    "load the model's Hugging Face folder instead")
             raise UnsupportedCheckpointError(f"{gguf.path}: unexpected tensor {name!r}")
         info = gguf.tensors[name]
         raw = gguf.raw(name)

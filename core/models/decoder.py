@@ -60,8 +60,10 @@ class DecoderModel(CheckpointLoading, nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed(input_ids)  # (T, hidden)
         residual = None
+        # Each RoPE once per step: a scaling may depend on the sequences' lengths (`tokenmill.layers.rotary`).
+        step_rotary = {id(r): r.for_step(positions, metadata) for r in self.layer_rotary}
         for layer, rotary, kv_cache in zip(self.layers, self.layer_rotary, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, rotary, kv_cache, metadata)
+            hidden, residual = layer(positions, hidden, residual, step_rotary[id(rotary)], kv_cache, metadata)
         hidden, _ = getattr(self, self.final_norm)(hidden, residual)
         return hidden
 

@@ -18,7 +18,7 @@ from tokenmill.errors import ValidationError
 from tokenmill.interfaces import AttentionBackend, AttentionSpec
 from tokenmill.layers.mlp import GatedMLP
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import rotary_embedding
 from tokenmill.layers.softcap import soft_cap
 from tokenmill.models.decoder import DecoderModel, input_norm
 from tokenmill.models.llama import LlamaAttention, MakeAttention
@@ -79,9 +79,9 @@ class Gemma2ForCausalLM(DecoderModel):
         self.build_head(dtype)
 
     def rotary_embeddings(self, config: Any, layer_types: list[str], dtype: torch.dtype
-                          ) -> dict[str, RotaryEmbedding]:
+                          ) -> dict[str, nn.Module]:
         """The RoPE of each layer type: one for all."""
-        rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
+        rotary = rotary_embedding(config, self.head_dim, dtype)
         return {kind: rotary for kind in layer_types}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,12 @@ and two RoPEs: the sliding layers' local one (`rope_local_base_freq`, unscaled) 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import nn
 
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import rotary_embedding
 from tokenmill.models.gemma2 import Gemma2ForCausalLM
 
 
@@ -21,9 +21,6 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     attention_soft_cap = False
 
     def rotary_embeddings(self, config: Any, layer_types: list[str], dtype: torch.dtype
-                          ) -> dict[str, RotaryEmbedding]:
+                          ) -> dict[str, nn.Module]:
         """One RoPE per layer type, from transformers 5's `rope_parameters` keyed by layer type."""
-        return {kind: RotaryEmbedding(self.head_dim, config.max_position_embeddings,
-                                      rope_parameters(SimpleNamespace(rope_parameters=config.rope_parameters[kind])),
-                                      dtype)
-                for kind in layer_types}
+        return {kind: rotary_embedding(config, self.head_dim, dtype, layer_type=kind) for kind in layer_types}

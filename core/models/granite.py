@@ -14,7 +14,7 @@ from torch import nn
 from tokenmill.interfaces import AttentionBackend, AttentionSpec
 from tokenmill.layers.mlp import GatedMLP
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import rotary_embedding
 from tokenmill.models.decoder import DecoderModel, input_norm
 from tokenmill.models.llama import LlamaAttention, MakeAttention
 from tokenmill.models.sharding import RankShape
@@ -51,7 +51,7 @@ class GraniteForCausalLM(DecoderModel):
         self.layers = nn.ModuleList(GraniteDecoderLayer(config, backend, dtype, shape, parallel)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
+        self.rotary = rotary_embedding(config, head_dim, dtype)
         self.layer_rotary = [self.rotary] * config.num_hidden_layers
         self.build_head(dtype)
 

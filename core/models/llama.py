@@ -21,7 +21,7 @@ from tokenmill.interfaces import (AttentionBackend, AttentionMetadata, Attention
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.linear import Linear, row_parallel_linear
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import rotary_embedding
 from tokenmill.layers.vocab_parallel import embedding
 from tokenmill.models.sharding import RankShape, rank_shape
 from tokenmill.models.weights import CheckpointLoading, output_head
@@ -133,7 +133,7 @@ class LlamaForCausalLM(CheckpointLoading, nn.Module):
             for index in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
+        self.rotary = rotary_embedding(config, head_dim, dtype)
         self.lm_head, self.tie_word_embeddings = output_head(config, self.embed_tokens, dtype, parallel)
         self.to(dtype)
 
@@ -150,8 +150,9 @@ class LlamaForCausalLM(CheckpointLoading, nn.Module):
             rows, embeddings = input_embeddings
             hidden = hidden.index_copy(0, rows, embeddings.to(hidden.dtype))
         residual = None
+        rotary = self.rotary.for_step(positions, metadata)  # once per step: a scaling may depend on lengths
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, self.rotary, kv_cache, metadata)
+            hidden, residual = layer(positions, hidden, residual, rotary, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

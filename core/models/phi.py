@@ -15,7 +15,7 @@ from tokenmill.interfaces import AttentionBackend, AttentionSpec
 from tokenmill.layers.mlp import MLP
 from tokenmill.layers.norm import LayerNorm
 from tokenmill.layers.partial_rotary import PartialRotaryEmbedding, rotary_dim_of
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import rope_parameters, rotary_embedding
 from tokenmill.models.decoder import DecoderModel, input_norm
 from tokenmill.models.llama import LlamaAttention, MakeAttention
 from tokenmill.models.sharding import RankShape
@@ -55,8 +55,7 @@ class PhiForCausalLM(DecoderModel):
         self.final_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         params = rope_parameters(config)
         rotary_dim = rotary_dim_of(head_dim, params, config)
-        self.rotary = (RotaryEmbedding(head_dim, config.max_position_embeddings, params, dtype)
-                       if rotary_dim == head_dim else
-                       PartialRotaryEmbedding(rotary_dim, config.max_position_embeddings, params, dtype))
+        self.rotary = (rotary_embedding(config, head_dim, dtype) if rotary_dim == head_dim else
+                       PartialRotaryEmbedding(rotary_dim, rotary_embedding(config, rotary_dim, dtype)))
         self.layer_rotary = [self.rotary] * config.num_hidden_layers
         self.build_head(dtype, bias=True)

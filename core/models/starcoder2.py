@@ -13,7 +13,7 @@ from torch import nn
 from tokenmill.interfaces import AttentionBackend, AttentionSpec
 from tokenmill.layers.mlp import MLP
 from tokenmill.layers.norm import LayerNorm
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import rotary_embedding
 from tokenmill.models.decoder import DecoderModel, input_norm
 from tokenmill.models.llama import LlamaAttention, MakeAttention, sliding_window_of
 from tokenmill.models.sharding import RankShape
@@ -50,6 +50,6 @@ class Starcoder2ForCausalLM(DecoderModel):
         self.layers = nn.ModuleList(Starcoder2DecoderLayer(config, backend, dtype, shape, parallel)
                                     for _ in range(config.num_hidden_layers))
         self.norm = LayerNorm(config.hidden_size, config.norm_epsilon)
-        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config), dtype)
+        self.rotary = rotary_embedding(config, head_dim, dtype)
         self.layer_rotary = [self.rotary] * config.num_hidden_layers
         self.build_head(dtype)

@@ -9,9 +9,11 @@ plain decodes, and speculative decoding's verification (a sequence's last token 
 query token a row of its own whose context ends at its position (`row_contexts`), as the module path's
 attention does for such queries. Every kernel computes a row alone, the same whatever the batch, so a
 draft token's logits are those a one-token decode at its position gets: greedy output is the same with
-and without `--speculate`. Longer prefill chunks, and models or configurations it does not cover
-(biases, q/k norms, sliding windows, mixture-of-experts layers, other linear methods), run module by
-module as before: `_layer_plan` takes a layer only if its MLP is exactly `LlamaMLP`. So do steps
+and without `--speculate`. Its RoPE reads the model's cos/sin table, so every scaling baked into that
+table (linear, llama3, yarn with its attention factor, a GGUF's rope_freqs) runs here as in the modules.
+Longer prefill chunks, and models or configurations it does not cover (biases, q/k norms, sliding
+windows, mixture-of-experts layers, other linear methods, RoPE computed per step: dynamic NTK, longrope),
+run module by module: `_layer_plan` takes a layer only if its MLP is exactly `LlamaMLP`. So do steps
 in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a server with
 adapters still take the C path.
 """

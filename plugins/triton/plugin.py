@@ -101,6 +101,7 @@ class TritonGpuPlugin:
     def tokenmill_compile_model(self, model: torch.nn.Module, capture_sizes: tuple[int, ...] | None) -> Any:
         if not self._graphs or self._interpreting or capture_sizes == () or not graph_capturable(model):
             return model  # graphs off, or experts run by a method that syncs with the host: eager
+        from tokenmill.layers.rotary import context_length, rope_depends_on_length
         from tokenmill.plugins.triton.attention import TritonPagedAttention
         from tokenmill.plugins.triton.graphs import DEFAULT_CAPTURE_SIZES, DecodeGraphs, TorchGraphCapture
 
@@ -108,5 +109,7 @@ class TritonGpuPlugin:
                                                                           TritonPagedAttention)), None)
         if attention is None:
             return model  # a model whose attention is not ours (an executor-owned model): eager
+        if rope_depends_on_length(model.config):
+            return model  # its rotation is computed per step from host-read lengths: not capturable
         return DecodeGraphs(model, TorchGraphCapture(self._runtime().module), capture_sizes or DEFAULT_CAPTURE_SIZES,
-                            attention.block_size, model.config.max_position_embeddings)
+                            attention.block_size, context_length(model.config))

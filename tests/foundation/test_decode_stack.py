@@ -46,10 +46,12 @@ def test_captured_decode_steps_match_the_module_forward_bit_for_bit(family, num_
                                                    ("qwen3", "bfloat16", None), ("llama", "float32", None),
                                                    ("llama", "bfloat16", "int8"), ("gemma2", "bfloat16", None),
                                                    ("gemma3", "bfloat16", None), ("granite", "bfloat16", None),
-                                                   ("starcoder2", "bfloat16", None), ("phi", "bfloat16", None)])
+                                                   ("starcoder2", "bfloat16", None), ("phi", "bfloat16", None),
+                                                   ("llama_dynamic", "bfloat16", None), ("phi3_longrope", "bfloat16", None)])
 def test_models_the_decode_stack_does_not_cover_run_module_by_module(family, dtype, quantize) -> None:
-    # q/k/v biases, a sliding window, q/k norms, float32, int8 weights, and the families whose blocks are
-    # not Llama's (Gemma's, Granite's multipliers, LayerNorms, Phi-2's parallel block): the C path has none.
+    # q/k/v biases, a sliding window, q/k norms, float32, int8 weights, RoPE computed per step (dynamic,
+    # longrope), and the families whose blocks are not Llama's (Gemma's, Granite's multipliers, LayerNorms,
+    # Phi-2's parallel block): the C path has none of them.
     engine = _engine(family, dtype, quantize)
     assert DecodeStack.build(engine.model) is None
     assert engine.runner.forward is engine.model
