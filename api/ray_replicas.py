@@ -178,7 +178,7 @@ class RayReplicaPool:
         except RayError as exc:
             if self._actors.pop(address, None) is not None:  # not retired: it died
                 logger.warning("model server %s is gone: %s", address, exc)
-                await self.router.remove_replica(address, "lost")
+                await self.router.remove_replica(address, "lost", f"its Ray actor died ({_why(exc)})")
         self._forget(actor)
 
     async def _retire(self, address: str) -> None:
@@ -194,3 +194,9 @@ class RayReplicaPool:
         with contextlib.suppress(RayError):
             ray.kill(actor)
         self._all.discard(actor)
+
+
+def _why(exc: BaseException) -> str:
+    """The line of Ray's death notice (a dozen lines) that says why, e.g. that the actor's node died."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "because" in line), lines[0] if lines else type(exc).__name__)

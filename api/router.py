@@ -63,6 +63,7 @@ class Replica:
     num_failures: int = 0
     slow_probes: int = 0  # health probes in a row that got no answer before their deadline
     draining: bool = False  # on its way out of the set: no new requests, in-flight ones finish
+    lost: str | None = None  # why it left the set dead: its calls were cancelled and fail with this
     tasks: set = field(default_factory=set)
 
 
@@ -155,14 +156,18 @@ class ReplicaRouter:
         while replica.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
 
-    async def remove_replica(self, address: str, why: str) -> None:
-        """`address` leaves the set: "removed" after a drain, "lost" when it died (its streams have failed)."""
+    async def remove_replica(self, address: str, why: str, cause: str | None = None) -> None:
+        """`address` leaves the set: "removed" after a drain, or "lost" when something outside the router
+        (Ray) saw it die, for `cause`. A lost replica's streams fail now with `cause`: a machine that is gone
+        may never close its connections, and its streams would wait for tokens that never come."""
         replica = self._find(address)
         self.replicas.remove(replica)
         self.affinity.forget(address)
         self.changes[why] += 1
         logger.info("model server %s %s (%d left in the set)", address, why, len(self.replicas))
-        await replica.channel.close()
+        if why == "lost":
+            replica.lost = cause or "it died"
+        await replica.channel.close()  # cancels the calls still open on it
 
     def _find(self, address: str) -> Replica:
         return next(r for r in self.replicas if r.address == address)
@@ -256,6 +261,15 @@ class ReplicaRouter:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and not started:
                 raise _Unreached(error) from exc
             raise error from exc
+        except asyncio.CancelledError:
+            # Either this request's task was cancelled (the client left), or the call was, by the replica
+            # leaving the set dead (remove_replica): only the latter is the replica's failure.
+            if replica.lost is None or asyncio.current_task().cancelling():
+                raise
+            replica.num_failures += 1
+            error = GenerationError(f"Request failed during generation: model server {replica.address} failed: "
+                                    f"{replica.lost}")
+            raise (error if started else _Unreached(error)) from None
         finally:
             replica.in_flight -= 1
             if not finished and not call.done():

@@ -1,15 +1,10 @@
-"""The replica set's autoscaling policy, tick by tick, and the router's set as it grows and shrinks, in
-/metrics and on the dashboard (no Ray here: tests/ray runs the whole on a Ray cluster)."""
+"""The replica set's autoscaling policy, tick by tick (tests/ray runs it on a Ray cluster)."""
 
 from __future__ import annotations
-
-import asyncio
 
 import pytest
 
 from tokenmill.api.autoscale import Autoscaler, ScalingPolicy, SetState
-from tokenmill.api.metrics import Metrics
-from tokenmill.api.router import ReplicaRouter
 
 
 def test_a_queue_adds_one_replica_at_a_time_up_to_the_maximum() -> None:
@@ -50,36 +45,3 @@ def test_a_set_below_its_minimum_refills_whatever_the_queue() -> None:
 def test_a_bad_policy_is_refused_naming_the_flag(fields, message) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ScalingPolicy(**fields)
-
-
-def test_replicas_joining_and_leaving_show_in_metrics() -> None:
-    async def scenario() -> tuple[str, str]:
-        router = ReplicaRouter([], replicas_come_later=True)
-        metrics = Metrics()
-        router.add_replica("127.0.0.1:1")
-        router.add_replica("127.0.0.1:2")
-        metrics.observe_replicas(router)
-        two = metrics.render().decode()
-        await router.drain("127.0.0.1:2", timeout_s=1)  # nothing in flight: returns at once
-        assert router._find("127.0.0.1:2").draining
-        with pytest.raises(Exception, match="no healthy model server"):
-            router.pick()  # neither is healthy yet (no probe answered), and a draining one takes nothing
-        await router.remove_replica("127.0.0.1:2", "removed")
-        await router.remove_replica("127.0.0.1:1", "lost")
-        metrics.observe_replicas(router)
-        router.add_replica("127.0.0.1:3")
-        metrics.observe_replicas(router)
-        after = metrics.render().decode()
-        await router.stop()
-        return two, after
-
-    two, after = asyncio.run(scenario())
-    assert "tokenmill_replicas 2.0" in two
-    assert 'tokenmill_replica_healthy{replica="127.0.0.1:2"} 0.0' in two
-    assert 'tokenmill_replica_changes_total{change="added"} 2.0' in two
-    assert "tokenmill_replicas 1.0" in after
-    assert 'tokenmill_replica_changes_total{change="added"} 3.0' in after
-    assert 'tokenmill_replica_changes_total{change="removed"} 1.0' in after
-    assert 'tokenmill_replica_changes_total{change="lost"} 1.0' in after
-    assert 'replica="127.0.0.1:1"' not in after and 'replica="127.0.0.1:2"' not in after
-    assert 'tokenmill_replica_healthy{replica="127.0.0.1:3"} 0.0' in after

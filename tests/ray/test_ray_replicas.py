@@ -157,7 +157,7 @@ def test_removing_a_node_fails_only_its_replicas_requests(cluster, tiny_folder, 
         time.sleep(1.5)  # the dashboard's next sample counts every stream
         in_flight = {r["address"]: r["in_flight"] for r in replicas(url)}
         assert sorted(in_flight.values()) != [0, 6] and sum(in_flight.values()) == 6, in_flight  # both serve
-        ray_cluster.remove_node(worker)
+        ray_cluster.remove_node(worker, allow_graceful=False)  # as a machine that dies: no goodbye
         for t in threads:
             t.join()
 
