@@ -294,10 +294,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = _engine_config(args)
         # The router keeps the hub id (the model's public name); the tokenizer read under that id is the
-        # snapshot fetched here. Fronting running model servers, it fetches nothing (nor on Ray: each
-        # replica fetches on its own node).
-        fronting = servers or args.ray
-        loaded = _fetch_hub_model(args, config) if not fronting or config.node_rank > 0 else config
+        # snapshot fetched here. Fronting running model servers, it fetches nothing. On Ray it fetches as
+        # well: the replicas report the snapshot's path for the tokenizer, and load the commit fetched here.
+        loaded = _fetch_hub_model(args, config) if not servers or config.node_rank > 0 else config
         ray_options = _ray_options(args, config) if args.ray else {}
     except (TokenmillError, ValueError) as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
@@ -307,7 +306,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model_server_args = _model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
                                                     if args.otlp_endpoint else ())
     launched = None
-    if not fronting:  # start the child first: its start-up then overlaps the router's imports below
+    if not servers and not args.ray:  # start the child first: its start-up then overlaps the router's imports below
         from tokenmill.api.launch import start_model_server
 
         launched = start_model_server(model_server_args)
@@ -355,10 +354,16 @@ def _ray_options(args: argparse.Namespace, config: "EngineConfig") -> dict:
     except Exception as exc:  # not only ImportError: amdsmi without ROCm's library makes `import ray` raise KeyError
         raise ValueError(f"--ray needs Ray, which cannot be imported here ({type(exc).__name__}: {exc}); install it "
                          "with: pip install 'tokenmill[ray]'") from exc
-    policy = ScalingPolicy(args.min_replicas, max(args.min_replicas, args.max_replicas or 0),
+    policy = ScalingPolicy(args.min_replicas, args.min_replicas if args.max_replicas is None else args.max_replicas,
                            args.scale_up_queue, args.scale_down_delay)
     if args.ray_replica_resources:
-        resources = json.loads(args.ray_replica_resources)
+        try:
+            resources = json.loads(args.ray_replica_resources)
+        except json.JSONDecodeError:
+            resources = None
+        if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+            raise ValueError(f'--ray-replica-resources must be a JSON object of amounts, e.g. {{"GPU": 1}}; got '
+                             f"{args.ray_replica_resources!r}")
     else:
         resources = replica_resources(args.backend, config.local_shards or config.num_shard)
     return dict(ray_address=args.ray, scaling=policy, ray_resources=resources)
