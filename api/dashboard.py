@@ -104,16 +104,19 @@ class DashboardHistory:
             return [{"address": "in-process", "healthy": self.service.ready and not self.service.draining,
                      "in_flight": self.service.in_flight, "running": _value(m.tgi.batch_size),
                      "waiting": _value(m.tgi.queue_size), "kv_cache_usage": _value(m.kv_usage)}]
-        return [{"address": r.address, "healthy": r.healthy, "in_flight": r.in_flight,
+        return [{"address": r.address, "healthy": r.healthy, "draining": r.draining, "in_flight": r.in_flight,
                  "running": r.info.num_running if r.info else None,
                  "waiting": r.info.num_waiting if r.info else None,
                  "kv_cache_usage": r.info.kv_cache_usage if r.info else None,
                  "requests": r.num_requests, "failures": r.num_failures} for r in engine.replicas]
 
     def data(self) -> dict:
+        engine = self.service.engine
+        changes = dict(engine.changes) if isinstance(engine, ReplicaRouter) else {}
         return {"model": self.service.settings.model_id, "interval_s": INTERVAL_S,
                 "window_s": INTERVAL_S * WINDOW_POINTS, "points": list(self.points),
-                "replicas": self.replicas() if self._replicas is None else self._replicas}
+                "replicas": self.replicas() if self._replicas is None else self._replicas,
+                "replica_changes": changes}
 
     @contextlib.asynccontextmanager
     async def sampling(self):

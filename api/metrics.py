@@ -54,6 +54,13 @@ class Metrics:
                                       ["replica"], registry=r)
         self.replica_healthy = Gauge("tokenmill_replica_healthy", "1 while a model server is healthy", ["replica"],
                                      registry=r)
+        # The replica set as it grows and shrinks (tokenmill serve --ray): its size, and who joined and left.
+        self.replicas = Gauge("tokenmill_replicas", "Model servers in the router's set, draining ones included",
+                              registry=r)
+        self.replica_changes = Counter("tokenmill_replica_changes", "Model servers that joined the set (added) "
+                                       "or left it, drained (removed) or dead (lost)", ["change"], registry=r)
+        self._replica_changes_seen: dict[str, int] = {}
+        self._replica_labels: set[str] = set()
         # Prefix-aware routing (api/router.py): hits over lookups is its hit rate.
         self.router_prefix_lookups = Counter("tokenmill_router_prefix_lookups", "Requests the router routed by "
                                              "their prompt's prefix", registry=r)
@@ -106,11 +113,25 @@ class Metrics:
                                           if r.info is not None})
         for replica in router.replicas:
             self.replica_requests.labels(replica=replica.address).set(replica.num_requests)
-            self.replica_healthy.labels(replica=replica.address).set(1 if replica.healthy else 0)
+            self.replica_healthy.labels(replica=replica.address).set(1 if replica.healthy and not replica.draining
+                                                                     else 0)
+        self._observe_replica_set(router)
         lookups, hits = self._router_prefix_seen
         self.router_prefix_lookups.inc(router.prefix_lookups - lookups)
         self.router_prefix_hits.inc(router.prefix_hits - hits)
         self._router_prefix_seen = (router.prefix_lookups, router.prefix_hits)
+
+    def _observe_replica_set(self, router) -> None:
+        """The set's size and changes; a replica that left drops out of the per-replica series."""
+        self.replicas.set(len(router.replicas))
+        for change, total in router.changes.items():
+            self.replica_changes.labels(change=change).inc(total - self._replica_changes_seen.get(change, 0))
+            self._replica_changes_seen[change] = total
+        present = {r.address for r in router.replicas}
+        for gone in self._replica_labels - present:
+            self.replica_requests.remove(gone)
+            self.replica_healthy.remove(gone)
+        self._replica_labels = present
 
     def _set_gauges(self, waiting: int, running: int, kv_usage: float, prefix_hit_rate: float) -> None:
         self.tgi.queue_size.set(waiting)

@@ -13,6 +13,7 @@ instead of prefilling it on every replica, each of which must keep it cached.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -62,15 +63,19 @@ class Replica:
     num_requests: int = 0
     num_failures: int = 0
     slow_probes: int = 0  # health probes in a row that got no answer before their deadline
+    draining: bool = False  # on its way out of the set: no new requests, in-flight ones finish
+    lost: str | None = None  # why it left the set dead: its calls were cancelled and fail with this
     tasks: set = field(default_factory=set)
 
 
 class ReplicaRouter:
     def __init__(self, addresses: Sequence[str], health_interval_s: float = 1.0, probe_timeout_s: float = 2.0,
-                 policy: RoutingPolicy = RoutingPolicy()):
-        if not addresses:
+                 policy: RoutingPolicy = RoutingPolicy(), replicas_come_later: bool = False):
+        if not addresses and not replicas_come_later:
             raise ValueError("the router needs at least one model server address")
         self.replicas = [self._connect(a) for a in addresses]
+        # Replicas that joined or left the set after start-up, by why: "added", "removed" (drained), "lost".
+        self.changes: collections.Counter[str] = collections.Counter()
         self.health_interval_s = health_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.policy = policy
@@ -97,7 +102,7 @@ class ReplicaRouter:
             if ready:
                 return ready[0].info
             if asyncio.get_running_loop().time() > deadline:
-                addresses = ", ".join(r.address for r in self.replicas)
+                addresses = ", ".join(r.address for r in self.replicas) or "none started yet"
                 raise TimeoutError(f"no model server became ready within {timeout_s:.0f} s ({addresses})")
             await asyncio.sleep(0.1)
 
@@ -134,9 +139,42 @@ class ReplicaRouter:
             else:
                 self._mark_unhealthy(replica)
 
-        await asyncio.gather(*(probe(r) for r in self.replicas))
+        await asyncio.gather(*(probe(r) for r in list(self.replicas)))
         for callback in self.on_health:
             callback(self)
+
+    def add_replica(self, address: str) -> Replica:
+        """A model server joins the set; it gets requests once a health probe finds it ready."""
+        replica = self._connect(address)
+        self.replicas.append(replica)
+        self.changes["added"] += 1
+        logger.info("model server %s joined (%d in the set)", address, len(self.replicas))
+        return replica
+
+    async def drain(self, address: str, timeout_s: float) -> None:
+        """Send `address` no new requests and wait, at most `timeout_s`, for its in-flight ones to finish."""
+        replica = self._find(address)
+        replica.draining = True
+        self.affinity.forget(address)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while replica.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def remove_replica(self, address: str, why: str, cause: str | None = None) -> None:
+        """`address` leaves the set: "removed" after a drain, or "lost" when something outside the router
+        (Ray) saw it die, for `cause`. A lost replica's streams fail now with `cause`: a machine that is gone
+        may never close its connections, and its streams would wait for tokens that never come."""
+        replica = self._find(address)
+        self.replicas.remove(replica)
+        self.affinity.forget(address)
+        self.changes[why] += 1
+        logger.info("model server %s %s (%d left in the set)", address, why, len(self.replicas))
+        if why == "lost":
+            replica.lost = cause or "it died"
+        await replica.channel.close()  # cancels the calls still open on it
+
+    def _find(self, address: str) -> Replica:
+        return next(r for r in self.replicas if r.address == address)
 
     def _mark_unhealthy(self, replica: Replica) -> None:
         """No more work for `replica` until a health probe says otherwise; its prefixes are forgotten, since
@@ -165,7 +203,7 @@ class ReplicaRouter:
     def pick(self, exclude: frozenset[str] = frozenset(), prefix_hashes: Sequence[bytes] = ()) -> Replica:
         """The replica for a request: the one that served its longest known prefix unless it is overloaded
         (or excluded), else the least-loaded healthy one; the prefix is remembered on the one picked."""
-        healthy = [r for r in self.replicas if r.healthy and r.address not in exclude]
+        healthy = [r for r in self.replicas if r.healthy and not r.draining and r.address not in exclude]
         if not healthy:
             raise GenerationError("Request failed during generation: no healthy model server")
         least_loaded = min(healthy, key=lambda r: (r.in_flight, r.num_requests))
@@ -204,7 +242,7 @@ class ReplicaRouter:
                         yield out
                 return
             except _Unreached as exc:
-                if not any(r.healthy and r.address not in tried for r in self.replicas):
+                if not any(r.healthy and not r.draining and r.address not in tried for r in self.replicas):
                     raise exc.error from exc.__cause__
                 logger.warning("model server %s unreachable; request %s goes to another", replica.address,
                                request_id)
@@ -231,6 +269,15 @@ class ReplicaRouter:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and not started:
                 raise _Unreached(error) from exc
             raise error from exc
+        except asyncio.CancelledError:
+            # Either this request's task was cancelled (the client left), or the call was, by the replica
+            # leaving the set dead (remove_replica): only the latter is the replica's failure.
+            if replica.lost is None or asyncio.current_task().cancelling():
+                raise
+            replica.num_failures += 1
+            error = GenerationError(f"Request failed during generation: model server {replica.address} failed: "
+                                    f"{replica.lost}")
+            raise (error if started else _Unreached(error)) from None
         finally:
             replica.in_flight -= 1
             if not finished and not call.done():

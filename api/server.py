@@ -2,7 +2,8 @@
 
 By default it starts one model-server process on a unix socket (TGI's launcher and shard) and serves
 HTTP and gRPC in front of it; with `--model-server ADDR` (repeatable) it fronts running replicas,
-local or remote, instead. HTTP is bound at once: `/health` says 503 until a replica is warm.
+local or remote, instead; with `--ray ADDRESS` it runs them as Ray actors and resizes their set
+(`ray_replicas.py`). HTTP is bound at once: `/health` says 503 until a replica is warm.
 `build_service` wires the same front end to an in-process engine (tests, embedding).
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import uvicorn
 
 from tokenmill.api.app import build_app
+from tokenmill.api.autoscale import ScalingPolicy
 from tokenmill.api.images import ImageLimits, ImagePrompts
 from tokenmill.api.launch import start_model_server
 from tokenmill.api.metrics import Metrics
@@ -58,6 +60,9 @@ class ServeOptions:
     model_servers: tuple[str, ...] = ()  # empty: launch one local model server
     model_server_args: tuple[str, ...] = ()  # engine flags passed to the launched model server
     routing: RoutingPolicy = RoutingPolicy()  # how a request's replica is picked among several
+    ray_address: str | None = None  # run the model servers as actors on this Ray cluster (api/ray_replicas.py)
+    scaling: ScalingPolicy = ScalingPolicy()  # on Ray: how many model servers, as the queues say
+    ray_resources: dict | None = None  # on Ray: what each model server asks for ({"GPU": 1}, ...)
     startup_timeout_s: float = 600.0
     graceful_shutdown_s: int = 30
     watermark_gamma: float = 0.5  # TGI's --watermark-gamma: the green share of requests with `watermark`
@@ -104,7 +109,7 @@ def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationServ
 def serve(options: ServeOptions, launched: tuple[str, subprocess.Popen] | None = None) -> None:
     """Serve until stopped. `launched` is a local model server already started (address, process);
     without it and without `options.model_servers`, one is started here."""
-    if launched is None and not options.model_servers:
+    if launched is None and not options.model_servers and not options.ray_address:
         launched = start_model_server(options.model_server_args)
     addresses, child = ((launched[0],), launched[1]) if launched else (options.model_servers, None)
     if threading.current_thread() is threading.main_thread():
@@ -157,7 +162,13 @@ def _drained(signum, frame) -> None:
 
 
 async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: subprocess.Popen | None) -> None:
-    router = ReplicaRouter(addresses, policy=options.routing)
+    router = ReplicaRouter(addresses, policy=options.routing, replicas_come_later=bool(options.ray_address))
+    pool = None
+    if options.ray_address:
+        from tokenmill.api.ray_replicas import RayReplicaPool
+
+        pool = RayReplicaPool(router, options.scaling, options.model_server_args, options.ray_resources or {},
+                              drain_timeout_s=options.graceful_shutdown_s)
     metrics = Metrics()
     router.on_health.append(metrics.observe_replicas)
     placeholder = make_settings(options, options.engine.model_id or "loading", 2, "loading")
@@ -173,6 +184,8 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
                                                              options.engine.cache_dir, options.engine.load_format))
                        if child is not None else None)
     try:
+        if pool is not None:
+            await pool.start(options.ray_address)
         info = await _wait_for_replica(router, child, options.startup_timeout_s)
         service.tokenizer = await (early_tokenizer or asyncio.to_thread(load_tokenizer, info.source,
                                                                         options.engine.cache_dir,
@@ -184,14 +197,14 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
             service.tokenizer.chat_template = processor.chat_template  # a VLM's template may live with its processor
         service.settings = make_settings(options, model_name(options.engine.model_id or info.model_id, info.source),
                                          min(info.max_model_len, info.kv_capacity_tokens),
-                                         f"{len(addresses)}-{info.backend}", tuple(info.adapters),
+                                         f"{len(router.replicas)}-{info.backend}", tuple(info.adapters),
                                          info.model_implementation or "tokenmill")
         s = service.settings
         metrics.configure(s.model_id, s.max_input_tokens, s.max_total_tokens, info.max_model_len,
                           info.kv_capacity_tokens, info.speculate)
         router.start()
         service.ready = True
-        logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(addresses))
+        logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(router.replicas))
         if child is None:
             await serving
             return
@@ -209,6 +222,8 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
         if early_tokenizer is not None:
             early_tokenizer.cancel()  # start-up failed before it was awaited: no orphaned task error
         server.should_exit = True
+        if pool is not None:
+            await pool.stop()
         await router.stop()
 
 

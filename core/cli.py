@@ -294,12 +294,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logger.info("HOSTNAME=%s is no IP address (Docker and shells set it to the machine's name): listening on "
                     "0.0.0.0, as TGI does", _env("HOSTNAME"))
     servers = tuple(args.model_server) or tuple(a for a in (_env("MODEL_SERVERS") or "").split(",") if a)
+    if servers and args.ray:
+        print("tokenmill serve: --ray starts its own model servers; it cannot front --model-server ones too",
+              file=sys.stderr)
+        return 2
     try:
         config = _engine_config(args)
         # The router keeps the hub id (the model's public name); the tokenizer read under that id is the
-        # snapshot fetched here. Fronting running model servers, it fetches nothing.
+        # snapshot fetched here. Fronting running model servers, it fetches nothing. On Ray it fetches as
+        # well: the replicas report the snapshot's path for the tokenizer, and load the commit fetched here.
         loaded = _fetch_hub_model(args, config) if not servers or config.node_rank > 0 else config
-    except TokenmillError as exc:
+        ray_options = _ray_options(args, config) if args.ray else {}
+    except (TokenmillError, ValueError) as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
     if config.node_rank > 0:
@@ -307,7 +313,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model_server_args = _model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
                                                     if args.otlp_endpoint else ())
     launched = None
-    if not servers:  # start the child first: its start-up then overlaps the router's imports below
+    if not servers and not args.ray:  # start the child first: its start-up then overlaps the router's imports below
         from tokenmill.api.launch import start_model_server
 
         launched = start_model_server(model_server_args)
@@ -328,7 +334,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_server_args=model_server_args, graceful_shutdown_s=args.graceful_termination_timeout,
         watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
         disable_grammar_support=args.disable_grammar_support, tool_call_parser=args.tool_call_parser,
-        routing=RoutingPolicy(args.routing, args.routing_max_imbalance),
+        routing=RoutingPolicy(args.routing, args.routing_max_imbalance), **ray_options,
         image_limits=ImageLimits(not args.disable_image_urls, args.image_fetch_timeout, args.max_image_bytes),
     )
     try:
@@ -337,6 +343,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def model_server_setup(argv: list[str]) -> tuple["EngineConfig", str, float]:
+    """What `tokenmill model-server ARGV` serves: its engine config (a hub model fetched first), the model id
+    it reports, and its grace period. A Ray replica (`tokenmill.api.ray_replicas`) runs the command this way."""
+    args = parse_args(["model-server", *argv])
+    return _fetch_hub_model(args, _engine_config(args)), args.model_id or "", args.graceful_termination_timeout
+
+
+def _ray_options(args: argparse.Namespace, config: "EngineConfig") -> dict:
+    """ServeOptions' Ray fields: the cluster, the scaling policy, and what each replica asks Ray for."""
+    import json
+
+    from tokenmill.api.autoscale import ScalingPolicy
+
+    try:
+        from tokenmill.api.ray_replicas import replica_resources
+    except Exception as exc:  # not only ImportError: amdsmi without ROCm's library makes `import ray` raise KeyError
+        raise ValueError(f"--ray needs Ray, which cannot be imported here ({type(exc).__name__}: {exc}); install it "
+                         "with: pip install 'tokenmill[ray]'") from exc
+    policy = ScalingPolicy(args.min_replicas, args.min_replicas if args.max_replicas is None else args.max_replicas,
+                           args.scale_up_queue, args.scale_down_delay)
+    if args.ray_replica_resources:
+        try:
+            resources = json.loads(args.ray_replica_resources)
+        except json.JSONDecodeError:
+            resources = None
+        if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+            raise ValueError(f'--ray-replica-resources must be a JSON object of amounts, e.g. {{"GPU": 1}}; got '
+                             f"{args.ray_replica_resources!r}")
+    else:
+        resources = replica_resources(args.backend, config.local_shards or config.num_shard)
+    return dict(ray_address=args.ray, scaling=policy, ray_resources=resources)
 
 
 def _cmd_model_server(args: argparse.Namespace) -> int:
@@ -467,6 +506,12 @@ def _add_shard_flags(parser: argparse.ArgumentParser) -> None:
          help="seconds every rank has to join rank 0; then start-up fails naming the missing ranks")
 
 
+RAY_HELP = """\
+scale-out on Ray: each model server is a Ray actor, placed on a node with the backend's device, behind this
+router; the set grows under a queue and shrinks after a quiet period, between --min-replicas and
+--max-replicas. Every node runs the same tokenmill install."""
+
+
 def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     """The router's flags, named as TGI's launcher names them, each with TGI's environment variable."""
     _add_engine_flags(serve)
@@ -508,6 +553,21 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
          help="seconds an http(s) image URL has to answer in full")
     flag("--max-image-bytes", "MAX_IMAGE_BYTES", 10_000_000, positive,
          help="largest image file a request may send or name (data URLs are also bound by --payload-limit)")
+    ray = serve.add_argument_group("Ray", RAY_HELP)
+    ray_flag = _flag_adder(ray)
+    ray_flag("--ray", "TOKENMILL_RAY_ADDRESS", None,
+             help="run the model servers as actors on the Ray cluster at this address (e.g. 10.0.0.1:6379, or "
+                  "auto), behind this router")
+    ray_flag("--min-replicas", "MIN_REPLICAS", 1, positive, help="Ray: model servers kept running")
+    ray_flag("--max-replicas", "MAX_REPLICAS", None, positive,
+             help="Ray: most model servers the autoscaler runs (default: --min-replicas, no autoscaling)")
+    ray_flag("--scale-up-queue", "SCALE_UP_QUEUE", 1, positive,
+             help="Ray: requests queued in the model servers, per serving one, that start another")
+    ray_flag("--scale-down-delay", "SCALE_DOWN_DELAY", 60.0, non_negative,
+             help="Ray: seconds of empty queues after which one model server is drained and stopped")
+    ray_flag("--ray-replica-resources", "RAY_REPLICA_RESOURCES", None,
+             help='Ray: the resources each model server asks for, as JSON (e.g. {"GPU": 1, "a100": 1}); default: '
+                  "the backend's answer ({\"GPU\": 1} on GPUs, {\"CPU\": 1} on the CPU)")
     flag("--routing", "ROUTING", "prefix", routing_mode,
          help="how a request's model server is picked among several: prefix (the one that served its prompt's "
               "prefix, whose prefix cache may hold it, unless overloaded; else least-loaded) or least-loaded")

@@ -61,6 +61,11 @@ def tokenmill_tensor_parallel_plan(world_size: int) -> TensorParallelPlan:
 
 
 @hookimpl(trylast=True)
+def tokenmill_ray_resources(num_devices: int) -> dict[str, float]:
+    return {"CPU": float(num_devices)}
+
+
+@hookimpl(trylast=True)
 def tokenmill_quantization_methods() -> list[QuantMethod]:
     return []
 

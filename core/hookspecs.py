@@ -189,6 +189,17 @@ def tokenmill_tensor_parallel_plan(world_size: int) -> TensorParallelPlan:
     """
 
 
+@hookspec(firstresult=True)
+def tokenmill_ray_resources(num_devices: int) -> dict[str, float]:
+    """The Ray resources one model-server replica on `num_devices` of this backend's devices asks for.
+
+    `tokenmill serve --ray` starts each replica as a Ray actor with these resources, so Ray places it on
+    a node that has the devices and, for the accelerators Ray manages itself (``GPU``, ``TPU``, ``HPU``,
+    ``neuron_cores``), hands it those devices through the vendor's visibility variable. Called in the
+    router's process, which may lack the device: it must not touch one. Default: ``{"CPU": num_devices}``.
+    """
+
+
 # --------------------------------------------------------------------------------------------------
 # Quantization
 # --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import signal
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -128,7 +129,11 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 async def run_model_server(config: EngineConfig, listen: str, model_id: str, grace_s: float = 30.0,
-                           parent_pid: int | None = None) -> None:
+                           parent_pid: int | None = None, stop: asyncio.Event | None = None,
+                           on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, or until `stop` is set where one is given (a thread that is not the
+    main one, such as a Ray actor's, cannot take signals). `on_listening` receives the address the server
+    listens on, the port filled in when `listen` asked for port 0, before warm-up."""
     if config.cpu_bind:  # before any thread starts: the engine thread and torch's pool inherit the binding
         bind_cpus(config.cpu_bind[config.local_rank])
     loop = asyncio.get_running_loop()
@@ -158,19 +163,23 @@ async def run_model_server(config: EngineConfig, listen: str, model_id: str, gra
     pb_grpc.add_ModelServerServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
+    port = server.add_insecure_port(listen)
+    if port == 0 and not listen.startswith("unix:"):
         raise RuntimeError(f"cannot listen on {listen}")
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    if on_listening is not None:
+        on_listening(listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}")
     logger.info("model server listening on %s, warming up", listen)
     await _first_of(runner.call(engine.warmup), failure)
     servicer.ready = True
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
     logger.info("model server ready on %s", listen)
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     failure.add_done_callback(lambda _: stop.set())
     orphan_watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid else None
     await stop.wait()

@@ -73,8 +73,9 @@ function plot(canvas, times, lines, span) {
 const escapeHtml = text => text.replace(/[&<>"]/g, c => `&#${c.charCodeAt(0)};`);
 
 function showReplicas(replicas) {
+  const health = r => r.draining ? "draining" : (r.healthy ? "healthy" : "unhealthy");
   const rows = replicas.map(r => `<tr><td>${escapeHtml(r.address)}</td>` +
-    `<td class="${r.healthy ? "healthy" : "unhealthy"}">${r.healthy ? "healthy" : "unhealthy"}</td>` +
+    `<td class="${r.healthy && !r.draining ? "healthy" : "unhealthy"}">${health(r)}</td>` +
     `<td>${count(r.in_flight)}</td><td>${count(r.running)}</td><td>${count(r.waiting)}</td>` +
     `<td>${percent(r.kv_cache_usage)}</td><td>${count(r.requests)}</td><td>${count(r.failures)}</td></tr>`);
   document.querySelector("#replicas tbody").innerHTML = rows.join("");
@@ -97,6 +98,9 @@ function show(data) {
       : (tile.lines ? "" : legend(addresses.map((a, i) => [escapeHtml(a), count(values[i])])));
   }
   showReplicas(data.replicas);
+  const changes = Object.entries(data.replica_changes || {});  // a set that grows and shrinks (--ray)
+  document.getElementById("replica-changes").textContent =
+    changes.length ? "since start: " + changes.map(([why, n]) => `${n} ${why}`).join(", ") : "";
   document.getElementById("model").textContent = data.model;
 }
 

@@ -79,3 +79,8 @@ def tokenmill_shape_buckets(max_num_tokens: int, max_num_seqs: int) -> ShapeBuck
 @hookimpl
 def tokenmill_compile_model(model: torch.nn.Module, capture_sizes: tuple[int, ...] | None) -> Any:
     return _graphs.compile_model(model, capture_sizes)
+
+
+@hookimpl
+def tokenmill_ray_resources(num_devices: int) -> dict[str, float]:
+    return {"HPU": float(num_devices)}

@@ -35,3 +35,8 @@ def tokenmill_model_executor(model_id: str, checkpoint: Any, dtype: torch.dtype,
     _executor.check_model_source(model_id, checkpoint.format)
     model = _executor.load_compiled_model(model_id, dtype, max_num_seqs, max_model_len)
     return _executor.NeuronSlotModel(model)
+
+
+@hookimpl
+def tokenmill_ray_resources(num_devices: int) -> dict[str, float]:
+    return {"neuron_cores": float(num_devices)}

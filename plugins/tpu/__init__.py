@@ -71,3 +71,8 @@ def tokenmill_compile_model(model: torch.nn.Module) -> Any:
 @hookimpl
 def tokenmill_communicator(world_size: int, rank: int, device: torch.device) -> Communicator:
     return _runtime.xla_communicator(world_size, rank, device)
+
+
+@hookimpl
+def tokenmill_ray_resources(num_devices: int) -> dict[str, float]:
+    return {"TPU": float(num_devices)}

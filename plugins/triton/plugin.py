@@ -50,6 +50,10 @@ class TritonGpuPlugin:
         self._interpreting = False
 
     @hookimpl
+    def tokenmill_ray_resources(self, num_devices: int) -> dict[str, float]:
+        return {"GPU": float(num_devices)}  # Ray counts NVIDIA, AMD and Intel GPUs alike as "GPU"
+
+    @hookimpl
     def tokenmill_discover(self) -> Discovery:
         return self._discover()
 

@@ -234,11 +234,11 @@ def test_the_router_sums_its_model_servers_batch_metrics() -> None:
     second.observe(_stats(0, prefill=0, decode=2, seqs=2), current_max_tokens=20)
     second.observe(_stats(1, prefill=4, decode=1, new=1, seqs=2), current_max_tokens=20)
     second.observe(_stats(2, prefill=0, decode=2, seqs=2, failed=True), current_max_tokens=20)
-    replicas = [SimpleNamespace(address=address, healthy=True, num_requests=0,
+    replicas = [SimpleNamespace(address=address, healthy=True, draining=False, num_requests=0,
                                 info=pb.InfoResponse(ready=True, kv_capacity_tokens=100, batch_metrics=b.snapshot()))
                 for address, b in (("unix:a", first), ("unix:b", second))]
     metrics = Metrics()
-    metrics.observe_replicas(SimpleNamespace(replicas=replicas, prefix_lookups=0, prefix_hits=0))
+    metrics.observe_replicas(SimpleNamespace(replicas=replicas, prefix_lookups=0, prefix_hits=0, changes={}))
     text = metrics.render().decode()
     assert 'tgi_batch_inference_count{method="decode"} 3.0' in text
     assert 'tgi_batch_inference_success{method="decode"} 2.0' in text
