@@ -209,7 +209,14 @@ def test_stopping_a_replica_fails_only_its_requests(cluster) -> None:
 
 def test_the_dashboard_shows_the_stopped_replica_unhealthy(cluster) -> None:
     url, _, addresses = cluster
-    replicas = {r["address"]: r for r in httpx.get(f"{url}/dashboard/data", timeout=10).json()["replicas"]}
+    # The router learns of the death at its next health probe (once a second), and the page's data is
+    # sampled once a second: give it a few of each.
+    deadline = time.monotonic() + 15
+    while True:
+        replicas = {r["address"]: r for r in httpx.get(f"{url}/dashboard/data", timeout=10).json()["replicas"]}
+        if not replicas[addresses[0]]["healthy"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert not replicas[addresses[0]]["healthy"] and replicas[addresses[0]]["failures"] >= 1
     assert replicas[addresses[1]]["healthy"]
 
