@@ -10,7 +10,8 @@ query token a row of its own whose context ends at its position (`row_contexts`)
 attention does for such queries. Every kernel computes a row alone, the same whatever the batch, so a
 draft token's logits are those a one-token decode at its position gets: greedy output is the same with
 and without `--speculate`. Longer prefill chunks, and models or configurations it does not cover
-(biases, q/k norms, sliding windows, other linear methods), run module by module as before. So do steps
+(biases, q/k norms, sliding windows, other linear methods), run module by module as before. A quantized
+KV cache (`--kv-cache-dtype`) is written and read in C too, with the module path's rounding. So do steps
 in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a server with
 adapters still take the C path.
 """
@@ -79,6 +80,7 @@ class DecodeStack:
                           if isinstance(module, Linear) and module.lora is not None), None)
         self.spec = attention.spec
         self.block_size = attention.block_size
+        self.cache_code = attention.cache_code  # bf16, or the one-byte format it quantizes keys and values to
         config = model.config
         self.shape = (config.hidden_size, self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim,
                       config.intermediate_size)
@@ -101,7 +103,8 @@ class DecodeStack:
         (attention,) = backends.values()
         spec = attention.spec
         if not (isinstance(attention, CPUPagedAttention) and attention.kernel_decodes and spec.sliding_window is None
-                and spec.dtype == torch.bfloat16 and spec.head_dim % 2 == 0 and model.norm.offset == 0.0):
+                and spec.dtype == torch.bfloat16 and spec.head_dim % 2 == 0 and model.norm.offset == 0.0
+                and (attention.format is not None or attention.storage_dtype == torch.bfloat16)):
             return None
         plans = [_layer_plan(layer, model.norm.eps) for layer in model.layers]
         if any(plan is None for plan in plans):
@@ -141,7 +144,7 @@ class DecodeStack:
             head_dim, intermediate, GGML_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
             block_tables.data_ptr(), seq_lens.data_ptr(), block_tables.stride(0), self.block_size,
             int(seq_lens.sum()), model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), spec.scale,
-            torch.get_num_threads(),
+            torch.get_num_threads(), self.cache_code,
         )
         return out
 

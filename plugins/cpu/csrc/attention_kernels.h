@@ -11,6 +11,11 @@
  * block_size, head_dim): head-major inside a block, so one kv head's rows of a block are one contiguous
  * run the hardware prefetcher follows (interleaved heads read half as fast from DRAM);
  * block_tables (num_seqs, table_stride) int32; seq_lens int32.
+ *
+ * The cache may store another dtype than the queries' (`kv_dtype`): bf16 under float32 queries, or a
+ * one-byte format (int8, fp8 e4m3 or e5m2, tokenmill.kv_cache_dtype), each row then head_dim codes
+ * followed by its bf16 scale (head_dim + 2 bytes). Codes are converted to float32 as they are loaded;
+ * a key row's scale multiplies its converted row once, a value row's scale its softmax weight.
  */
 #ifndef TOKENMILL_ATTENTION_KERNELS_H
 #define TOKENMILL_ATTENTION_KERNELS_H
@@ -24,7 +29,9 @@
 #include <immintrin.h>
 #endif
 
-enum { DTYPE_BF16 = 0, DTYPE_F32 = 1 };
+enum { DTYPE_BF16 = 0, DTYPE_F32 = 1, DTYPE_INT8 = 2, DTYPE_FP8_E4M3 = 3, DTYPE_FP8_E5M2 = 4 };
+#define IS_QUANTIZED(dtype) ((dtype) >= DTYPE_INT8)
+#define SCALE_BYTES 2 /* a quantized row's bf16 scale, after its codes */
 #define MAX_GROUP 32
 #define MAX_HEAD_DIM 256
 
@@ -35,7 +42,67 @@ typedef struct {
     long table_stride;
     int num_heads, num_kv_heads, head_dim, block_size, window, dtype;
     float scale;
+    int kv_dtype; /* the cache's storage: dtype, bf16, or a one-byte format */
 } Job;
+
+/* Largest magnitude of a one-byte format. */
+static inline float quantized_max(int kv_dtype) {
+    return kv_dtype == DTYPE_INT8 ? 127.f : kv_dtype == DTYPE_FP8_E4M3 ? 448.f : 57344.f;
+}
+
+/* The value of an fp8 code (e4m3: bias 7, 3 mantissa bits, no infinities; e5m2: bias 15, 2 bits). */
+static inline float fp8_to_f32(uint8_t code, int kv_dtype) {
+    const int m_bits = kv_dtype == DTYPE_FP8_E4M3 ? 3 : 2, bias = kv_dtype == DTYPE_FP8_E4M3 ? 7 : 15;
+    const int exponent = (code & 0x7F) >> m_bits, mantissa = code & ((1 << m_bits) - 1);
+    const float magnitude = exponent ? ldexpf(1.f + (float)mantissa / (1 << m_bits), exponent - bias)
+                                     : ldexpf((float)mantissa / (1 << m_bits), 1 - bias);
+    return code & 0x80 ? -magnitude : magnitude;
+}
+
+/* |x| <= the format's largest value, to the nearest fp8 code, ties to even (as PyTorch converts). */
+static inline uint8_t f32_to_fp8(float x, int kv_dtype) {
+    const int m_bits = kv_dtype == DTYPE_FP8_E4M3 ? 3 : 2, bias = kv_dtype == DTYPE_FP8_E4M3 ? 7 : 15;
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    const uint8_t sign = (uint8_t)((bits >> 24) & 0x80);
+    bits &= 0x7FFFFFFF;
+    float magnitude;
+    memcpy(&magnitude, &bits, 4);
+    uint32_t code;
+    if (magnitude < ldexpf(1.f, 1 - bias)) { /* subnormal: a count of the smallest step, 2^(1 - bias - m_bits) */
+        code = (uint32_t)nearbyintf(ldexpf(magnitude, bias - 1 + m_bits));
+    } else { /* drop the low mantissa bits rounding to even; a carry moves into the exponent */
+        bits += (1u << (22 - m_bits)) - 1 + ((bits >> (23 - m_bits)) & 1);
+        code = (((bits >> 23) - 127 + bias) << m_bits) | ((bits >> (23 - m_bits)) & ((1u << m_bits) - 1));
+    }
+    return sign | (uint8_t)code;
+}
+
+/* One bf16 row of n values as n one-byte codes and its bf16 scale (largest magnitude / format's largest):
+ * the rounding of tokenmill.kv_cache_dtype.quantize_rows, step for step, so both write the same bytes. */
+static inline void quantize_row(const uint16_t *src, int n, int kv_dtype, uint8_t *dst) {
+    const float max_code = quantized_max(kv_dtype);
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(bf16_to_f32(src[i])));
+    uint16_t scale_bits = f32_to_bf16(amax / max_code);
+    if (bf16_to_f32(scale_bits) == 0.f) scale_bits = f32_to_bf16(1.f); /* an all-zero row: any scale */
+    const float scale = bf16_to_f32(scale_bits);
+    for (int i = 0; i < n; i++) {
+        const float v = fminf(fmaxf(bf16_to_f32(src[i]) / scale, -max_code), max_code);
+        dst[i] = kv_dtype == DTYPE_INT8 ? (uint8_t)(int8_t)nearbyintf(v) : f32_to_fp8(v, kv_dtype);
+    }
+    memcpy(dst + n, &scale_bits, SCALE_BYTES);
+}
+
+static inline const uint8_t *quantized_row(const Job *job, const void *cache, long row) {
+    return (const uint8_t *)cache + row * (job->head_dim + SCALE_BYTES);
+}
+
+static inline float quantized_row_scale(const Job *job, const void *cache, long row) {
+    uint16_t bits;
+    memcpy(&bits, quantized_row(job, cache, row) + job->head_dim, SCALE_BYTES);
+    return bf16_to_f32(bits);
+}
 
 /* Per-thread scratch: the item's cache rows, and its scores (group x span). */
 typedef struct {
@@ -76,6 +143,19 @@ static inline void store_row(void *base, long index, int dtype, int n, const flo
     }
 }
 
+/* Cache row `row` as head_dim float32 values, scale applied. */
+static inline void load_cache_row(const Job *job, const void *cache, long row, float *dst) {
+    const int n = job->head_dim;
+    if (!IS_QUANTIZED(job->kv_dtype)) {
+        load_row(cache, row * n, job->kv_dtype, n, dst);
+        return;
+    }
+    const uint8_t *codes = quantized_row(job, cache, row);
+    const float scale = quantized_row_scale(job, cache, row);
+    for (int i = 0; i < n; i++)
+        dst[i] = scale * (job->kv_dtype == DTYPE_INT8 ? (float)(int8_t)codes[i] : fp8_to_f32(codes[i], job->kv_dtype));
+}
+
 /* Cache row (position first + i, kv_head) for i < span, walking the block table without dividing per position. */
 static void item_rows(const Job *job, const int32_t *table, int first, int span, int kv_head, long *rows) {
     const int bs = job->block_size;
@@ -97,6 +177,32 @@ static inline __m512 load16(const void *base, long index, int dtype) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
     }
     return _mm512_loadu_ps((const float *)base + index);
+}
+
+/* 16 one-byte codes as float32 lanes, without the row's scale. An fp8 code moved into a float16's fields
+ * (e5m2: its top byte; e4m3: sign, then exponent and mantissa one bit lower) converts in hardware; e4m3's
+ * exponent bias (7, float16's 15) leaves it 2^8 too small, which `code_factor` puts back into the scale. */
+static inline __m512 load_codes16(const uint8_t *codes, int kv_dtype) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)codes);
+    if (kv_dtype == DTYPE_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+    const __m256i wide = _mm256_cvtepu8_epi16(raw);
+    if (kv_dtype == DTYPE_FP8_E5M2) return _mm512_cvtph_ps(_mm256_slli_epi16(wide, 8));
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x80)), 8);
+    const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x7F)), 7);
+    return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
+}
+
+static inline float code_factor(int kv_dtype) { return kv_dtype == DTYPE_FP8_E4M3 ? 256.f : 1.f; }
+
+/* Lanes 16j.. of cache row `row` as float32; a quantized row without its scale (`row_factor`). */
+static inline __m512 load_cache16(const Job *job, const void *cache, long row, int j, const int quantized) {
+    if (!quantized) return load16(cache, row * job->head_dim + 16 * j, job->kv_dtype);
+    return load_codes16(quantized_row(job, cache, row) + 16 * j, job->kv_dtype);
+}
+
+/* What row `row`'s loaded lanes are multiplied by: its scale (with the fp8 code factor), 1 unquantized. */
+static inline float row_factor(const Job *job, const void *cache, long row, const int quantized) {
+    return quantized ? quantized_row_scale(job, cache, row) * code_factor(job->kv_dtype) : 1.f;
 }
 
 #define MAX_VECS (MAX_HEAD_DIM / 16)
@@ -139,8 +245,11 @@ static inline float softmax_numerators(float *s, int span, float max) {
 }
 
 /* One (sequence, kv head) work item, vectorised along the head dimension (head_dim % 16 == 0). Keys are
- * taken 16 positions at a time, converted to float32 once and shared by the query heads of the group. */
-static void attend_item_avx512(const Job *job, long seq, int kv_head, const long *rows, float *scores, int span) {
+ * taken 16 positions at a time, converted to float32 once and shared by the query heads of the group.
+ * `quantized` is a constant in each instantiation, so the unquantized one is the code it always was. */
+static inline __attribute__((always_inline)) void attend_avx512(const Job *job, long seq, int kv_head,
+                                                                const long *rows, float *scores, int span,
+                                                                const int quantized) {
     const int D = job->head_dim, G = job->num_heads / job->num_kv_heads, V = D / 16;
     __m512 q[MAX_GROUP][MAX_VECS], acc[MAX_GROUP][MAX_VECS], max_score[MAX_GROUP];
     float keys[CHUNK * MAX_HEAD_DIM];
@@ -153,9 +262,13 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, const long
     for (int c = 0; c < span; c += CHUNK) {
         const int n = span - c < CHUNK ? span - c : CHUNK;
         const __mmask16 valid = (__mmask16)((1u << n) - 1);
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < V; j++)
-                _mm512_storeu_ps(keys + i * D + 16 * j, load16(job->k_cache, rows[c + i] * D + 16 * j, job->dtype));
+        for (int i = 0; i < n; i++) {
+            const __m512 factor = _mm512_set1_ps(row_factor(job, job->k_cache, rows[c + i], quantized));
+            for (int j = 0; j < V; j++) {
+                const __m512 k = load_cache16(job, job->k_cache, rows[c + i], j, quantized);
+                _mm512_storeu_ps(keys + i * D + 16 * j, quantized ? _mm512_mul_ps(k, factor) : k);
+            }
+        }
         for (int g = 0; g < G; g++) {
             __m512 dots[CHUNK];
             for (int i = 0; i < CHUNK; i++) {
@@ -176,9 +289,10 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, const long
     }
     for (int i = 0; i < span; i++) {
         __m512 v[MAX_VECS];
-        for (int j = 0; j < V; j++) v[j] = load16(job->v_cache, rows[i] * D + 16 * j, job->dtype);
+        for (int j = 0; j < V; j++) v[j] = load_cache16(job, job->v_cache, rows[i], j, quantized);
+        const float factor = row_factor(job, job->v_cache, rows[i], quantized);
         for (int g = 0; g < G; g++) {
-            const __m512 w = _mm512_set1_ps(scores[(long)g * span + i]);
+            const __m512 w = _mm512_set1_ps(quantized ? scores[(long)g * span + i] * factor : scores[(long)g * span + i]);
             for (int j = 0; j < V; j++) acc[g][j] = _mm512_fmadd_ps(w, v[j], acc[g][j]);
         }
     }
@@ -187,6 +301,15 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, const long
         for (int j = 0; j < V; j++) _mm512_storeu_ps(lanes + 16 * j, acc[g][j]);
         store_row(job->out, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, lanes, 1.f / total[g]);
     }
+}
+
+static void attend_item_avx512(const Job *job, long seq, int kv_head, const long *rows, float *scores, int span) {
+    attend_avx512(job, seq, kv_head, rows, scores, span, 0);
+}
+
+static void attend_item_avx512_quantized(const Job *job, long seq, int kv_head, const long *rows, float *scores,
+                                         int span) {
+    attend_avx512(job, seq, kv_head, rows, scores, span, 1);
 }
 #endif
 
@@ -310,7 +433,7 @@ static void attend_item_scalar(const Job *job, long seq, int kv_head, const long
         max_score[g] = -INFINITY;
     }
     for (int i = 0; i < span; i++) {
-        load_row(job->k_cache, rows[i] * D, job->dtype, D, row);
+        load_cache_row(job, job->k_cache, rows[i], row);
         for (int g = 0; g < G; g++) {
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -331,7 +454,7 @@ static void attend_item_scalar(const Job *job, long seq, int kv_head, const long
         memset(acc[g], 0, (size_t)D * sizeof(float));
     }
     for (int i = 0; i < span; i++) {
-        load_row(job->v_cache, rows[i] * D, job->dtype, D, row);
+        load_cache_row(job, job->v_cache, rows[i], row);
         for (int g = 0; g < G; g++) {
             const float w = scores[(long)g * span + i];
 #pragma omp simd
@@ -353,13 +476,16 @@ static int attend_item(const Job *job, long item, Scratch *scratch) {
     if (!reserve(scratch, span, G)) return 0;
     item_rows(job, job->block_tables + seq * job->table_stride, first, span, kv_head, scratch->rows);
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if (job->dtype == DTYPE_BF16 && attend_item_bf16(job, seq, kv_head, scratch->rows, scratch->scores,
-                                                      scratch->weights, span))
+    if (job->dtype == DTYPE_BF16 && job->kv_dtype == DTYPE_BF16 &&
+        attend_item_bf16(job, seq, kv_head, scratch->rows, scratch->scores, scratch->weights, span))
         return 1;
 #endif
 #ifdef __AVX512F__
     if (job->head_dim % 16 == 0) {
-        attend_item_avx512(job, seq, kv_head, scratch->rows, scratch->scores, span);
+        if (IS_QUANTIZED(job->kv_dtype))
+            attend_item_avx512_quantized(job, seq, kv_head, scratch->rows, scratch->scores, span);
+        else
+            attend_item_avx512(job, seq, kv_head, scratch->rows, scratch->scores, span);
         return 1;
     }
 #endif
