@@ -314,17 +314,33 @@ static void attend_item_avx512_quantized(const Job *job, long seq, int kv_head, 
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* Where word w (32 elements) of cache row `row` starts: bf16 elements, or one-byte codes. */
+static inline const char *bf16_word_address(const Job *job, const void *cache, long row, int w, const int quantized) {
+    if (quantized) return (const char *)(quantized_row(job, cache, row) + 32 * w);
+    return (const char *)((const uint16_t *)cache + row * job->head_dim + 32 * w);
+}
+
+/* Word w of cache row `row` as 32 bf16 values; one-byte codes converted exactly (int8 and fp8 values have
+ * at most 8 significant bits), without the row's scale (`row_factor`). */
+static inline __m512bh load_bf16_word(const Job *job, const void *cache, long row, int w, const int quantized) {
+    if (!quantized) return (__m512bh)_mm512_loadu_si512(bf16_word_address(job, cache, row, w, 0));
+    const uint8_t *codes = (const uint8_t *)bf16_word_address(job, cache, row, w, 1);
+    return _mm512_cvtne2ps_pbh(load_codes16(codes + 16, job->kv_dtype), load_codes16(codes, job->kv_dtype));
+}
+
 /* bf16 caches on CPUs with AVX512-BF16: dot products straight on the stored bf16 pairs (vdpbf16ps), no
  * conversion to float32. Scores: 32 key dims per instruction, 16 positions summed at once. Weighted sum:
  * two positions per instruction, their value rows interleaved, the softmax numerators rounded to bf16 as
  * the matmul path's `probs.to(bfloat16)` does. G query heads per kv head and D dims are compile-time
- * constants in each instantiation, so accumulators stay in registers. */
+ * constants in each instantiation, so accumulators stay in registers.
+ * One-byte caches (`quantized`, a constant too) take the same path: their codes convert to bf16 exactly,
+ * a key row's scale multiplies its score and a value row's scale its weight before that is rounded. */
 static inline __attribute__((always_inline)) void attend_bf16(const Job *job, long seq, int kv_head,
                                                               const long *rows, float *scores,
                                                               uint16_t *weights, int span, const int G,
-                                                              const int D) {
+                                                              const int D, const int quantized) {
     const int W = D / 32; /* 512-bit words per row */
-    const uint16_t *k_cache = (const uint16_t *)job->k_cache, *v_cache = (const uint16_t *)job->v_cache;
+    const void *k_cache = job->k_cache, *v_cache = job->v_cache;
     const long q_base = (seq * job->num_heads + (long)kv_head * G) * D;
     __m512bh q[MAX_GROUP][MAX_HEAD_DIM / 32];
     __m512 max_score[MAX_GROUP];
@@ -341,11 +357,14 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
         /* Rows are scattered over blocks, too irregular for the hardware prefetcher: ask for the next
          * chunk's keys while this one is computed. */
         for (int i = c + CHUNK; i < span && i < c + 2 * CHUNK; i++)
-            for (int w = 0; w < W; w++) _mm_prefetch((const char *)(k_cache + rows[i] * D + 32 * w), _MM_HINT_T0);
+            for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, quantized), _MM_HINT_T0);
+        float key_factors[CHUNK];
+        if (quantized)
+            for (int i = 0; i < CHUNK; i++) key_factors[i] = i < n ? row_factor(job, k_cache, rows[c + i], 1) : 0.f;
         for (int i = 0; i < CHUNK; i++) {
             __m512bh k[MAX_HEAD_DIM / 32];
             for (int w = 0; w < W; w++)
-                k[w] = (__m512bh)(i < n ? _mm512_loadu_si512(k_cache + rows[c + i] * D + 32 * w) : _mm512_setzero_si512());
+                k[w] = i < n ? load_bf16_word(job, k_cache, rows[c + i], w, quantized) : (__m512bh)_mm512_setzero_si512();
             for (int g = 0; g < G; g++) {
                 __m512 dot = _mm512_setzero_ps();
                 for (int w = 0; w < W; w++) dot = _mm512_dpbf16_ps(dot, q[g][w], k[w]);
@@ -353,7 +372,8 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
             }
         }
         for (int g = 0; g < G; g++) {
-            const __m512 s = _mm512_mul_ps(sum_lanes16(dots[g]), scale);
+            __m512 s = _mm512_mul_ps(sum_lanes16(dots[g]), scale);
+            if (quantized) s = _mm512_mul_ps(s, _mm512_loadu_ps(key_factors));
             _mm512_mask_storeu_ps(scores + (long)g * span + c, valid, s);
             max_score[g] = _mm512_mask_max_ps(max_score[g], valid, max_score[g], s);
         }
@@ -364,6 +384,8 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
         float *s = scores + (long)g * span;
         uint16_t *w = weights + (long)g * padded;
         total[g] = softmax_numerators(s, span, _mm512_reduce_max_ps(max_score[g]));
+        if (quantized) /* each weight times its value row's scale, before rounding: the total stays unscaled */
+            for (int i = 0; i < span; i++) s[i] *= row_factor(job, v_cache, rows[i], 1);
         int i = 0;
         for (; i + 16 <= span; i += 16) _mm256_storeu_si256((__m256i *)(w + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
         if (i < span) {
@@ -381,13 +403,13 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
         const int has_second = i + 1 < span;
         if (i + PREFETCH_AHEAD < span)
             for (int w = 0; w < W; w++) {
-                _mm_prefetch((const char *)(v_cache + rows[i + PREFETCH_AHEAD] * D + 32 * w), _MM_HINT_T0);
+                _mm_prefetch(bf16_word_address(job, v_cache, rows[i + PREFETCH_AHEAD], w, quantized), _MM_HINT_T0);
                 if (i + PREFETCH_AHEAD + 1 < span)
-                    _mm_prefetch((const char *)(v_cache + rows[i + PREFETCH_AHEAD + 1] * D + 32 * w), _MM_HINT_T0);
+                    _mm_prefetch(bf16_word_address(job, v_cache, rows[i + PREFETCH_AHEAD + 1], w, quantized), _MM_HINT_T0);
             }
         for (int w = 0; w < W; w++) {
-            const __m512i a = _mm512_loadu_si512(v_cache + rows[i] * D + 32 * w);
-            const __m512i b = has_second ? _mm512_loadu_si512(v_cache + rows[i + 1] * D + 32 * w) : _mm512_setzero_si512();
+            const __m512i a = (__m512i)load_bf16_word(job, v_cache, rows[i], w, quantized);
+            const __m512i b = has_second ? (__m512i)load_bf16_word(job, v_cache, rows[i + 1], w, quantized) : _mm512_setzero_si512();
             const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
             for (int g = 0; g < G; g++) {
                 uint32_t pair;
@@ -411,11 +433,17 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
     }
 }
 
-/* The shapes of common models get their own instantiation; returns 0 for any other shape. */
+/* The shapes of common models get their own instantiation, bf16 and one-byte caches apart; returns 0 for
+ * any other shape. */
 static int attend_item_bf16(const Job *job, long seq, int kv_head, const long *rows, float *scores,
                             uint16_t *weights, int span) {
     const int G = job->num_heads / job->num_kv_heads;
-#define SHAPE(g, d) if (G == g && job->head_dim == d) { attend_bf16(job, seq, kv_head, rows, scores, weights, span, g, d); return 1; }
+#define SHAPE(g, d)                                                                                      \
+    if (G == g && job->head_dim == d) {                                                                  \
+        if (IS_QUANTIZED(job->kv_dtype)) attend_bf16(job, seq, kv_head, rows, scores, weights, span, g, d, 1); \
+        else attend_bf16(job, seq, kv_head, rows, scores, weights, span, g, d, 0);                       \
+        return 1;                                                                                        \
+    }
     SHAPE(1, 64) SHAPE(2, 64) SHAPE(3, 64) SHAPE(4, 64) SHAPE(5, 64) SHAPE(6, 64) SHAPE(7, 64) SHAPE(8, 64)
     SHAPE(1, 128) SHAPE(2, 128) SHAPE(3, 128) SHAPE(4, 128) SHAPE(5, 128) SHAPE(6, 128) SHAPE(7, 128) SHAPE(8, 128)
 #undef SHAPE
@@ -476,7 +504,7 @@ static int attend_item(const Job *job, long item, Scratch *scratch) {
     if (!reserve(scratch, span, G)) return 0;
     item_rows(job, job->block_tables + seq * job->table_stride, first, span, kv_head, scratch->rows);
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if (job->dtype == DTYPE_BF16 && job->kv_dtype == DTYPE_BF16 &&
+    if (job->dtype == DTYPE_BF16 && (job->kv_dtype == DTYPE_BF16 || IS_QUANTIZED(job->kv_dtype)) &&
         attend_item_bf16(job, seq, kv_head, scratch->rows, scratch->scores, scratch->weights, span))
         return 1;
 #endif
