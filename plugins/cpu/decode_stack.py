@@ -10,8 +10,7 @@ query token a row of its own whose context ends at its position (`row_contexts`)
 attention does for such queries. Every kernel computes a row alone, the same whatever the batch, so a
 draft token's logits are those a one-token decode at its position gets: greedy output is the same with
 and without `--speculate`. Longer prefill chunks, and models or configurations it does not cover
-(biases, q/k norms, sliding windows, other linear methods), run module by module as before. A quantized
-KV cache (`--kv-cache-dtype`) is written and read in C too, with the module path's rounding. So do steps
+(biases, q/k norms, sliding windows, other linear methods), run module by module as before. So do steps
 in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a server with
 adapters still take the C path.
 """
@@ -80,7 +79,9 @@ class DecodeStack:
                           if isinstance(module, Linear) and module.lora is not None), None)
         self.spec = attention.spec
         self.block_size = attention.block_size
-        self.cache_code = attention.cache_code  # bf16, or the one-byte format it quantizes keys and values to
+        # bf16, or the one-byte format (--kv-cache-dtype) the C step quantizes keys and values to as it writes
+        # them, rounding as the module path's PyTorch code does, byte for byte.
+        self.cache_code = attention.cache_code
         config = model.config
         self.shape = (config.hidden_size, self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim,
                       config.intermediate_size)
