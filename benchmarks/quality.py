@@ -5,6 +5,10 @@ read from their own blocks (the exact dequantized values, not a new quantization
 engine in float32, `--quantize int8`, and transformers' own float32 forward on the exported bf16-free
 reference weights, all on the same tokens of `perplexity_text.txt` (plain English prose written for
 this file, so no model has seen it).
+
+The `--kv-cache-dtype` rows store keys and values in one byte each: the whole text as one prompt reads
+them back through the prefill path; "16-token chunks" feeds it 16 tokens a step, which the decode
+kernel (in the C decode stack) attends row by row, so those rows measure the decode path's reads.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ MODES = {
     "tokenmill float32": {"dtype": "float32"},
     "tokenmill served default (bf16, Q4_1 blocks as stored)": {},
     "tokenmill --quantize int8 (bf16)": {"quantize": "int8"},
+    "tokenmill --kv-cache-dtype fp8_e4m3": {"kv_cache_dtype": "fp8_e4m3"},
+    "tokenmill --kv-cache-dtype fp8_e5m2": {"kv_cache_dtype": "fp8_e5m2"},
+    "tokenmill --kv-cache-dtype int8": {"kv_cache_dtype": "int8"},
+    "tokenmill served default, 16-token chunks": {"max_num_batched_tokens": 16},
+    "tokenmill --kv-cache-dtype fp8_e4m3, 16-token chunks": {"kv_cache_dtype": "fp8_e4m3", "max_num_batched_tokens": 16},
 }
 
 

@@ -45,7 +45,7 @@ class Backend:
             for hook in dir(hookspecs)
             if hook.startswith("tokenmill_")
         }
-        self._attention: dict[AttentionSpec, AttentionBackend] = {}
+        self._attention: dict[AttentionSpec, tuple[KVCacheLayout, AttentionBackend]] = {}
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
         result = self._hooks[hook](**kwargs)
@@ -67,10 +67,13 @@ class Backend:
         return self._call("tokenmill_kv_cache_layout", shape=shape, device=device)
 
     def attention(self, spec: AttentionSpec, layout: KVCacheLayout) -> AttentionBackend:
-        """One attention object per distinct spec, shared by the layers that have it."""
-        if spec not in self._attention:
-            self._attention[spec] = self._call("tokenmill_attention_backend", spec=spec, layout=layout)
-        return self._attention[spec]
+        """One attention object per distinct spec, shared by the layers that have it, over the latest layout
+        asked for (another layout, as a cache of another dtype, gets its own)."""
+        cached = self._attention.get(spec)
+        if cached is None or cached[0] is not layout:
+            cached = self._attention[spec] = (layout, self._call("tokenmill_attention_backend", spec=spec,
+                                                                 layout=layout))
+        return cached[1]
 
     def communicator(self, world_size: int, rank: int, device: torch.device) -> Communicator:
         return self._call("tokenmill_communicator", world_size=world_size, rank=rank, device=device)

@@ -50,7 +50,7 @@ ENGINE_FLAGS = ("--model-id", "--dtype", "--quantize", "--kv-cache-bytes", "--ma
                 "--cuda-memory-fraction", "--cuda-graphs", "--load-format", "--num-shard", "--sharded",
                 "--master-addr", "--master-port", "--node-rank", "--local-shards", "--cpu-bind",
                 "--rendezvous-timeout", "--revision", "--huggingface-hub-cache", "--otlp-service-name",
-                "--lora-adapters", "--speculate")
+                "--lora-adapters", "--speculate", "--kv-cache-dtype")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -121,6 +121,16 @@ def dtype_name(text: str) -> str:
     if text not in DTYPES:
         raise argparse.ArgumentTypeError(f"choose {', '.join(DTYPES)}, got {text!r}")
     return text
+
+
+def kv_cache_dtype(text: str) -> str:
+    from tokenmill.errors import ValidationError
+    from tokenmill.kv_cache_dtype import parse_kv_cache_dtype
+
+    try:
+        return parse_kv_cache_dtype(text)
+    except ValidationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def boolean(text: str) -> bool:
@@ -212,6 +222,7 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
 
     return EngineConfig(
         model_id=args.model_id, dtype=args.dtype, backend=args.backend, kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_num_batched_tokens=args.max_batch_prefill_tokens, max_num_seqs=args.max_batch_size,
         max_model_len=args.max_total_tokens, enable_prefix_caching=args.prefix_caching, quantize=args.quantize,
         cache_dir=Path(args.cache_dir).expanduser(), max_batch_total_tokens=args.max_batch_total_tokens,
@@ -443,6 +454,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     flag("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", 2048, int, help="tokens per engine step")
     flag("--max-batch-size", "MAX_BATCH_SIZE", 128, int, help="sequences per engine step")
     flag("--kv-cache-bytes", "KV_CACHE_BYTES", None, int, help="KV-cache size (default: the backend's budget)")
+    flag("--kv-cache-dtype", "KV_CACHE_DTYPE", "auto", kv_cache_dtype,
+         help="what the KV cache stores keys and values as: auto (the model's dtype), bfloat16, fp8_e4m3 (fp8), "
+              "fp8_e5m2 or int8, one byte an element with a scale per token and kv head: about twice the "
+              "sequences in the same memory; a backend that cannot store it refuses at start, naming what it can")
     flag("--max-batch-total-tokens", "MAX_BATCH_TOTAL_TOKENS", None, int,
          help="most tokens held in the KV cache at once (default: what the KV-cache budget holds)")
     flag("--cache-dir", "TOKENMILL_CACHE_DIR", "~/.cache/tokenmill", help="where derived files are cached")

@@ -7,6 +7,7 @@ thread for the serving layer; the conformance suite and benchmarks use `Engine.g
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import logging
@@ -23,6 +24,7 @@ from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
 from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
+from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cache_dtype
 from tokenmill.layers.moe import experts_of, prepare_experts
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
@@ -53,6 +55,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: the backend's preferred dtype
     backend: str | None = None  # None: the best discovered backend
     kv_cache_bytes: int | None = None  # None: the backend's memory budget
+    kv_cache_dtype: str = "auto"  # what the KV cache stores (tokenmill.kv_cache_dtype): auto is the model's dtype
     max_batch_total_tokens: int | None = None  # cap on tokens held in the KV cache (TGI's flag)
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
@@ -172,6 +175,9 @@ class Engine:
             # Its slots only grow, one step after another: rejected draft tokens could not be taken back.
             raise ValidationError(f"backend {self.backend.name!r} runs its own model, which cannot verify draft tokens: "
                                   "start it without --speculate")
+        if resolve_kv_cache_dtype(parse_kv_cache_dtype(config.kv_cache_dtype), self.dtype) != AUTO:
+            raise ValidationError(f"backend {self.backend.name!r} runs its own model, which keeps its own cache in "
+                                  f"{str(self.dtype).removeprefix('torch.')}: start it without --kv-cache-dtype")
         if config.enable_prefix_caching:
             logger.warning("prefix caching: %s", PREFIX_CACHING_UNAVAILABLE)
         self.prefix_caching = PREFIX_CACHING_UNAVAILABLE
@@ -202,8 +208,7 @@ class Engine:
             # prompt has other keys (`tokenmill.layers.rotary`), so blocks cannot be shared.
             self.prefix_caching = PREFIX_CACHING_LENGTH_DEPENDENT_ROPE
             logger.warning("prefix caching: %s", self.prefix_caching)
-        self.layout = self.backend.kv_cache_layout(kv_cache_shape(model_config, self.dtype, self.parallel),
-                                                   self.device)
+        self.layout = self._kv_cache_layout(config)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
         model_class = functools.partial(model_class, parallel=self.parallel)
         if self.checkpoint.format == "dummy":
@@ -268,6 +273,18 @@ class Engine:
         if lacking:
             raise ValidationError(f"{architecture} runs on the transformers fallback, which does not take "
                                   f"{', '.join(lacking)}; start it without")
+
+    def _kv_cache_layout(self, config: EngineConfig):
+        """The backend's layout for the model's cache in `--kv-cache-dtype`; refused if it cannot store that."""
+        cache_dtype = resolve_kv_cache_dtype(parse_kv_cache_dtype(config.kv_cache_dtype), self.dtype)
+        shape = dataclasses.replace(kv_cache_shape(self.model_config, self.dtype, self.parallel), cache_dtype=cache_dtype)
+        layout = self.backend.kv_cache_layout(shape, self.device)
+        if cache_dtype not in layout.cache_dtypes:
+            stored = ", ".join(name if name != "auto" else f"auto ({str(self.dtype).removeprefix('torch.')})"
+                               for name in layout.cache_dtypes)
+            raise ValidationError(f"backend {self.backend.name!r} cannot store the KV cache as {config.kv_cache_dtype} "
+                                  f"with a {str(self.dtype).removeprefix('torch.')} model; its KV cache dtypes: {stored}")
+        return layout
 
     def _profile_largest_step(self) -> None:
         """`MemoryRequest.profile`: one eager forward of the largest step, on a scratch cache freed on return.

@@ -149,6 +149,12 @@ def tokenmill_kv_cache_layout(shape: KVCacheShape, device: torch.device) -> KVCa
     The returned `KVCacheLayout` fixes the block size (16 on CPU, 64 or 128 on others), how blocks are
     laid out in memory, how they are allocated and how blocks are copied (prefix sharing, preemption).
     The attention backend from `tokenmill_attention_backend` must read this layout. Required to run.
+
+    ``shape.cache_dtype`` is what the user asked the cache to store (``--kv-cache-dtype``: "auto" for
+    ``shape.dtype``, or bfloat16, fp8_e4m3, fp8_e5m2, int8). Declare in `KVCacheLayout.cache_dtypes` the
+    ones the layout and its attention can store (the core refuses the others at start, naming these),
+    size `bytes_per_block` for the one asked, and say in `kv_scales` how a one-byte format's scales are
+    kept; the conformance suite then checks attention over each declared dtype.
     """
 
 

@@ -95,16 +95,26 @@ class KVCacheShape:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: keys and values arrive in it, attention returns it
+    # What the cache stores them as (`--kv-cache-dtype`, see tokenmill.kv_cache_dtype): "auto" is `dtype`.
+    cache_dtype: str = "auto"
 
 
 class KVCacheLayout(abc.ABC):
     """A backend's paged KV-cache geometry on its device: block size, memory, allocation and copies.
 
     The core only deals in block ids; what a block looks like in memory is the backend's business.
+
+    Quantized caches: `cache_dtypes` names the `KVCacheShape.cache_dtype` values the layout (and its
+    attention backend) can store; the core refuses a start asking for another, naming these. A layout
+    storing a one-byte format says in `kv_scales` how it keeps the scales (`tokenmill.kv_cache_dtype`:
+    "token_head", one scale per written row of a token's kv head), which the conformance suite's
+    reference rounding follows. `bytes_per_block` counts codes and scales together.
     """
 
     block_size: int  # tokens per block
+    cache_dtypes: tuple[str, ...] = ("auto",)
+    kv_scales: str | None = None
 
     @abc.abstractmethod
     def bytes_per_block(self) -> int:

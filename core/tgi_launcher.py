@@ -107,8 +107,6 @@ class Refused:
 REFUSED: tuple[Refused, ...] = (
     Refused.option("--validation-workers", "tokenmill tokenizes on the router's event loop; there is no pool of "
                                            "validation workers to size"),
-    Refused.option("--kv-cache-dtype", "the KV cache is kept in the model's dtype; no backend offers an fp8 KV "
-                                       "cache yet"),
     Refused.option("--trust-remote-code", "tokenmill runs only its own model implementations and never executes "
                                           "code from a model repository", switch=True),
     Refused.option("--prometheus-port", "tokenmill serves /metrics on the HTTP port (--port) only: scrape it "

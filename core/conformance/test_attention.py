@@ -12,6 +12,7 @@ import torch
 from tokenmill.conformance.plugin import dtypes_under_test
 from tokenmill.conformance.reference import build_paged_batch, reference_attention
 from tokenmill.interfaces import AttentionSpec, KVCacheShape
+from tokenmill.kv_cache_dtype import AUTO, QUANTIZED_FORMATS, SCALES_PER_TOKEN_HEAD, resolve_kv_cache_dtype, round_trip
 
 pytestmark = [pytest.mark.kernel, pytest.mark.paged_cache]  # kernel: runs under `--interpret` too
 
@@ -45,20 +46,28 @@ def _check_step(attention, step, kv_cache, expected, dtype):
     assert error < _tolerance(dtype), f"max abs error {error:.2e}"
 
 
-def _run_case(backend, device, dtype, seqs, rejected=0, **spec_kwargs):
+def _run_case(backend, device, dtype, seqs, rejected=0, cache_dtype=AUTO, **spec_kwargs):
+    """`cache_dtype`: the cache stores that (`KVCacheShape.cache_dtype`), and the reference attends over keys and
+    values rounded as tokenmill.kv_cache_dtype rounds them."""
     heads, kv_heads = spec_kwargs.pop("heads", (4, 2))
     spec = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=32, scale=32**-0.5, dtype=dtype,
                          **spec_kwargs)
-    layout = backend.kv_cache_layout(KVCacheShape(1, kv_heads, 32, dtype), device)
+    layout = backend.kv_cache_layout(KVCacheShape(1, kv_heads, 32, dtype, cache_dtype), device)
     kv_cache = layout.allocate(NUM_BLOCKS)[0]
     attention = backend.attention(spec, layout)
     batch = build_paged_batch(layout, NUM_BLOCKS, spec, seqs, torch.Generator().manual_seed(len(seqs)), device,
                               rejected)
+
+    def stored(tensors):
+        return [round_trip(t, cache_dtype) for t in tensors]
+
     if batch.fill is not None:
         fill_lens = [c + rejected for c, _ in seqs if c]
-        expected = reference_attention(batch.fill.query.cpu(), batch.fill_keys, batch.fill_values, fill_lens, spec)
+        expected = reference_attention(batch.fill.query.cpu(), stored(batch.fill_keys), stored(batch.fill_values),
+                                       fill_lens, spec)
         _check_step(attention, batch.fill, kv_cache, expected, dtype)
-    expected = reference_attention(batch.step.query.cpu(), batch.full_keys, batch.full_values, batch.query_lens, spec)
+    expected = reference_attention(batch.step.query.cpu(), stored(batch.full_keys), stored(batch.full_values),
+                                   batch.query_lens, spec)
     _check_step(attention, batch.step, kv_cache, expected, dtype)
 
 
@@ -68,6 +77,23 @@ def test_attention_matches_reference(backend, platform, device, case) -> None:
     block_size = backend.kv_cache_layout(KVCacheShape(1, 2, 32, torch.float32), device).block_size
     for dtype in dtypes_under_test(platform):
         _run_case(backend, device, dtype, _batches(block_size)[case])
+
+
+@pytest.mark.parametrize("case", ["mixed", "multi_token_decode"])
+def test_attention_over_a_quantized_cache_matches_the_dequantized_reference(backend, platform, device, case) -> None:
+    """Every cache dtype the layout declares besides the model's (`KVCacheLayout.cache_dtypes`): written by the
+    backend, read by its attention, as exact as attention over the keys and values the format rounds to."""
+    layout = backend.kv_cache_layout(KVCacheShape(1, 2, 32, torch.float32), device)
+    cache_dtypes = [name for name in layout.cache_dtypes if name != AUTO]
+    if not cache_dtypes:
+        pytest.skip("the backend's KV layout stores only the model's dtype (KVCacheLayout.cache_dtypes)")
+    if any(name in QUANTIZED_FORMATS for name in cache_dtypes):
+        assert layout.kv_scales == SCALES_PER_TOKEN_HEAD, (
+            f"kv_scales {layout.kv_scales!r}: the reference rounds with a scale per token and kv head")
+    for dtype in dtypes_under_test(platform):
+        for cache_dtype in cache_dtypes:
+            if resolve_kv_cache_dtype(cache_dtype, dtype) != AUTO:
+                _run_case(backend, device, dtype, _batches(layout.block_size)[case], cache_dtype=cache_dtype)
 
 
 def test_attention_overwrites_rejected_draft_tokens(backend, platform, device) -> None:

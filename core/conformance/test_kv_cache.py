@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenmill.interfaces import KVCacheShape
+from tokenmill.kv_cache_dtype import QUANTIZED_FORMATS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.paged_cache]  # kernel: runs under `--interpret` too
 
@@ -52,3 +53,21 @@ def _blocks(cache: torch.Tensor, layout, num_blocks: int) -> list[torch.Tensor]:
     """Each block's contents, found by the dimension of size num_blocks (layouts order dims freely)."""
     dim = next(i for i, size in enumerate(cache.shape) if size == num_blocks)
     return [cache.select(dim, b) for b in range(num_blocks)]
+
+
+def test_a_quantized_cache_takes_one_byte_an_element_and_its_scales(backend, device) -> None:
+    """Each one-byte format the layout declares: blocks of about half the bfloat16 size (the scales are what
+    is over), so the same memory holds about twice the blocks; allocation matches the declared size."""
+    def layout(cache_dtype):
+        return backend.kv_cache_layout(KVCacheShape(3, 2, 64, torch.bfloat16, cache_dtype), device)
+
+    formats = [name for name in layout("auto").cache_dtypes if name in QUANTIZED_FORMATS]
+    if not formats:
+        pytest.skip("the backend's KV layout stores no one-byte format (KVCacheLayout.cache_dtypes)")
+    bf16_bytes = layout("auto").bytes_per_block()
+    for name in formats:
+        quantized = layout(name)
+        assert quantized.block_size == layout("auto").block_size
+        assert quantized.bytes_per_block() * 1.8 <= bf16_bytes, name
+        caches = quantized.allocate(5)
+        assert sum(c.numel() * c.element_size() for c in caches) == 5 * quantized.bytes_per_block()

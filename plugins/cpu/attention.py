@@ -17,6 +17,12 @@ greedy output is the same with and without `--speculate` at any dtype (decode_st
 
 A padded step (a backend with shape buckets, see `AttentionMetadata`) runs as the unpadded step of its
 real rows: the padding tokens are neither written to the cache nor attended, and their output is zero.
+
+Quantized caches (`--kv-cache-dtype` int8, fp8_e4m3, fp8_e5m2): each row of a block is then `head_dim`
+one-byte codes followed by the row's bfloat16 scale, a uint8 tensor ``(2, num_blocks, num_kv_heads,
+block_size, head_dim + 2)``; rows are quantized as they are written (tokenmill.kv_cache_dtype, one scale
+per token and kv head), and the decode kernel converts codes as it loads them; the gather path
+dequantizes the rows it gathers. A bfloat16 cache under a float32 model is read the same way, converted.
 """
 
 from __future__ import annotations
@@ -37,7 +43,16 @@ from tokenmill.interfaces import (
     KVCacheLayout,
     KVCacheShape,
 )
-from tokenmill.plugins.cpu.kernels import decode_attention_kernel_available, paged_decode_attention
+from tokenmill.kv_cache_dtype import (
+    KV_CACHE_DTYPES,
+    QUANTIZED_FORMATS,
+    SCALES_PER_TOKEN_HEAD,
+    QuantizedFormat,
+    dequantize_rows,
+    quantize_rows,
+    quantized_row_bytes,
+)
+from tokenmill.plugins.cpu.kernels import CACHE_CODES, decode_attention_kernel_available, paged_decode_attention
 
 DEFAULT_BLOCK_SIZE = 16
 CAUSAL = "causal"  # a group mask meaning: SDPA's own is_causal
@@ -46,21 +61,33 @@ MAX_ROW_QUERY = 16
 
 
 class CPUKVCacheLayout(KVCacheLayout):
-    """Blocks as ``(2, num_blocks, num_kv_heads, block_size, head_dim)`` per layer, keys then values."""
+    """Blocks as ``(2, num_blocks, num_kv_heads, block_size, row)`` per layer, keys then values; a row is
+    head_dim elements of the cache dtype, or of a quantized cache head_dim codes and a bfloat16 scale."""
+
+    cache_dtypes = KV_CACHE_DTYPES
+    kv_scales = SCALES_PER_TOKEN_HEAD
 
     def __init__(self, shape: KVCacheShape, device: torch.device, block_size: int = DEFAULT_BLOCK_SIZE):
         self.shape = shape
         self.device = device
         self.block_size = block_size
+        self.format: QuantizedFormat | None = QUANTIZED_FORMATS.get(shape.cache_dtype)
+        if self.format is not None:
+            self.storage_dtype, self.row_width = torch.uint8, quantized_row_bytes(shape.head_dim)
+        else:
+            self.storage_dtype = torch.bfloat16 if shape.cache_dtype == "bfloat16" else shape.dtype
+            self.row_width = shape.head_dim
+        # What the decode kernel is told the cache holds.
+        self.cache_code = CACHE_CODES[shape.cache_dtype if self.format is not None else self.storage_dtype]
 
     def bytes_per_block(self) -> int:
         s = self.shape
-        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * s.dtype.itemsize
+        return 2 * s.num_layers * self.block_size * s.num_kv_heads * self.row_width * self.storage_dtype.itemsize
 
     def allocate(self, num_blocks: int) -> list[torch.Tensor]:
         s = self.shape
-        shape = (2, num_blocks, s.num_kv_heads, self.block_size, s.head_dim)
-        return [_zeros_committed_on_write(shape, s.dtype) for _ in range(s.num_layers)]
+        shape = (2, num_blocks, s.num_kv_heads, self.block_size, self.row_width)
+        return [_zeros_committed_on_write(shape, self.storage_dtype) for _ in range(s.num_layers)]
 
     def copy_blocks(self, caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         for cache in caches:
@@ -228,11 +255,14 @@ def _build_groups(meta: AttentionMetadata, block_size: int, spec: AttentionSpec,
 class CPUPagedAttention(AttentionBackend):
     """Prefill, chunked prefill and decode in one batched call, for layers of one `AttentionSpec`."""
 
-    def __init__(self, spec: AttentionSpec, layout: KVCacheLayout):
+    def __init__(self, spec: AttentionSpec, layout: CPUKVCacheLayout):
         self.spec = spec
         self.block_size = layout.block_size
+        self.format = layout.format  # None: the cache stores plain values
+        self.cache_code = layout.cache_code
+        self.storage_dtype = layout.storage_dtype
         self._key = ("cpu-attention", spec.sliding_window)
-        # Queries and cache are both in spec.dtype, so whether decodes take the kernel is known now.
+        # The query and cache dtypes are fixed, so whether decodes take the kernel is known now.
         self.kernel_decodes = decode_attention_kernel_available(spec.dtype) and spec.logit_softcap is None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
@@ -274,10 +304,9 @@ class CPUPagedAttention(AttentionBackend):
 
     def _forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  write_rows: torch.Tensor, groups: list[_Group]) -> torch.Tensor:
-        spec = self.spec
-        rows = kv_cache.view(2, -1, spec.head_dim)
-        rows[0].index_copy_(0, write_rows, key.reshape(-1, spec.head_dim).to(kv_cache.dtype))
-        rows[1].index_copy_(0, write_rows, value.reshape(-1, spec.head_dim).to(kv_cache.dtype))
+        rows = kv_cache.view(2, -1, kv_cache.shape[-1])
+        rows[0].index_copy_(0, write_rows, self._stored_rows(key))
+        rows[1].index_copy_(0, write_rows, self._stored_rows(value))
 
         if len(groups) == 1 and groups[0].token_index is None:
             return self._attend(groups[0], query, kv_cache)
@@ -286,16 +315,34 @@ class CPUPagedAttention(AttentionBackend):
             out[group.token_index] = self._attend(group, query[group.token_index], kv_cache)
         return out
 
+    def _stored_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The (tokens * kv_heads, row) cache rows of this step's keys or values, as the cache stores them."""
+        x = x.reshape(-1, self.spec.head_dim)
+        if self.format is None:
+            return x.to(self.storage_dtype)
+        codes, scale = quantize_rows(x, self.format)
+        return torch.cat([codes.view(torch.uint8), scale.unsqueeze(-1).view(torch.uint8)], dim=-1)
+
+    def _loaded(self, gathered: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gathered cache rows as values of `dtype`."""
+        if self.format is None:
+            return gathered.to(dtype)
+        head_dim = self.spec.head_dim
+        codes = gathered[..., :head_dim].view(self.format.code_dtype)
+        scale = gathered[..., head_dim:].contiguous().view(torch.bfloat16).squeeze(-1)
+        return dequantize_rows(codes, scale, dtype)
+
     def _attend(self, group: _Group, query: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """Attention of the group's (tokens, heads, head_dim) queries; same shape out."""
         spec = self.spec
         num_seqs, max_q = group.num_seqs, group.max_query_len
         if group.kv_rows is None:  # the decode kernel, one row per query token
             return paged_decode_attention(query, kv_cache[0], kv_cache[1], group.block_tables, group.seq_lens,
-                                          group.total_positions, self.block_size, spec.sliding_window, spec.scale)
-        rows = kv_cache.view(2, -1, spec.head_dim)
-        keys = rows[0][group.kv_rows].to(query.dtype)  # (B, kv_heads, max_seq_len, D)
-        values = rows[1][group.kv_rows].to(query.dtype)
+                                          group.total_positions, self.block_size, spec.sliding_window, spec.scale,
+                                          self.cache_code)
+        rows = kv_cache.view(2, -1, kv_cache.shape[-1])
+        keys = self._loaded(rows[0][group.kv_rows], query.dtype)  # (B, kv_heads, max_seq_len, D)
+        values = self._loaded(rows[1][group.kv_rows], query.dtype)
         if group.token_to_padded is None:  # one query token per sequence: no padding needed
             padded = query.unsqueeze(2)  # (B, H, 1, D)
         else:

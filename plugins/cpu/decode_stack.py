@@ -94,6 +94,9 @@ class DecodeStack:
                           if isinstance(module, Linear) and module.lora is not None), None)
         self.spec = attention.spec
         self.block_size = attention.block_size
+        # bf16, or the one-byte format (--kv-cache-dtype) the C step quantizes keys and values to as it writes
+        # them, rounding as the module path's PyTorch code does, byte for byte.
+        self.cache_code = attention.cache_code
         config = model.config
         self.shape = (config.hidden_size, self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim,
                       config.intermediate_size)
@@ -116,7 +119,8 @@ class DecodeStack:
         (attention,) = backends.values()
         spec = attention.spec
         if not (isinstance(attention, CPUPagedAttention) and attention.kernel_decodes and spec.sliding_window is None
-                and spec.dtype == torch.bfloat16 and spec.head_dim % 2 == 0 and model.norm.offset == 0.0):
+                and spec.dtype == torch.bfloat16 and spec.head_dim % 2 == 0 and model.norm.offset == 0.0
+                and (attention.format is not None or attention.storage_dtype == torch.bfloat16)):
             return None
         plans = [_layer_plan(layer, model.norm.eps) for layer in model.layers]
         if any(plan is None for plan in plans):
@@ -156,7 +160,7 @@ class DecodeStack:
             head_dim, intermediate, GGML_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
             block_tables.data_ptr(), seq_lens.data_ptr(), block_tables.stride(0), self.block_size,
             int(seq_lens.sum()), model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), spec.scale,
-            torch.get_num_threads(),
+            torch.get_num_threads(), self.cache_code,
         )
         return out
 

@@ -14,6 +14,8 @@ except ImportError:  # pragma: no cover - depends on the build
     _paged_attention = None
 
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float32: 1}
+# What attention_kernels.h calls each KV-cache storage: a torch dtype, or a one-byte format's name.
+CACHE_CODES = {torch.bfloat16: 0, torch.float32: 1, "int8": 2, "fp8_e4m3": 3, "fp8_e5m2": 4}
 
 
 def decode_attention_kernel_available(dtype: torch.dtype) -> bool:
@@ -30,6 +32,7 @@ def paged_decode_attention(
     block_size: int,
     sliding_window: int | None,
     scale: float,
+    cache_code: int | None = None,  # CACHE_CODES of what the cache stores; None: the query's dtype
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its cached context, read from the blocks in place."""
     query = query.contiguous()
@@ -38,6 +41,6 @@ def paged_decode_attention(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
         seq_lens.data_ptr(), out.data_ptr(), block_tables.stride(0), query.shape[0], query.shape[1],
         key_cache.shape[1], query.shape[2], block_size, sliding_window or 0, _DTYPE_CODES[query.dtype], scale,
-        total_positions, torch.get_num_threads(),
+        total_positions, torch.get_num_threads(), CACHE_CODES[query.dtype] if cache_code is None else cache_code,
     )
     return out

@@ -35,6 +35,8 @@ class GaudiKVCacheLayout(KVCacheLayout):
     """Blocks as ``(2, num_blocks, block_size + 1, num_kv_heads, head_dim)`` per layer; the last row of a
     block is scratch for the writes of padding tokens."""
 
+    cache_dtypes = ("auto",)  # its attention reads keys and values in the model's dtype only
+
     def __init__(self, shape: KVCacheShape, device: torch.device, block_size: int = DEFAULT_BLOCK_SIZE):
         self.shape = shape
         self.device = device

@@ -22,6 +22,8 @@ _NEG = -1e30  # masked scores: finite, so a row that may see nothing (padding) s
 
 
 class XLAKVCacheLayout(KVCacheLayout):
+    cache_dtypes = ("auto",)  # ragged_paged_attention is given pages in the model's dtype only
+
     def __init__(self, shape: KVCacheShape, device: torch.device, block_size: int = BLOCK_SIZE):
         self.shape, self.device, self.block_size = shape, device, block_size
 

@@ -22,6 +22,8 @@ DEFAULT_BLOCK_SIZE = 16
 class TritonKVCacheLayout(KVCacheLayout):
     """Blocks as ``(2, num_blocks, num_kv_heads, block_size, head_dim)`` per layer, keys then values."""
 
+    cache_dtypes = ("auto",)  # the Triton kernels read keys and values in the model's dtype only
+
     def __init__(self, shape: KVCacheShape, device: torch.device, block_size: int = DEFAULT_BLOCK_SIZE):
         if block_size < 16 or block_size & (block_size - 1):
             # A key block is a tl.arange extent and a tl.dot operand.

@@ -240,6 +240,16 @@ def test_sharded_alone_means_one_rank_per_device_and_false_means_one(no_shard_en
     assert _parsed_engine_config(["--sharded", "true", "--num-shard", "3"]).num_shard == 3
 
 
+def test_the_launcher_forwards_the_kv_cache_dtype_to_its_model_server(monkeypatch) -> None:
+    from tokenmill.cli import _engine_config, _model_server_args, build_parser
+
+    monkeypatch.delenv("KV_CACHE_DTYPE", raising=False)
+    serve = build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8"])
+    child = build_parser().parse_args(["model-server", *_model_server_args(serve)])
+    assert _engine_config(child) == _engine_config(serve)
+    assert _engine_config(child).kv_cache_dtype == "fp8_e4m3"
+
+
 def test_the_launcher_forwards_shard_flags_to_its_model_server(no_shard_env) -> None:
     from tokenmill.cli import _engine_config, _model_server_args, build_parser
 

@@ -42,3 +42,26 @@ def test_kernel_matches_batched_matmuls(dtype, heads, kv_heads, head_dim, window
     expected = _decode_attention(query, keys, values, mask[:, None, None, :], spec)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 40)])  # bf16 dot products; scalar path
+def test_kernel_over_a_quantized_cache_matches_float32_over_its_dequantized_values(cache_dtype, heads, kv_heads,
+                                                                                   head_dim) -> None:
+    from tokenmill.kv_cache_dtype import QUANTIZED_FORMATS, dequantize_rows, quantize_rows
+
+    torch.manual_seed(0)
+    block_size, num_blocks, num_seqs = 16, 64, 5
+    codes, scales = quantize_rows(torch.randn(2, num_blocks, kv_heads, block_size, head_dim),
+                                  QUANTIZED_FORMATS[cache_dtype])
+    cache = torch.cat([codes.view(torch.uint8), scales.unsqueeze(-1).view(torch.uint8)], dim=-1)
+    dequantized = dequantize_rows(codes, scales, torch.float32)
+    seq_lens = torch.tensor([1, 17, 40, 3, 100], dtype=torch.int32)
+    block_tables = torch.randperm(num_blocks)[: num_seqs * 8].view(num_seqs, 8).to(torch.int32)
+    query = torch.randn(num_seqs, heads, head_dim).bfloat16()
+    args = (block_tables, seq_lens, int(seq_lens.sum()), block_size, None, head_dim**-0.5)
+
+    expected = kernels.paged_decode_attention(query.float(), dequantized[0], dequantized[1], *args)
+    out = kernels.paged_decode_attention(query, cache[0], cache[1], *args,
+                                         cache_code=kernels.CACHE_CODES[cache_dtype])
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)  # bf16 queries and weights

@@ -18,10 +18,10 @@ from tokenmill.sampling_params import SamplingParams
 pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the decode stack needs AVX512-BF16 kernels")
 
 
-def _engine(family: str, dtype: str = "bfloat16", quantize: str | None = None) -> Engine:
+def _engine(family: str, dtype: str = "bfloat16", quantize: str | None = None, kv_cache_dtype: str = "auto") -> Engine:
     # No prefix cache: the second run must recompute the prompts exactly as the first did.
     config = EngineConfig(backend="cpu", dtype=dtype, kv_cache_bytes=16 << 20, progress=False,
-                          enable_prefix_caching=False, quantize=quantize)
+                          enable_prefix_caching=False, quantize=quantize, kv_cache_dtype=kv_cache_dtype)
     return Engine(config, checkpoint=build_tiny(family).checkpoint())
 
 
@@ -37,6 +37,18 @@ def test_captured_decode_steps_match_the_module_forward_bit_for_bit(family, num_
     assert isinstance(engine.runner.forward, CapturedForward)
     rng = random.Random(num_prompts)
     prompts = [[rng.randrange(4, VOCAB) for _ in range(rng.choice([5, 40, 90]))] for _ in range(num_prompts)]
+    captured = _tokens_and_logprobs(engine, prompts)
+    engine.runner.forward = engine.model
+    assert _tokens_and_logprobs(engine, prompts) == captured
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_captured_steps_over_a_quantized_cache_match_the_module_forward_bit_for_bit(kv_cache_dtype) -> None:
+    # The C step quantizes the keys and values it writes as the module path's PyTorch code does, byte for byte.
+    engine = _engine("llama", kv_cache_dtype=kv_cache_dtype)
+    assert isinstance(engine.runner.forward, CapturedForward)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, VOCAB) for _ in range(rng.choice([5, 40, 90]))] for _ in range(4)]
     captured = _tokens_and_logprobs(engine, prompts)
     engine.runner.forward = engine.model
     assert _tokens_and_logprobs(engine, prompts) == captured

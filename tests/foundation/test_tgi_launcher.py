@@ -158,12 +158,12 @@ def test_the_launcher_forwards_revision_cache_and_service_name_to_its_model_serv
 
 def test_refused_settings_stop_the_start_naming_each_before_anything_loads(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ALL_VARIABLES}
-    env.update(KV_CACHE_DTYPE="fp8_e5m2", NGROK_AUTHTOKEN="tok_do_not_print", TRUST_REMOTE_CODE="false")
+    env.update(VALIDATION_WORKERS="3", NGROK_AUTHTOKEN="tok_do_not_print", TRUST_REMOTE_CODE="false")
     result = run_cli("serve", "--rope-factor", "2.0", "--trust-remote-code", "--port", "1", env=env, check=False)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("tokenmill serve: ")]
     assert [re.match(r"tokenmill serve: (\S+)", line).group(1) for line in lines] == [
-        "KV_CACHE_DTYPE", "--trust-remote-code", "--rope-factor", "NGROK_AUTHTOKEN"]
+        "VALIDATION_WORKERS", "--trust-remote-code", "--rope-factor", "NGROK_AUTHTOKEN"]
     assert "tok_do_not_print" not in result.stderr
     assert "model server" not in result.stderr  # refused before anything started
 
@@ -182,6 +182,15 @@ def test_tgi_quantize_values_without_a_counterpart_are_refused_as_flag_or_variab
     with pytest.raises(SystemExit):
         _parse(["serve"])
     assert "--quantize" in capsys.readouterr().err
+
+
+def test_kv_cache_dtype_takes_vllm_values_and_alias_as_flag_or_variable(clean_env, capsys) -> None:
+    assert _parse(["serve", "--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8_e4m3"  # vLLM's alias
+    clean_env.setenv("KV_CACHE_DTYPE", "int8")
+    assert _parse(["serve"]).kv_cache_dtype == "int8"
+    with pytest.raises(SystemExit):
+        _parse(["serve", "--kv-cache-dtype", "fp4"])
+    assert "auto, bfloat16, fp8_e4m3, fp8_e5m2, int8" in capsys.readouterr().err
 
 
 def test_tgi_quantize_values_with_a_counterpart_and_dtypes_parse(clean_env, capsys) -> None:

@@ -11,6 +11,11 @@
  * block_size, head_dim): head-major inside a block, so one kv head's rows of a block are one contiguous
  * run the hardware prefetcher follows (interleaved heads read half as fast from DRAM);
  * block_tables (num_seqs, table_stride) int32; seq_lens int32.
+ *
+ * The cache may store another dtype than the queries' (`kv_dtype`): bf16 under float32 queries, or a
+ * one-byte format (int8, fp8 e4m3 or e5m2, tokenmill.kv_cache_dtype), each row then head_dim codes
+ * followed by its bf16 scale (head_dim + 2 bytes). Codes are converted to float32 as they are loaded;
+ * a key row's scale multiplies its converted row once, a value row's scale its softmax weight.
  */
 #ifndef TOKENMILL_ATTENTION_KERNELS_H
 #define TOKENMILL_ATTENTION_KERNELS_H
@@ -24,7 +29,9 @@
 #include <immintrin.h>
 #endif
 
-enum { DTYPE_BF16 = 0, DTYPE_F32 = 1 };
+enum { DTYPE_BF16 = 0, DTYPE_F32 = 1, DTYPE_INT8 = 2, DTYPE_FP8_E4M3 = 3, DTYPE_FP8_E5M2 = 4 };
+#define IS_QUANTIZED(dtype) ((dtype) >= DTYPE_INT8)
+#define SCALE_BYTES 2 /* a quantized row's bf16 scale, after its codes */
 #define MAX_GROUP 32
 #define MAX_HEAD_DIM 256
 
@@ -35,7 +42,67 @@ typedef struct {
     long table_stride;
     int num_heads, num_kv_heads, head_dim, block_size, window, dtype;
     float scale;
+    int kv_dtype; /* the cache's storage: dtype, bf16, or a one-byte format */
 } Job;
+
+/* Largest magnitude of a one-byte format. */
+static inline float quantized_max(int kv_dtype) {
+    return kv_dtype == DTYPE_INT8 ? 127.f : kv_dtype == DTYPE_FP8_E4M3 ? 448.f : 57344.f;
+}
+
+/* The value of an fp8 code (e4m3: bias 7, 3 mantissa bits, no infinities; e5m2: bias 15, 2 bits). */
+static inline float fp8_to_f32(uint8_t code, int kv_dtype) {
+    const int m_bits = kv_dtype == DTYPE_FP8_E4M3 ? 3 : 2, bias = kv_dtype == DTYPE_FP8_E4M3 ? 7 : 15;
+    const int exponent = (code & 0x7F) >> m_bits, mantissa = code & ((1 << m_bits) - 1);
+    const float magnitude = exponent ? ldexpf(1.f + (float)mantissa / (1 << m_bits), exponent - bias)
+                                     : ldexpf((float)mantissa / (1 << m_bits), 1 - bias);
+    return code & 0x80 ? -magnitude : magnitude;
+}
+
+/* |x| <= the format's largest value, to the nearest fp8 code, ties to even (as PyTorch converts). */
+static inline uint8_t f32_to_fp8(float x, int kv_dtype) {
+    const int m_bits = kv_dtype == DTYPE_FP8_E4M3 ? 3 : 2, bias = kv_dtype == DTYPE_FP8_E4M3 ? 7 : 15;
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    const uint8_t sign = (uint8_t)((bits >> 24) & 0x80);
+    bits &= 0x7FFFFFFF;
+    float magnitude;
+    memcpy(&magnitude, &bits, 4);
+    uint32_t code;
+    if (magnitude < ldexpf(1.f, 1 - bias)) { /* subnormal: a count of the smallest step, 2^(1 - bias - m_bits) */
+        code = (uint32_t)nearbyintf(ldexpf(magnitude, bias - 1 + m_bits));
+    } else { /* drop the low mantissa bits rounding to even; a carry moves into the exponent */
+        bits += (1u << (22 - m_bits)) - 1 + ((bits >> (23 - m_bits)) & 1);
+        code = (((bits >> 23) - 127 + bias) << m_bits) | ((bits >> (23 - m_bits)) & ((1u << m_bits) - 1));
+    }
+    return sign | (uint8_t)code;
+}
+
+/* One bf16 row of n values as n one-byte codes and its bf16 scale (largest magnitude / format's largest):
+ * the rounding of tokenmill.kv_cache_dtype.quantize_rows, step for step, so both write the same bytes. */
+static inline void quantize_row(const uint16_t *src, int n, int kv_dtype, uint8_t *dst) {
+    const float max_code = quantized_max(kv_dtype);
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(bf16_to_f32(src[i])));
+    uint16_t scale_bits = f32_to_bf16(amax / max_code);
+    if (bf16_to_f32(scale_bits) == 0.f) scale_bits = f32_to_bf16(1.f); /* an all-zero row: any scale */
+    const float scale = bf16_to_f32(scale_bits);
+    for (int i = 0; i < n; i++) {
+        const float v = fminf(fmaxf(bf16_to_f32(src[i]) / scale, -max_code), max_code);
+        dst[i] = kv_dtype == DTYPE_INT8 ? (uint8_t)(int8_t)nearbyintf(v) : f32_to_fp8(v, kv_dtype);
+    }
+    memcpy(dst + n, &scale_bits, SCALE_BYTES);
+}
+
+static inline const uint8_t *quantized_row(const Job *job, const void *cache, long row) {
+    return (const uint8_t *)cache + row * (job->head_dim + SCALE_BYTES);
+}
+
+static inline float quantized_row_scale(const Job *job, const void *cache, long row) {
+    uint16_t bits;
+    memcpy(&bits, quantized_row(job, cache, row) + job->head_dim, SCALE_BYTES);
+    return bf16_to_f32(bits);
+}
 
 /* Per-thread scratch: the item's cache rows, and its scores (group x span). */
 typedef struct {
@@ -76,6 +143,19 @@ static inline void store_row(void *base, long index, int dtype, int n, const flo
     }
 }
 
+/* Cache row `row` as head_dim float32 values, scale applied. */
+static inline void load_cache_row(const Job *job, const void *cache, long row, float *dst) {
+    const int n = job->head_dim;
+    if (!IS_QUANTIZED(job->kv_dtype)) {
+        load_row(cache, row * n, job->kv_dtype, n, dst);
+        return;
+    }
+    const uint8_t *codes = quantized_row(job, cache, row);
+    const float scale = quantized_row_scale(job, cache, row);
+    for (int i = 0; i < n; i++)
+        dst[i] = scale * (job->kv_dtype == DTYPE_INT8 ? (float)(int8_t)codes[i] : fp8_to_f32(codes[i], job->kv_dtype));
+}
+
 /* Cache row (position first + i, kv_head) for i < span, walking the block table without dividing per position. */
 static void item_rows(const Job *job, const int32_t *table, int first, int span, int kv_head, long *rows) {
     const int bs = job->block_size;
@@ -97,6 +177,32 @@ static inline __m512 load16(const void *base, long index, int dtype) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
     }
     return _mm512_loadu_ps((const float *)base + index);
+}
+
+/* 16 one-byte codes as float32 lanes, without the row's scale. An fp8 code moved into a float16's fields
+ * (e5m2: its top byte; e4m3: sign, then exponent and mantissa one bit lower) converts in hardware; e4m3's
+ * exponent bias (7, float16's 15) leaves it 2^8 too small, which `code_factor` puts back into the scale. */
+static inline __m512 load_codes16(const uint8_t *codes, int kv_dtype) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)codes);
+    if (kv_dtype == DTYPE_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+    const __m256i wide = _mm256_cvtepu8_epi16(raw);
+    if (kv_dtype == DTYPE_FP8_E5M2) return _mm512_cvtph_ps(_mm256_slli_epi16(wide, 8));
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x80)), 8);
+    const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x7F)), 7);
+    return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
+}
+
+static inline float code_factor(int kv_dtype) { return kv_dtype == DTYPE_FP8_E4M3 ? 256.f : 1.f; }
+
+/* Lanes 16j.. of cache row `row` as float32; a quantized row without its scale (`row_factor`). */
+static inline __m512 load_cache16(const Job *job, const void *cache, long row, int j, const int quantized) {
+    if (!quantized) return load16(cache, row * job->head_dim + 16 * j, job->kv_dtype);
+    return load_codes16(quantized_row(job, cache, row) + 16 * j, job->kv_dtype);
+}
+
+/* What row `row`'s loaded lanes are multiplied by: its scale (with the fp8 code factor), 1 unquantized. */
+static inline float row_factor(const Job *job, const void *cache, long row, const int quantized) {
+    return quantized ? quantized_row_scale(job, cache, row) * code_factor(job->kv_dtype) : 1.f;
 }
 
 #define MAX_VECS (MAX_HEAD_DIM / 16)
@@ -139,8 +245,11 @@ static inline float softmax_numerators(float *s, int span, float max) {
 }
 
 /* One (sequence, kv head) work item, vectorised along the head dimension (head_dim % 16 == 0). Keys are
- * taken 16 positions at a time, converted to float32 once and shared by the query heads of the group. */
-static void attend_item_avx512(const Job *job, long seq, int kv_head, const long *rows, float *scores, int span) {
+ * taken 16 positions at a time, converted to float32 once and shared by the query heads of the group.
+ * `quantized` is a constant in each instantiation, so the unquantized one is the code it always was. */
+static inline __attribute__((always_inline)) void attend_avx512(const Job *job, long seq, int kv_head,
+                                                                const long *rows, float *scores, int span,
+                                                                const int quantized) {
     const int D = job->head_dim, G = job->num_heads / job->num_kv_heads, V = D / 16;
     __m512 q[MAX_GROUP][MAX_VECS], acc[MAX_GROUP][MAX_VECS], max_score[MAX_GROUP];
     float keys[CHUNK * MAX_HEAD_DIM];
@@ -153,9 +262,13 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, const long
     for (int c = 0; c < span; c += CHUNK) {
         const int n = span - c < CHUNK ? span - c : CHUNK;
         const __mmask16 valid = (__mmask16)((1u << n) - 1);
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < V; j++)
-                _mm512_storeu_ps(keys + i * D + 16 * j, load16(job->k_cache, rows[c + i] * D + 16 * j, job->dtype));
+        for (int i = 0; i < n; i++) {
+            const __m512 factor = _mm512_set1_ps(row_factor(job, job->k_cache, rows[c + i], quantized));
+            for (int j = 0; j < V; j++) {
+                const __m512 k = load_cache16(job, job->k_cache, rows[c + i], j, quantized);
+                _mm512_storeu_ps(keys + i * D + 16 * j, quantized ? _mm512_mul_ps(k, factor) : k);
+            }
+        }
         for (int g = 0; g < G; g++) {
             __m512 dots[CHUNK];
             for (int i = 0; i < CHUNK; i++) {
@@ -176,9 +289,10 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, const long
     }
     for (int i = 0; i < span; i++) {
         __m512 v[MAX_VECS];
-        for (int j = 0; j < V; j++) v[j] = load16(job->v_cache, rows[i] * D + 16 * j, job->dtype);
+        for (int j = 0; j < V; j++) v[j] = load_cache16(job, job->v_cache, rows[i], j, quantized);
+        const float factor = row_factor(job, job->v_cache, rows[i], quantized);
         for (int g = 0; g < G; g++) {
-            const __m512 w = _mm512_set1_ps(scores[(long)g * span + i]);
+            const __m512 w = _mm512_set1_ps(quantized ? scores[(long)g * span + i] * factor : scores[(long)g * span + i]);
             for (int j = 0; j < V; j++) acc[g][j] = _mm512_fmadd_ps(w, v[j], acc[g][j]);
         }
     }
@@ -188,20 +302,45 @@ static void attend_item_avx512(const Job *job, long seq, int kv_head, const long
         store_row(job->out, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, lanes, 1.f / total[g]);
     }
 }
+
+static void attend_item_avx512(const Job *job, long seq, int kv_head, const long *rows, float *scores, int span) {
+    attend_avx512(job, seq, kv_head, rows, scores, span, 0);
+}
+
+static void attend_item_avx512_quantized(const Job *job, long seq, int kv_head, const long *rows, float *scores,
+                                         int span) {
+    attend_avx512(job, seq, kv_head, rows, scores, span, 1);
+}
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* Where word w (32 elements) of cache row `row` starts: bf16 elements, or one-byte codes. */
+static inline const char *bf16_word_address(const Job *job, const void *cache, long row, int w, const int quantized) {
+    if (quantized) return (const char *)(quantized_row(job, cache, row) + 32 * w);
+    return (const char *)((const uint16_t *)cache + row * job->head_dim + 32 * w);
+}
+
+/* Word w of cache row `row` as 32 bf16 values; one-byte codes converted exactly (int8 and fp8 values have
+ * at most 8 significant bits), without the row's scale (`row_factor`). */
+static inline __m512bh load_bf16_word(const Job *job, const void *cache, long row, int w, const int quantized) {
+    if (!quantized) return (__m512bh)_mm512_loadu_si512(bf16_word_address(job, cache, row, w, 0));
+    const uint8_t *codes = (const uint8_t *)bf16_word_address(job, cache, row, w, 1);
+    return _mm512_cvtne2ps_pbh(load_codes16(codes + 16, job->kv_dtype), load_codes16(codes, job->kv_dtype));
+}
+
 /* bf16 caches on CPUs with AVX512-BF16: dot products straight on the stored bf16 pairs (vdpbf16ps), no
  * conversion to float32. Scores: 32 key dims per instruction, 16 positions summed at once. Weighted sum:
  * two positions per instruction, their value rows interleaved, the softmax numerators rounded to bf16 as
  * the matmul path's `probs.to(bfloat16)` does. G query heads per kv head and D dims are compile-time
- * constants in each instantiation, so accumulators stay in registers. */
+ * constants in each instantiation, so accumulators stay in registers.
+ * One-byte caches (`quantized`, a constant too) take the same path: their codes convert to bf16 exactly,
+ * a key row's scale multiplies its score and a value row's scale its weight before that is rounded. */
 static inline __attribute__((always_inline)) void attend_bf16(const Job *job, long seq, int kv_head,
                                                               const long *rows, float *scores,
                                                               uint16_t *weights, int span, const int G,
-                                                              const int D) {
+                                                              const int D, const int quantized) {
     const int W = D / 32; /* 512-bit words per row */
-    const uint16_t *k_cache = (const uint16_t *)job->k_cache, *v_cache = (const uint16_t *)job->v_cache;
+    const void *k_cache = job->k_cache, *v_cache = job->v_cache;
     const long q_base = (seq * job->num_heads + (long)kv_head * G) * D;
     __m512bh q[MAX_GROUP][MAX_HEAD_DIM / 32];
     __m512 max_score[MAX_GROUP];
@@ -218,11 +357,14 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
         /* Rows are scattered over blocks, too irregular for the hardware prefetcher: ask for the next
          * chunk's keys while this one is computed. */
         for (int i = c + CHUNK; i < span && i < c + 2 * CHUNK; i++)
-            for (int w = 0; w < W; w++) _mm_prefetch((const char *)(k_cache + rows[i] * D + 32 * w), _MM_HINT_T0);
+            for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, quantized), _MM_HINT_T0);
+        float key_factors[CHUNK];
+        if (quantized)
+            for (int i = 0; i < CHUNK; i++) key_factors[i] = i < n ? row_factor(job, k_cache, rows[c + i], 1) : 0.f;
         for (int i = 0; i < CHUNK; i++) {
             __m512bh k[MAX_HEAD_DIM / 32];
             for (int w = 0; w < W; w++)
-                k[w] = (__m512bh)(i < n ? _mm512_loadu_si512(k_cache + rows[c + i] * D + 32 * w) : _mm512_setzero_si512());
+                k[w] = i < n ? load_bf16_word(job, k_cache, rows[c + i], w, quantized) : (__m512bh)_mm512_setzero_si512();
             for (int g = 0; g < G; g++) {
                 __m512 dot = _mm512_setzero_ps();
                 for (int w = 0; w < W; w++) dot = _mm512_dpbf16_ps(dot, q[g][w], k[w]);
@@ -230,7 +372,8 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
             }
         }
         for (int g = 0; g < G; g++) {
-            const __m512 s = _mm512_mul_ps(sum_lanes16(dots[g]), scale);
+            __m512 s = _mm512_mul_ps(sum_lanes16(dots[g]), scale);
+            if (quantized) s = _mm512_mul_ps(s, _mm512_loadu_ps(key_factors));
             _mm512_mask_storeu_ps(scores + (long)g * span + c, valid, s);
             max_score[g] = _mm512_mask_max_ps(max_score[g], valid, max_score[g], s);
         }
@@ -241,6 +384,8 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
         float *s = scores + (long)g * span;
         uint16_t *w = weights + (long)g * padded;
         total[g] = softmax_numerators(s, span, _mm512_reduce_max_ps(max_score[g]));
+        if (quantized) /* each weight times its value row's scale, before rounding: the total stays unscaled */
+            for (int i = 0; i < span; i++) s[i] *= row_factor(job, v_cache, rows[i], 1);
         int i = 0;
         for (; i + 16 <= span; i += 16) _mm256_storeu_si256((__m256i *)(w + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
         if (i < span) {
@@ -258,13 +403,13 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
         const int has_second = i + 1 < span;
         if (i + PREFETCH_AHEAD < span)
             for (int w = 0; w < W; w++) {
-                _mm_prefetch((const char *)(v_cache + rows[i + PREFETCH_AHEAD] * D + 32 * w), _MM_HINT_T0);
+                _mm_prefetch(bf16_word_address(job, v_cache, rows[i + PREFETCH_AHEAD], w, quantized), _MM_HINT_T0);
                 if (i + PREFETCH_AHEAD + 1 < span)
-                    _mm_prefetch((const char *)(v_cache + rows[i + PREFETCH_AHEAD + 1] * D + 32 * w), _MM_HINT_T0);
+                    _mm_prefetch(bf16_word_address(job, v_cache, rows[i + PREFETCH_AHEAD + 1], w, quantized), _MM_HINT_T0);
             }
         for (int w = 0; w < W; w++) {
-            const __m512i a = _mm512_loadu_si512(v_cache + rows[i] * D + 32 * w);
-            const __m512i b = has_second ? _mm512_loadu_si512(v_cache + rows[i + 1] * D + 32 * w) : _mm512_setzero_si512();
+            const __m512i a = (__m512i)load_bf16_word(job, v_cache, rows[i], w, quantized);
+            const __m512i b = has_second ? (__m512i)load_bf16_word(job, v_cache, rows[i + 1], w, quantized) : _mm512_setzero_si512();
             const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
             for (int g = 0; g < G; g++) {
                 uint32_t pair;
@@ -288,11 +433,17 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
     }
 }
 
-/* The shapes of common models get their own instantiation; returns 0 for any other shape. */
+/* The shapes of common models get their own instantiation, bf16 and one-byte caches apart; returns 0 for
+ * any other shape. */
 static int attend_item_bf16(const Job *job, long seq, int kv_head, const long *rows, float *scores,
                             uint16_t *weights, int span) {
     const int G = job->num_heads / job->num_kv_heads;
-#define SHAPE(g, d) if (G == g && job->head_dim == d) { attend_bf16(job, seq, kv_head, rows, scores, weights, span, g, d); return 1; }
+#define SHAPE(g, d)                                                                                      \
+    if (G == g && job->head_dim == d) {                                                                  \
+        if (IS_QUANTIZED(job->kv_dtype)) attend_bf16(job, seq, kv_head, rows, scores, weights, span, g, d, 1); \
+        else attend_bf16(job, seq, kv_head, rows, scores, weights, span, g, d, 0);                       \
+        return 1;                                                                                        \
+    }
     SHAPE(1, 64) SHAPE(2, 64) SHAPE(3, 64) SHAPE(4, 64) SHAPE(5, 64) SHAPE(6, 64) SHAPE(7, 64) SHAPE(8, 64)
     SHAPE(1, 128) SHAPE(2, 128) SHAPE(3, 128) SHAPE(4, 128) SHAPE(5, 128) SHAPE(6, 128) SHAPE(7, 128) SHAPE(8, 128)
 #undef SHAPE
@@ -310,7 +461,7 @@ static void attend_item_scalar(const Job *job, long seq, int kv_head, const long
         max_score[g] = -INFINITY;
     }
     for (int i = 0; i < span; i++) {
-        load_row(job->k_cache, rows[i] * D, job->dtype, D, row);
+        load_cache_row(job, job->k_cache, rows[i], row);
         for (int g = 0; g < G; g++) {
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -331,7 +482,7 @@ static void attend_item_scalar(const Job *job, long seq, int kv_head, const long
         memset(acc[g], 0, (size_t)D * sizeof(float));
     }
     for (int i = 0; i < span; i++) {
-        load_row(job->v_cache, rows[i] * D, job->dtype, D, row);
+        load_cache_row(job, job->v_cache, rows[i], row);
         for (int g = 0; g < G; g++) {
             const float w = scores[(long)g * span + i];
 #pragma omp simd
@@ -353,13 +504,16 @@ static int attend_item(const Job *job, long item, Scratch *scratch) {
     if (!reserve(scratch, span, G)) return 0;
     item_rows(job, job->block_tables + seq * job->table_stride, first, span, kv_head, scratch->rows);
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if (job->dtype == DTYPE_BF16 && attend_item_bf16(job, seq, kv_head, scratch->rows, scratch->scores,
-                                                      scratch->weights, span))
+    if (job->dtype == DTYPE_BF16 && (job->kv_dtype == DTYPE_BF16 || IS_QUANTIZED(job->kv_dtype)) &&
+        attend_item_bf16(job, seq, kv_head, scratch->rows, scratch->scores, scratch->weights, span))
         return 1;
 #endif
 #ifdef __AVX512F__
     if (job->head_dim % 16 == 0) {
-        attend_item_avx512(job, seq, kv_head, scratch->rows, scratch->scores, span);
+        if (IS_QUANTIZED(job->kv_dtype))
+            attend_item_avx512_quantized(job, seq, kv_head, scratch->rows, scratch->scores, span);
+        else
+            attend_item_avx512(job, seq, kv_head, scratch->rows, scratch->scores, span);
         return 1;
     }
 #endif

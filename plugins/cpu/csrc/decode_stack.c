@@ -45,17 +45,25 @@ static int run_linear(const LinearPlan *p, const Shape *s, const uint16_t *x, ui
                        p->out_features, p->in_features / 2, p->in_features, p->out_features, s->threads);
 }
 
-/* Keys and values of this step's tokens into their slots of the head-major cache blocks. */
+/* Keys and values of this step's tokens into their slots of the head-major cache blocks: copied as bf16, or
+ * quantized row by row (attention_kernels.h) in a one-byte kv_dtype. */
 static void write_cache(const Shape *s, const uint16_t *qkv, long qkv_stride, const int64_t *slots, long block_size,
-                        uint16_t *k_cache, uint16_t *v_cache) {
+                        void *k_cache, void *v_cache, int kv_dtype) {
     const long q_size = s->num_heads * s->head_dim, kv_size = s->num_kv_heads * s->head_dim;
-    const size_t row_bytes = (size_t)s->head_dim * sizeof(uint16_t);
+    const int quantized = IS_QUANTIZED(kv_dtype);
+    const size_t row_bytes = quantized ? (size_t)(s->head_dim + SCALE_BYTES) : (size_t)s->head_dim * sizeof(uint16_t);
     for (long t = 0; t < s->rows; t++) {
         const long block = slots[t] / block_size, offset = slots[t] % block_size;
         for (long h = 0; h < s->num_kv_heads; h++) {
-            const long row = ((block * s->num_kv_heads + h) * block_size + offset) * s->head_dim;
-            memcpy(k_cache + row, qkv + t * qkv_stride + q_size + h * s->head_dim, row_bytes);
-            memcpy(v_cache + row, qkv + t * qkv_stride + q_size + kv_size + h * s->head_dim, row_bytes);
+            const size_t at = (size_t)((block * s->num_kv_heads + h) * block_size + offset) * row_bytes;
+            const uint16_t *key = qkv + t * qkv_stride + q_size + h * s->head_dim, *value = key + kv_size;
+            if (quantized) {
+                quantize_row(key, (int)s->head_dim, kv_dtype, (uint8_t *)k_cache + at);
+                quantize_row(value, (int)s->head_dim, kv_dtype, (uint8_t *)v_cache + at);
+            } else {
+                memcpy((uint8_t *)k_cache + at, key, row_bytes);
+                memcpy((uint8_t *)v_cache + at, value, row_bytes);
+            }
         }
     }
 }
@@ -65,15 +73,16 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         cos, sin;
     long num_layers, table_stride, block_size, total_positions;
     float eps, scale;
+    int kv_dtype;
     Shape s;
-    if (!PyArg_ParseTuple(args, "KKKKlKlllllllfKKKKlllKKfi", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
+    if (!PyArg_ParseTuple(args, "KKKKlKlllllllfKKKKlllKKfii", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
                           &final_norm, &s.rows, &s.hidden, &s.num_heads, &s.num_kv_heads, &s.head_dim,
                           &s.intermediate, &s.ggml_max_rows, &eps, &positions, &slots, &block_tables, &seq_lens,
-                          &table_stride, &block_size, &total_positions, &cos, &sin, &scale, &s.threads))
+                          &table_stride, &block_size, &total_positions, &cos, &sin, &scale, &s.threads, &kv_dtype))
         return NULL;
 #if HAVE_BF16_GEMM
     if (s.num_heads % s.num_kv_heads || s.num_heads / s.num_kv_heads > MAX_GROUP || s.head_dim > MAX_HEAD_DIM ||
-        s.head_dim % 2) {
+        s.head_dim % 2 || (kv_dtype != DTYPE_BF16 && !IS_QUANTIZED(kv_dtype)) || kv_dtype > DTYPE_FP8_E5M2) {
         PyErr_SetString(PyExc_ValueError, "decode_stack: unsupported head layout");
         return NULL;
     }
@@ -99,7 +108,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     memcpy(residual, (const void *)hidden_in, (size_t)(rows * s.hidden) * sizeof(uint16_t));
     for (long l = 0; l < num_layers && ok; l++) {
         const LayerPlan *p = &plan[l];
-        uint16_t *k_cache = (uint16_t *)caches[2 * l], *v_cache = (uint16_t *)caches[2 * l + 1];
+        void *k_cache = (void *)caches[2 * l], *v_cache = (void *)caches[2 * l + 1];
         if (l == 0)
             add_rms_norm_rows(residual, NULL, (const uint16_t *)p->input_norm, normed, NULL, rows, s.hidden, eps, 0.f,
                               s.threads);
@@ -109,12 +118,12 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         ok &= run_linear(&p->qkv, &s, normed, qkv);
         rotary_rows(qkv, rows, qkv_size, (int)(s.num_heads + s.num_kv_heads), (int)s.head_dim,
                     (const int64_t *)positions, (const uint16_t *)cos, (const uint16_t *)sin, s.threads);
-        write_cache(&s, qkv, qkv_size, (const int64_t *)slots, block_size, k_cache, v_cache);
+        write_cache(&s, qkv, qkv_size, (const int64_t *)slots, block_size, k_cache, v_cache, kv_dtype);
         for (long t = 0; t < rows; t++)
             memcpy(query + t * q_size, qkv + t * qkv_size, (size_t)q_size * sizeof(uint16_t));
         const Job job = {query, k_cache, v_cache, (const int32_t *)block_tables, (const int32_t *)seq_lens, attended,
                          table_stride, (int)s.num_heads, (int)s.num_kv_heads, (int)s.head_dim, (int)block_size, 0,
-                         DTYPE_BF16, scale};
+                         DTYPE_BF16, scale, kv_dtype};
         ok &= decode_attention_run(&job, rows, total_positions, s.threads);
         ok &= run_linear(&p->o, &s, attended, hidden);
         add_rms_norm_rows(hidden, residual, (const uint16_t *)p->post_norm, normed, residual, rows, s.hidden, eps, 0.f,
@@ -142,8 +151,9 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(hidden, out, plan, caches, num_layers, final_norm, rows, hidden_size, num_heads, num_kv_heads, "
      "head_dim, intermediate, ggml_max_rows, eps, positions, slots, block_tables, seq_lens, table_stride, "
-     "block_size, total_positions, cos, sin, scale, threads): one decode step over every layer; data "
-     "pointers of bf16 tensors (positions, slots int64; block tables, seq_lens int32); writes out."},
+     "block_size, total_positions, cos, sin, scale, threads, kv_dtype): one decode step over every layer; "
+     "data pointers of bf16 tensors (positions, slots int64; block tables, seq_lens int32; the caches bf16 or "
+     "the one-byte kv_dtype); writes out."},
     {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernels."},
     {NULL, NULL, 0, NULL}};
 

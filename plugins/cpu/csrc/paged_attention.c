@@ -9,20 +9,21 @@
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k_cache, v_cache, block_tables, seq_lens, out;
     long table_stride, num_seqs, total_positions;
-    int num_heads, num_kv_heads, head_dim, block_size, window, dtype, threads;
+    int num_heads, num_kv_heads, head_dim, block_size, window, dtype, threads, kv_dtype;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKKlliiiiiifli", &q, &k_cache, &v_cache, &block_tables, &seq_lens, &out,
+    if (!PyArg_ParseTuple(args, "KKKKKKlliiiiiiflii", &q, &k_cache, &v_cache, &block_tables, &seq_lens, &out,
                           &table_stride, &num_seqs, &num_heads, &num_kv_heads, &head_dim, &block_size, &window,
-                          &dtype, &scale, &total_positions, &threads))
+                          &dtype, &scale, &total_positions, &threads, &kv_dtype))
         return NULL;
     if (num_kv_heads <= 0 || num_heads % num_kv_heads || num_heads / num_kv_heads > MAX_GROUP ||
-        head_dim > MAX_HEAD_DIM || block_size <= 0 || (dtype != DTYPE_BF16 && dtype != DTYPE_F32)) {
+        head_dim > MAX_HEAD_DIM || block_size <= 0 || (dtype != DTYPE_BF16 && dtype != DTYPE_F32) ||
+        kv_dtype < DTYPE_BF16 || kv_dtype > DTYPE_FP8_E5M2 || (kv_dtype == DTYPE_F32 && dtype != DTYPE_F32)) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: unsupported head layout or dtype");
         return NULL;
     }
     const Job job = {(const void *)q, (const void *)k_cache, (const void *)v_cache, (const int32_t *)block_tables,
                      (const int32_t *)seq_lens, (void *)out, table_stride, num_heads, num_kv_heads, head_dim,
-                     block_size, window, dtype, scale};
+                     block_size, window, dtype, scale, kv_dtype};
     int ok;
     Py_BEGIN_ALLOW_THREADS
     ok = decode_attention_run(&job, num_seqs, total_positions, threads);
@@ -34,8 +35,8 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, table_stride, num_seqs, num_heads, "
-     "num_kv_heads, head_dim, block_size, window, dtype, scale, total_positions, threads): data pointers "
-     "of contiguous tensors; writes out."},
+     "num_kv_heads, head_dim, block_size, window, dtype, scale, total_positions, threads, kv_dtype): data "
+     "pointers of contiguous tensors; writes out."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_paged_attention",
