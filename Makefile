@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make serve` and `make test`.
-# Both create .venv on first use; reinstall happens when pyproject.toml, setup.py or a .proto changes
-# (the gRPC modules are generated at install).
+# Both create .venv on first use; reinstall happens when pyproject.toml, setup.py, a .proto or the CPU
+# plugin's C sources change (the gRPC modules and the C extensions are built at install).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +15,7 @@ TORCH_CPU := torch==2.13.0
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml setup.py $(wildcard api/grpc/*.proto) | $(PY)
+$(STAMP): pyproject.toml setup.py $(wildcard api/grpc/*.proto plugins/cpu/csrc/*) | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_CPU)
 	$(PY) -m pip install --quiet -e '.[cpu,test,interpret,grammar]'
