@@ -17,6 +17,8 @@ import torch
 
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig
+from tokenmill.loader.gguf_file import GGUFFile
+from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf
 from tokenmill.sampling_params import SamplingParams
 
 A = gguf.MODEL_ARCH
@@ -135,7 +137,9 @@ def _converted_tensors(tiny, arch):
             yield name, array
 
 
-def write_gguf(tiny, family: str, path) -> None:
+def write_gguf(tiny, family: str, path, q8_0: tuple[str, ...] = ()) -> None:
+    """`tiny` as llama.cpp's convert writes `family`; GGUF tensors whose names end with one of `q8_0`
+    quantized to Q8_0, the rest float32."""
     config, arch = tiny.config, ARCHITECTURES[family]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(f"tiny {family}")
@@ -167,7 +171,12 @@ def write_gguf(tiny, family: str, path) -> None:
     _write_family_metadata(writer, config, arch)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for name, array in _converted_tensors(tiny, arch):
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name.endswith(q8_0):
+            array = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, array, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -194,7 +203,8 @@ def _same(a, b) -> bool:
 def _config_differences(reference, loaded, family: str) -> dict:
     ignored = NOT_IN_GGUF | WRITTEN_OTHERWISE.get(family, set())
     ref, got = reference.to_dict(), loaded.to_dict()
-    return {k: (ref.get(k), got.get(k)) for k in (ref.keys() | got.keys()) - ignored if not _same(ref.get(k), got.get(k))}
+    keys = (ref.keys() | got.keys()) - ignored
+    return {k: (ref.get(k), got.get(k)) for k in keys if not _same(ref.get(k), got.get(k))}
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2_yarn", "qwen3", "phi3_longrope", "gemma2", "gemma3",
@@ -221,3 +231,29 @@ def test_gguf_of_each_family_generates_what_transformers_does(family: str, tmp_p
         tiny.reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
                                                               dtype=torch.float32).eval()
         assert [t.id for o in outputs[1] for t in o.new_tokens] == tiny.greedy(prompts[1], 12)
+
+
+def test_quantized_stacked_experts_are_dequantized_and_kept_from_the_block_path(tmp_path) -> None:
+    """ggml blocks are for linear layers: quantized expert stacks (3-D) come back as float experts only."""
+    tiny = build_tiny("mixtral")
+    path = tmp_path / "tiny-mixtral-q8_0.gguf"
+    write_gguf(tiny, "mixtral", path, q8_0=("_exps.weight", "attn_v.weight"))
+    file = GGUFFile(path)
+    tensors, ggml_weights = tensors_from_gguf(file, config_from_gguf(file), torch.float32)
+    assert set(ggml_weights) == {f"model.layers.{layer}.self_attn.v_proj.weight" for layer in range(2)}
+    reference = tiny.reference.state_dict()
+    size = tiny.config.intermediate_size
+    for layer in range(2):
+        gate_up = reference[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        down = reference[f"model.layers.{layer}.mlp.experts.down_proj"]
+        for expert in range(tiny.config.num_local_experts):
+            prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+            for name, want in (("gate_proj", gate_up[expert, :size]), ("up_proj", gate_up[expert, size:]),
+                               ("down_proj", down[expert])):
+                # Q8_0 keeps each value to within half a step of its 32-value block's max / 127.
+                torch.testing.assert_close(tensors[f"{prefix}.{name}.weight"], want, rtol=0,
+                                           atol=want.abs().max().item() / 200)
+    engine = Engine(EngineConfig(model_id=str(path), backend="cpu", dtype="float32", kv_cache_bytes=8 << 20,
+                                 progress=False))
+    output = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert len([t for o in output for t in o.new_tokens]) == 4
