@@ -70,7 +70,8 @@ class GGUFFamily:
     class_name: str
     layer_names: dict[str, str] = field(default_factory=lambda: _LAYER_NAMES)
     global_names: dict[str, str] = field(default_factory=lambda: _GLOBAL_NAMES)
-    # Family-specific config fields: (gguf, key, the common kwargs) -> fields to add or replace.
+    # Family-specific config fields: (gguf, key, the common kwargs) -> fields to add or replace (Gemma 3 also
+    # takes rope_theta and rope_scaling out of the common kwargs, into its per-layer-type rope_parameters).
     config: Callable[[GGUFFile, Key, dict[str, Any]], dict[str, Any]] = lambda gguf, key, kwargs: {}
     # llama.cpp's llama graph rotates interleaved pairs, so convert permutes the q/k rows (and biases).
     permuted_qk: bool = False
