@@ -32,6 +32,8 @@ _MOE_NAMES = {
     "ffn_gate_exps": "mlp.experts.{expert}.gate_proj",
     "ffn_up_exps": "mlp.experts.{expert}.up_proj",
     "ffn_down_exps": "mlp.experts.{expert}.down_proj",
+    # convert --fuse-gate-up-exps: gate rows then up rows per expert, transformers 5's stacked layout.
+    "ffn_gate_up_exps": "mlp.experts.gate_up_proj",
 }
 # Qwen2-MoE's shared expert and its sigmoid gate.
 _SHARED_EXPERT_NAMES = {

@@ -114,7 +114,7 @@ def _write_family_metadata(writer: gguf.GGUFWriter, config, arch) -> None:
         writer.add_logit_scale(config.logits_scaling)
 
 
-def _converted_tensors(tiny, arch):
+def _converted_tensors(tiny, arch, fuse_gate_up_exps: bool = False):
     """The reference's tensors as convert_hf_to_gguf.py changes them: q/k permuted for llama.cpp's llama
     graph, Gemma's norms stored as 1 + weight, experts stacked per projection, a tied head left out."""
     config = tiny.config
@@ -127,7 +127,9 @@ def _converted_tensors(tiny, arch):
             array = _permute_for_llama_cpp(array, heads)
         if arch in (A.GEMMA2, A.GEMMA3) and name.endswith("norm.weight"):
             array = array + 1
-        if name.endswith("experts.gate_up_proj"):  # transformers 5 stacks gate and up in one tensor
+        if name.endswith("experts.gate_up_proj") and fuse_gate_up_exps:  # convert's option: one tensor as well
+            yield name.replace("gate_up_proj", "gate_up_proj.weight"), array
+        elif name.endswith("experts.gate_up_proj"):  # transformers 5 stacks gate and up in one tensor
             gate, up = np.split(array, 2, axis=1)
             yield name.replace("gate_up_proj", "gate_proj.weight"), gate
             yield name.replace("gate_up_proj", "up_proj.weight"), up
@@ -137,9 +139,9 @@ def _converted_tensors(tiny, arch):
             yield name, array
 
 
-def write_gguf(tiny, family: str, path, q8_0: tuple[str, ...] = ()) -> None:
+def write_gguf(tiny, family: str, path, q8_0: tuple[str, ...] = (), fuse_gate_up_exps: bool = False) -> None:
     """`tiny` as llama.cpp's convert writes `family`; GGUF tensors whose names end with one of `q8_0`
-    quantized to Q8_0, the rest float32."""
+    quantized to Q8_0, the rest float32; experts' gate and up in one tensor with `fuse_gate_up_exps`."""
     config, arch = tiny.config, ARCHITECTURES[family]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(f"tiny {family}")
@@ -170,8 +172,10 @@ def write_gguf(tiny, family: str, path, q8_0: tuple[str, ...] = ()) -> None:
     _write_rope_scaling(writer, config)
     _write_family_metadata(writer, config, arch)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    for name, array in _converted_tensors(tiny, arch):
+    for name, array in _converted_tensors(tiny, arch, fuse_gate_up_exps):
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if name.endswith("experts.gate_up_proj.weight"):  # gguf-py maps it for no architecture yet
+            gguf_name = f"blk.{name.split('.')[2]}.ffn_gate_up_exps.weight"
         if gguf_name.endswith(q8_0):
             array = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name, array, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
@@ -257,3 +261,16 @@ def test_quantized_stacked_experts_are_dequantized_and_kept_from_the_block_path(
                                  progress=False))
     output = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
     assert len([t for o in output for t in o.new_tokens]) == 4
+
+
+def test_fused_gate_up_experts_generate_what_transformers_does(tmp_path) -> None:
+    """convert_hf_to_gguf.py --fuse-gate-up-exps writes each layer's expert gate and up as one tensor."""
+    tiny = build_tiny("qwen3_moe", initializer_range=0.2)
+    path = tmp_path / "tiny-qwen3-moe-fused.gguf"
+    write_gguf(tiny, "qwen3_moe", path, fuse_gate_up_exps=True)
+    assert "blk.0.ffn_gate_up_exps.weight" in GGUFFile(path).tensors
+    engine = Engine(EngineConfig(model_id=str(path), backend="cpu", dtype="float32", kv_cache_bytes=8 << 20,
+                                 progress=False))
+    prompt = [random.Random(7).randrange(4, VOCAB) for _ in range(20)]
+    output = engine.generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert [t.id for o in output for t in o.new_tokens] == tiny.greedy(prompt, 12)
