@@ -20,10 +20,11 @@ from tokenmill.layers.linear import Linear
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 # A checkpoint's expert weights: per expert (Mixtral's w1/w3/w2 under block_sparse_moe, renamed to mlp before
-# matching; Qwen's gate/up/down_proj) or stacked over experts (what transformers 5 models hold).
+# matching; Qwen's gate/up/down_proj) or stacked over experts (what transformers 5 models hold; a GGUF's fused
+# ffn_gate_up_exps, same layout, comes with a .weight).
 EXPERT_TENSOR = re.compile(r"model\.layers\.(?P<layer>\d+)\.mlp\.experts\."
                            r"(?:(?P<expert>\d+)\.(?P<part>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
-                           r"|(?P<stacked>gate_up_proj|down_proj))")
+                           r"|(?P<stacked>gate_up_proj|down_proj)(?:\.weight)?)")
 PARTS = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 

@@ -13,54 +13,20 @@ from gguf import GGMLQuantizationType
 from tokenmill.interfaces import GGMLWeight
 from tokenmill.loader.errors import UnsupportedCheckpointError
 from tokenmill.loader.gguf_file import GGUFFile
+from tokenmill.loader.gguf_families import GGUFFamily, gguf_family
 
-# GGUF architecture -> transformers model_type and architecture class name.
-ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-    "phi3": ("phi3", "Phi3ForCausalLM"),
-}
-
-# llama.cpp tensor names -> transformers parameter names (per layer after the `blk.N.` prefix).
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# llama.cpp's phi3 keeps Phi-3's fused projections: attn_qkv, and ffn_up holding gate and up.
-_PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def gguf_architecture(gguf: GGUFFile) -> str:
-    arch = gguf.fields.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedCheckpointError(
-            f"{gguf.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
-        )
-    return arch
+# Fields whose None the GGUF means (no window, no such token), not "absent".
+_NONE_MEANS_NONE = {"sliding_window", "pad_token_id", "bos_token_id", "eos_token_id"}
 
 
 def config_from_gguf(gguf: GGUFFile) -> Any:
     """A transformers config for the model the GGUF describes."""
     from transformers import AutoConfig
 
-    arch = gguf_architecture(gguf)
-    model_type, class_name = ARCHITECTURES[arch]
+    arch, family = gguf_family(gguf)
     f = gguf.fields
 
     def key(name: str, default: Any = None) -> Any:
@@ -83,17 +49,16 @@ def config_from_gguf(gguf: GGUFFile) -> Any:
         bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
-        architectures=[class_name],
+        architectures=[family.class_name],
     )
     head_dim = key("attention.key_length")
     if head_dim and head_dim != hidden // num_heads:
         kwargs["head_dim"] = head_dim
-    if arch == "qwen2":
-        kwargs["use_sliding_window"] = False
-    if arch == "phi3":
-        kwargs["sliding_window"] = key("attention.sliding_window")
     kwargs.update(_rope_scaling(gguf, arch))
-    return AutoConfig.for_model(model_type, **kwargs)
+    kwargs.update(family.config(gguf, key, kwargs))
+    # A field the GGUF lacks keeps the config class's default.
+    kwargs = {name: value for name, value in kwargs.items() if value is not None or name in _NONE_MEANS_NONE}
+    return AutoConfig.for_model(family.model_type, **kwargs)
 
 
 def _rope_scaling(gguf: GGUFFile, arch: str) -> dict[str, Any]:
@@ -137,44 +102,62 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 _ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    names = _PHI3_NAMES if arch == "phi3" else _LAYER_NAMES
+def hf_name(gguf_name: str, family: GGUFFamily) -> str | None:
+    """The transformers name of GGUF tensor `gguf_name`; for stacked experts, a pattern with `{expert}`."""
+    if gguf_name in family.global_names:
+        return family.global_names[gguf_name]
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in names:
+    if match and match.group(2) in family.layer_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{names[part]}.{kind}"
+        return f"model.layers.{layer}.{family.layer_names[part]}.{kind}"
     return None
 
 
 # Stored as plain floats: nothing for a backend to gain from their bytes.
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+
+
+def _undo_convert(name: str, array: np.ndarray, raw: np.ndarray, family: GGUFFamily,
+                  config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The tensor as transformers holds it, from what convert_hf_to_gguf.py wrote (and its bytes, rows in
+    the same order)."""
+    if family.permuted_qk and name.endswith(_PERMUTED):
+        heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+        array = _unpermute(array, heads)
+        raw = _unpermute(raw, heads) if array.ndim == 2 else raw
+    if family.norm_offset and name.endswith("norm.weight"):
+        array = array - family.norm_offset
+    if name.endswith("ffn_gate_inp_shexp.weight"):  # a vector to llama.cpp, a 1-row linear to transformers
+        array = array.reshape(1, -1)
+    return array, raw
 
 
 def tensors_from_gguf(
     gguf: GGUFFile, config: Any, dtype: torch.dtype, progress: Callable[[int], Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, GGMLWeight]]:
     """Every tensor, dequantized and renamed to transformers' names, cast to `dtype`; and the quantized
-    2-D weights also as their ggml blocks (rows in the same order), for backends that run them."""
-    arch = gguf_architecture(gguf)
+    2-D weights also as their ggml blocks (rows in the same order), for backends that run them. Stacked
+    expert tensors (3-D) come back per expert and dequantized only: the block path is for linear layers."""
+    _, family = gguf_family(gguf)
     tensors, ggml_weights = {}, {}
     for name in gguf.tensors:
         if name in _ROPE_TENSORS:
             continue
-        target = hf_name(name, arch)
+        target = hf_name(name, family)
         if target is None:
             raise UnsupportedCheckpointError(f"{gguf.path}: unexpected tensor {name!r}")
         info = gguf.tensors[name]
         raw = gguf.raw(name)
-        array = gguf.load(name, raw)
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
-            array, raw = _unpermute(array, heads), _unpermute(raw, heads)
-        tensors[target] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-        if len(info.shape) == 2 and info.ggml_type not in _FLOAT_TYPES:
-            ggml_weights[target] = GGMLWeight(info.ggml_type.name, torch.from_numpy(np.ascontiguousarray(raw)),
-                                              info.shape[1])
+        array, raw = _undo_convert(name, gguf.load(name, raw), raw, family, config)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if "{expert}" in target:
+            tensors.update((target.format(expert=expert), tensor[expert]) for expert in range(tensor.shape[0]))
+        else:
+            tensors[target] = tensor
+            if len(info.shape) == 2 and info.ggml_type not in _FLOAT_TYPES:
+                ggml_weights[target] = GGMLWeight(info.ggml_type.name, torch.from_numpy(np.ascontiguousarray(raw)),
+                                                  info.shape[1])
         if progress:
             progress(1)
     return tensors, ggml_weights
