@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tokenmill.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, KVCacheShape
+from tokenmill.layers.rotary import rope_depends_on_length, rope_parameters
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,11 @@ def causal_lm_class(config: Any) -> type:
     if other_layers:
         raise refused(f"it has {', '.join(sorted(other_layers))} layers; the paged cache serves full and "
                       "sliding-window attention")
+    if rope_depends_on_length(config):
+        # transformers computes it from the forward's longest position; the fallback's forward is the whole
+        # flat batch, so each sequence's rotation would depend on what it is batched with.
+        raise refused(f"its RoPE scaling ({rope_parameters(config)['rope_type']}) depends on the sequence's length, "
+                      "which transformers computes over the whole batch")
     if getattr(config, "attention_chunk_size", None):
         raise refused("it attends within chunks (chunked local attention), which tokenmill's attention backends "
                       "do not do")

@@ -70,6 +70,7 @@ def test_the_fallback_runs_module_by_module_and_our_families_stay_ours() -> None
     ("T5Config", {}, "encoder-decoder"),
     ("BloomConfig", {}, "does not route attention through the attention interface"),
     ("GptOssConfig", {}, "attention sinks"),
+    ("GPTNeoXConfig", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "depends on the sequence's length"),
 ])
 def test_architectures_the_fallback_cannot_run_are_refused_saying_why(config_class: str, options: dict,
                                                                       reason: str) -> None:
