@@ -8,6 +8,11 @@ questions, shuffled. Each run's system prompts open with a marker of their own, 
 prefixes in the caches. Per run: the prefix-cache hit rate (prompt tokens the replicas served from their
 caches over all prompt tokens, from the router's `vllm:prefix_cache_*` counters) and TTFT p50 (client side).
 The modes alternate within a pass and the report gives medians over passes, side by side with ratios.
+
+Each replica's KV cache is `REPLICA_KV_CACHE_BYTES`: room for the requests in flight and about half of the
+system prompts, as a serving replica's cache is full in practice. With the default budget (512 MiB here)
+every replica would keep every system prompt once it had seen it, and routing could only save the first
+prefill of each prompt on each replica.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ SYSTEM_PROMPTS = 8
 REQUESTS = 64
 CONCURRENCY = 8
 MAX_TOKENS = 16
+# SmolLM2 caches 22.5 KiB a token (30 layers, 3 kv heads of 64, k and v, bf16): 64 MiB hold about 2,900
+# tokens, a replica's 4 to 6 requests in flight (about 400 tokens each) and 3 or 4 of the 8 system prompts.
+REPLICA_KV_CACHE_BYTES = 64 << 20
 ROLES = ["a travel agent", "a chemistry tutor", "a museum guide", "a tax adviser", "a chess coach",
          "a ship's navigator", "a bakery owner", "a park ranger"]
 
@@ -94,7 +102,8 @@ def run_once(router: RunningServer, run: int) -> dict:
 def _start_replicas(log_dir: Path) -> tuple[list[str], list[subprocess.Popen]]:
     tokenmill = str(Path(sys.executable).parent / "tokenmill")
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    processes = [subprocess.Popen([tokenmill, "model-server", "--listen", address, "--cpu-bind", str(core)],
+    processes = [subprocess.Popen([tokenmill, "model-server", "--listen", address, "--cpu-bind", str(core),
+                                   "--kv-cache-bytes", str(REPLICA_KV_CACHE_BYTES)],
                                   stdout=open(log_dir / f"routing-replica{core}.log", "ab"), stderr=subprocess.STDOUT)
                  for core, address in enumerate(addresses)]
     return addresses, processes
@@ -157,7 +166,8 @@ def report_lines(results: dict) -> list[str]:
     return ["## Routing: prefix-aware against least-loaded, 2 replicas", "",
             f"{results['requests']} streamed chat requests, {results['concurrency']} at a time, over "
             f"{results['system_prompts']} system prompts of about 350 tokens, {results['max_tokens']} new tokens "
-            f"each; 2 model-server replicas of the embedded SmolLM2 on one core each, one router per mode "
+            f"each; 2 model-server replicas of the embedded SmolLM2 on one core each with "
+            f"{REPLICA_KV_CACHE_BYTES >> 20} MiB of KV cache, one router per mode "
             f"(`benchmarks/routing.py`), {results['passes']} pass(es), medians. Hit rate: prompt tokens served "
             "from the replicas' prefix caches over all prompt tokens.", "",
             "| routing | prefix-cache hit rate | TTFT p50 | errors |", "|---|---|---|---|",
