@@ -478,7 +478,9 @@ class MoEMethod:
         order = ids.flatten().argsort(stable=True)
         rows = x.index_select(0, order // top_k)
         outputs, start = [], 0
-        for expert, count in enumerate(torch.bincount(ids.flatten()).tolist()):
+        # Counted on the host, where they are needed anyway: XLA aborts the process on a device bincount
+        # (torch-xla 2.9, measured), whose output size depends on the data.
+        for expert, count in enumerate(torch.bincount(ids.flatten().cpu()).tolist()):
             if count:
                 outputs.append(self.expert_mlp(rows[start:start + count], prepared, expert))
                 start += count
@@ -501,6 +503,27 @@ class MoEMethod:
         """The layer's output for `x` (num_tokens, hidden) given its router's logits: `route`, then `experts`."""
         weights, ids = self.route(router_logits, top_k, renormalize)
         return self.experts(x, weights, ids, prepared)
+
+
+class StaticShapeMoEMethod(MoEMethod):
+    """Every expert over every token, each weighted by its routing weight (zero where not routed): no
+    data-dependent shapes and no host reads, for backends that compile a graph per shape (XLA, HPU
+    graphs) or capture graphs. Costs `num_experts / top_k` times the reference's expert FLOPs.
+
+    Sums in ascending expert order, as the reference does, so only the matmuls' row blocking can differ.
+    """
+
+    graph_capturable = True
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, prepared: Any) -> torch.Tensor:
+        gate_up, _ = prepared
+        num_experts = gate_up.shape[0]
+        combine = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
+        combine = combine.scatter_add(1, ids, weights.float())
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for expert in range(num_experts):
+            out = out + combine[:, expert:expert + 1] * self.expert_mlp(x, prepared, expert).float()
+        return out.to(x.dtype)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from tokenmill.interfaces import (
     KVCacheLayout,
     KVCacheShape,
     MemoryRequest,
+    MoEMethod,
     ShapeBuckets,
+    StaticShapeMoEMethod,
 )
 from tokenmill.plugins.tpu import buckets as _buckets
 from tokenmill.plugins.tpu import discover as _discover
@@ -76,3 +78,10 @@ def tokenmill_communicator(world_size: int, rank: int, device: torch.device) -> 
 @hookimpl
 def tokenmill_ray_resources(num_devices: int) -> dict[str, float]:
     return {"TPU": float(num_devices)}
+
+
+@hookimpl
+def tokenmill_moe_method(dtype: torch.dtype) -> MoEMethod:
+    # The reference slices tokens per expert by counts read on the host: a new graph per routing on XLA,
+    # and a host read inside the traced step. Every expert over every token keeps one shape.
+    return StaticShapeMoEMethod()

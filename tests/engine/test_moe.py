@@ -12,6 +12,7 @@ import torch
 
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig
+from tokenmill.interfaces import MoEMethod, StaticShapeMoEMethod
 from tokenmill.layers.moe import experts_of
 from tokenmill.sampling_params import SamplingParams
 
@@ -95,3 +96,13 @@ def test_a_checkpoint_lacking_an_expert_is_refused_naming_it() -> None:
     config = EngineConfig(backend="cpu", dtype="float32", kv_cache_bytes=1 << 20, progress=False)
     with pytest.raises(ValueError, match=r"lacks 1 expert weights of layers\.1\.mlp\.experts, e\.g\. 2\.up"):
         Engine(config, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("top_k, renormalize", [(1, False), (2, True)])
+def test_the_static_shape_method_gives_the_reference_s_output(top_k, renormalize) -> None:
+    generator = torch.Generator().manual_seed(top_k)
+    gate_up, down = torch.randn(8, 64, 32, generator=generator), torch.randn(8, 32, 32, generator=generator)
+    x, logits = torch.randn(37, 32, generator=generator), torch.randn(37, 8, generator=generator)
+    reference = MoEMethod().apply(x, logits, (gate_up, down), top_k, renormalize)
+    static = StaticShapeMoEMethod().apply(x, logits, (gate_up, down), top_k, renormalize)
+    torch.testing.assert_close(static, reference, rtol=1e-5, atol=1e-4)
