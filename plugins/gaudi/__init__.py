@@ -23,7 +23,9 @@ from tokenmill.interfaces import (
     KVCacheLayout,
     KVCacheShape,
     MemoryRequest,
+    MoEMethod,
     ShapeBuckets,
+    StaticShapeMoEMethod,
 )
 from tokenmill.plugins.gaudi import buckets as _buckets
 from tokenmill.plugins.gaudi import discover as _discover
@@ -84,3 +86,9 @@ def tokenmill_compile_model(model: torch.nn.Module, capture_sizes: tuple[int, ..
 @hookimpl
 def tokenmill_ray_resources(num_devices: int) -> dict[str, float]:
     return {"HPU": float(num_devices)}
+
+
+@hookimpl
+def tokenmill_moe_method(dtype: torch.dtype) -> MoEMethod:
+    # One HPU graph per padded shape: the reference's per-expert slices would change shape with each routing.
+    return StaticShapeMoEMethod()
