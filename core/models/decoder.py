@@ -61,7 +61,8 @@ class DecoderModel(CheckpointLoading, nn.Module):
         hidden = self.embed(input_ids)  # (T, hidden)
         residual = None
         # Each RoPE once per step: a scaling may depend on the sequences' lengths (`tokenmill.layers.rotary`).
-        step_rotary = {id(r): r.for_step(positions, metadata) for r in self.layer_rotary}
+        unique = {id(r): r for r in self.layer_rotary}  # layers share RoPE modules: each is computed once
+        step_rotary = {key: r.for_step(positions, metadata) for key, r in unique.items()}
         for layer, rotary, kv_cache in zip(self.layers, self.layer_rotary, kv_caches):
             hidden, residual = layer(positions, hidden, residual, step_rotary[id(rotary)], kv_cache, metadata)
         hidden, _ = getattr(self, self.final_norm)(hidden, residual)
