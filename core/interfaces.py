@@ -280,10 +280,69 @@ class GGMLWeight:
     in_features: int
 
 
+# Code types of `QuantizedWeight.codes`: unsigned integers of 2 to 8 bits, or fp8 bit patterns.
+INTEGER_CODE_TYPES = tuple(f"uint{bits}" for bits in range(2, 9))
+FP8_CODE_TYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A pre-quantized linear weight in one normal form, whatever format the checkpoint stored it in.
+
+    GPTQ, AWQ, compressed-tensors, fp8 checkpoints and GGUF blocks all come down to this: weight element
+    (o, i) is ``scales[o, g] * value(codes[o, i]) + offsets[o, g]`` with ``g = i // group_size``, where
+    value is the unsigned integer code itself, ``lookup[code]`` when a lookup table is given (GGUF's
+    IQ4 types), or the fp8 number whose bits the code holds. Signed and zero-point schemes become
+    unsigned codes and an offset (GPTQ's ``scale * (q - zero)`` is ``scale * q - scale * zero``; a
+    K-quant's ``d * sc * q - dmin * m``): every format's own arithmetic is exact in float32, so this form
+    loses nothing. A backend packs it for its kernels in `QuantMethod.prepare_quantized`.
+    """
+
+    format: str  # the checkpoint's format, for messages and method choice: "gptq", "awq", "fp8", ...
+    code_type: str  # one of INTEGER_CODE_TYPES ("uint4": codes 0..15) or of FP8_CODE_TYPES
+    codes: torch.Tensor  # (out_features, in_features) uint8
+    scales: torch.Tensor  # (out_features, in_features // group_size) float32
+    offsets: torch.Tensor | None  # like `scales`, or None where every offset is zero
+    group_size: int  # inputs sharing one scale; in_features for per-channel (and per-tensor) scales
+    # GPTQ's act-order (desc_act): stored column j holds input `input_order[j]`, so groups are contiguous.
+    input_order: torch.Tensor | None = None  # (in_features,) int64, or None for the natural order
+    lookup: torch.Tensor | None = None  # (2 ** bits,) float32 values of the integer codes, or None
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.code_type in FP8_CODE_TYPES else int(self.code_type.removeprefix("uint"))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out_features, in_features) weight, inputs in their natural order: the reference."""
+        if self.code_type in FP8_CODE_TYPES:
+            values = self.codes.view(FP8_CODE_TYPES[self.code_type]).float()
+        elif self.lookup is not None:
+            values = self.lookup.float()[self.codes.long()]
+        else:
+            values = self.codes.float()
+        weight = values * self.scales.repeat_interleave(self.group_size, dim=1)
+        if self.offsets is not None:
+            weight = weight + self.offsets.repeat_interleave(self.group_size, dim=1)
+        if self.input_order is not None:
+            weight = torch.empty_like(weight).index_copy_(1, self.input_order, weight)
+        return weight.to(dtype)
+
+
 class QuantMethod(abc.ABC):
     """A quantization method a backend can run: prepare weights once, then matmul with them."""
 
     name: str  # what `--quantize NAME` selects
+    # Pre-quantized checkpoint formats (`QuantizedWeight.format`) `prepare_quantized` takes; the core
+    # refuses a checkpoint in any other format at start, naming the ones the backend runs.
+    checkpoint_formats: frozenset[str] = frozenset()
 
     @abc.abstractmethod
     def prepare(self, weight: torch.Tensor) -> Any:
@@ -297,6 +356,12 @@ class QuantMethod(abc.ABC):
         against the float64 product with the blocks' exact values): a speed path, not a new quantization.
         """
         return None
+
+    def prepare_quantized(self, weight: QuantizedWeight) -> Any:
+        """The prepared form of a pre-quantized checkpoint's weight, for a method whose
+        `checkpoint_formats` include ``weight.format``. `matmul` with it must compute ``x @ W.T`` for
+        ``W = weight.dequantize()`` at least as exactly as `F.linear` with W in the activations' dtype."""
+        raise NotImplementedError(f"{type(self).__name__} does not run pre-quantized checkpoints")
 
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
