@@ -121,18 +121,23 @@ def test_attention_logit_softcap(backend, platform, device) -> None:
         _run_case(backend, device, dtype, [(30, 1), (0, 12)], logit_softcap=5.0)
 
 
-def test_layers_with_different_specs_share_one_step(backend, device) -> None:
-    """A full and a sliding-window layer prepared on one shared metadata object, as the engine does."""
+@pytest.mark.parametrize("field, value", [("sliding_window", 6), ("logit_softcap", 5.0)])
+@pytest.mark.parametrize("seqs", [[(0, 30), (0, 5)], [(0, 30)], [(30, 1), (12, 1)]], ids=["prefills", "prompt", "decodes"])
+def test_layers_with_different_specs_share_one_step(backend, device, field, value, seqs) -> None:
+    """Layers that differ in one spec field (Gemma 2: window, soft caps), prepared on one shared metadata
+    object as the engine does: whatever a backend builds once per step must not leak between them."""
     dtype = torch.float32
     layout = backend.kv_cache_layout(KVCacheShape(2, 2, 32, dtype), device)
     caches = layout.allocate(NUM_BLOCKS)
-    specs = [AttentionSpec(4, 2, 32, 32**-0.5, dtype, sliding_window=window) for window in (None, 6)]
-    batch = build_paged_batch(layout, NUM_BLOCKS, specs[0], [(0, 30), (0, 5)], torch.Generator().manual_seed(5), device)
+    specs = [AttentionSpec(4, 2, 32, 32**-0.5, dtype, **{field: v}) for v in (None, value)]
+    batch = build_paged_batch(layout, NUM_BLOCKS, specs[0], seqs, torch.Generator().manual_seed(5), device)
     step = batch.step
     attentions = [backend.attention(spec, layout) for spec in specs]
     for attention in attentions:
         attention.prepare(step.metadata)
     for spec, attention, cache in zip(specs, attentions, caches):
+        if batch.fill is not None:  # each layer's own cache holds the earlier context
+            attention.forward(batch.fill.query, batch.fill.key, batch.fill.value, cache, batch.fill.metadata)
         out = attention.forward(step.query, step.key, step.value, cache, step.metadata)
         expected = reference_attention(step.query.cpu(), batch.full_keys, batch.full_values, batch.query_lens, spec)
         assert (out.double().cpu() - expected).abs().max().item() < _tolerance(dtype)

@@ -261,9 +261,11 @@ class CPUPagedAttention(AttentionBackend):
         self.format = layout.format  # None: the cache stores plain values
         self.cache_code = layout.cache_code
         self.storage_dtype = layout.storage_dtype
-        self._key = ("cpu-attention", spec.sliding_window)
         # The query and cache dtypes are fixed, so whether decodes take the kernel is known now.
         self.kernel_decodes = decode_attention_kernel_available(spec.dtype) and spec.logit_softcap is None
+        # Everything `_step_data` depends on: layers that agree on it share one step's index.
+        self._key = ("cpu-attention", spec.sliding_window, spec.logit_softcap is None, spec.num_kv_heads,
+                     self.kernel_decodes)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         # Nothing up front: the first layer that attends builds the step's index (`_step_data`), so a
