@@ -112,7 +112,10 @@ class GPTQScheme(QuantScheme):
     """GPTQ (AutoGPTQ / GPTQModel): `qweight` (in / 32 * bits, out) int32 packed along the inputs, `qzeros`
     (groups, out / 32 * bits) packed along the outputs, `scales` (groups, out) fp16, `g_idx` (in,) each
     input's group (act-order). The original ("gptq", v1) format stores each zero point minus one, which
-    transformers and GPTQModel add back on load; "gptq_v2" stores it as it is."""
+    transformers and GPTQModel add back on load; "gptq_v2" stores it as it is. Added back per code, modulo
+    2 ** bits, every zero point comes back (GPTQModel adds to the packed words, where a zero point of 0,
+    stored as all ones, carries into its neighbour; symmetric checkpoints, zero 2 ** (bits - 1), never do).
+    """
 
     bits: int
     group_size: int
@@ -129,7 +132,10 @@ class GPTQScheme(QuantScheme):
 
     def read(self, module: str, parts: Mapping[str, torch.Tensor]) -> QuantizedWeight:
         codes = unpack_int32(parts["qweight"], self.bits, 0).T
-        zeros = unpack_int32(parts["qzeros"], self.bits, 1).T.float() + (1 if self.zeros_minus_one else 0)
+        zeros = unpack_int32(parts["qzeros"], self.bits, 1).T.long()
+        if self.zeros_minus_one:  # modulo: a zero point of 0 was stored as -1, all ones in `bits` bits
+            zeros = (zeros + 1) % (1 << self.bits)
+        zeros = zeros.float()
         scales = parts["scales"].float().T
         return _grouped(codes, scales, zeros, parts.get("g_idx"), self.format, self.bits)
 
