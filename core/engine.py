@@ -28,7 +28,7 @@ from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cach
 from tokenmill.layers.moe import experts_of, prepare_experts
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
-from tokenmill.loader.quantized_checkpoints import quantized_to
+from tokenmill.loader.quantized_checkpoints import CHECKPOINT_FORMATS, quantized_to
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape, model_implementation, text_config_of
@@ -288,13 +288,19 @@ class Engine:
         """The backend's method for a pre-quantized checkpoint (None for a dense one), refused before any
         layer is built where the backend runs no method for its format, or where --quantize asks for another."""
         weights = self.checkpoint.quantized_weights
+        weight_format = next(iter(weights.values())).format if weights else None
         if not weights:
+            if config.quantize in CHECKPOINT_FORMATS and config.quantize not in self.backend.quantization_methods:
+                raise ValidationError(f"--quantize {config.quantize} names a pre-quantized checkpoint format, and this "
+                                      "checkpoint is not quantized: start it without, or with a method the backend offers")
             return None
         description = self.checkpoint.quantization or "pre-quantized"
-        if config.quantize:
+        if config.quantize and config.quantize != weight_format:  # TGI's `--quantize gptq` names the format itself
             raise ValidationError(f"the checkpoint is already quantized ({description}): start it without "
                                   f"--quantize {config.quantize}")
-        return self.backend.checkpoint_method(self.dtype, next(iter(weights.values())).format, description)
+        method = self.backend.checkpoint_method(self.dtype, weight_format, description)
+        logger.info("pre-quantized checkpoint (%s): %d linear layers run by %s", description, len(weights), method.name)
+        return method
 
     def _kv_cache_layout(self, config: EngineConfig):
         """The backend's layout for the model's cache in `--kv-cache-dtype`; refused if it cannot store that."""

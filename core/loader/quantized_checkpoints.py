@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 # AWQ's GEMM packing puts output 8c + AWQ_ORDER[i] in nibble i of word c; its inverse reads them back.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(k) for k in range(8))
+# The formats a checkpoint's weights come in (`QuantizedWeight.format`), which TGI's --quantize also names.
+CHECKPOINT_FORMATS = ("gptq", "awq", "fp8", "compressed-tensors")
 FP8_CODES = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
 
 

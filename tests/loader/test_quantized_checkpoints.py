@@ -171,3 +171,16 @@ def test_quantize_with_a_pre_quantized_checkpoint_is_refused(tiny, tmp_path) -> 
     with pytest.raises(ValidationError, match=r"already quantized \(AWQ 4-bit, group 32\).*without --quantize int8"):
         Engine(EngineConfig(model_id=str(tmp_path), dtype="float32", kv_cache_bytes=4 << 20, progress=False,
                             quantize="int8"))
+
+
+def test_tgis_quantize_naming_the_checkpoints_own_format_is_accepted(tiny, tmp_path) -> None:
+    write_awq(tiny, tmp_path / "awq", group_size=32)
+    engine = Engine(EngineConfig(model_id=str(tmp_path / "awq"), dtype="float32", kv_cache_bytes=4 << 20,
+                                 progress=False, quantize="awq"))
+    assert engine.model.layers[0].self_attn.qkv_proj.quant_method.name == "float"
+    tiny.reference.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValidationError, match="--quantize gptq names a pre-quantized checkpoint format, and this "
+                                              "checkpoint is not quantized"):
+        Engine(EngineConfig(model_id=str(tmp_path / "dense"), dtype="float32", kv_cache_bytes=4 << 20,
+                            progress=False, quantize="gptq"))
