@@ -167,8 +167,9 @@ class Linear(nn.Module):
             return
         shard = shard or 0
         if weight.in_features != self.checkpoint_in_features or weight.out_features != self.shard_sizes[shard]:
-            raise ValueError(f"quantized weight shard {shard}: expected {(self.shard_sizes[shard], self.checkpoint_in_features)},"
-                             f" got {(weight.out_features, weight.in_features)}")
+            expected = (self.shard_sizes[shard], self.checkpoint_in_features)
+            raise ValueError(f"quantized weight shard {shard}: expected {expected}, "
+                             f"got {(weight.out_features, weight.in_features)}")
         if self.style is ShardStyle.COLUMN:
             index, count = self.parts[shard]
             rows = weight.out_features // count
@@ -188,12 +189,9 @@ class Linear(nn.Module):
             raise ValueError(f"only shards {sorted(shards)} of {count} are pre-quantized")
         parts = [shards[i] for i in range(count)]
         first = parts[0]
-        for part in parts[1:]:
-            if (part.format, part.code_type, part.group_size, part.offsets is None, part.lookup is None) != \
-                    (first.format, first.code_type, first.group_size, first.offsets is None, first.lookup is None) \
-                    or not _same(part.input_order, first.input_order) or not _same(part.lookup, first.lookup):
-                raise ValueError("the fused shards of a layer are quantized differently (code type, groups, "
-                                 "act-order or offsets): they cannot run as one weight")
+        if any(not _stackable(part, first) for part in parts[1:]):
+            raise ValueError("the fused shards of a layer are quantized differently (code type, groups, "
+                             "act-order or offsets): they cannot run as one weight")
         if count == 1:
             return first
         offsets = None if first.offsets is None else torch.cat([part.offsets for part in parts])
@@ -225,8 +223,15 @@ class Linear(nn.Module):
         return y if self.lora is None else self.lora(y, x)
 
 
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+def _stackable(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """Whether two weights' rows can be one weight: the same codes, groups, act-order, lookup, offsets or none."""
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
+    def layout(w: QuantizedWeight) -> tuple:
+        return w.format, w.code_type, w.group_size, w.offsets is None
+
+    return layout(a) == layout(b) and same(a.input_order, b.input_order) and same(a.lookup, b.lookup)
 
 
 def _quantized_rows(weight: QuantizedWeight, start: int, end: int) -> QuantizedWeight:

@@ -250,7 +250,8 @@ class CompressedTensorsScheme(QuantScheme):
         else:  # int-quantized: the signed values as int8
             out_features, in_features = parts["weight"].shape
             codes = (parts["weight"].to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-        scales = scale.float().reshape(out_features, -1) if scale.numel() > 1 else scale.float().reshape(1, 1).expand(out_features, 1)
+        scale = scale.float()
+        scales = scale.reshape(out_features, -1) if scale.numel() > 1 else scale.reshape(1, 1).expand(out_features, 1)
         zeros = torch.full_like(scales, float(1 << (bits - 1)))  # the signed values' offset in the codes
         if "weight_zero_point" in parts:
             zero_point = parts["weight_zero_point"]
@@ -323,9 +324,10 @@ def _compressed_tensors(quant: dict) -> CompressedTensorsScheme:
     for name, group in (quant.get("config_groups") or {}).items():
         args = group.get("weights") or {}
         group_format = group.get("format") or checkpoint_format
+        kind, strategy = (args.get("type"), args.get("num_bits")), args.get("strategy")
         readable = group_format in ("pack-quantized", "int-quantized", "float-quantized") and (
-            (args.get("type") == "int" and args.get("num_bits") in (4, 8) and args.get("strategy") in ("group", "channel", "tensor"))
-            or (args.get("type") == "float" and args.get("num_bits") == 8 and args.get("strategy") in ("channel", "tensor")))
+            (kind in (("int", 4), ("int", 8)) and strategy in ("group", "channel", "tensor"))
+            or (kind == ("float", 8) and strategy in ("channel", "tensor")))
         if not readable:
             raise UnsupportedCheckpointError(
                 f"compressed-tensors group {name!r} ({group_format}, {args.get('type')}{args.get('num_bits')}, "

@@ -184,3 +184,22 @@ def test_tgis_quantize_naming_the_checkpoints_own_format_is_accepted(tiny, tmp_p
                                               "checkpoint is not quantized"):
         Engine(EngineConfig(model_id=str(tmp_path / "dense"), dtype="float32", kv_cache_bytes=4 << 20,
                             progress=False, quantize="gptq"))
+
+
+@pytest.mark.parametrize("quantization_config,message", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "checkpoints quantized with 'bitsandbytes' are not read"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "GPTQ 3-bit checkpoints are not read"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "in the 'marlin' layout are not read"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "4-bit GEMM packing, not 'gemv'"),
+    ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group"}}}},
+     "group 'group_0' \\(nvfp4-pack-quantized, float4, tensor_group\\) is not read"),
+])
+def test_checkpoints_in_formats_not_read_are_refused_naming_them(quantization_config, message) -> None:
+    from types import SimpleNamespace
+
+    from tokenmill.loader.errors import UnsupportedCheckpointError
+    from tokenmill.loader.quantized_checkpoints import checkpoint_scheme
+
+    with pytest.raises(UnsupportedCheckpointError, match=message):
+        checkpoint_scheme(SimpleNamespace(quantization_config=quantization_config))
