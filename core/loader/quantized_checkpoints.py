@@ -190,18 +190,20 @@ class FP8Scheme(QuantScheme):
         return "weight" in parts and parts["weight"].dtype in FP8_CODES
 
     def read(self, module: str, parts: Mapping[str, torch.Tensor]) -> QuantizedWeight:
-        return _fp8_weight(parts["weight"], parts.get("weight_scale_inv", parts.get("weight_scale")), self.format)
+        return _fp8_weight(parts["weight"], parts.get("weight_scale_inv", parts.get("weight_scale")), self.format,
+                           self.block_size)
 
 
-def _fp8_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> QuantizedWeight:
+def _fp8_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str,
+                block_size: tuple[int, int] | None = None) -> QuantizedWeight:
     """fp8 bits with a scale that is one number, one per output, or one per block of outputs x inputs."""
     out_features, in_features = weight.shape
     scale = scale.float().reshape(-1, 1) if scale.dim() < 2 else scale.float()
-    if scale.shape[0] not in (1, out_features):  # blocks of outputs: each row its block's scales
-        scale = scale.repeat_interleave(-(-out_features // scale.shape[0]), dim=0)[:out_features]
+    if block_size is not None:  # each row gets its block row's scales, one per block of inputs
+        if in_features % block_size[1] or scale.shape[1] != in_features // block_size[1]:
+            raise ValueError(f"{in_features} inputs are not whole {block_size[1]}-input scale blocks")
+        scale = scale.repeat_interleave(block_size[0], dim=0)[:out_features]
     scale = scale.expand(out_features, scale.shape[1])
-    if in_features % scale.shape[1]:
-        raise ValueError(f"{in_features} inputs do not divide into {scale.shape[1]} scale blocks")
     return QuantizedWeight(fmt, FP8_CODES[weight.dtype], weight.view(torch.uint8).contiguous(), scale.contiguous(),
                            None, in_features // scale.shape[1])
 
