@@ -96,6 +96,20 @@ class Backend:
     def dense_linear_method(self, dtype: torch.dtype) -> QuantMethod | None:
         return self._hooks["tokenmill_dense_linear_method"](dtype=dtype)
 
+    def checkpoint_method(self, dtype: torch.dtype, weight_format: str, description: str) -> QuantMethod:
+        """The method that runs a pre-quantized checkpoint in `weight_format` (`QuantizedWeight.format`): the
+        dense linear method if it takes the format, else the first quantization method that does. Refused
+        (`description` says what the checkpoint is) with the formats this backend runs."""
+        candidates = [self.dense_linear_method(dtype), *self.quantization_methods.values()]
+        candidates = [method for method in candidates if method is not None]
+        for method in candidates:
+            if weight_format in method.checkpoint_formats:
+                return method
+        runs = sorted(set().union(*(method.checkpoint_formats for method in candidates)))
+        raise ValidationError(f"backend {self.name!r} cannot run this {description} checkpoint with a "
+                              f"{str(dtype).removeprefix('torch.')} model; the pre-quantized checkpoint formats "
+                              f"it runs: {', '.join(runs) or 'none'}")
+
     def layer_ops(self, dtype: torch.dtype) -> LayerOps:
         """The backend's fused elementwise ops for `dtype`, or the PyTorch reference ops."""
         return self._hooks["tokenmill_layer_ops"](dtype=dtype) or LayerOps()

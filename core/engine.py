@@ -28,6 +28,7 @@ from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cach
 from tokenmill.layers.moe import experts_of, prepare_experts
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
 from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
+from tokenmill.loader.quantized_checkpoints import CHECKPOINT_FORMATS, quantized_to
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape, model_implementation, text_config_of
@@ -208,6 +209,7 @@ class Engine:
             # prompt has other keys (`tokenmill.layers.rotary`), so blocks cannot be shared.
             self.prefix_caching = PREFIX_CACHING_LENGTH_DEPENDENT_ROPE
             logger.warning("prefix caching: %s", self.prefix_caching)
+        checkpoint_method = self._checkpoint_method(config)
         self.layout = self._kv_cache_layout(config)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
         model_class = functools.partial(model_class, parallel=self.parallel)
@@ -216,10 +218,16 @@ class Engine:
                                            config.seed)
         else:
             self.model = model_class(model_config, self._make_attention, self.dtype)
+            if self.checkpoint.quantized_weights:  # first: those layers then expect no dense weight
+                self.model.load_quantized_weights({k: quantized_to(v, self.device)
+                                                   for k, v in self.checkpoint.quantized_weights.items()})
             self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
         self.model.to(self.device).eval()
         self.checkpoint.tensors = {}  # the model owns the weights now
-        if config.quantize:
+        self.checkpoint.quantized_weights = {}
+        if checkpoint_method is not None:
+            self._prepare_linears(checkpoint_method)
+        elif config.quantize:
             self._prepare_linears(self.backend.quantization_method(config.quantize))
         elif (dense := self.backend.dense_linear_method(self.dtype)) is not None:
             self._prepare_linears(dense)
@@ -269,10 +277,30 @@ class Engine:
                     "fallback) with tokenmill's paged attention", architecture)
         config = self.config
         lacking = [flag for flag, asked in (("--quantize", config.quantize), ("--lora-adapters", config.lora_adapters),
-                                            ("--load-format dummy", config.load_format == "dummy")) if asked]
+                                            ("--load-format dummy", config.load_format == "dummy"),
+                                            ("a pre-quantized checkpoint", bool(self.checkpoint.quantized_weights)))
+                   if asked]
         if lacking:
             raise ValidationError(f"{architecture} runs on the transformers fallback, which does not take "
                                   f"{', '.join(lacking)}; start it without")
+
+    def _checkpoint_method(self, config: EngineConfig):
+        """The backend's method for a pre-quantized checkpoint (None for a dense one), refused before any
+        layer is built where the backend runs no method for its format, or where --quantize asks for another."""
+        weights = self.checkpoint.quantized_weights
+        weight_format = next(iter(weights.values())).format if weights else None
+        if not weights:
+            if config.quantize in CHECKPOINT_FORMATS and config.quantize not in self.backend.quantization_methods:
+                raise ValidationError(f"--quantize {config.quantize} names a pre-quantized checkpoint format, and this "
+                                      "checkpoint is not quantized: start it without, or with a method the backend offers")
+            return None
+        description = self.checkpoint.quantization or "pre-quantized"
+        if config.quantize and config.quantize != weight_format:  # TGI's `--quantize gptq` names the format itself
+            raise ValidationError(f"the checkpoint is already quantized ({description}): start it without "
+                                  f"--quantize {config.quantize}")
+        method = self.backend.checkpoint_method(self.dtype, weight_format, description)
+        logger.info("pre-quantized checkpoint (%s): %d linear layers run by %s", description, len(weights), method.name)
+        return method
 
     def _kv_cache_layout(self, config: EngineConfig):
         """The backend's layout for the model's cache in `--kv-cache-dtype`; refused if it cannot store that."""

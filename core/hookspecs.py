@@ -216,7 +216,8 @@ def tokenmill_quantization_methods() -> list[QuantMethod]:
     """The quantization methods this backend can run, each a `QuantMethod` object.
 
     The core validates ``--quantize NAME`` against the names returned here, never against a list of
-    its own. Default: none.
+    its own. A pre-quantized checkpoint runs on the dense linear method, or else the first method here,
+    whose `QuantMethod.checkpoint_formats` include its format; with none, the start is refused. Default: none.
     """
 
 

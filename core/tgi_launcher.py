@@ -46,11 +46,12 @@ def listen_address(hostname: str | None) -> str:
 def quantize_method(text: str) -> str:
     """`--quantize`: a method the backend offers (checked when the engine starts), or one of TGI's values.
     TGI's eetq is tokenmill's int8 (the same scheme: symmetric per-channel int8 weights, any model); its
-    bitsandbytes and pre-quantized formats have no counterpart and are refused here, before anything loads."""
-    if text in ("awq", "gptq", "marlin", "exl2", "compressed-tensors"):
+    gptq, awq and compressed-tensors name the checkpoint's own format (the engine checks that it is); its
+    bitsandbytes and marlin / exl2 checkpoints have no counterpart and are refused here, before anything loads."""
+    if text in ("marlin", "exl2"):
         raise argparse.ArgumentTypeError(
-            f"{text} needs a checkpoint quantized in that format, which tokenmill cannot read; tokenmill quantizes "
-            "any checkpoint as it loads: int8, int4 or fp8, as the backend offers")
+            f"{text} checkpoints are not read; tokenmill reads GPTQ, AWQ, fp8 and compressed-tensors checkpoints "
+            "(no --quantize needed), and quantizes any other as it loads: int8, int4 or fp8, as the backend offers")
     if text.startswith("bitsandbytes"):
         raise argparse.ArgumentTypeError(
             f"tokenmill has no bitsandbytes kernels ({text}); its own load-time methods are int8 (per-channel, "

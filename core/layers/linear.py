@@ -3,6 +3,7 @@ by LoRA adapters (`tokenmill.lora`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import TYPE_CHECKING, Any, Sequence
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from tokenmill.interfaces import GGMLWeight, QuantMethod, ShardStyle
+from tokenmill.interfaces import GGMLWeight, QuantizedWeight, QuantMethod, ShardStyle
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 if TYPE_CHECKING:
@@ -59,10 +60,13 @@ class Linear(nn.Module):
         self.quant_method: QuantMethod | None = None
         self.quantized: Any = None
         self._ggml_shards: dict[int | None, GGMLWeight] = {}  # shard (None: the whole weight) -> blocks
+        self._quantized_shards: dict[int, QuantizedWeight] = {}  # a pre-quantized checkpoint's, by shard
         self.lora: LoRALayer | None = None
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
+        if target is None:
+            raise ValueError(f"{name} shard {shard}: a dense tensor for a layer whose other shards are pre-quantized")
         tensor = self._local_part(name, tensor, shard)
         start, end = self.shard_offsets[shard], self.shard_offsets[shard + 1]
         if tensor.shape[0] != end - start or tensor.shape[1:] != target.shape[1:]:
@@ -152,10 +156,58 @@ class Linear(nn.Module):
         first = shards[0]
         return GGMLWeight(first.ggml_type, torch.cat([shards[i].blocks for i in range(count)]), first.in_features)
 
+    def load_quantized_shard(self, weight: QuantizedWeight, shard: int | None = None) -> None:
+        """Keep a pre-quantized checkpoint's weight of one shard (None: the whole weight) for `quantize`, in
+        place of the dense weight, which is dropped unmaterialised: the layer never holds its weight in
+        full precision. Cut for tensor parallelism like `load_shard`'s dense tensors."""
+        if shard is None and len(self.shard_sizes) > 1:  # fused in the checkpoint: split per logical shard
+            rows = torch.tensor(self.shard_sizes).cumsum(0).tolist()
+            for index, (start, end) in enumerate(zip([0] + rows[:-1], rows)):
+                self.load_quantized_shard(_quantized_rows(weight, start, end), index)
+            return
+        shard = shard or 0
+        if weight.in_features != self.checkpoint_in_features or weight.out_features != self.shard_sizes[shard]:
+            expected = (self.shard_sizes[shard], self.checkpoint_in_features)
+            raise ValueError(f"quantized weight shard {shard}: expected {expected}, "
+                             f"got {(weight.out_features, weight.in_features)}")
+        if self.style is ShardStyle.COLUMN:
+            index, count = self.parts[shard]
+            rows = weight.out_features // count
+            weight = _quantized_rows(weight, index * rows, (index + 1) * rows)
+        elif self.style is ShardStyle.ROW:
+            weight = _quantized_inputs(weight, self.parallel.rank, self.parallel.world_size)
+        self._quantized_shards[shard] = weight
+        self.weight = None
+
+    def quantized_weight(self) -> QuantizedWeight | None:
+        """The whole (local) weight as one QuantizedWeight, its shards' rows stacked; None if not pre-quantized."""
+        shards = self._quantized_shards
+        if not shards:
+            return None
+        count = len(self.shard_offsets) - 1
+        if set(shards) != set(range(count)):
+            raise ValueError(f"only shards {sorted(shards)} of {count} are pre-quantized")
+        parts = [shards[i] for i in range(count)]
+        first = parts[0]
+        if any(not _stackable(part, first) for part in parts[1:]):
+            raise ValueError("the fused shards of a layer are quantized differently (code type, groups, "
+                             "act-order or offsets): they cannot run as one weight")
+        if count == 1:
+            return first
+        offsets = None if first.offsets is None else torch.cat([part.offsets for part in parts])
+        return dataclasses.replace(first, codes=torch.cat([part.codes for part in parts]),
+                                   scales=torch.cat([part.scales for part in parts]), offsets=offsets)
+
     def quantize(self, method: QuantMethod) -> None:
-        """Prepare the weight for `method` once, from its ggml blocks where the method takes them; the
-        dense weight and the blocks are dropped. Sharded, the method prepares this rank's part alone."""
+        """Prepare the weight for `method` once: from a pre-quantized checkpoint's weight, or from its ggml
+        blocks where the method takes them; the dense weight and the blocks are dropped. Sharded, the method
+        prepares this rank's part alone."""
         self.quant_method = method
+        quantized = self.quantized_weight()
+        if quantized is not None:
+            self.quantized = method.prepare_quantized(quantized)
+            self._quantized_shards = {}
+            return
         ggml = self.ggml_weight()
         prepared = method.prepare_ggml(self.weight.data, ggml) if ggml is not None else None
         self.quantized = method.prepare(self.weight.data) if prepared is None else prepared
@@ -169,6 +221,43 @@ class Linear(nn.Module):
         else:
             y = F.linear(x, self.weight, self.bias)
         return y if self.lora is None else self.lora(y, x)
+
+
+def _stackable(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """Whether two weights' rows can be one weight: the same codes, groups, act-order, lookup, offsets or none."""
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
+    def layout(w: QuantizedWeight) -> tuple:
+        return w.format, w.code_type, w.group_size, w.offsets is None
+
+    return layout(a) == layout(b) and same(a.input_order, b.input_order) and same(a.lookup, b.lookup)
+
+
+def _quantized_rows(weight: QuantizedWeight, start: int, end: int) -> QuantizedWeight:
+    """Output features `start:end` of a quantized weight (the same groups, act-order and lookup)."""
+    offsets = None if weight.offsets is None else weight.offsets[start:end]
+    return dataclasses.replace(weight, codes=weight.codes[start:end], scales=weight.scales[start:end], offsets=offsets)
+
+
+def _quantized_inputs(weight: QuantizedWeight, rank: int, world_size: int) -> QuantizedWeight:
+    """Rank `rank`'s even share of the inputs, cut at group boundaries (one group per row: each rank keeps its
+    scales); refused where a cut falls inside a group or the inputs are act-order permuted (a rank's inputs
+    would be scattered over the groups)."""
+    local = weight.in_features // world_size
+    one_group = weight.scales.shape[1] == 1
+    if weight.input_order is not None or (local % weight.group_size and not one_group):
+        raise ValueError(f"a row-parallel split of {weight.in_features} inputs over {world_size} ranks cuts "
+                         f"{weight.format} groups of {weight.group_size} inputs"
+                         + (" in act-order" if weight.input_order is not None else "")
+                         + ": run this checkpoint with fewer shards")
+    codes = weight.codes[:, rank * local:(rank + 1) * local].contiguous()
+    if one_group:
+        return dataclasses.replace(weight, codes=codes, group_size=local)
+    groups = local // weight.group_size
+    columns = slice(rank * groups, (rank + 1) * groups)
+    offsets = None if weight.offsets is None else weight.offsets[:, columns].contiguous()
+    return dataclasses.replace(weight, codes=codes, scales=weight.scales[:, columns].contiguous(), offsets=offsets)
 
 
 class RowParallelLinear(Linear):

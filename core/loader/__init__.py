@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenmill.interfaces import GGMLWeight
+from tokenmill.interfaces import GGMLWeight, QuantizedWeight
 from tokenmill.loader.dummy import (BUILTIN_SHAPES, LOAD_FORMATS, build_dummy_model, dummy_tokenizer,
                                     load_dummy_checkpoint)
 from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
@@ -50,6 +50,10 @@ class Checkpoint:
     timings_s: dict[str, float] = field(default_factory=dict)
     # GGUF only: quantized weights' blocks as stored (the same weights as in `tensors`), by name.
     ggml_weights: dict[str, GGMLWeight] = field(default_factory=dict)
+    # A pre-quantized safetensors checkpoint (`tokenmill.loader.quantized_checkpoints`): its quantized linear
+    # weights, under their `.weight` names and absent from `tensors`, and what it is ("GPTQ 4-bit, group 128").
+    quantized_weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    quantization: str | None = None
     # A vision-language model's processor (transformers' AutoProcessor: its image processor and the prompt
     # expansion of images into image tokens); None for a text-only model.
     processor: Any = None

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from tokenmill.loader.errors import UnsupportedCheckpointError
+from tokenmill.loader.quantized_checkpoints import QuantScheme, checkpoint_scheme, split_quantized
 
 
 def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
@@ -25,7 +26,11 @@ def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
         checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
     default = checkpoint_dtype if checkpoint_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     torch_dtype = parse_dtype(dtype, default)
-    tensors = _read_safetensors(path, torch_dtype, progress)
+    scheme = checkpoint_scheme(config)
+    tensors = _read_safetensors(path, torch_dtype, progress, scheme)
+    quantized = {}
+    if scheme is not None:
+        tensors, quantized = split_quantized(tensors, scheme)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     eos = getattr(config.get_text_config(), "eos_token_id", None)  # a vision-language config keeps it in text_config
     generation_config = path / "generation_config.json"
@@ -35,7 +40,8 @@ def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
     processor = load_processor(path, config)
     if processor is not None and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = processor.chat_template  # a VLM's template may live with its processor
-    return Checkpoint(config, tensors, tokenizer, str(path), "safetensors", eos_ids, processor=processor)
+    return Checkpoint(config, tensors, tokenizer, str(path), "safetensors", eos_ids, processor=processor,
+                      quantized_weights=quantized, quantization=scheme.description if quantized else None)
 
 
 def load_processor(path: Path, config: Any) -> Any:
@@ -50,7 +56,9 @@ def load_processor(path: Path, config: Any) -> Any:
     return AutoProcessor.from_pretrained(str(path))
 
 
-def _read_safetensors(path: Path, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, dtype: torch.dtype, progress: bool,
+                      scheme: QuantScheme | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor in `dtype`, except a quantized layer's (`scheme.owns`), kept as stored."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -65,6 +73,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype, progress: bool) -> dict[st
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
-                    tensors[name] = handle.get_tensor(name).to(dtype)
+                    tensor = handle.get_tensor(name)
+                    tensors[name] = tensor if scheme is not None and scheme.owns(name, tensor) else tensor.to(dtype)
                     bar.update(1)
     return tensors

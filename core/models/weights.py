@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.interfaces import GGMLWeight
+from tokenmill.interfaces import GGMLWeight, QuantizedWeight
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.vocab_parallel import lm_head
 from tokenmill.parallel import ParallelContext
@@ -68,6 +68,21 @@ class CheckpointLoading:
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+
+    def load_quantized_weights(self: Any, weights: dict[str, QuantizedWeight]) -> None:
+        """Give each linear layer its pre-quantized (transformers-named) weight in place of a dense one; call
+        before `load_weights`, which then no longer expects those layers' dense weights."""
+        for name, weight in weights.items():
+            module_path, _, kind = name.removeprefix("model.").rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            fused, shard = self.packed.get(leaf, (leaf, None))
+            try:
+                module = self.get_submodule(f"{parent}.{fused}" if parent else fused)
+            except AttributeError:  # experts stacked in one tensor, for one
+                module = None
+            if not isinstance(module, Linear) or kind != "weight":
+                raise ValueError(f"{name} is pre-quantized, but {type(self).__name__} runs it as no linear layer")
+            module.load_quantized_shard(weight, shard)
 
     def load_ggml_weights(self: Any, weights: dict[str, GGMLWeight]) -> None:
         """Give each linear layer the GGUF blocks of its (transformers-named) weight, for backends whose

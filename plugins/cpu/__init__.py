@@ -34,6 +34,7 @@ from tokenmill.plugins.cpu.lora import MaskedLoRA
 from tokenmill.plugins.cpu.moe import PackedBF16Experts
 from tokenmill.plugins.cpu.token_mask import CTokenMask
 from tokenmill.plugins.cpu.quant import (
+    DequantizedFloatLinear,
     Int8WeightOnly,
     OneDNNPackedLinear,
     PackedBF16Linear,
@@ -74,7 +75,7 @@ def tokenmill_communicator(world_size: int, rank: int) -> Communicator:
 
 @hookimpl
 def tokenmill_quantization_methods() -> list[QuantMethod]:
-    return [Int8WeightOnly()]
+    return [Int8WeightOnly(), DequantizedFloatLinear()]
 
 
 @hookimpl

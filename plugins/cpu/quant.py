@@ -10,6 +10,12 @@
   without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form
   reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
 - `Int8WeightOnly` (`--quantize int8`): per-channel int8 weights through `aten._weight_int8pack_mm`.
+- `DequantizedFloatLinear`: a pre-quantized checkpoint's weights dequantized once to float32 and run by
+  `F.linear`: how an fp32 (or fp16) model runs GPTQ, AWQ, fp8 and compressed-tensors checkpoints, exactly.
+
+Pre-quantized checkpoints (`CHECKPOINT_FORMATS`) in a bf16 model go through the dense methods'
+`prepare_quantized`, which for now dequantize the weight to bf16 and pack it like a dense one: the
+checkpoint's numbers, not yet its memory saving. The group-wise int4/int8 and fp8 kernels replace that path.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.interfaces import GGMLWeight, QuantMethod
+from tokenmill.interfaces import GGMLWeight, QuantizedWeight, QuantMethod
 
 try:
     from tokenmill.plugins.cpu import _bf16_gemm
@@ -30,6 +36,7 @@ LANES = 16  # output features per packed weight vector
 GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
 GGML_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
 DENSE_FORMAT = 0  # gemm_kernels.h's GEMM_DENSE
+CHECKPOINT_FORMATS = frozenset({"gptq", "awq", "fp8", "compressed-tensors"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,11 @@ class PackedBF16Linear(QuantMethod):
     """Unquantized bf16 weights, packed so each 512-bit load is 16 outputs x 2 inputs (`vdpbf16ps`)."""
 
     name = "avx512-bf16"
+    checkpoint_formats = CHECKPOINT_FORMATS
+
+    def prepare_quantized(self, weight: QuantizedWeight) -> PackedBF16Weight:
+        # The dequantizing path, until the group-wise kernels read the codes themselves.
+        return self.prepare(weight.dequantize(torch.float32))
 
     def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
         ggml_format = GGML_FORMATS.get(ggml.ggml_type)
@@ -123,6 +135,11 @@ class OneDNNPackedLinear(QuantMethod):
     """Unquantized bf16 weights in oneDNN's packed layout (what torch.compile's CPU backend uses too)."""
 
     name = "onednn-bf16"
+    checkpoint_formats = CHECKPOINT_FORMATS
+
+    def prepare_quantized(self, weight: QuantizedWeight) -> torch.Tensor:
+        # The dequantizing path, until the group-wise kernels read the codes themselves.
+        return self.prepare(weight.dequantize(torch.bfloat16))
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
         # The batch-size hint only picks a blocking; measured here, the same speed at 1 to 512 rows.
@@ -154,3 +171,25 @@ class Int8WeightOnly(QuantMethod):
 
     def matmul(self, x: torch.Tensor, prepared: Int8Weight) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, prepared.weight, prepared.scales.to(x.dtype))
+
+
+class DequantizedFloatLinear(QuantMethod):
+    """A pre-quantized checkpoint's weights dequantized once to float32, run by `F.linear` in the
+    activations' dtype: the exact checkpoint weights for an fp32 model (whose linears stay on `F.linear`,
+    the kernel the reference results come from), at 4 bytes a weight. Dense weights it keeps as they are,
+    so `--quantize float` is the unquantized model."""
+
+    name = "float"
+    checkpoint_formats = CHECKPOINT_FORMATS
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def prepare_quantized(self, weight: QuantizedWeight) -> torch.Tensor:
+        return weight.dequantize(torch.float32)
+
+    def matmul(self, x: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, prepared if prepared.dtype == x.dtype else prepared.to(x.dtype))
+
+    def dequantize(self, prepared: torch.Tensor) -> torch.Tensor:
+        return prepared

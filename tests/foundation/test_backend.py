@@ -34,7 +34,7 @@ def test_attention_objects_are_shared_per_spec(cpu) -> None:
 
 def test_quantization_is_validated_against_the_backend(cpu) -> None:
     assert cpu.quantization_method("int8").name == "int8"
-    with pytest.raises(ValidationError, match="offers: int8"):
+    with pytest.raises(ValidationError, match="offers: float, int8"):
         cpu.quantization_method("awq")
 
 

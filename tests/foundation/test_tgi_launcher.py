@@ -169,8 +169,8 @@ def test_refused_settings_stop_the_start_naming_each_before_anything_loads(tmp_p
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ("awq", "awq needs a checkpoint quantized in that format"),
-    ("compressed-tensors", "compressed-tensors needs a checkpoint quantized in that format"),
+    ("marlin", "marlin checkpoints are not read"),
+    ("exl2", "exl2 checkpoints are not read"),
     ("bitsandbytes-nf4", "tokenmill has no bitsandbytes kernels (bitsandbytes-nf4)"),
 ])
 def test_tgi_quantize_values_without_a_counterpart_are_refused_as_flag_or_variable(value, message, clean_env,

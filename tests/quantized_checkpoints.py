@@ -1,0 +1,177 @@
+"""Pre-quantized checkpoints of the tiny models, for the loader's tests.
+
+compressed-tensors checkpoints are written by the compressed-tensors library itself (its scales and its
+compressors). GPTQ and AWQ have no tool that installs and runs here (GPTQModel builds from source, AutoAWQ
+wants CUDA): their checkpoints are packed below from the published layouts, from round-to-nearest codes of
+the tiny model's weights, and each writer returns the dequantized weights, from which `dense_reference`
+builds the transformers model to compare with. fp8 (transformers' "fp8" format, block-wise scales) is
+simple enough to write directly, and transformers loads it on CPU, dequantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from tests.tiny_models import TinyModel, tiny_tokenizer
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output 8c + AWQ_ORDER[i] goes to nibble i of word c
+
+
+def linear_weights(tiny: TinyModel) -> dict[str, torch.Tensor]:
+    """The tiny model's decoder linears (the output head stays dense, as quantizers leave it)."""
+    return {name: tensor for name, tensor in tiny.reference.state_dict().items()
+            if name.endswith(".weight") and name.split(".")[-2] in LINEARS}
+
+
+def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                     group_of_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes (out, in), scales and integer zeros (out, groups) with `w ~ scale * (code - zero)`;
+    inputs grouped by `group_of_input` (act-order), else in runs of `group_size`."""
+    out_features, in_features = weight.shape
+    groups = in_features // group_size
+    group_of_input = torch.arange(in_features) // group_size if group_of_input is None else group_of_input
+    members = torch.stack([weight[:, group_of_input == g] for g in range(groups)], dim=1)  # (out, groups, size)
+    top = 2 ** bits - 1
+    if symmetric:
+        scales = members.abs().amax(-1) / (top / 2)
+        zeros = torch.full_like(scales, (top + 1) // 2)
+    else:
+        low, high = members.amin(-1).clamp(max=0), members.amax(-1).clamp(min=0)
+        scales = (high - low) / top
+        zeros = torch.round(-low / scales).clamp(0, top)
+    scales = scales.half().float()  # stored as fp16: the reference uses the rounded scales
+    codes = torch.round(weight / scales[:, group_of_input] + zeros[:, group_of_input]).clamp(0, top)
+    return codes.long(), scales, zeros.long()
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """`bits`-bit values packed low bits first, 32 // bits to an int32 word along `dim`."""
+    per_word = 32 // bits
+    moved = codes.long().movedim(dim, -1)
+    moved = moved.reshape(*moved.shape[:-1], moved.shape[-1] // per_word, per_word)
+    words = (moved << (torch.arange(per_word) * bits)).sum(-1)
+    return (words - (words >= 2 ** 31).long() * 2 ** 32).to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def write_gptq(tiny: TinyModel, folder: Path, bits: int, group_size: int, desc_act: bool, symmetric: bool,
+               checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """A GPTQ checkpoint (AutoGPTQ / GPTQModel layout); returns the dequantized weights. Act-order draws
+    one input permutation per layer input (q/k/v share theirs, as GPTQ's shared Hessian gives them)."""
+    generator = torch.Generator().manual_seed(7)
+    tensors, dequantized, orders = {}, {}, {}
+    for name, weight in linear_weights(tiny).items():
+        module = name.removesuffix(".weight")
+        in_features = weight.shape[1]
+        size = in_features if group_size == -1 else group_size
+        group_of_input = None
+        if desc_act:
+            key = (module.rsplit(".", 1)[0], module.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+                   in_features)
+            order = orders.setdefault(key, torch.randperm(in_features, generator=generator))
+            group_of_input = torch.empty(in_features, dtype=torch.long)
+            group_of_input[order] = torch.arange(in_features) // size
+        codes, scales, zeros = round_to_nearest(weight, bits, size, symmetric, group_of_input)
+        groups_of = group_of_input if group_of_input is not None else torch.arange(in_features) // size
+        dequantized[name] = (codes - zeros[:, groups_of]) * scales[:, groups_of]
+        stored_zeros = (zeros - 1) % 2 ** bits if checkpoint_format == "gptq" else zeros  # v1 stores zero - 1
+        tensors[f"{module}.qweight"] = pack_int32(codes.T, bits, 0)
+        tensors[f"{module}.qzeros"] = pack_int32(stored_zeros.T, bits, 1)
+        tensors[f"{module}.scales"] = scales.T.half().contiguous()
+        tensors[f"{module}.g_idx"] = groups_of.to(torch.int32)
+    _save(tiny, folder, tensors, {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
+                                  "sym": symmetric, "checkpoint_format": checkpoint_format})
+    return dequantized
+
+
+def write_awq(tiny: TinyModel, folder: Path, group_size: int) -> dict[str, torch.Tensor]:
+    """An AWQ checkpoint in its GEMM packing (4 bits, zero points); returns the dequantized weights."""
+    tensors, dequantized = {}, {}
+    for name, weight in linear_weights(tiny).items():
+        module = name.removesuffix(".weight")
+        codes, scales, zeros = round_to_nearest(weight, 4, group_size, symmetric=False)
+        groups_of = torch.arange(weight.shape[1]) // group_size
+        dequantized[name] = (codes - zeros[:, groups_of]) * scales[:, groups_of]
+        tensors[f"{module}.qweight"] = _awq_pack(codes.T)
+        tensors[f"{module}.qzeros"] = _awq_pack(zeros.T)
+        tensors[f"{module}.scales"] = scales.T.half().contiguous()
+    _save(tiny, folder, tensors, {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                  "version": "gemm"})
+    return dequantized
+
+
+def _awq_pack(columns: torch.Tensor) -> torch.Tensor:
+    rows, count = columns.shape
+    interleaved = columns.reshape(rows, count // 8, 8)[:, :, list(AWQ_ORDER)].reshape(rows, count)
+    return pack_int32(interleaved, 4, 1)
+
+
+def write_fp8_blocks(tiny: TinyModel, folder: Path, block: int) -> dict[str, torch.Tensor]:
+    """transformers' "fp8" format: e4m3 weights, one float32 `weight_scale_inv` per block x block tile."""
+    tensors, dequantized = {}, {}
+    for name, weight in linear_weights(tiny).items():
+        module = name.removesuffix(".weight")
+        rows, columns = weight.shape[0] // block, weight.shape[1] // block
+        tiles = weight.reshape(rows, block, columns, block)
+        scale = tiles.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+        expanded = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        codes = (weight / expanded).to(torch.float8_e4m3fn)
+        dequantized[name] = codes.float() * expanded
+        tensors[f"{module}.weight"] = codes
+        tensors[f"{module}.weight_scale_inv"] = scale
+    _save(tiny, folder, tensors, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]})
+    return dequantized
+
+
+def write_compressed_tensors(tiny: TinyModel, folder: Path, weights: dict[str, Any], checkpoint_format: str) -> None:
+    """A compressed-tensors checkpoint, made by the library: its scheme applied to a copy of the tiny
+    model, its scales (min-max of each group or channel), its compressor and its config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    model = copy.deepcopy(tiny.reference)
+    args = QuantizationArgs(**weights)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            weight = module.weight.detach()
+            if args.strategy == "group":
+                weight = weight.unflatten(-1, (-1, args.group_size))
+            low, high = weight.amin(-1), weight.amax(-1)
+            scale, zero_point = calculate_qparams(low, high, args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.copy_(zero_point.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, checkpoint_format)
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))
+    tiny_tokenizer().save_pretrained(folder)
+
+
+def dense_reference(tiny: TinyModel, dequantized: dict[str, torch.Tensor]) -> Any:
+    """The tiny transformers model with the checkpoint's dequantized weights in place of its own."""
+    model = copy.deepcopy(tiny.reference)
+    model.load_state_dict(dequantized, strict=False)
+    return model.eval()
+
+
+def _save(tiny: TinyModel, folder: Path, quantized: dict[str, torch.Tensor], quantization_config: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = {name: tensor.contiguous() for name, tensor in tiny.reference.state_dict().items()
+             if name.removesuffix(".weight").split(".")[-1] not in LINEARS or not name.endswith(".weight")}
+    save_file({**dense, **quantized}, str(folder / "model.safetensors"))
+    config = tiny.config.to_dict()
+    config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer().save_pretrained(folder)
