@@ -6,8 +6,10 @@ Each variant is `tokenmill serve` with `make serve`'s defaults (only the address
 flags. Passes alternate the variants (A B, A B, ...), one server up at a time, and the figures are
 medians over passes: the machine is shared and noisy. A start is timed from launch to the first
 answered 1-token chat (polled every 0.1 s); its memory is the summed RSS of the router, the model
-server and any other descendant, sampled every 0.1 s, the peak kept. With `--log` every log line is
-printed with its offset from launch: where the seconds go.
+server and any other descendant, sampled every 0.1 s, the peak kept; once answered, also the tree's PSS
+(shared pages counted once) and the CPU seconds each process used, which a loaded machine inflates far less
+than the wall time. With `--log` every log line is printed with its offset from launch: where the seconds
+go.
 
 Default variants: `cold`, an empty `--cache-dir` each start (everything derived from the checkpoint is
 built again), against `warm`, a cache dir a first start filled, as on a machine that served before.
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from benchmarks.servers import PeakRssSampler, free_port
 
@@ -68,9 +71,9 @@ def start_once(extra: list[str], echo: bool = False) -> dict:
     body = {"model": "tokenmill", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     try:
         elapsed = _first_answer(server, port, body, started)
-        rss = sampler.peak_bytes
         time.sleep(2 * POLL_S)  # one more sample after the answer: the peak of serving it
-        rss = max(rss, sampler.peak_bytes)
+        rss, pss = sampler.peak_bytes, _tree_pss_bytes(server.pid)
+        router_cpu, model_server_cpu = _cpu_seconds(server.pid)
     finally:
         sampler.stop()
         server.terminate()
@@ -80,7 +83,36 @@ def start_once(extra: list[str], echo: bool = False) -> dict:
             server.kill()
             server.wait()
         reader.join(5)
-    return {"first_answer_s": elapsed, "peak_rss_gib": rss / 2**30, "log": lines}
+    return {"first_answer_s": elapsed, "peak_rss_gib": rss / 2**30, "pss_gib": pss / 2**30,
+            "router_cpu_s": router_cpu, "model_server_cpu_s": model_server_cpu, "log": lines}
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) the router and its children (the model server) have used so far: what
+    the start costs, nearly independent of how loaded the shared machine is, unlike its wall time."""
+    root = psutil.Process(pid)
+    children = 0.0
+    for child in root.children(recursive=True):
+        try:
+            times = child.cpu_times()
+            children += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    times = root.cpu_times()
+    return times.user + times.system, children
+
+
+def _tree_pss_bytes(pid: int) -> int:
+    """The tree's proportional set size once, after the first answer: pages the router and the model server
+    share (torch's libraries, the page cache of mapped files) counted once, where RSS counts them in each."""
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
 
 
 def _first_answer(server: subprocess.Popen, port: int, body: dict, started: float) -> float:
@@ -99,27 +131,34 @@ def _first_answer(server: subprocess.Popen, port: int, body: dict, started: floa
 
 def default_variants(cache_root: Path) -> dict[str, list[str]]:
     """`cold` rebuilds every derived file (a fresh cache dir per start); `warm` reuses one filled cache."""
-    warm = cache_root / "warm"
-    start_once(["--cache-dir", str(warm)])  # fills it (not counted)
-    return {"cold": ["--cache-dir", "{fresh}"], "warm": ["--cache-dir", str(warm)]}
+    return {"cold": ["--cache-dir", "{fresh}"], "warm": ["--cache-dir", str(cache_root / "warm")]}
 
 
 def run(passes: int = 3, variants: dict[str, list[str]] | None = None, echo: bool = False) -> dict:
-    """Alternating passes over `variants` (default: cold against warm cache); medians and every pass."""
+    """Alternating passes over `variants` (default: cold against warm cache); medians and every pass.
+
+    One uncounted start of each variant comes first: it fills a variant's cache and the OS page cache,
+    so that every counted start is one on a warm machine."""
     with tempfile.TemporaryDirectory(prefix="tokenmill-startup-") as tmp:
         root = Path(tmp)
         variants = variants or default_variants(root)
         raw: dict[str, list[dict]] = {name: [] for name in variants}
+        for name, flags in variants.items():
+            start_once([flag.replace("{fresh}", str(root / f"fresh-{name}-warm-up")) for flag in flags])
         for index in range(passes):
             for name, flags in variants.items():
                 fresh = root / f"fresh-{name}-{index}"
                 start = start_once([flag.replace("{fresh}", str(fresh)) for flag in flags], echo)
                 print(f"  pass {index + 1}/{passes} {name:>8}: first answer {start['first_answer_s']:5.2f} s, "
-                      f"peak RSS {start['peak_rss_gib']:.2f} GiB", flush=True)
+                      f"peak RSS {start['peak_rss_gib']:.2f} GiB, PSS after {start['pss_gib']:.2f} GiB, CPU s router "
+                      f"{start['router_cpu_s']:.1f} model server {start['model_server_cpu_s']:.1f}", flush=True)
                 raw[name].append({k: v for k, v in start.items() if k != "log"})
     return {"passes": passes, "flags": {name: " ".join(flags) for name, flags in variants.items()},
             "variants": {name: {"first_answer_s": statistics.median(p["first_answer_s"] for p in runs),
-                                "peak_rss_gib": max(p["peak_rss_gib"] for p in runs), "raw": runs}
+                                "peak_rss_gib": max(p["peak_rss_gib"] for p in runs),
+                                "pss_gib": max(p["pss_gib"] for p in runs),
+                                **{key: statistics.median(p[key] for p in runs)
+                                   for key in ("router_cpu_s", "model_server_cpu_s")}, "raw": runs}
                          for name, runs in raw.items()}}
 
 
@@ -128,11 +167,13 @@ def report_lines(results: dict) -> list[str]:
              f"`tokenmill serve` with `make serve`'s defaults to its first answered chat; medians of "
              f"{results['passes']} alternating pass(es); peak RSS of the whole process tree (router + model "
              f"server), the highest pass. Target: ≤ {TARGET_S:g} s and ≤ {TARGET_RSS_GIB:g} GiB warm.", "",
-             "| variant | flags | first answer | each pass | peak RSS |", "|---|---|---|---|---|"]
+             "| variant | flags | first answer | each pass | peak RSS | PSS after the answer | CPU s: router, "
+             "model server |", "|---|---|---|---|---|---|---|"]
     for name, figures in results["variants"].items():
         each = ", ".join(f"{p['first_answer_s']:.2f}" for p in figures["raw"])
         lines.append(f"| {name} | `{results['flags'][name]}` | {figures['first_answer_s']:.2f} s | {each} | "
-                     f"{figures['peak_rss_gib']:.2f} GiB |")
+                     f"{figures['peak_rss_gib']:.2f} GiB | {figures['pss_gib']:.2f} GiB | "
+                     f"{figures['router_cpu_s']:.1f}, {figures['model_server_cpu_s']:.1f} |")
     return lines + [""]
 
 
