@@ -115,6 +115,14 @@ class PreparedWeights:
 
     def _read(self) -> dict[str, torch.Tensor]:
         # safetensors maps the file (torch storage from_file): pages are read on first touch, never copied.
+        # Ask the kernel to read it ahead now, in the background: an entry evicted from the page cache then
+        # comes back while the engine builds the rest, not page by page in the first forward.
+        if hasattr(os, "posix_fadvise"):
+            descriptor = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(descriptor)
         with safe_open(str(self.path), framework="pt") as file:
             return {key: file.get_tensor(key) for key in file.keys()}
 
