@@ -6,7 +6,7 @@ it. Its key covers everything those tensors derive from: the checkpoint file (pa
 hash of its first MiB), the tokenmill and torch versions, the dtype, the code that turns a checkpoint
 into the model (tokenmill's loader, models and layers) and the method's own module with the compiled
 extensions beside it. A changed file or changed code therefore never meets a stale entry; old entries are
-left behind, not collected. An entry is written to a temporary file and renamed into place, so a reader
+evicted: a write keeps the `KEPT_ENTRIES` most recently used. An entry is written to a temporary file and renamed into place, so a reader
 never sees a partial one; one that cannot be read, or does not fit the model, is deleted and the model
 is loaded from the checkpoint (and the entry written again).
 """
@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -33,6 +34,8 @@ from tokenmill.layers.linear import Linear
 logger = logging.getLogger(__name__)
 
 ENTRY_DIR = "prepared-weights"
+KEPT_ENTRIES = 4  # most recently used entries a write leaves (each the size of the prepared model)
+STALE_PARTIAL_S = 3600  # a temporary file this old is a crashed writer's
 HEADER_BYTES = 1 << 20  # hashed as the file's identity together with its size and mtime
 # Where the code that turns a checkpoint into the model's tensors lives, under the tokenmill package.
 DERIVING_CODE = ("loader", "models", "layers", "engine.py", "weight_cache.py")
@@ -92,6 +95,7 @@ class PreparedWeights:
             logger.warning("could not cache the prepared weights in %s: %r", self.path, exc)
             return
         logger.info("cached the prepared weights in %s", self.path)
+        _evict(self.path.parent)
 
     def restore(self, model: nn.Module, method: QuantMethod) -> bool:
         """Put the entry's tensors into a freshly built `model`, memory-mapped (no copy); False, with the
@@ -110,6 +114,10 @@ class PreparedWeights:
             module.quant_method = method
             module.quantized = method.deserialize(parts)
             module.weight = None
+        try:
+            os.utime(self.path)  # most recently used: the last an eviction removes
+        except OSError:
+            pass
         logger.info("restored the prepared weights from %s", self.path)
         return True
 
@@ -153,6 +161,20 @@ def _restore_plan(model: nn.Module, tensors: dict[str, torch.Tensor]):
                              f"{param.dtype} {tuple(param.shape)} in the model")
     return ([(param, params[name]) for name, param in expected.items()],
             [(linears[name], layer_parts) for name, layer_parts in parts.items()])
+
+
+def _evict(folder: Path) -> None:
+    """Delete all but the `KEPT_ENTRIES` most recently used entries (a new tokenmill or model leaves the old
+    ones unused for good), and temporary files crashed writers left."""
+    try:
+        entries = sorted(folder.glob("*.safetensors"), key=lambda path: path.stat().st_mtime, reverse=True)
+        for path in entries[KEPT_ENTRIES:]:
+            path.unlink(missing_ok=True)
+        for path in folder.glob("*.partial"):
+            if time.time() - path.stat().st_mtime > STALE_PARTIAL_S:
+                path.unlink(missing_ok=True)
+    except OSError as exc:  # another process evicting at the same time
+        logger.debug("cache eviction in %s: %r", folder, exc)
 
 
 def _linears(model: nn.Module) -> Iterable[tuple[str, Linear]]:

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from tokenmill.interfaces import LayerOps, ShardStyle
 from tokenmill.layers.linear import Linear, row_parallel_linear
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
-
-
-def activation_function(name: str) -> nn.Module:
-    """transformers' module for activation `name`. Imported on first use: transformers.activations pulls in
-    its kernel hub (about 1.5 s of imports) that a SiLU model, whose MLP runs the backend's op, never needs."""
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[name]
 
 
 class GatedMLP(nn.Module):
@@ -36,7 +29,7 @@ class GatedMLP(nn.Module):
                  parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         self.activation = activation
-        self.act = None if activation == "silu" else activation_function(activation)
+        self.act = ACT2FN[activation]
         self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], bias, dtype,
                                    ShardStyle.COLUMN, parallel)
         self.down_proj = row_parallel_linear(intermediate_size, hidden_size, bias, dtype, parallel)
@@ -55,7 +48,7 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool, dtype: torch.dtype,
                  parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
-        self.act = activation_function(activation)
+        self.act = ACT2FN[activation]
         self.fc1 = Linear(hidden_size, [intermediate_size], bias, dtype, ShardStyle.COLUMN, parallel)
         self.fc2 = row_parallel_linear(intermediate_size, hidden_size, bias, dtype, parallel)
 

@@ -1,6 +1,6 @@
 """The prepared-weights cache (`tokenmill.weight_cache`): a second start from the same GGUF restores the
 packed linears from disk instead of reading the checkpoint's tensors, and generates the same tokens; a
-changed file gets an entry of its own; a damaged entry is ignored and written again."""
+changed file gets an entry of its own; a damaged entry is ignored and written again; old entries are evicted."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.plugins.cpu.quant import PackedGGMLWeight, bf16_gemm_available
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.weight_cache import ENTRY_DIR
+from tokenmill.weight_cache import ENTRY_DIR, KEPT_ENTRIES, _evict as evict
 
 pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the CPU's cacheable linear method needs AVX512-BF16")
 
@@ -109,3 +109,18 @@ def test_a_damaged_entry_is_ignored_and_written_again(gguf_path, uncached, tenso
     with safe_open(str(entry), framework="pt") as rewritten:  # whole again
         assert len(list(rewritten.keys())) > 0
     assert entry.stat().st_size == len(data)
+
+
+def test_a_write_keeps_the_most_recently_used_entries_and_clears_crashed_writes(tmp_path) -> None:
+    folder = tmp_path / ENTRY_DIR
+    folder.mkdir()
+    entries = [folder / f"{index}.safetensors" for index in range(KEPT_ENTRIES + 2)]
+    for age, path in enumerate(entries):  # entries[0] the newest
+        path.write_bytes(b"x")
+        os.utime(path, (1e9 - age, 1e9 - age))
+    crashed, writing = folder / "a.partial", folder / "b.partial"
+    for path in (crashed, writing):
+        path.write_bytes(b"x")
+    os.utime(crashed, (1e9, 1e9))
+    evict(folder)
+    assert sorted(folder.iterdir()) == sorted([*entries[:KEPT_ENTRIES], writing])
