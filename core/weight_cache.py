@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 ENTRY_DIR = "prepared-weights"
 KEPT_ENTRIES = 4  # most recently used entries a write leaves (each the size of the prepared model)
+ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 load
+PADDING = "padding"  # int64 words that move the packed weights onto ALIGNMENT boundaries
 STALE_PARTIAL_S = 3600  # a temporary file this old is a crashed writer's
 HEADER_BYTES = 1 << 20  # hashed as the file's identity together with its size and mtime
 # Where the code that turns a checkpoint into the model's tensors lives, under the tokenmill package.
@@ -81,12 +85,20 @@ class PreparedWeights:
             if parts is None:
                 return
             tensors.update((f"linear:{name}:{part}", tensor) for part, tensor in parts.items())
+        tensors = {key: tensor.contiguous() for key, tensor in tensors.items()}
+        tensors[PADDING] = torch.zeros(0, dtype=torch.int64)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".partial")
             os.close(handle)
             try:
-                save_file({k: t.contiguous() for k, t in tensors.items()}, temporary)
+                for _ in range(3):  # the padding changes the header a little: it settles in one more write
+                    save_file(tensors, temporary)
+                    shift = _misalignment(Path(temporary))
+                    if not shift:
+                        break
+                    words = (tensors[PADDING].numel() + (ALIGNMENT - shift) // 8) % (ALIGNMENT // 8)
+                    tensors[PADDING] = torch.zeros(words, dtype=torch.int64)
                 os.replace(temporary, self.path)
             finally:
                 if os.path.exists(temporary):
@@ -146,7 +158,7 @@ def _restore_plan(model: nn.Module, tensors: dict[str, torch.Tensor]):
             parts.setdefault(name, {})[part] = tensor
         elif kind == "param":
             params[rest] = tensor
-        else:
+        elif key != PADDING:
             raise ValueError(f"unexpected key {key!r}")
     linears = dict(_linears(model))
     if not set(parts) <= set(linears):
@@ -161,6 +173,19 @@ def _restore_plan(model: nn.Module, tensors: dict[str, torch.Tensor]):
                              f"{param.dtype} {tuple(param.shape)} in the model")
     return ([(param, params[name]) for name, param in expected.items()],
             [(linears[name], layer_parts) for name, layer_parts in parts.items()])
+
+
+def _misalignment(path: Path) -> int:
+    """How far past a 64-byte boundary the first tensor after the int64 ones (all 8 bytes a word) starts
+    in the file, and so in its mapping (page-aligned). The packed weights come in multiples of 64 bytes, so
+    from there on they all lie on boundaries, as in memory torch allocated: the kernels' 64-byte loads
+    then never straddle two cache lines."""
+    with open(path, "rb") as file:
+        (header_bytes,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_bytes))
+    starts = [entry["data_offsets"][0] for key, entry in header.items()
+              if key != "__metadata__" and entry["dtype"] != "I64"]
+    return (8 + header_bytes + min(starts)) % ALIGNMENT if starts else 0
 
 
 def _evict(folder: Path) -> None:
