@@ -70,6 +70,13 @@ def acceptance_rows(results: dict) -> list[tuple[str, str, bool | None]]:
                  ours.get("startup_s") is not None and ours["startup_s"] <= 10))
     rss = _ratio(ours.get("peak_rss_gib"), vllm.get("peak_rss_gib"))
     rows.append(("peak RSS ≤ 1/3 of vLLM's", f"{_fmt(rss, digits=2)}×", rss is not None and rss <= 1 / 3))
+    warm = (results.get("startup") or {}).get("variants", {}).get("warm")
+    if warm:
+        from benchmarks.startup import TARGET_RSS_GIB, TARGET_S
+
+        rows.append((f"make serve: first answer ≤ {TARGET_S:g} s, peak RSS ≤ {TARGET_RSS_GIB:g} GiB (warm cache)",
+                     f"{_fmt(warm['first_answer_s'], digits=2)} s, {_fmt(warm['peak_rss_gib'], digits=2)} GiB",
+                     warm["first_answer_s"] <= TARGET_S and warm["peak_rss_gib"] <= TARGET_RSS_GIB))
     return rows
 
 
@@ -309,6 +316,11 @@ def write(results: dict, out: Path) -> Path:
 
     if results.get("tensor_parallel"):
         lines += tensor_parallel_lines(results["tensor_parallel"])
+
+    if results.get("startup"):
+        from benchmarks.startup import report_lines as startup_lines
+
+        lines += startup_lines(results["startup"])
 
     if results.get("speculation"):
         from benchmarks.speculation import report_lines

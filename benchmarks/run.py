@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report, routing, speculation, structured, tensor_parallel
+from benchmarks import report, routing, speculation, startup, structured, tensor_parallel
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip c=16 throughput with every request JSON-constrained against none")
     parser.add_argument("--no-routing", action="store_true",
                         help="skip prefix-aware against least-loaded routing over 2 model-server replicas")
+    parser.add_argument("--no-startup", action="store_true",
+                        help="skip make serve's start-up to the first answer, with an empty cache against a filled one")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_routing and "tokenmill" in servers:
         print("routing: prefix-aware against least-loaded, 2 model-server replicas and a router per mode", flush=True)
         results["routing"] = routing.run(args.passes, log_dir)
+    if not args.no_startup and "tokenmill" in servers:
+        print("start-up: make serve to its first answer, an empty cache dir against a filled one", flush=True)
+        results["startup"] = startup.run(args.passes)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     path = report.write(results, args.out)
     print(f"report: {path}", flush=True)

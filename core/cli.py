@@ -295,6 +295,11 @@ def _fetch_hub_model(args: argparse.Namespace, config: "EngineConfig") -> "Engin
     return dataclasses.replace(config, model_id=str(folder))
 
 
+def _launch_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The command line of the model servers this command starts (locally or as Ray replicas)."""
+    return _model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint) if args.otlp_endpoint else ())
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.env:
         from tokenmill.env_report import print_report
@@ -309,6 +314,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("tokenmill serve: --ray starts its own model servers; it cannot front --model-server ones too",
               file=sys.stderr)
         return 2
+    launched = None
+    local = not args.model_id or os.path.exists(os.path.expanduser(args.model_id))  # nothing to fetch first
+    if not servers and not args.ray and args.node_rank == 0 and local:
+        # The model server needs nothing computed below: started first, its start-up overlaps this process's
+        # imports (tokenmill.engine's and the loader's torch and transformers, seconds) instead of following them.
+        from tokenmill.api.launch import start_model_server
+
+        launched = start_model_server(_launch_args(args))
     try:
         config = _engine_config(args)
         # The router keeps the hub id (the model's public name); the tokenizer read under that id is the
@@ -318,13 +331,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ray_options = _ray_options(args, config) if args.ray else {}
     except (TokenmillError, ValueError) as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
+        if launched is not None:
+            launched[1].terminate()
         return 2
     if config.node_rank > 0:
         return _run_other_node(loaded)
-    model_server_args = _model_server_args(args) + (("--otlp-endpoint", args.otlp_endpoint)
-                                                    if args.otlp_endpoint else ())
-    launched = None
-    if not servers and not args.ray:  # start the child first: its start-up then overlaps the router's imports below
+    model_server_args = _launch_args(args)  # after the fetch: a hub model's flags name the commit fetched
+    if not servers and not args.ray and launched is None:
         from tokenmill.api.launch import start_model_server
 
         launched = start_model_server(model_server_args)

@@ -27,7 +27,7 @@ from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cache_dtype
 from tokenmill.layers.moe import experts_of, prepare_experts
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
-from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
+from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype, single_file_checkpoint
 from tokenmill.loader.quantized_checkpoints import CHECKPOINT_FORMATS, quantized_to
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
@@ -42,6 +42,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.slots import PREFIX_CACHING_UNAVAILABLE, SlotAllocator, SlotRunner
 from tokenmill.speculate import NgramSpeculator, SpeculationStats, Verification
+from tokenmill.weight_cache import PreparedWeights, cacheable
 
 PREFIX_CACHING_LENGTH_DEPENDENT_ROPE = "disabled (the model's RoPE scaling depends on each prompt's length)"
 
@@ -121,8 +122,12 @@ class Engine:
         if self.dtype not in self.platform.supported_dtypes:
             raise ValidationError(f"backend {self.backend.name!r} does not support {self.dtype}")
         start = time.perf_counter()
+        # Where the prepared weights are cached from an earlier start, the checkpoint's tensors are not read.
+        self.prepared_weights = None if checkpoint is not None else self._prepared_weights_entry(config)
+        self._restoring = self.prepared_weights is not None and self.prepared_weights.exists()
         self.checkpoint = checkpoint or load_checkpoint(config.model_id, self.dtype, progress=config.progress,
-                                                        cache_dir=config.cache_dir, load_format=config.load_format)
+                                                        cache_dir=config.cache_dir, load_format=config.load_format,
+                                                        weights=not self._restoring)
         self.load_time_s = time.perf_counter() - start
         self.tokenizer = self.checkpoint.tokenizer
         model_config = self.checkpoint.config
@@ -213,24 +218,29 @@ class Engine:
         self.layout = self._kv_cache_layout(config)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
         model_class = functools.partial(model_class, parallel=self.parallel)
+        method, restored = checkpoint_method or self._linear_method(config), False
         if self.checkpoint.format == "dummy":
             self.model = build_dummy_model(model_class, model_config, self._make_attention, self.dtype, self.device,
                                            config.seed)
         else:
             self.model = model_class(model_config, self._make_attention, self.dtype)
-            if self.checkpoint.quantized_weights:  # first: those layers then expect no dense weight
-                self.model.load_quantized_weights({k: quantized_to(v, self.device)
-                                                   for k, v in self.checkpoint.quantized_weights.items()})
-            self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
+            restored = self._restoring and self.prepared_weights.restore(self.model, method)
+            if self._restoring and not restored:  # the entry was unusable: read the checkpoint's weights after all
+                loaded = load_checkpoint(config.model_id, self.dtype, progress=config.progress,
+                                         cache_dir=config.cache_dir, load_format=config.load_format)
+                self.checkpoint.tensors, self.checkpoint.ggml_weights = loaded.tensors, loaded.ggml_weights
+            if not restored:
+                if self.checkpoint.quantized_weights:  # first: those layers then expect no dense weight
+                    self.model.load_quantized_weights({k: quantized_to(v, self.device)
+                                                       for k, v in self.checkpoint.quantized_weights.items()})
+                self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
         self.model.to(self.device).eval()
         self.checkpoint.tensors = {}  # the model owns the weights now
         self.checkpoint.quantized_weights = {}
-        if checkpoint_method is not None:
-            self._prepare_linears(checkpoint_method)
-        elif config.quantize:
-            self._prepare_linears(self.backend.quantization_method(config.quantize))
-        elif (dense := self.backend.dense_linear_method(self.dtype)) is not None:
-            self._prepare_linears(dense)
+        if not restored:
+            self._prepare_linears(method)
+            if self.prepared_weights is not None and not experts_of(self.model):
+                self.prepared_weights.save(self.model, method)
         self.checkpoint.ggml_weights = {}
         if experts_of(self.model):
             prepare_experts(self.model, self.backend.moe_method(self.dtype))
@@ -338,9 +348,29 @@ class Engine:
         self._attention[spec] = backend
         return backend
 
+    def _linear_method(self, config: EngineConfig):
+        """How the linear layers run: `--quantize`'s method, else the backend's dense method (None: F.linear)."""
+        if config.quantize:
+            return self.backend.quantization_method(config.quantize)
+        return self.backend.dense_linear_method(self.dtype)
+
+    def _prepared_weights_entry(self, config: EngineConfig) -> PreparedWeights | None:
+        """The cache entry for this model's prepared weights, where there can be one: a cache dir, one
+        checkpoint file, a linear method that serializes, a single rank. An entry exists only where the
+        core's model ran on this backend before: a backend running its own model never writes one."""
+        if config.cache_dir is None or config.load_format == "dummy" or self.parallel.is_parallel:
+            return None
+        if config.quantize in CHECKPOINT_FORMATS:  # TGI's name of a safetensors checkpoint's own format
+            return None
+        method = self._linear_method(config)
+        source = single_file_checkpoint(config.model_id) if cacheable(method) else None
+        return None if source is None else PreparedWeights.locate(config.cache_dir, source, method, self.dtype)
+
     def _prepare_linears(self, method) -> None:
         from tokenmill.layers.linear import Linear
 
+        if method is None:
+            return
         self.model.load_ggml_weights(self.checkpoint.ggml_weights)
         for module in self.model.modules():
             if isinstance(module, Linear):

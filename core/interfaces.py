@@ -376,6 +376,22 @@ class QuantMethod(abc.ABC):
         """
         return None
 
+    def serialize(self, prepared: Any) -> dict[str, torch.Tensor] | None:
+        """`prepared` as named CPU tensors the engine may keep on disk (`tokenmill.weight_cache`), or None
+        (the default): not cacheable, prepared again at every start.
+
+        The engine gives them back to `deserialize` at a later start instead of dequantizing and
+        preparing the checkpoint again. Its cache key covers the checkpoint file, the tokenmill and torch
+        versions, and the source of the module defining this method with the compiled extensions beside
+        it, so a change to the packing code invalidates what it wrote.
+        """
+        return None
+
+    def deserialize(self, tensors: dict[str, torch.Tensor]) -> Any:
+        """The prepared form back from what `serialize` returned. The tensors are memory-mapped from
+        the cache file: keep them as they are (no copy) and never write to them."""
+        raise NotImplementedError(f"{type(self).__name__} does not serialize its prepared weights")
+
 
 class LayerOps:
     """The elementwise ops between a decoder layer's matmuls, written as plain PyTorch: the reference.

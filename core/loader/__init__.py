@@ -28,7 +28,8 @@ from tokenmill.loader.safetensors_loader import load_hf_folder, load_processor a
 
 __all__ = ["BUILTIN_SHAPES", "Checkpoint", "HubOptions", "LOAD_FORMATS", "ModelNotFoundError",
            "UnsupportedCheckpointError", "build_dummy_model", "default_model_path", "fetch", "is_hub_id",
-           "load_checkpoint", "load_config", "load_processor", "load_tokenizer", "parse_dtype"]
+           "load_checkpoint", "load_config", "load_processor", "load_tokenizer", "parse_dtype",
+           "single_file_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def load_checkpoint(
     progress: bool = True,
     cache_dir: Path | None = None,
     load_format: str = "auto",
+    weights: bool = True,
 ) -> Checkpoint:
     """Load `model_id` (default: the embedded SmolLM2 GGUF).
 
@@ -101,22 +103,33 @@ def load_checkpoint(
     id is looked up in the local Hugging Face cache only: `fetch` downloads it first (the CLI does, at
     start, as TGI's launcher does). `cache_dir`, when given, keeps the tokenizer
     built from a GGUF's metadata so later starts skip rebuilding it. `load_format="dummy"` reads no
-    weights: see `tokenmill.loader.dummy`.
+    weights: see `tokenmill.loader.dummy`. `weights=False` reads a GGUF's config and tokenizer only (no
+    tensors): for an engine that restores its prepared weights from its cache (`tokenmill.weight_cache`).
     """
     if _check_load_format(load_format) == "dummy":
         return load_dummy_checkpoint(model_id, dtype)
     model_id = model_id or default_model_path()
     path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, progress, cache_dir)
+        return _load_gguf(path, dtype, progress, cache_dir, weights)
     if path.exists() and not path.is_dir():
         raise UnsupportedCheckpointError(f"{path} is neither a .gguf file nor a model folder")
     if not path.exists():
         path = resolve_hub_id(model_id, revision)
     ggufs = sorted(path.glob("*.gguf"))
     if not (path / "config.json").exists() and len(ggufs) == 1:
-        return _load_gguf(ggufs[0], dtype, progress, cache_dir)
+        return _load_gguf(ggufs[0], dtype, progress, cache_dir, weights)
     return load_hf_folder(path, dtype, progress)
+
+
+def single_file_checkpoint(model_id: str | None) -> Path | None:
+    """The one file `load_checkpoint(model_id)` reads weights from, where it reads one local file (a
+    GGUF); None for a folder of safetensors, random weights or a hub id."""
+    path = Path(model_id or default_model_path()).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return ggufs[0] if len(ggufs) == 1 and not (path / "config.json").exists() else None
 
 
 def load_config(model_id: str | None = None, revision: str | None = None) -> Any:
@@ -168,7 +181,8 @@ def _check_load_format(load_format: str) -> str:
     return load_format
 
 
-def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cache_dir: Path | None) -> Checkpoint:
+def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cache_dir: Path | None,
+               weights: bool = True) -> Checkpoint:
     timings = {}
     start = time.perf_counter()
     gguf = GGUFFile(path)
@@ -177,8 +191,10 @@ def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cach
     timings["metadata"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    with tqdm(total=len(gguf.tensors), desc="loading weights", unit="tensor", disable=not progress) as bar:
-        tensors, ggml_weights = tensors_from_gguf(gguf, config, torch_dtype, progress=bar.update)
+    tensors, ggml_weights = {}, {}
+    if weights:
+        with tqdm(total=len(gguf.tensors), desc="loading weights", unit="tensor", disable=not progress) as bar:
+            tensors, ggml_weights = tensors_from_gguf(gguf, config, torch_dtype, progress=bar.update)
     timings["weights"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -136,13 +136,14 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return out.unsqueeze(0), None
 
 
-def _register() -> None:
+@functools.cache
+def register_attention() -> None:
+    """Put `paged_attention` in transformers' registry under `ATTENTION_NAME`; done once, when a fallback model
+    is first built rather than at import: importing transformers' modeling code takes seconds that serving
+    a model of tokenmill's own does not need to pay."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
-
-
-_register()
 
 
 # ---- which architectures the fallback takes ----------------------------------------------------
@@ -187,6 +188,7 @@ def _meta_model(config: Any, dtype: torch.dtype, **options: Any) -> nn.Module:
     """The transformers model with our attention, built on the meta device: shapes only, no memory."""
     from transformers import AutoModelForCausalLM
 
+    register_attention()
     causal_lm_class(config)
     config = config.__class__.from_dict(config.to_dict())  # a copy: setting the attention leaves the caller's alone
     with torch.device("meta"):

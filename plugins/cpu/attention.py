@@ -34,7 +34,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from tokenmill.interfaces import (
     AttentionBackend,
@@ -124,8 +123,8 @@ class _Group:
     token_to_padded: torch.Tensor | None  # row of each group token in the padded (B * max_q) layout; None if unpadded
     # Gather index and mask, None for queries the compiled decode kernel takes (it reads the blocks in place):
     kv_rows: torch.Tensor | None  # (B, kv_heads, max_seq_len) cache row of each context position (block 0 where padding)
-    mask: torch.Tensor | CausalBias | str | None  # (B, 1, max_q, max_seq_len) True where the query may attend;
-    # None = attend all; CAUSAL or a lower-right CausalBias: one sequence, causality left to SDPA
+    mask: torch.Tensor | str | None  # (B, 1, max_q, max_seq_len) True where the query may attend;
+    # None = attend all; CAUSAL: one whole prompt, causality left to SDPA
     num_seqs: int
     max_query_len: int
     # For the compiled decode kernel, per query token where it takes the group (`row_contexts`), else per sequence:
@@ -197,11 +196,13 @@ def _mask(seq_lens: torch.Tensor, query_lens: torch.Tensor, max_q: int, max_kv: 
 
     PyTorch's CPU flash kernel skips the key blocks its own causal flag rules out but reads a boolean
     mask whole: a lone 1,000-token prompt attends ~1.5x faster (measured 22 -> 14 ms a layer). So one
-    sequence without a window or soft cap gets CAUSAL (a whole prompt) or a lower-right causal bias (a
-    chunk after cached positions: its queries are the context's last positions).
+    whole prompt without a window or soft cap gets CAUSAL. A chunk after cached positions gets the boolean
+    mask: PyTorch's lower-right `CausalBias` is materialized as that very mask on the CPU (same output and
+    time), and importing it imports torch._dynamo, 1.6 s of the server's start.
     """
-    if len(seq_lens) == 1 and max_q > 1 and spec.sliding_window is None and spec.logit_softcap is None:
-        return CAUSAL if max_q == max_kv else causal_lower_right(max_q, max_kv)
+    if (len(seq_lens) == 1 and max_q > 1 and max_q == max_kv and spec.sliding_window is None
+            and spec.logit_softcap is None):
+        return CAUSAL
     device = seq_lens.device
     positions = torch.arange(max_kv, device=device)
     # Query row r of a sequence sits at absolute position (seq_len - query_len + r).

@@ -110,6 +110,22 @@ class PackedBF16Linear(QuantMethod):
         packed = padded.view(rows // LANES, LANES, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
         return PackedBF16Weight(packed, out_features, in_features)
 
+    def serialize(self, prepared: PackedBF16Weight | PackedGGMLWeight) -> dict[str, torch.Tensor]:
+        dense = prepared.dense if isinstance(prepared, PackedGGMLWeight) else prepared
+        tensors = {"dense": dense.packed, "shape": torch.tensor([dense.out_features, dense.in_features])}
+        if isinstance(prepared, PackedGGMLWeight):
+            tensors.update(blocks=prepared.packed, format=torch.tensor([prepared.format.code]))
+        return tensors
+
+    def deserialize(self, tensors: dict[str, torch.Tensor]) -> PackedBF16Weight | PackedGGMLWeight:
+        out_features, in_features = tensors["shape"].tolist()
+        dense = PackedBF16Weight(tensors["dense"], out_features, in_features)
+        if "blocks" not in tensors:
+            return dense
+        code = int(tensors["format"])
+        ggml_format = next(f for f in GGML_FORMATS.values() if f.code == code)
+        return PackedGGMLWeight(ggml_format, tensors["blocks"], dense, out_features, in_features)
+
     def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight) -> torch.Tensor:
         weight_format = DENSE_FORMAT
         if isinstance(prepared, PackedGGMLWeight):
@@ -168,6 +184,12 @@ class Int8WeightOnly(QuantMethod):
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
         return Int8Weight(q.contiguous(), scales.to(weight.dtype))
+
+    def serialize(self, prepared: Int8Weight) -> dict[str, torch.Tensor]:
+        return {"weight": prepared.weight, "scales": prepared.scales}
+
+    def deserialize(self, tensors: dict[str, torch.Tensor]) -> Int8Weight:
+        return Int8Weight(tensors["weight"], tensors["scales"])
 
     def matmul(self, x: torch.Tensor, prepared: Int8Weight) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, prepared.weight, prepared.scales.to(x.dtype))

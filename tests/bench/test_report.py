@@ -54,6 +54,18 @@ def test_acceptance_rows_follow_the_issue() -> None:
     assert slower["c=16: tok/s ≥ 1.2× vLLM's"] is False  # 450 < 480
 
 
+def test_the_start_up_row_holds_the_warm_start_to_both_limits() -> None:
+    def startup(seconds: float, gib: float) -> dict:
+        figures = {"first_answer_s": seconds, "peak_rss_gib": gib, "pss_gib": gib, "router_cpu_s": 1.0,
+                   "model_server_cpu_s": 2.0}
+        return {"passes": 1, "flags": {"warm": ""}, "variants": {"warm": {**figures, "raw": [figures]}}}
+
+    row = "make serve: first answer ≤ 3 s, peak RSS ≤ 1 GiB (warm cache)"
+    for seconds, gib, holds in ((2.5, 0.9, True), (3.5, 0.9, False), (2.5, 1.2, False)):
+        results = {**_results(ours_tok_s=500), "startup": startup(seconds, gib)}
+        assert {point: ok for point, _, ok in report.acceptance_rows(results)}[row] is holds
+
+
 def test_report_and_plots_are_written(tmp_path) -> None:
     results = _results(ours_tok_s=500)
     results["quality"] = {"tokens": 650, "perplexity": {"transformers float32 (reference)": 34.0, "served": 34.34}}
