@@ -16,7 +16,7 @@ gguf-py's `quants` module's).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -191,3 +191,42 @@ def _float32(values: np.ndarray, rows: int) -> torch.Tensor:
     # Sub-scales stay small integers until multiplied by the fp16 scale, which makes them float32.
     assert values.dtype == np.float32, values.dtype
     return torch.from_numpy(np.ascontiguousarray(values.reshape(rows, -1)))
+
+
+def stack_rows(weights: Sequence[QuantizedWeight]) -> QuantizedWeight | None:
+    """One weight of the rows of `weights` in order: a fused layer (q, k, v) whose parts a mixed GGUF
+    (Q4_K_M) stores in different types. Groups become the finest of theirs (a coarser group's scale
+    repeated), codes the widest, and IQ4 levels beside plain integers plain integers too (`_level_codes`):
+    no value changes. None where they cannot (an offset beside a table)."""
+    if len(weights) == 1:
+        return weights[0]
+    if len({None if w.lookup is None else tuple(w.lookup.tolist()) for w in weights}) > 1:
+        weights = [_level_codes(w) for w in weights]
+        if None in weights:
+            return None
+    group_size = min(w.group_size for w in weights)
+    if any(w.group_size % group_size or w.input_order is not None for w in weights):
+        return None
+    offsets = None
+    if any(w.offsets is not None for w in weights):
+        offsets = torch.cat([(w.offsets if w.offsets is not None else torch.zeros_like(w.scales))
+                             .repeat_interleave(w.group_size // group_size, dim=1) for w in weights])
+    return QuantizedWeight(
+        format=weights[0].format, code_type=f"uint{max(w.bits for w in weights)}",
+        codes=torch.cat([w.codes for w in weights]),
+        scales=torch.cat([w.scales.repeat_interleave(w.group_size // group_size, dim=1) for w in weights]),
+        offsets=offsets, group_size=group_size, lookup=weights[0].lookup)
+
+
+def _level_codes(weight: QuantizedWeight) -> QuantizedWeight | None:
+    """A weight with a table of integer levels as uint8 codes `level - lowest` and offset `scale * lowest`,
+    or the weight itself where it has no table. Exact for IQ4's levels (-127..113): ``d * s * 240`` and
+    ``d * s * 127`` fit float32 (|s * 240| < 2 ** 13 beside fp16 d's 11 bits); None for another table."""
+    levels = weight.lookup
+    if levels is None:
+        return weight
+    lowest = levels.min()
+    if weight.offsets is not None or not torch.equal(levels, levels.round()) or levels.max() - lowest > 255:
+        return None
+    codes = (levels - lowest).to(torch.uint8)[weight.codes.long()]
+    return QuantizedWeight(weight.format, "uint8", codes, weight.scales, weight.scales * lowest, weight.group_size)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.interfaces import GGMLWeight, QuantMethod
+from tokenmill.interfaces import GGMLWeight, QuantizedWeight, QuantMethod
 
 try:
     from tokenmill.plugins.cpu import _bf16_gemm
@@ -83,6 +83,13 @@ class PackedBF16Linear(QuantMethod):
     """Unquantized bf16 weights, packed so each 512-bit load is 16 outputs x 2 inputs (`vdpbf16ps`)."""
 
     name = "avx512-bf16"
+    # BEGIN placeholder (wip/21-gguf-types, for its end-to-end tests): GGUF types without a kernel here
+    # run their exact dequantized weight, packed dense. wip/21-cpu-kernels' prepare_quantized replaces it.
+    checkpoint_formats = frozenset({"gguf"})
+
+    def prepare_quantized(self, weight: QuantizedWeight) -> PackedBF16Weight:
+        return self.prepare(weight.dequantize())
+    # END placeholder
 
     def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
         ggml_format = GGML_FORMATS.get(ggml.ggml_type)
