@@ -310,6 +310,11 @@ def write(results: dict, out: Path) -> Path:
     if results.get("tensor_parallel"):
         lines += tensor_parallel_lines(results["tensor_parallel"])
 
+    if results.get("gguf_itl"):
+        from benchmarks.gguf_itl import report_lines as gguf_itl_lines
+
+        lines += gguf_itl_lines(results["gguf_itl"])
+
     if results.get("speculation"):
         from benchmarks.speculation import report_lines
 
