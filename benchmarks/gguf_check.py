@@ -1,6 +1,8 @@
 """`make gguf-check`: every GGUF type `llama-quantize` makes of the embedded model runs from its own blocks.
 
 For each file of `benchmarks.quantized_files` (made, and llama-quantize built, if missing):
+- each quantized matrix's `QuantizedWeight` dequantizes to gguf-py's values bit for bit (conversion time
+  reported);
 - tokenmill loads it in bf16 (the served dtype) and every linear layer stored in a quantized type is
   prepared from its blocks (`Linear.prepared_from`: the method's `prepare_ggml` or `prepare_quantized`),
   none from its dense copy; the load time is reported;
@@ -57,10 +59,40 @@ def _transformers_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]
             for prompt in prompts]
 
 
+def normal_forms(path: Path) -> tuple[int, int, float]:
+    """Every quantized matrix of the file as a `QuantizedWeight`: how many, how many dequantize to gguf-py's
+    values bit for bit (a zero's sign aside), and the seconds the conversion took in all."""
+    import numpy as np
+
+    from tokenmill.interfaces import GGMLWeight
+    from tokenmill.loader.ggml_blocks import GGML_BLOCK_TYPES, quantized_from_ggml
+    from tokenmill.loader.gguf_file import GGUFFile
+
+    file = GGUFFile(path)
+    count = equal = 0
+    seconds = 0.0
+    for name, info in file.tensors.items():
+        if len(info.shape) != 2 or info.ggml_type.name not in GGML_BLOCK_TYPES:
+            continue
+        raw = file.raw(name)
+        start = time.perf_counter()
+        weight = quantized_from_ggml(GGMLWeight(info.ggml_type.name, torch.from_numpy(raw), info.shape[1]))
+        seconds += time.perf_counter() - start
+        ours = weight.dequantize().numpy() + np.float32(0)
+        count += 1
+        equal += bool(np.array_equal(ours.view(np.int32), (file.load(name, raw) + np.float32(0)).view(np.int32)))
+    return count, equal, seconds
+
+
 def check(ggml_type: str) -> list[str]:
     """The failures for one file (empty: it passed), printing what was measured."""
     path = quantized_file(ggml_type)
     failures = []
+    count, equal, seconds = normal_forms(path)
+    print(f"{ggml_type}: {equal}/{count} quantized matrices dequantize from their QuantizedWeight as gguf-py does; "
+          f"conversion {seconds:.2f} s in all", flush=True)
+    if equal != count:
+        failures.append(f"{count - equal} matrices dequantize otherwise than gguf-py")
     start = time.perf_counter()
     engine = _engine(path, "bfloat16")
     load_s = time.perf_counter() - start
