@@ -24,7 +24,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tokenmill.interfaces import GGMLWeight, QuantizedWeight
 
-QK_K = 256  # inputs per K-quant (and IQ4_XS) super-block
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 
 
@@ -63,7 +62,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & _LOW4, qs >> np.uint8(4)], axis=-1)
 
 
-def _fields(data: np.ndarray, shifts: range, mask: int, axis: int) -> np.ndarray:
+def _fields(data: np.ndarray, shifts: Sequence[int], mask: int, axis: int) -> np.ndarray:
     """`(data >> shift) & mask` for each shift, stacked at `axis` (-1: per byte; -2: per shift)."""
     return np.stack([(data >> np.uint8(shift)) & np.uint8(mask) for shift in shifts], axis=axis)
 
