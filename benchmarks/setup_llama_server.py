@@ -65,12 +65,12 @@ def build_llama_tools(tools: tuple[str, ...] = TOOLS) -> None:
 
 
 def build_llama_server() -> Path:
-    build_llama_tools()  # the bench needs both: one build makes them together
+    build_llama_tools()  # the bench needs both (the GGUF types' files): one build makes them together
     return llama_server_binary()
 
 
 def build_llama_quantize() -> Path:
-    build_llama_tools()
+    build_llama_tools(("llama-quantize",))  # `make gguf-check` needs it alone
     return llama_quantize_binary()
 
 
