@@ -74,7 +74,7 @@ def _crumbs(qs: np.ndarray) -> np.ndarray:
 
 def _bit_planes(mask: np.ndarray) -> np.ndarray:
     """The 8 bit planes of a 32-byte mask: element 32 * bit + i is that bit of byte i."""
-    return _flat(_fields(mask, range(8), 1, -2), 2)
+    return _flat(_runs(np.unpackbits(mask, axis=-1, bitorder="little"), 32, 8).swapaxes(-1, -2), 2)
 
 
 def _q4_0(b: np.ndarray) -> _Groups:
@@ -88,7 +88,7 @@ def _q4_1(b: np.ndarray) -> _Groups:
 
 def _fifth_bits(qh: np.ndarray) -> np.ndarray:
     """Q5_0/Q5_1's 32 fifth bits, shifted into place: element j's is bit j of the little-endian uint32."""
-    return _flat(_fields(qh, range(8), 1, -1), 2) << np.uint8(4)
+    return np.unpackbits(qh, axis=-1, bitorder="little") << np.uint8(4)
 
 
 def _q5_0(b: np.ndarray) -> _Groups:
