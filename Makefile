@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.tokenmill-bench-installed
 # The CPU path pins torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install serve test soak conformance env bench gpu-check neuron-check ray-check docker clean
+.PHONY: install serve test soak conformance env bench gguf-check gpu-check neuron-check ray-check docker clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(ARGS)
+
+# Every GGUF type llama.cpp's llama-quantize makes of the embedded model (built with the bench's llama-server,
+# about 9 minutes the first time): each runs from its own blocks, and float32 greedy equals transformers'.
+# ARGS="--types Q4_K_M,IQ4_XS" for a few.
+gguf-check: $(STAMP)
+	$(PY) -m benchmarks.gguf_check $(ARGS)
 
 # On a lent GPU only (no network there): installs the wheels benchmarks/gpu_wheels.sh fetched here and
 # tokenmill into the machine's own Python (its torch is the CUDA build; no venv), then runs the check.

@@ -9,6 +9,9 @@ this file, so no model has seen it).
 The `--kv-cache-dtype` rows store keys and values in one byte each: the whole text as one prompt reads
 them back through the prefill path; "16-token chunks" feeds it 16 tokens a step, which the decode
 kernel (in the C decode stack) attends row by row, so those rows measure the decode path's reads.
+
+The GGUF rows serve the embedded model in each type `llama-quantize` makes (`benchmarks.quantized_files`),
+beside the bf16 GGUF they were all made from, each run from its own blocks in bf16.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ def _transformers_perplexity(token_ids: list[int]) -> float:
     return _perplexity(logprobs.flatten().tolist())
 
 
-def perplexities(threads: int) -> dict:
-    """Perplexity per mode on the fixed text, and the number of tokens scored."""
+def perplexities(threads: int, gguf_files: dict[str, Path] | None = None) -> dict:
+    """Perplexity per mode on the fixed text, and the number of tokens scored; with `gguf_files` (GGUF
+    type -> file, `benchmarks.quantized_files`), each file served by tokenmill's default too (bf16)."""
     from tokenmill.loader import load_tokenizer
 
     torch.set_num_threads(threads)
@@ -69,8 +73,20 @@ def perplexities(threads: int) -> dict:
                "perplexity": {"transformers float32 (reference)": round(_transformers_perplexity(token_ids), 4)}}
     for name, overrides in MODES.items():
         results["perplexity"][name] = round(_engine_perplexity(overrides, token_ids), 4)
+    for ggml_type, path in (gguf_files or {}).items():
+        results["perplexity"][gguf_mode(ggml_type)] = round(_engine_perplexity({"model_id": str(path)}, token_ids), 4)
     return results
 
 
-if __name__ == "__main__":  # python -m benchmarks.quality
-    print(perplexities(threads=2))
+def gguf_mode(ggml_type: str) -> str:
+    source = " (the quantized files' source)" if ggml_type == "BF16" else ", by llama-quantize"
+    return f"tokenmill on the {ggml_type} GGUF{source}"
+
+
+if __name__ == "__main__":  # python -m benchmarks.quality [--gguf-types]: the GGUF rows build llama-quantize
+    import sys
+
+    from benchmarks.quantized_files import bf16_file, quantized_files
+
+    files = {"BF16": bf16_file(), **quantized_files()} if "--gguf-types" in sys.argv else None
+    print(perplexities(threads=2, gguf_files=files))

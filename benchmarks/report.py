@@ -321,6 +321,10 @@ def write(results: dict, out: Path) -> Path:
         from benchmarks.startup import report_lines as startup_lines
 
         lines += startup_lines(results["startup"])
+    if results.get("gguf_itl"):
+        from benchmarks.gguf_itl import report_lines as gguf_itl_lines
+
+        lines += gguf_itl_lines(results["gguf_itl"])
 
     if results.get("speculation"):
         from benchmarks.speculation import report_lines

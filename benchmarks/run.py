@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report, routing, speculation, startup, structured, tensor_parallel
+from benchmarks import gguf_itl, report, routing, speculation, startup, structured, tensor_parallel
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
 from benchmarks.quality import perplexities
+from benchmarks.quantized_files import bf16_file, quantized_files
 from benchmarks.servers import RunningServer, ServerSpec
 from benchmarks.setup_llama_server import build_llama_server
 from benchmarks.setup_vllm import export_hf_folder, install_vllm
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the extra vLLM pass with its default thread binding")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-quality", action="store_true", help="skip the perplexity of each serving mode")
+    parser.add_argument("--no-gguf-types", action="store_true",
+                        help="skip the GGUF types made by llama-quantize: their perplexity rows and the Q4_K_M "
+                             "batch-1 ITL against llama-server")
     parser.add_argument("--no-speculation", action="store_true", help="skip --speculate 0 against 3 at c=1")
     parser.add_argument("--no-structured", action="store_true",
                         help="skip c=16 throughput with every request JSON-constrained against none")
@@ -154,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_transformers:
         print("transformers generate baseline", flush=True)
         results["transformers"] = transformers_baseline(hf_folder, THREADS)
+    if not args.no_gguf_types and "llama-server" in servers and "tokenmill" in servers:
+        print(f"{gguf_itl.GGML_TYPE}: tokenmill against llama-server at c=1 on the same file", flush=True)
+        results["gguf_itl"] = gguf_itl.run(args.passes, lambda spec, lvs: run_server(spec, lvs, args.poisson_requests,
+                                                                                   log_dir))
     if not args.no_quality:
         print("perplexity of each serving mode on the fixed text", flush=True)
-        results["quality"] = perplexities(THREADS)
+        gguf_files = None if args.no_gguf_types else {"BF16": bf16_file(), **quantized_files(threads=THREADS)}
+        results["quality"] = perplexities(THREADS, gguf_files)
     if not args.no_speculation and "tokenmill" in servers:
         print("speculative decoding: --speculate 0 against 3 at c=1, in process", flush=True)
         results["speculation"] = speculation.run(args.passes)

@@ -12,14 +12,14 @@ THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tokenmill_spec() -> ServerSpec:
+def tokenmill_spec(model: Path | None = None) -> ServerSpec:
+    """`make serve`'s configuration (only the addresses differ), on `model` where given (a GGUF file)."""
     port = free_port()
     tokenmill = Path(sys.executable).parent / "tokenmill"
     return ServerSpec(
         name="tokenmill",
-        # `make serve`'s configuration: only the addresses differ.
         command=[str(tokenmill), "serve", "--hostname", "127.0.0.1", "--port", str(port),
-                 "--grpc-port", str(free_port())],
+                 "--grpc-port", str(free_port()), *(["--model-id", str(model)] if model else [])],
         model="tokenmill",
         port=port,
     )

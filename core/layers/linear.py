@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from tokenmill.interfaces import GGMLWeight, QuantizedWeight, QuantMethod, ShardStyle
+from tokenmill.loader.ggml_blocks import GGML_BLOCK_TYPES, quantized_from_ggml, stack_rows
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Linear(nn.Module):
         self.quantized: Any = None
         self._ggml_shards: dict[int | None, GGMLWeight] = {}  # shard (None: the whole weight) -> blocks
         self._quantized_shards: dict[int, QuantizedWeight] = {}  # a pre-quantized checkpoint's, by shard
+        self.prepared_from: tuple[str, str | None] | None = None  # set by `quantize`
         self.lora: LoRALayer | None = None
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
@@ -198,18 +200,35 @@ class Linear(nn.Module):
         return dataclasses.replace(first, codes=torch.cat([part.codes for part in parts]),
                                    scales=torch.cat([part.scales for part in parts]), offsets=offsets)
 
+    def gguf_quantized(self) -> QuantizedWeight | None:
+        """The whole weight as a `QuantizedWeight` from its shards' ggml blocks, of one type or several (a
+        fused q/k/v whose v a Q4_K_M file keeps in Q6_K), or None where a shard has no such form."""
+        shards = self._ggml_shards
+        keys = [None] if None in shards else list(range(len(self.shard_offsets) - 1))
+        if any(key not in shards or shards[key].ggml_type not in GGML_BLOCK_TYPES for key in keys):
+            return None
+        return stack_rows([quantized_from_ggml(shards[key]) for key in keys])
+
     def quantize(self, method: QuantMethod) -> None:
         """Prepare the weight for `method` once: from a pre-quantized checkpoint's weight, or from its ggml
-        blocks where the method takes them; the dense weight and the blocks are dropped. Sharded, the method
-        prepares this rank's part alone."""
+        blocks where the method takes them (its own `prepare_ggml`, else `prepare_quantized` where it runs
+        "gguf" checkpoints); the dense weight and the blocks are dropped. Sharded, the method prepares this
+        rank's part alone. `prepared_from` says which (the path, and the ggml types of the blocks), for the
+        checks that no layer fell back to its dense copy."""
         self.quant_method = method
         quantized = self.quantized_weight()
         if quantized is not None:
             self.quantized = method.prepare_quantized(quantized)
+            self.prepared_from = ("prepare_quantized", quantized.format)
             self._quantized_shards = {}
             return
         ggml = self.ggml_weight()
         prepared = method.prepare_ggml(self.weight.data, ggml) if ggml is not None else None
+        types = "+".join(sorted({weight.ggml_type for weight in self._ggml_shards.values()})) or None
+        self.prepared_from = ("prepare" if prepared is None else "prepare_ggml", types)
+        if prepared is None and "gguf" in method.checkpoint_formats and (quantized := self.gguf_quantized()) is not None:
+            prepared = method.prepare_quantized(quantized)
+            self.prepared_from = ("prepare_quantized", types)
         self.quantized = method.prepare(self.weight.data) if prepared is None else prepared
         self.weight = None
         self._ggml_shards = {}

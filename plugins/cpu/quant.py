@@ -36,7 +36,7 @@ LANES = 16  # output features per packed weight vector
 GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
 GGML_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
 DENSE_FORMAT = 0  # gemm_kernels.h's GEMM_DENSE
-CHECKPOINT_FORMATS = frozenset({"gptq", "awq", "fp8", "compressed-tensors"})
+CHECKPOINT_FORMATS = frozenset({"gptq", "awq", "fp8", "compressed-tensors", "gguf"})
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -139,9 +140,11 @@ def _converted_tensors(tiny, arch, fuse_gate_up_exps: bool = False):
             yield name, array
 
 
-def write_gguf(tiny, family: str, path, q8_0: tuple[str, ...] = (), fuse_gate_up_exps: bool = False) -> None:
+def write_gguf(tiny, family: str, path, q8_0: tuple[str, ...] = (), fuse_gate_up_exps: bool = False,
+               blocks: Callable[[str, np.ndarray], tuple[np.ndarray, str] | None] | None = None) -> None:
     """`tiny` as llama.cpp's convert writes `family`; GGUF tensors whose names end with one of `q8_0`
-    quantized to Q8_0, the rest float32; experts' gate and up in one tensor with `fuse_gate_up_exps`."""
+    quantized to Q8_0, those `blocks(gguf name, array)` answers stored as its (blocks, ggml type), the rest
+    float32; experts' gate and up in one tensor with `fuse_gate_up_exps`."""
     config, arch = tiny.config, ARCHITECTURES[family]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(f"tiny {family}")
@@ -176,7 +179,10 @@ def write_gguf(tiny, family: str, path, q8_0: tuple[str, ...] = (), fuse_gate_up
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if name.endswith("experts.gate_up_proj.weight"):  # gguf-py maps it for no architecture yet
             gguf_name = f"blk.{name.split('.')[2]}.ffn_gate_up_exps.weight"
-        if gguf_name.endswith(q8_0):
+        stored = blocks(gguf_name, array) if blocks else None
+        if stored is not None:
+            writer.add_tensor(gguf_name, stored[0], raw_dtype=gguf.GGMLQuantizationType[stored[1]])
+        elif gguf_name.endswith(q8_0):
             array = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name, array, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
