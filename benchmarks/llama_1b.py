@@ -22,6 +22,7 @@ measured in the same run.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -69,15 +70,17 @@ def model_folder() -> Path:
     target = bench_cache() / f"{SHAPE}-shape"
     if (target / "config.json").exists():
         return target
-    from tokenmill.loader.dummy import dummy_config
+    from tokenmill.loader.dummy import BUILTIN_SHAPES
 
-    config, _ = dummy_config(SHAPE)
+    config = BUILTIN_SHAPES[SHAPE]
     tokenizer = llama3_tokenizer()
-    if len(tokenizer) != config.vocab_size:
-        raise RuntimeError(f"Llama 3's tokenizer has {len(tokenizer)} ids; the {SHAPE} shape {config.vocab_size}")
+    if len(tokenizer) != config["vocab_size"]:
+        raise RuntimeError(f"Llama 3's tokenizer has {len(tokenizer)} ids; the {SHAPE} shape {config['vocab_size']}")
     target.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(target)
-    config.save_pretrained(target)  # written last: its presence marks the folder complete
+    # The fields as the hub's config.json has them (rope_theta, rope_scaling), which every transformers
+    # version a peer may pin reads; written last: its presence marks the folder complete.
+    (target / "config.json").write_text(json.dumps(config, indent=2))
     return target
 
 
