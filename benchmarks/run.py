@@ -115,6 +115,19 @@ def run_pass(name: str, levels: list[str], gguf: Path, hf_folder: Path | None, p
     return result
 
 
+def run_1b_passes(servers: list[str], levels: list[str], passes: int, log_dir: Path) -> list[dict]:
+    """The 1B-class section's passes, servers alternating within each (`benchmarks/llama_1b.py`)."""
+    def run(spec: ServerSpec, lvs: list[str]) -> dict:
+        return run_server(spec, lvs, 0, log_dir)
+
+    results = []
+    for index in range(passes if servers and levels else 0):
+        print(f"1B-class model ({llama_1b.SHAPE}, random bf16 weights): pass {index + 1}/{passes}", flush=True)
+        results.append(llama_1b.run_pass(servers, levels, run,
+                                         lambda make_spec, lvs: run_llama_server(make_spec, lvs, run)))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--passes", type=int, default=3)
@@ -148,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if peers_run and not args.no_traffic:
         from tokenmill.loader import load_tokenizer
 
-        traffic_plan = traffic.TrafficPlan(load_tokenizer(), args.traffic_requests, traffic.parse_rates(args.traffic_rates))
+        traffic_plan = traffic.TrafficPlan(load_tokenizer(), args.traffic_requests,
+                                           traffic.parse_rates(args.traffic_rates))
 
     from tokenmill.loader import default_model_path
 
@@ -174,15 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in servers:
             raw[name].append(run_pass(name, levels, gguf, hf_folder, args.poisson_requests, log_dir, curve))
     one_b = [name for name in servers if name in ONE_B_SERVERS] if not args.no_1b else []
-    one_b_passes = []
-    for index in range(args.passes if one_b else 0):
-        print(f"1B-class model ({llama_1b.SHAPE}, random bf16 weights): pass {index + 1}/{args.passes}", flush=True)
-
-        def run(spec: ServerSpec, lvs: list[str]) -> dict:
-            return run_server(spec, lvs, args.poisson_requests, log_dir)
-
-        one_b_passes.append(llama_1b.run_pass(one_b, args.levels_1b.split(","), run,
-                                              lambda make_spec, lvs: run_llama_server(make_spec, lvs, run)))
+    one_b_passes = run_1b_passes(one_b, [lv for lv in args.levels_1b.split(",") if lv], args.passes, log_dir)
     if "vllm" in servers and not args.no_vllm_default_bind:
         print("vLLM with its default thread binding (one pass)", flush=True)
         raw["vllm-default-bind"] = [run_pass("vllm-default-bind", [lv for lv in levels if lv in ("1", "16")],
