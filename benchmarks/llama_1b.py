@@ -135,8 +135,9 @@ def run_pass(servers: list[str], levels: list[str], run_server: Callable[[Server
     return results
 
 
-def summarise(passes: list[dict], median_of_passes, bandwidth_gbs: float) -> dict:
-    """Medians per server and level across passes, the weight bytes and the bandwidth bound."""
+def summarise(passes: list[dict], median_of_passes, bandwidth_gbs: float, weight_bytes: int) -> dict:
+    """Medians per server and level across passes, and the batch-1 bound: `weight_bytes` (a decode step's,
+    `decode_weight_bytes`) over the measured read bandwidth."""
     servers = {}
     for name in passes[0]:
         runs = [p[name] for p in passes if p.get(name)]
@@ -145,7 +146,7 @@ def summarise(passes: list[dict], median_of_passes, bandwidth_gbs: float) -> dic
             "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
             "levels": {lv: median_of_passes([r["levels"][lv] for r in runs]) for lv in runs[0]["levels"]},
         }
-    weight_bytes = decode_weight_bytes(model_folder())
+    levels = list(next(iter(servers.values()))["levels"]) if servers else []
     return {"shape": SHAPE, "passes": len(passes), "levels": levels, "decode_weight_bytes": weight_bytes,
             "read_bandwidth_gbs": bandwidth_gbs, "bound_itl_s": weight_bytes / (bandwidth_gbs * 1e9),
             "servers": servers, "raw": passes}

@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if traffic_plan is not None:
         results["traffic"] = traffic.summarise_passes(traffic_plan, raw)
     if one_b_passes:
-        results["model_1b"] = llama_1b.summarise(one_b_passes, median_of_passes,
-                                                 results["machine"]["read_bandwidth_gbs"])
+        results["model_1b"] = llama_1b.summarise(one_b_passes, median_of_passes, results["machine"]["read_bandwidth_gbs"],
+                                                 llama_1b.decode_weight_bytes(llama_1b.model_folder()))
     for name, passes in raw.items():
         results["servers"][name] = {
             "startup_s": median_of_passes([{"v": p["startup_s"]} for p in passes])["v"],
