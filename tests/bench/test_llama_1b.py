@@ -34,3 +34,17 @@ def test_summary_sets_batch_1_itl_against_the_bandwidth_bound() -> None:
 def test_report_without_peers_says_so() -> None:
     section = llama_1b.summarise([{"tokenmill": _server(0.1, 150.0)}], median_of_passes, 20.0, 2_000_000_000)
     assert "No peer ran: no ratios." in llama_1b.report_lines(section)
+
+
+def test_the_full_report_carries_both_new_sections(tmp_path, bpe_tokenizer) -> None:
+    from benchmarks import report, traffic
+    from tests.bench.test_report import _results
+    from tests.bench.test_traffic import _curve
+
+    results = _results(ours_tok_s=500)
+    results["model_1b"] = llama_1b.summarise([{"tokenmill": _server(0.1, 150.0)}], median_of_passes, 20.0, 2 * 10**9)
+    plan = traffic.TrafficPlan(bpe_tokenizer, requests_per_rate=6, rates=[1.0])
+    results["traffic"] = traffic.summarise_passes(plan, {"tokenmill": [{"traffic": _curve({"1": 0.9})}]})
+    text = report.write(results, tmp_path).read_text()
+    assert "## Realistic traffic: goodput against offered rate" in text and "![goodput](goodput_vs_rate.png)" in text
+    assert "## 1B-class model: Llama-3.2-1B's shape, random bf16 weights" in text
