@@ -107,11 +107,16 @@ def decode_weight_bytes(folder: Path) -> int:
     return 2 * sum(p.numel() for p in model.parameters())
 
 
+def _named(spec: ServerSpec) -> ServerSpec:
+    """The spec under a name of its own (its log file), beside the main model's."""
+    spec.name = f"{spec.name} ({SHAPE})"
+    return spec
+
+
 def tokenmill_spec(folder: Path) -> ServerSpec:
     from benchmarks.specs import tokenmill_spec as default_spec
 
-    spec = default_spec()
-    spec.name = f"tokenmill ({SHAPE})"
+    spec = _named(default_spec())
     spec.command += ["--model-id", str(folder), "--load-format", "dummy", "--dtype", "bfloat16"]
     return spec
 
@@ -131,7 +136,7 @@ def run_pass(servers: list[str], levels: list[str], run_server: Callable[[Server
                                        levels)
         elif name == "llama-server":
             gguf = gguf_path(folder)
-            results[name] = run_llama_server(lambda slots: llama_server_spec(gguf, slots), levels)
+            results[name] = run_llama_server(lambda slots: _named(llama_server_spec(gguf, slots)), levels)
     return results
 
 
