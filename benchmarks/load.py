@@ -103,13 +103,20 @@ def client_session(limit: int) -> aiohttp.ClientSession:
 async def closed_loop(base_url: str, model: str, concurrency: int, total_requests: int
                       ) -> tuple[list[RequestRecord], float]:
     """`concurrency` clients, each sending its next request as soon as the last one ends."""
+    turns = [(PROMPTS[index % len(PROMPTS)], None, OUTPUT_TOKENS) for index in range(total_requests)]
+    return await closed_loop_turns(base_url, model, concurrency, turns)
+
+
+async def closed_loop_turns(base_url: str, model: str, concurrency: int,
+                            turns: list[tuple[str, str | None, int]]) -> tuple[list[RequestRecord], float]:
+    """`concurrency` clients working through (prompt, system prompt or None, max_tokens) turns in order."""
     url = f"{base_url}/v1/chat/completions"
     records: list[RequestRecord] = []
-    counter = iter(range(total_requests))
+    queue = iter(turns)
 
     async def client(session: aiohttp.ClientSession) -> None:
-        for index in counter:
-            records.append(await stream_chat(session, url, model, PROMPTS[index % len(PROMPTS)]))
+        for prompt, system, max_tokens in queue:
+            records.append(await stream_chat(session, url, model, prompt, system, max_tokens))
 
     async with client_session(concurrency) as session:
         start = time.perf_counter()
@@ -129,4 +136,22 @@ async def open_loop(base_url: str, model: str, rate: float, total_requests: int,
             tasks.append(asyncio.create_task(stream_chat(session, url, model, PROMPTS[index % len(PROMPTS)])))
             await asyncio.sleep(gaps.expovariate(rate))
         records = await asyncio.gather(*tasks)
+        return list(records), time.perf_counter() - start
+
+
+async def replay(base_url: str, model: str, turns: list[tuple[str, str | None, int]], send_at: list[float]
+                 ) -> tuple[list[RequestRecord], float]:
+    """Open loop on a schedule: turn i is sent `send_at[i]` seconds after the start, whatever the server's
+    pace (each waits for its own time, so a slow send never delays the next). Returns the records in
+    the turns' order and the time from the start until the last response ended."""
+    url = f"{base_url}/v1/chat/completions"
+    async with client_session(len(turns)) as session:
+        start = time.perf_counter()
+
+        async def send(turn: tuple[str, str | None, int], at: float) -> RequestRecord:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            prompt, system, max_tokens = turn
+            return await stream_chat(session, url, model, prompt, system, max_tokens)
+
+        records = await asyncio.gather(*(send(turn, at) for turn, at in zip(turns, send_at)))
         return list(records), time.perf_counter() - start

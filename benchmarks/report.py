@@ -341,6 +341,16 @@ def write(results: dict, out: Path) -> Path:
 
         lines += routing_lines(results["routing"])
 
+    if results.get("traffic"):
+        from benchmarks.traffic import report_lines as traffic_lines
+
+        lines += traffic_lines(results["traffic"], out, OURS, PEERS)
+
+    if results.get("model_1b"):
+        from benchmarks.llama_1b import report_lines as model_1b_lines
+
+        lines += model_1b_lines(results["model_1b"])
+
     for name in _plots(results, out):
         lines += [f"![{name}]({name})", ""]
     path = out / "REPORT.md"

@@ -12,8 +12,9 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from benchmarks import gguf_itl, report, routing, speculation, startup, structured, tensor_parallel
+from benchmarks import gguf_itl, llama_1b, report, routing, speculation, startup, structured, tensor_parallel, traffic
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
@@ -28,6 +29,8 @@ from benchmarks.stats import median_of_passes, summarise
 SERVERS = ("tokenmill", "llama-server", "vllm", "tokenmill-tp")
 TENSOR_PARALLEL = "tokenmill-tp"
 POISSON_RATE = 1.5  # requests/s: ~190 output tok/s offered, between the peers' batch-1 and saturated rates
+TRAFFIC_SLOTS = 16  # llama-server's slots for the chat mix; requests beyond them wait in its queue
+ONE_B_SERVERS = ("tokenmill", "llama-server", "vllm")
 
 
 def requests_for(concurrency: int) -> int:
@@ -53,37 +56,77 @@ def run_levels(server: RunningServer, levels: list[str], poisson_requests: int) 
     return results
 
 
-def run_server(spec: ServerSpec, levels: list[str], poisson_requests: int, log_dir: Path) -> dict:
+def run_server(spec: ServerSpec, levels: list[str], poisson_requests: int, log_dir: Path,
+               traffic: Callable[[RunningServer], dict] | None = None) -> dict:
+    """Start `spec`, run the fixed load `levels`, then `traffic` (the realistic-traffic curve) if given, stop."""
     print(f"  starting {spec.name}", flush=True)
     server = RunningServer(spec, log_dir)
+    curve = None
     try:
         print(f"    {spec.name} answered after {server.startup_s:.1f} s", flush=True)
         figures = run_levels(server, levels, poisson_requests)
+        if traffic is not None:
+            curve = traffic(server)
     finally:
         server.stop()
-    return {"startup_s": server.startup_s, "peak_rss_gib": server.peak_rss_bytes / 2**30, "levels": figures}
+    result = {"startup_s": server.startup_s, "peak_rss_gib": server.peak_rss_bytes / 2**30, "levels": figures}
+    if curve is not None:
+        result["traffic"] = curve
+    return result
+
+
+def _merge(result: dict | None, more: dict) -> dict:
+    """Two llama-server runs of one pass as one: levels and traffic together, the higher peak RSS."""
+    if result is None:
+        return more
+    result["levels"].update(more["levels"])
+    if "traffic" in more:
+        result["traffic"] = more["traffic"]
+    result["peak_rss_gib"] = max(result["peak_rss_gib"], more["peak_rss_gib"])
+    return result
+
+
+def run_llama_server(make_spec: Callable[[int], ServerSpec], levels: list[str],
+                     run: Callable[[ServerSpec, list[str]], dict]) -> dict | None:
+    """llama-server gets as many slots as the concurrency needs: one server (16 slots) for the levels up to
+    16 and the Poisson level, one more per larger level."""
+    small = [lv for lv in levels if lv == "poisson" or int(lv) <= 16]
+    large = [lv for lv in levels if lv not in small]
+    result = run(make_spec(16), small) if small else None
+    for level in large:
+        result = _merge(result, run(make_spec(int(level)), [level]))
+    return result
 
 
 def run_pass(name: str, levels: list[str], gguf: Path, hf_folder: Path | None, poisson_requests: int,
-             log_dir: Path) -> dict:
-    """One server's share of a pass. llama-server gets as many slots as the concurrency needs."""
+             log_dir: Path, traffic: Callable[[RunningServer], dict] | None = None) -> dict:
+    """One server's share of a pass: the fixed load, then the realistic-traffic curve when `traffic` is given."""
+    def run(spec: ServerSpec, lvs: list[str], curve: Callable[[RunningServer], dict] | None = None) -> dict:
+        return run_server(spec, lvs, poisson_requests, log_dir, curve)
+
     if name == TENSOR_PARALLEL:
-        return tensor_parallel.run_pass(lambda spec, lvs: run_server(spec, lvs, poisson_requests, log_dir))
+        return tensor_parallel.run_pass(run)
     if name == "tokenmill":
-        return run_server(tokenmill_spec(), levels, poisson_requests, log_dir)
+        return run(tokenmill_spec(), levels, traffic)
     if name.startswith("vllm"):
-        return run_server(vllm_spec(hf_folder, bind_threads=name == "vllm"), levels, poisson_requests, log_dir)
-    small = [lv for lv in levels if lv == "poisson" or int(lv) <= 16]
-    large = [lv for lv in levels if lv not in small]
-    result = run_server(llama_server_spec(gguf, 16), small, poisson_requests, log_dir) if small else None
-    for level in large:
-        wide = run_server(llama_server_spec(gguf, int(level)), [level], poisson_requests, log_dir)
-        if result is None:
-            result = wide
-        else:
-            result["levels"].update(wide["levels"])
-            result["peak_rss_gib"] = max(result["peak_rss_gib"], wide["peak_rss_gib"])
+        return run(vllm_spec(hf_folder, bind_threads=name == "vllm"), levels, traffic)
+    result = run_llama_server(lambda slots: llama_server_spec(gguf, slots), levels, run)
+    if traffic is not None:  # the mix needs 4k tokens a slot: its own server
+        result = _merge(result, run(llama_server_spec(gguf, TRAFFIC_SLOTS, slot_context=4096), [], traffic))
     return result
+
+
+def run_1b_passes(servers: list[str], levels: list[str], passes: int, log_dir: Path) -> list[dict]:
+    """The 1B-class section's passes, servers alternating within each (`benchmarks/llama_1b.py`)."""
+    def run(spec: ServerSpec, lvs: list[str]) -> dict:
+        return run_server(spec, lvs, 0, log_dir)
+
+    results = []
+    for index in range(passes if servers and levels else 0):
+        print(f"1B-class model ({llama_1b.SHAPE}, random bf16 weights): pass {index + 1}/{passes}", flush=True)
+        results.append(llama_1b.run_pass(servers, levels, run,
+                                         lambda make_spec, lvs: run_llama_server(make_spec, lvs, run)))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +149,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip prefix-aware against least-loaded routing over 2 model-server replicas")
     parser.add_argument("--no-startup", action="store_true",
                         help="skip make serve's start-up to the first answer, with an empty cache against a filled one")
+    parser.add_argument("--no-traffic", action="store_true",
+                        help="skip the realistic traffic: the seeded chat mix at open-loop Poisson rates, goodput")
+    parser.add_argument("--traffic-rates", default="auto",
+                        help="requests/s, comma-separated, or auto: fractions of a saturation estimate")
+    parser.add_argument("--traffic-requests", type=int, default=traffic.REQUESTS_PER_RATE,
+                        help="requests of the chat mix at each rate")
+    parser.add_argument("--no-1b", action="store_true",
+                        help="skip the 1B-class model (Llama-3.2-1B's shape, random weights) on every server")
+    parser.add_argument("--levels-1b", default=",".join(llama_1b.LEVELS), help="the 1B section's concurrencies")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
     levels = [lv for lv in args.levels.split(",") if lv]
     peers_run = any(name != TENSOR_PARALLEL for name in servers)
+    traffic_plan = None
+    if peers_run and not args.no_traffic:
+        from tokenmill.loader import load_tokenizer
+
+        traffic_plan = traffic.TrafficPlan(load_tokenizer(), args.traffic_requests,
+                                           traffic.parse_rates(args.traffic_rates))
 
     from tokenmill.loader import default_model_path
 
@@ -132,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, list[dict]] = {name: [] for name in servers}
     for index in range(args.passes):
         print(f"pass {index + 1}/{args.passes}", flush=True)
+        curve = (lambda server, index=index: traffic.run_rates(server, traffic_plan, index)) if traffic_plan else None
         for name in servers:
-            raw[name].append(run_pass(name, levels, gguf, hf_folder, args.poisson_requests, log_dir))
+            raw[name].append(run_pass(name, levels, gguf, hf_folder, args.poisson_requests, log_dir, curve))
+    one_b = [name for name in servers if name in ONE_B_SERVERS] if not args.no_1b else []
+    one_b_passes = run_1b_passes(one_b, [lv for lv in args.levels_1b.split(",") if lv], args.passes, log_dir)
     if "vllm" in servers and not args.no_vllm_default_bind:
         print("vLLM with its default thread binding (one pass)", flush=True)
         raw["vllm-default-bind"] = [run_pass("vllm-default-bind", [lv for lv in levels if lv in ("1", "16")],
@@ -143,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         results["tensor_parallel"] = tensor_parallel.summarise(raw.pop(TENSOR_PARALLEL), median_of_passes)
         print("tensor-parallel micro-benchmark (decode steps in process)", flush=True)
         results["tensor_parallel"]["micro"] = tensor_parallel.run_micro(args.passes)
+    if traffic_plan is not None:
+        results["traffic"] = traffic.summarise_passes(traffic_plan, raw)
+    if one_b_passes:
+        results["model_1b"] = llama_1b.summarise(one_b_passes, median_of_passes, results["machine"]["read_bandwidth_gbs"],
+                                                 llama_1b.decode_weight_bytes(llama_1b.model_folder()))
     for name, passes in raw.items():
         results["servers"][name] = {
             "startup_s": median_of_passes([{"v": p["startup_s"]} for p in passes])["v"],

@@ -25,31 +25,34 @@ def tokenmill_spec(model: Path | None = None) -> ServerSpec:
     )
 
 
-def llama_server_spec(gguf: Path, slots: int) -> ServerSpec:
-    """llama-server on the same GGUF; each slot gets a 2k context (the longest prompt + 128 fits)."""
+def llama_server_spec(gguf: Path, slots: int, slot_context: int = 2048) -> ServerSpec:
+    """llama-server on the same GGUF; each slot gets `slot_context` tokens (2k: the longest fixed prompt + 128
+    fits; the chat mix's longest prompt, the system prompt and 512 new tokens need 4k)."""
     port = free_port()
     return ServerSpec(
-        name=f"llama-server-np{slots}",
+        name=f"llama-server-np{slots}" + (f"-ctx{slot_context}" if slot_context != 2048 else ""),
         command=[str(llama_server_binary()), "-m", str(gguf), "-t", str(THREADS), "-np", str(slots),
-                 "-c", str(2048 * slots), "--host", "127.0.0.1", "--port", str(port), "--log-disable"],
+                 "-c", str(slot_context * slots), "--host", "127.0.0.1", "--port", str(port), "--log-disable"],
         model=gguf.stem,
         port=port,
     )
 
 
-def vllm_spec(hf_folder: Path, bind_threads: bool = True) -> ServerSpec:
-    """vLLM's CPU build as issue #7 tuned it; `bind_threads=False` leaves its default OpenMP binding."""
+def vllm_spec(hf_folder: Path, bind_threads: bool = True, served_name: str = "smollm2",
+              extra: tuple[str, ...] | list[str] = ()) -> ServerSpec:
+    """vLLM's CPU build as issue #7 tuned it; `bind_threads=False` leaves its default OpenMP binding;
+    `extra` flags go last (the 1B section's `--load-format dummy`)."""
     port = free_port()
     preload = [str(path) for path in (tcmalloc_path(), iomp_path()) if path]
     env = {"VLLM_CPU_KVCACHE_SPACE": "4", "LD_PRELOAD": ":".join(preload)}
     if bind_threads:
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{THREADS - 1}"
     return ServerSpec(
-        name="vllm" if bind_threads else "vllm-default-bind",
+        name=("vllm" if bind_threads else "vllm-default-bind") + (f" ({served_name})" if served_name != "smollm2" else ""),
         command=[str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_folder),
-                 "--served-model-name", "smollm2", "--dtype", "bfloat16", "--max-model-len", "4096",
-                 "--host", "127.0.0.1", "--port", str(port)],
-        model="smollm2",
+                 "--served-model-name", served_name, "--dtype", "bfloat16", "--max-model-len", "4096",
+                 "--host", "127.0.0.1", "--port", str(port), *extra],
+        model=served_name,
         env={**env, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "OMP_NUM_THREADS": os.environ.get(
             "OMP_NUM_THREADS", str(THREADS))},
         port=port,

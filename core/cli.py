@@ -483,7 +483,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
               "(default: the backend's choice)")
     flag("--load-format", "LOAD_FORMAT", "auto", load_format,
          help="auto: read the checkpoint; dummy: random weights for --model-id's config (a folder with "
-              "config.json, or a built-in shape: llama-3-8b), for benchmarks; no weight file is read")
+              "config.json, or a built-in shape: llama-3-8b, llama-3.2-1b), for benchmarks; no weight file is read")
     flag("--otlp-endpoint", "OTLP_ENDPOINT", None, help="export OpenTelemetry spans over OTLP/gRPC")
     flag("--otlp-service-name", "OTLP_SERVICE_NAME", None,
          help="the spans' service.name, router and model server alike (default: tokenmill.router and "

@@ -34,6 +34,16 @@ BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
         eos_token_id=128001, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
         hidden_act="silu", torch_dtype="bfloat16",
     ),
+    # Llama-3.2-1B-Instruct's config: 1.24 B parameters, the head tied to the embeddings.
+    "llama-3.2-1b": dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=8192),
+        rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009], tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        hidden_act="silu", torch_dtype="bfloat16",
+    ),
 }
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

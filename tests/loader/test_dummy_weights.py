@@ -16,6 +16,7 @@ from tokenmill.models import get_model_class
 from tokenmill.sampling_params import SamplingParams
 
 LLAMA_3_8B_PARAMETERS = 8_030_261_248  # Meta's model card: 8.03B
+LLAMA_3_2_1B_PARAMETERS = 1_235_814_400  # Meta's model card: 1.23B (the head tied to the embeddings)
 
 
 @pytest.fixture()
@@ -87,6 +88,16 @@ def test_llama_3_8b_builds_on_meta_with_its_parameter_count() -> None:
     assert all(b.is_meta for b in model.buffers())
 
 
+def test_llama_3_2_1b_builds_on_meta_with_its_shape_and_a_tied_head() -> None:
+    config = load_checkpoint("llama-3.2-1b", torch.bfloat16, load_format="dummy").config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.vocab_size) == (2048, 16, 32, 8, 8192, 128256)
+    assert config.rope_parameters["rope_type"] == "llama3"
+    model = build_dummy_model(get_model_class(config), config, lambda spec: None, torch.bfloat16,
+                              torch.device("meta"))
+    assert sum(p.numel() for p in model.parameters()) == LLAMA_3_2_1B_PARAMETERS  # a tied head counted once
+
+
 def test_dummy_errors_say_what_is_accepted(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="llama-3-8b"):
         load_checkpoint("no-such-shape", "float32", load_format="dummy")
@@ -96,4 +107,4 @@ def test_dummy_errors_say_what_is_accepted(tmp_path: Path) -> None:
         load_checkpoint(str(tmp_path), "float32", load_format="dummy")
     with pytest.raises(ValueError, match="auto, dummy"):
         load_checkpoint("llama-3-8b", "float32", load_format="npcache")
-    assert set(BUILTIN_SHAPES) >= {"llama-3-8b"}
+    assert set(BUILTIN_SHAPES) >= {"llama-3-8b", "llama-3.2-1b"}
