@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import gguf_itl, llama_1b, report, routing, speculation, startup, structured, tensor_parallel, traffic
+from benchmarks import (gguf_itl, llama_1b, report, routing, speculation, startup, structured, tensor_parallel,
+                        traffic)
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
