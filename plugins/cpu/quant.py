@@ -6,6 +6,11 @@
   checkpoint's Q4_1 and Q8_0 weights it also runs from their own blocks below `GGML_MAX_ROWS` rows: a
   third (Q8_0: half) of the bytes, and the exact dequantized weight rather than its bf16 rounding (Q4_1:
   2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over).
+  A checkpoint's pre-quantized weights (`QuantizedWeight`: GPTQ, AWQ, fp8, compressed-tensors, GGUF) it
+  runs from codes packed once by `pack_grouped` (csrc/grouped_kernels.h): 4-bit codes (uint2..uint4, IQ4's
+  table) at 0.5 bytes a weight, 8-bit (uint5..uint8, fp8) at 1, plus float32 scales and offsets per group.
+  From `GROUPED_MAX_ROWS` rows the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
+  no dense copy is kept.
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
   without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form
   reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.interfaces import GGMLWeight, QuantMethod
+from tokenmill.interfaces import FP8_CODE_TYPES, GGMLWeight, QuantizedWeight, QuantMethod
 
 try:
     from tokenmill.plugins.cpu import _bf16_gemm
@@ -30,6 +35,8 @@ LANES = 16  # output features per packed weight vector
 GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
 GGML_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
 DENSE_FORMAT = 0  # gemm_kernels.h's GEMM_DENSE
+GROUPED_FORMAT = 3  # gemm_kernels.h's GEMM_GROUPED
+CHECKPOINT_FORMATS = frozenset({"gptq", "awq", "fp8", "compressed-tensors", "gguf"})
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,94 @@ def pack_ggml(ggml_format: GGMLFormat, blocks: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+@dataclass(frozen=True)
+class PackedGroupedWeight:
+    packed: torch.Tensor  # uint8: header, input order, panels (csrc/grouped_kernels.h)
+    out_features: int
+    in_features: int
+
+
+# grouped_kernels.h's kinds of codes and the header's layout.
+GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8 = range(4)
+GROUPED_HEADER_BYTES = 320
+GROUPED_TABLE_AT = 64
+
+
+def _exact_in_bf16(values: torch.Tensor) -> bool:
+    return bool((values.float().to(torch.bfloat16).float() == values.float()).all())
+
+
+def grouped_kind(weight: QuantizedWeight) -> int | None:
+    """The kernel's kind of codes for `weight`, or None where it has none (inputs not a multiple of 16, a
+    table of values not exact in bf16 or of more than 16 entries)."""
+    if weight.in_features % 16 or weight.group_size % 16:
+        return None
+    if weight.code_type in FP8_CODE_TYPES:
+        return GROUPED_FP8
+    if weight.lookup is not None:
+        return GROUPED_LUT4 if weight.bits <= 4 and _exact_in_bf16(weight.lookup) else None
+    # uint2 and uint3 take 4 bits, uint5..uint7 8: unpacking odd widths costs more than the bytes saved.
+    return GROUPED_U4 if weight.bits <= 4 else GROUPED_I8
+
+
+def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.bfloat16).view(torch.int16)
+
+
+def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
+    """`weight` in the layout of csrc/grouped_kernels.h: the codes as exact bf16 values need them (U4:
+    128 + q, I8: q minus the middle code, as int8) with the offsets moved to match, so the kernel computes
+    scale * value + offset for each weight, as `weight.dequantize()` does."""
+    codes, scales = weight.codes.to(torch.uint8), weight.scales.float()
+    offsets = None if weight.offsets is None else weight.offsets.float()
+    table = torch.zeros(128, dtype=torch.int16)
+    if kind == GROUPED_U4:
+        offsets = (0 if offsets is None else offsets) - 128 * scales
+    elif kind == GROUPED_I8:
+        middle = 1 << (weight.bits - 1)
+        codes = (codes.to(torch.int16) - middle).to(torch.int8).view(torch.uint8)
+        offsets = (0 if offsets is None else offsets) + middle * scales
+    elif kind == GROUPED_LUT4:
+        table[:len(weight.lookup)] = _bf16_bits(weight.lookup.float())
+    else:
+        magnitudes = torch.arange(128, dtype=torch.uint8).view(FP8_CODE_TYPES[weight.code_type])
+        table[:] = _bf16_bits(magnitudes.float())
+    order = weight.input_order
+    order_bytes = 0 if order is None else -(-4 * weight.in_features // 64) * 64
+    groups = weight.in_features // weight.group_size
+    group_bytes = 64 * (1 + (offsets is not None)) + weight.group_size * (8 if kind <= GROUPED_LUT4 else 16)
+    packed = torch.zeros(GROUPED_HEADER_BYTES + order_bytes + -(-weight.out_features // LANES) * groups * group_bytes,
+                         dtype=torch.uint8)
+    packed[:20].view(torch.int32)[:] = torch.tensor(
+        [kind, weight.group_size, offsets is not None, order is not None, weight.in_features], dtype=torch.int32)
+    packed[GROUPED_TABLE_AT:GROUPED_HEADER_BYTES].view(torch.int16)[:] = table
+    if order is not None:
+        packed[GROUPED_HEADER_BYTES:GROUPED_HEADER_BYTES + 4 * weight.in_features].view(torch.int32)[:] = order
+    codes, scales = codes.contiguous(), scales.contiguous()
+    offsets = None if offsets is None else offsets.contiguous()
+    _bf16_gemm.pack_grouped(codes.data_ptr(), scales.data_ptr(), 0 if offsets is None else offsets.data_ptr(),
+                            packed.data_ptr(), weight.out_features)
+    return PackedGroupedWeight(packed, weight.out_features, weight.in_features)
+
+
 class PackedBF16Linear(QuantMethod):
     """Unquantized bf16 weights, packed so each 512-bit load is 16 outputs x 2 inputs (`vdpbf16ps`)."""
 
     name = "avx512-bf16"
+    checkpoint_formats = CHECKPOINT_FORMATS
+
+    def prepare_quantized(self, weight: QuantizedWeight) -> PackedGroupedWeight | PackedBF16Weight:
+        kind = grouped_kind(weight)
+        if kind is None:
+            return self.prepare(weight.dequantize())
+        return pack_grouped(weight, kind)
+
+    def dequantize(self, prepared) -> torch.Tensor | None:
+        if not isinstance(prepared, PackedGroupedWeight):
+            return None
+        weight = torch.empty(prepared.out_features, prepared.in_features)
+        _bf16_gemm.unpack_grouped(prepared.packed.data_ptr(), weight.data_ptr(), prepared.out_features)
+        return weight
 
     def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
         ggml_format = GGML_FORMATS.get(ggml.ggml_type)
@@ -98,9 +189,12 @@ class PackedBF16Linear(QuantMethod):
         packed = padded.view(rows // LANES, LANES, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
         return PackedBF16Weight(packed, out_features, in_features)
 
-    def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight
+               ) -> torch.Tensor:
         weight_format = DENSE_FORMAT
-        if isinstance(prepared, PackedGGMLWeight):
+        if isinstance(prepared, PackedGroupedWeight):
+            weight_format = GROUPED_FORMAT
+        elif isinstance(prepared, PackedGGMLWeight):
             if x.shape[0] < GGML_MAX_ROWS:
                 weight_format = prepared.format.code
             else:
@@ -123,6 +217,11 @@ class OneDNNPackedLinear(QuantMethod):
     """Unquantized bf16 weights in oneDNN's packed layout (what torch.compile's CPU backend uses too)."""
 
     name = "onednn-bf16"
+    checkpoint_formats = CHECKPOINT_FORMATS
+
+    def prepare_quantized(self, weight: QuantizedWeight) -> torch.Tensor:
+        # No kernel of its own for codes: the dequantized weight, rounded to bf16 once, on the dense path.
+        return self.prepare(weight.dequantize(torch.bfloat16))
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
         # The batch-size hint only picks a blocking; measured here, the same speed at 1 to 512 rows.
