@@ -9,7 +9,7 @@
   A checkpoint's pre-quantized weights (`QuantizedWeight`: GPTQ, AWQ, fp8, compressed-tensors, GGUF) it
   runs from codes packed once by `pack_grouped` (csrc/grouped_kernels.h): 4-bit codes (uint2..uint4, IQ4's
   table) at 0.5 bytes a weight, 8-bit (uint5..uint8, fp8) at 1, plus float32 scales and offsets per group.
-  From `GROUPED_MAX_ROWS` rows the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
+  From 32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
   no dense copy is kept.
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
   without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form
@@ -94,7 +94,7 @@ class PackedGroupedWeight:
 
 
 # grouped_kernels.h's kinds of codes and the header's layout.
-GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8 = range(4)
+GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8, GROUPED_U7 = range(5)
 GROUPED_HEADER_BYTES = 320
 GROUPED_TABLE_AT = 64
 
@@ -113,7 +113,7 @@ def grouped_kind(weight: QuantizedWeight) -> int | None:
     if weight.lookup is not None:
         return GROUPED_LUT4 if weight.bits <= 4 and _exact_in_bf16(weight.lookup) else None
     # uint2 and uint3 take 4 bits, uint5..uint7 8: unpacking odd widths costs more than the bytes saved.
-    return GROUPED_U4 if weight.bits <= 4 else GROUPED_I8
+    return GROUPED_U4 if weight.bits <= 4 else GROUPED_U7 if weight.bits <= 7 else GROUPED_I8
 
 
 def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
@@ -121,18 +121,17 @@ def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
 
 
 def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
-    """`weight` in the layout of csrc/grouped_kernels.h: the codes as exact bf16 values need them (U4:
-    128 + q, I8: q minus the middle code, as int8) with the offsets moved to match, so the kernel computes
+    """`weight` in the layout of csrc/grouped_kernels.h: the codes as exact bf16 values need them (U4, U7:
+    read as 128 + q; I8: q - 128 as int8) with the offsets moved to match, so the kernel computes
     scale * value + offset for each weight, as `weight.dequantize()` does."""
     codes, scales = weight.codes.to(torch.uint8), weight.scales.float()
     offsets = None if weight.offsets is None else weight.offsets.float()
     table = torch.zeros(128, dtype=torch.int16)
-    if kind == GROUPED_U4:
+    if kind in (GROUPED_U4, GROUPED_U7):
         offsets = (0 if offsets is None else offsets) - 128 * scales
     elif kind == GROUPED_I8:
-        middle = 1 << (weight.bits - 1)
-        codes = (codes.to(torch.int16) - middle).to(torch.int8).view(torch.uint8)
-        offsets = (0 if offsets is None else offsets) + middle * scales
+        codes = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+        offsets = (0 if offsets is None else offsets) + 128 * scales
     elif kind == GROUPED_LUT4:
         table[:len(weight.lookup)] = _bf16_bits(weight.lookup.float())
     else:
@@ -141,7 +140,7 @@ def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
     order = weight.input_order
     order_bytes = 0 if order is None else -(-4 * weight.in_features // 64) * 64
     groups = weight.in_features // weight.group_size
-    group_bytes = 64 * (1 + (offsets is not None)) + weight.group_size * (8 if kind <= GROUPED_LUT4 else 16)
+    group_bytes = 64 * (1 + (offsets is not None)) + weight.group_size * (8 if kind in (GROUPED_U4, GROUPED_LUT4) else 16)
     packed = torch.zeros(GROUPED_HEADER_BYTES + order_bytes + -(-weight.out_features // LANES) * groups * group_bytes,
                          dtype=torch.uint8)
     packed[:20].view(torch.int32)[:] = torch.tensor(

@@ -79,7 +79,7 @@ def test_the_kernel_is_at_least_as_exact_as_f_linear_on_the_dequantized_weight(c
     # The weight the kernel computes with is the checkpoint's, up to offsets moved in float32 (by 128 scales
     # at most: an ulp of ~2.6 is 2.4e-7), far below a bf16 rounding of these weights (~4e-4).
     torch.testing.assert_close(method.dequantize(prepared), reference, rtol=0, atol=1e-6)
-    for rows in range(1, 41):  # the group-wise kernel below 16 rows, dequantized panels from there
+    for rows in range(1, 41):  # the group-wise kernel below 32 rows, dequantized panels from there
         x = torch.randn(rows, IN, generator=generator).to(torch.bfloat16)
         expected = x.double() @ reference.double().T
         got = method.matmul(x, prepared)
@@ -104,13 +104,13 @@ def test_fp8_subnormal_weights_are_not_flushed(code_type, mantissa_bits) -> None
 
 
 def test_a_row_gets_the_same_result_alone_and_in_a_batch() -> None:
-    # Below the dequantized-panel path, each row's arithmetic does not depend on the rows beside it.
+    # Below the dequantized-panel path (32 rows), each row's arithmetic does not depend on the rows beside it.
     weight = _weight("uint4", 32, True, torch.Generator().manual_seed(0))
     method = PackedBF16Linear()
     prepared = method.prepare_quantized(weight)
-    x = torch.randn(15, IN).to(torch.bfloat16)
+    x = torch.randn(31, IN).to(torch.bfloat16)
     batched = method.matmul(x, prepared)
-    assert torch.equal(torch.cat([method.matmul(x[i:i + 1], prepared) for i in range(15)]), batched)
+    assert torch.equal(torch.cat([method.matmul(x[i:i + 1], prepared) for i in range(31)]), batched)
 
 
 def test_weights_the_kernel_cannot_read_take_the_dense_path() -> None:

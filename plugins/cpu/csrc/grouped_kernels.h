@@ -15,8 +15,9 @@
  *       input 2 (4c + s) + i (gemm_kernels.h's Q4_1 chunks);
  *     8-bit kinds: G / 2 pairs of 32 bytes, byte 2o + i of pair p the code of output o, input 2p + i.
  * Kinds: U4 (codes 0..15 read as 128 + q through the Q4_1 bit trick, the offsets moved by -128 scale),
- * LUT4 (codes through a 16-entry table of bf16-exact values: GGUF's IQ4), I8 (codes minus a centre as
- * int8, the offsets moved by +centre scale: uint5..uint8), FP8 (e4m3 or e5m2 bits: the magnitude through
+ * LUT4 (codes through a 16-entry table of bf16-exact values: GGUF's IQ4), U7 (codes 0..127 in bytes, read
+ * as 128 + q like U4: uint5..uint7, one logic op a vector), I8 (uint8 codes minus 128 as int8, through
+ * float: the offsets moved by +128 scale), FP8 (e4m3 or e5m2 bits: the magnitude through
  * a 128-entry table of their exact bf16 values, so subnormals stay exact where `vdpbf16ps` would flush a
  * shifted bit pattern, then the sign bit).
  *
@@ -31,10 +32,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3 };
+enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3, GROUPED_U7 = 4 };
 
 #define GROUPED_HEADER_BYTES 320
-#define GROUPED_MAX_ROWS 16 /* from here on: dequantize panels to bf16 and run the dense kernel */
+#define GROUPED_MAX_ROWS 32 /* from here on: dequantize panels to bf16 and run the dense kernel (benchmarks/NOTES.md) */
 
 typedef struct {
     int32_t kind, group_size, has_offsets, has_order, in_features, reserved[11];
@@ -92,6 +93,7 @@ static inline float grouped_value(const GroupedHeader *h, const uint8_t *codes, 
         return h->kind == GROUPED_U4 ? (float)(128 + q) : bf16_to_f32(h->table[q]);
     }
     const uint8_t q = codes[pair * 32 + 2 * o + i % 2];
+    if (h->kind == GROUPED_U7) return (float)(128 + q);
     if (h->kind == GROUPED_I8) return (float)(int8_t)q;
     const float magnitude = bf16_to_f32(h->table[q & 127]);
     return q & 128 ? -magnitude : magnitude;
@@ -143,6 +145,7 @@ static inline __attribute__((always_inline)) __m512bh grouped_bytes(const uint8_
                                                                     const GroupedTables *t) {
     if (KIND == GROUPED_I8) return q8_pair((const int8_t *)codes);
     const __m512i z = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)codes));
+    if (KIND == GROUPED_U7) return (__m512bh)_mm512_or_si512(z, _mm512_set1_epi16(0x4300));
     const __m512i low = _mm512_permutex2var_epi16(t->fp8[0], z, t->fp8[1]);
     const __m512i high = _mm512_permutex2var_epi16(t->fp8[2], z, t->fp8[3]);
     const __m512i magnitude = _mm512_mask_mov_epi16(low, _mm512_test_epi16_mask(z, _mm512_set1_epi16(64)), high);
@@ -230,6 +233,7 @@ static inline __attribute__((always_inline)) void grouped_item(const Gemm *g, co
         case GROUPED_U4: grouped_item(g, h, x_sums, item, NP, GROUPED_U4); break;     \
         case GROUPED_LUT4: grouped_item(g, h, x_sums, item, NP, GROUPED_LUT4); break; \
         case GROUPED_I8: grouped_item(g, h, x_sums, item, NP, GROUPED_I8); break;     \
+        case GROUPED_U7: grouped_item(g, h, x_sums, item, NP, GROUPED_U7); break;     \
         default: grouped_item(g, h, x_sums, item, NP, GROUPED_FP8); break;            \
     }
 
@@ -283,6 +287,7 @@ static void grouped_dequantize_item(const Gemm *g, const GroupedHeader *h, long 
             case GROUPED_U4: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_U4); break;
             case GROUPED_LUT4: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_LUT4); break;
             case GROUPED_I8: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_I8); break;
+            case GROUPED_U7: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_U7); break;
             default: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_FP8); break;
         }
     }
