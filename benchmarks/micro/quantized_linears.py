@@ -2,11 +2,12 @@
 kernel, at SmolLM2-135M's linear shapes and decode-to-prefill row counts: microseconds per call, each
 method's best of several rounds, the methods alternating within each round (the machine is shared).
 
-    python -m benchmarks.micro.quantized_linears
+    python -m benchmarks.micro.quantized_linears [--threads N] [--shapes 49152x576 ...] [--rounds R]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -42,6 +43,12 @@ def _q4_1(method: PackedBF16Linear, weight: torch.Tensor):
     return method.prepare_ggml(weight, GGMLWeight("Q4_1", torch.from_numpy(blocks), weight.shape[1]))
 
 
+def _bytes(prepared) -> int:
+    """What the prepared form keeps in memory (Q4_1: its blocks and the dense copy for many rows)."""
+    dense = getattr(prepared, "dense", None)
+    return prepared.packed.numel() * prepared.packed.element_size() + (_bytes(dense) if dense is not None else 0)
+
+
 def _microseconds(method: PackedBF16Linear, prepared, x: torch.Tensor, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -50,10 +57,16 @@ def _microseconds(method: PackedBF16Linear, prepared, x: torch.Tensor, calls: in
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shapes", nargs="*", default=[f"{out}x{inp}" for out, inp in SHAPES])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     method = PackedBF16Linear()
-    print("us per call (ratio to dense bf16)")
-    for out_features, in_features in SHAPES:
+    print(f"us per call (ratio to dense bf16), {args.threads} threads")
+    for out_features, in_features in (tuple(map(int, shape.split("x"))) for shape in args.shapes):
         weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.05
         forms = {"bf16": method.prepare(weight), "q4_1": _q4_1(method, weight),
                  # 576 inputs are 4.5 groups of 128: QuantizedWeight has no partial group, so 64 there.
@@ -61,11 +74,13 @@ def main() -> None:
                  "int4 g16": method.prepare_quantized(_integer(weight, 4, 16)),
                  "int8 chan": method.prepare_quantized(_integer(weight, 8, in_features)),
                  "fp8 chan": method.prepare_quantized(_fp8(weight))}
+        print(f"{out_features}x{in_features} bytes per weight: " + "  ".join(
+            f"{name} {_bytes(prepared) / weight.numel():.3f}" for name, prepared in forms.items()))
         for rows in ROWS:
             x = torch.randn(rows, in_features, dtype=torch.bfloat16)
             calls = max(3, int(2e8 / (out_features * in_features * max(rows, 8))))
             best = {name: float("inf") for name in forms}
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 for name, prepared in forms.items():
                     best[name] = min(best[name], _microseconds(method, prepared, x, calls))
             line = "  ".join(f"{name} {t:7.1f} ({t / best['bf16']:.2f})" for name, t in best.items())

@@ -111,6 +111,7 @@ def test_a_row_gets_the_same_result_alone_and_in_a_batch() -> None:
     x = torch.randn(31, IN).to(torch.bfloat16)
     batched = method.matmul(x, prepared)
     assert torch.equal(torch.cat([method.matmul(x[i:i + 1], prepared) for i in range(31)]), batched)
+    assert method.matmul(x[:0], prepared).shape == (0, OUT)
 
 
 def test_weights_the_kernel_cannot_read_take_the_dense_path() -> None:

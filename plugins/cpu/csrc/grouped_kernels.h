@@ -313,6 +313,7 @@ static void group_sums(const Gemm *g, long group, float *x_sums) {
 static int grouped_linear(Gemm g, const GroupedHeader *h, int threads) {
     const long k = g.k_pairs * 2, groups = k / h->group_size;
     const int dense = g.m >= GROUPED_MAX_ROWS;
+    if (g.m == 0) return 1;
     uint16_t *ordered = NULL;
     float *x_sums = NULL;
     if (h->has_order) {
