@@ -33,7 +33,7 @@ def _fp8_codes(code_type: str, generator: torch.Generator) -> torch.Tensor:
 
 
 def _weight(code_type: str, group_size: int, offsets: bool, generator: torch.Generator, lookup=None,
-            ordered=False) -> QuantizedWeight:
+            ordered=False, fp16=False) -> QuantizedWeight:
     groups = IN // group_size
     if code_type.startswith("fp8"):
         codes = _fp8_codes(code_type, generator)
@@ -42,6 +42,8 @@ def _weight(code_type: str, group_size: int, offsets: bool, generator: torch.Gen
                               dtype=torch.uint8)
     scales = torch.rand(OUT, groups, generator=generator) * 0.02 + 0.001
     zeros = torch.randn(OUT, groups, generator=generator) * 0.05 if offsets else None
+    if fp16:  # GGUF's legacy blocks and symmetric GPTQ: every scale and offset exact in fp16
+        scales, zeros = scales.half().float(), None if zeros is None else zeros.half().float()
     order = torch.randperm(IN, generator=generator) if ordered else None
     table = None if lookup is None else torch.tensor(lookup, dtype=torch.float32)
     return QuantizedWeight("gptq", code_type, codes, scales, zeros, group_size, order, table)
@@ -53,6 +55,11 @@ CASES = {
     "uint4 g64 offsets": ("uint4", 64, True, {}),
     "uint4 g128 offsets act-order": ("uint4", 128, True, {"ordered": True}),
     "uint4 per-channel": ("uint4", IN, True, {}),
+    "uint4 g32 fp16 offsets (Q4_1)": ("uint4", 32, True, {"fp16": True}),
+    "uint4 g16 fp16": ("uint4", 16, False, {"fp16": True}),
+    "uint5 g32 fp16 offsets (Q5_1)": ("uint5", 32, True, {"fp16": True}),
+    "uint8 g32 fp16 offsets (Q8_0)": ("uint8", 32, True, {"fp16": True}),
+    "iq4 lookup g32 fp16": ("uint4", 32, False, {"lookup": IQ4_VALUES, "fp16": True}),
     "uint2 g16 offsets": ("uint2", 16, True, {}),
     "uint3 g16 offsets": ("uint3", 16, True, {}),
     "iq4 lookup g32": ("uint4", 32, False, {"lookup": IQ4_VALUES}),
@@ -101,6 +108,16 @@ def test_fp8_subnormal_weights_are_not_flushed(code_type, mantissa_bits) -> None
     expected = x.double() @ weight.dequantize().double().T
     got = method.matmul(x, method.prepare_quantized(weight)).double()
     assert (got - expected).norm() <= 2**-8 * expected.norm()
+
+
+def test_scales_exact_in_fp16_are_stored_in_fp16() -> None:
+    # A quarter fewer bytes at 4 bits and groups of 32: as small as the GGUF's Q4_1 blocks.
+    exact = _weight("uint4", 32, True, torch.Generator().manual_seed(4), fp16=True)
+    rounded = _weight("uint4", 32, True, torch.Generator().manual_seed(4))
+    method = PackedBF16Linear()
+    padded_out = -(-OUT // 16) * 16
+    assert method.prepare_quantized(exact).packed.numel() < 0.63 * padded_out * IN + 512
+    assert method.prepare_quantized(rounded).packed.numel() >= 0.75 * padded_out * IN
 
 
 def test_a_row_gets_the_same_result_alone_and_in_a_batch() -> None:

@@ -61,7 +61,7 @@ static PyObject *pack_grouped(PyObject *self, PyObject *args) {
     long n;
     if (!PyArg_ParseTuple(args, "KKKKl", &codes, &scales, &offsets, &dst, &n)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    pack_grouped_rows((const uint8_t *)codes, (const float *)scales, (const float *)offsets, (uint8_t *)dst, n);
+    pack_grouped_rows((const uint8_t *)codes, (const void *)scales, (const void *)offsets, (uint8_t *)dst, n);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -88,7 +88,8 @@ static PyMethodDef methods[] = {
      "ceil(out / 16) x blocks x 320 (Q4_1) or 544 (Q8_0) bytes)."},
     {"pack_grouped", pack_grouped, METH_VARARGS,
      "pack_grouped(codes, scales, offsets, dst, out): a grouped weight's codes (out, in) uint8 and float32 "
-     "scales and offsets (out, groups; offsets 0 for none) into the panels after the header already at dst "
+     "(or, as the header says, fp16) scales and offsets (out, groups; offsets 0 for none) into the panels "
+     "after the header already at dst "
      "(grouped_kernels.h)."},
     {"unpack_grouped", unpack_grouped, METH_VARARGS,
      "unpack_grouped(packed, dst, out): the float32 (out, in) weight a packed grouped weight computes with."},

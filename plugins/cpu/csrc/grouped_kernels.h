@@ -9,17 +9,18 @@
  *   GroupedHeader (320 bytes): the kind of codes, group size, whether there are offsets and an input order,
  *     in_features, and a bf16 table (LUT4: the 16 values of the codes; FP8: the 128 magnitudes).
  *   int32 input order (in_features, padded to 64 bytes) if any: x's columns are gathered once per call.
- *   Per panel of 16 outputs, per group of G inputs: 16 float32 scales, 16 float32 offsets (if any), then
- *   the codes in the dense 16 x 2 order of one input pair per 512-bit vector:
+ *   Per panel of 16 outputs, per group of G inputs: 16 scales, 16 offsets (if any; both fp16 where every
+ *   one is exact in fp16, as GGUF's legacy types' and symmetric GPTQ's are, else float32), then the codes in the dense 16 x 2 order of one input pair per 512-bit vector:
  *     4-bit kinds: G / 8 chunks of 32 16-bit words, nibble s of word 2o + i in chunk c the code of output o,
  *       input 2 (4c + s) + i (gemm_kernels.h's Q4_1 chunks);
  *     8-bit kinds: G / 2 pairs of 32 bytes, byte 2o + i of pair p the code of output o, input 2p + i.
- * Kinds: U4 (codes 0..15 read as 128 + q through the Q4_1 bit trick, the offsets moved by -128 scale),
- * LUT4 (codes through a 16-entry table of bf16-exact values: GGUF's IQ4), U7 (codes 0..127 in bytes, read
- * as 128 + q like U4: uint5..uint7, one logic op a vector), I8 (uint8 codes minus 128 as int8, through
- * float: the offsets moved by +128 scale), FP8 (e4m3 or e5m2 bits: the magnitude through
+ * Kinds: U4 (codes 0..15 read as 128 + q through the Q4_1 bit trick), LUT4 (codes through a 16-entry table
+ * of bf16-exact values: GGUF's IQ4), U7 (codes 0..127 in bytes, read as 128 + q like U4: uint5..uint7, one
+ * logic op a vector), I8 (uint8 codes minus 128 as int8, through float), FP8 (e4m3 or e5m2 bits: the magnitude through
  * a 128-entry table of their exact bf16 values, so subnormals stay exact where `vdpbf16ps` would flush a
- * shifted bit pattern, then the sign bit).
+ * shifted bit pattern, then the sign bit). Where the value read is the code plus a centre c (U4, U7: 128;
+ * I8: -128) the offset the kernel adds is offset - c scale, computed once per (panel, group) in float32 as
+ * the Q4_1 kernel does; the packed scales and offsets are the checkpoint's own.
  *
  * From GROUPED_MAX_ROWS rows on, each thread dequantizes its panels to bf16 into an L2-sized scratch and runs
  * the dense kernel over all the rows: prefill at dense speed without keeping a dense copy of the weight.
@@ -38,15 +39,46 @@ enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3, GROUPE
 #define GROUPED_MAX_ROWS 32 /* from here on: dequantize panels to bf16 and run the dense kernel (benchmarks/NOTES.md) */
 
 typedef struct {
-    int32_t kind, group_size, has_offsets, has_order, in_features, reserved[11];
+    int32_t kind, group_size, has_offsets, has_order, in_features, half_scales, reserved[10];
     uint16_t table[128]; /* bf16 bit patterns */
 } GroupedHeader;
 
 static inline int grouped_is_4bit(int kind) { return kind == GROUPED_U4 || kind == GROUPED_LUT4; }
 
+/* What the kernel reads for code q, minus q. */
+static inline float grouped_centre(int kind) {
+    return kind == GROUPED_U4 || kind == GROUPED_U7 ? 128.f : kind == GROUPED_I8 ? -128.f : 0.f;
+}
+
+/* Whether the kernel adds an offset times sum(x) per group. */
+static inline int grouped_needs_sums(const GroupedHeader *h) {
+    return h->has_offsets || grouped_centre(h->kind) != 0.f;
+}
+
+/* Bytes of the 16 scales (and of the 16 offsets) of a (panel, group). */
+static inline long grouped_scale_bytes(const GroupedHeader *h) { return h->half_scales ? 32 : 64; }
+
 /* Bytes of one (panel, group): scales, offsets, codes. */
 static inline long grouped_group_bytes(const GroupedHeader *h) {
-    return 64L * (1 + h->has_offsets) + (long)h->group_size * (grouped_is_4bit(h->kind) ? 8 : 16);
+    return grouped_scale_bytes(h) * (1 + h->has_offsets) + (long)h->group_size * (grouped_is_4bit(h->kind) ? 8 : 16);
+}
+
+static inline float f16_to_f32(uint16_t half) {
+    const uint32_t sign = (uint32_t)(half & 0x8000) << 16, exponent = (half >> 10) & 31, mantissa = half & 1023;
+    float magnitude;
+    if (exponent == 0) magnitude = ldexpf((float)mantissa, -24);
+    else if (exponent == 31) magnitude = mantissa ? NAN : INFINITY;
+    else magnitude = ldexpf((float)(mantissa | 1024), (int)exponent - 25);
+    uint32_t bits;
+    memcpy(&bits, &magnitude, 4);
+    bits |= sign;
+    memcpy(&magnitude, &bits, 4);
+    return magnitude;
+}
+
+/* Scale (or offset) i of the 16 at `at`. */
+static inline float grouped_scale(const GroupedHeader *h, const uint8_t *at, int i) {
+    return h->half_scales ? f16_to_f32(((const uint16_t *)at)[i]) : ((const float *)at)[i];
 }
 
 static inline long grouped_order_bytes(const GroupedHeader *h) {
@@ -59,10 +91,10 @@ static inline const uint8_t *grouped_panels(const GroupedHeader *h) {
 
 /* ---- Packing (once, at load) and unpacking (for the reference), scalar ------------------------------- */
 
-/* codes (n, k) uint8 (4-bit kinds: 0..15; I8: already minus the centre, as int8; FP8: the bits), scales and
- * offsets (n, k / G) float32, offsets NULL without; the header already written at `dst`. */
-static void pack_grouped_rows(const uint8_t *codes, const float *scales, const float *offsets, uint8_t *dst,
-                              long n) {
+/* codes (n, k) uint8 (4-bit kinds: 0..15; I8: already minus 128, as int8; FP8: the bits), scales and
+ * offsets (n, k / G) float32 (fp16 where the header says so), offsets NULL without; the header already
+ * written at `dst`. */
+static void pack_grouped_rows(const uint8_t *codes, const void *scales, const void *offsets, uint8_t *dst, long n) {
     const GroupedHeader *h = (const GroupedHeader *)dst;
     const long k = h->in_features, group = h->group_size, groups = k / group, group_bytes = grouped_group_bytes(h);
     uint8_t *panels = (uint8_t *)grouped_panels(h);
@@ -71,9 +103,10 @@ static void pack_grouped_rows(const uint8_t *codes, const float *scales, const f
         const int o = (int)(row % 16);
         for (long g = 0; g < groups; g++) {
             uint8_t *block = panels + ((row / 16) * groups + g) * group_bytes;
-            ((float *)block)[o] = scales[row * groups + g];
-            if (h->has_offsets) ((float *)block)[16 + o] = offsets[row * groups + g];
-            uint8_t *out = block + 64 * (1 + h->has_offsets);
+            const long size = h->half_scales ? 2 : 4, at = (row * groups + g) * size;
+            memcpy(block + o * size, (const uint8_t *)scales + at, (size_t)size);
+            if (h->has_offsets) memcpy(block + grouped_scale_bytes(h) + o * size, (const uint8_t *)offsets + at, (size_t)size);
+            uint8_t *out = block + grouped_scale_bytes(h) * (1 + h->has_offsets);
             for (long i = 0; i < group; i++) {
                 const uint8_t q = codes[row * k + g * group + i];
                 const long pair = i / 2;
@@ -100,7 +133,7 @@ static inline float grouped_value(const GroupedHeader *h, const uint8_t *codes, 
 }
 
 /* The weight the kernel computes with, (n, in_features) float32 in the natural input order: scale value +
- * offset, in float32 as the kernel's epilogue does. */
+ * (offset - centre scale), in float32 as the kernel does. */
 static void unpack_grouped_rows(const uint8_t *packed, float *dst, long n) {
     const GroupedHeader *h = (const GroupedHeader *)packed;
     const int32_t *order = (const int32_t *)(packed + GROUPED_HEADER_BYTES);
@@ -108,17 +141,30 @@ static void unpack_grouped_rows(const uint8_t *packed, float *dst, long n) {
     for (long row = 0; row < n; row++)
         for (long g = 0; g < groups; g++) {
             const uint8_t *block = grouped_panels(h) + ((row / 16) * groups + g) * group_bytes;
-            const float scale = ((const float *)block)[row % 16];
-            const float offset = h->has_offsets ? ((const float *)block)[16 + row % 16] : 0.f;
+            const float scale = grouped_scale(h, block, (int)(row % 16));
+            const float offset = fmaf(-grouped_centre(h->kind), scale,
+                                      h->has_offsets ? grouped_scale(h, block + grouped_scale_bytes(h), (int)(row % 16)) : 0.f);
             for (long i = 0; i < group; i++) {
                 const long column = g * group + i;
-                const float value = grouped_value(h, block + 64 * (1 + h->has_offsets), i, (int)(row % 16));
+                const float value = grouped_value(h, block + grouped_scale_bytes(h) * (1 + h->has_offsets), i, (int)(row % 16));
                 dst[row * k + (h->has_order ? order[column] : column)] = fmaf(scale, value, offset);
             }
         }
 }
 
 #if HAVE_BF16_GEMM
+/* The 16 scales (or offsets) at `at`, as float32. */
+static inline __m512 grouped_load_scales(const GroupedHeader *h, const uint8_t *at) {
+    return h->half_scales ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)at)) : _mm512_loadu_ps((const float *)at);
+}
+
+/* A (panel, group)'s scales, and the offsets the kernel adds: offset - centre scale (zero without offsets). */
+static inline void grouped_load_block(const GroupedHeader *h, const uint8_t *block, __m512 *scale, __m512 *offset) {
+    *scale = grouped_load_scales(h, block);
+    const __m512 stored = h->has_offsets ? grouped_load_scales(h, block + grouped_scale_bytes(h)) : _mm512_setzero_ps();
+    *offset = _mm512_fnmadd_ps(_mm512_set1_ps(grouped_centre(h->kind)), *scale, stored);
+}
+
 /* ---- Codes to exact bf16 weights: one 512-bit vector of 16 outputs x 2 inputs -------------------------- */
 
 typedef struct {
@@ -163,7 +209,8 @@ static inline __attribute__((always_inline)) void grouped_tile(const Gemm *g, co
                                                                const float *x_sums, long v0, long m0, const int MT,
                                                                const int NP, const int KIND) {
     const long group = h->group_size, groups = h->in_features / group, group_bytes = grouped_group_bytes(h);
-    const long panels = num_panels(g), codes_at = 64L * (1 + h->has_offsets);
+    const long panels = num_panels(g), codes_at = grouped_scale_bytes(h) * (1 + h->has_offsets);
+    const int sums_needed = grouped_needs_sums(h);
     const GroupedTables tables = grouped_tables(h);
     const uint8_t *panel[GGML_MAX_PANELS];
     for (int j = 0; j < NP; j++)
@@ -201,11 +248,10 @@ static inline __attribute__((always_inline)) void grouped_tile(const Gemm *g, co
                 }
         }
         for (int j = 0; j < NP; j++) {
-            const float *block = (const float *)(panel[j] + b * group_bytes);
-            const __m512 scale = _mm512_loadu_ps(block);
+            __m512 scale, offset;
+            grouped_load_block(h, panel[j] + b * group_bytes, &scale, &offset);
             for (int r = 0; r < MT; r++) acc[j][r] = _mm512_fmadd_ps(scale, sums[j][r], acc[j][r]);
-            if (h->has_offsets) {
-                const __m512 offset = _mm512_loadu_ps(block + 16);
+            if (sums_needed) {
                 for (int r = 0; r < MT; r++)
                     acc[j][r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x_sums[(m0 + r) * groups + b]), acc[j][r]);
             }
@@ -257,9 +303,9 @@ static inline __attribute__((always_inline)) void grouped_dequantize_panel(const
     const __m512i high_outputs = _mm512_add_epi32(low_outputs, _mm512_set1_epi32(8));
     for (long b = 0; b < groups; b++) {
         const uint8_t *block = grouped_panels(h) + (v * groups + b) * group_bytes;
-        const uint8_t *codes = block + 64 * (1 + h->has_offsets);
-        const __m512 scale = _mm512_loadu_ps((const float *)block);
-        const __m512 offset = h->has_offsets ? _mm512_loadu_ps((const float *)block + 16) : _mm512_setzero_ps();
+        const uint8_t *codes = block + grouped_scale_bytes(h) * (1 + h->has_offsets);
+        __m512 scale, offset;
+        grouped_load_block(h, block, &scale, &offset);
         const __m512 scale_lo = _mm512_permutexvar_ps(low_outputs, scale);
         const __m512 scale_hi = _mm512_permutexvar_ps(high_outputs, scale);
         const __m512 offset_lo = _mm512_permutexvar_ps(low_outputs, offset);
@@ -324,7 +370,7 @@ static int grouped_linear(Gemm g, const GroupedHeader *h, int threads) {
         g.x = ordered;
         g.x_stride = k;
     }
-    if (!dense && h->has_offsets) {
+    if (!dense && grouped_needs_sums(h)) {
         if (!(x_sums = malloc(sizeof(float) * (size_t)(g.m * groups + 1)))) {
             free(ordered);
             return 0;
