@@ -8,8 +8,9 @@
   2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over).
   A checkpoint's pre-quantized weights (`QuantizedWeight`: GPTQ, AWQ, fp8, compressed-tensors, GGUF) it
   runs from codes packed once by `pack_grouped` (csrc/grouped_kernels.h): 4-bit codes (uint2..uint4, IQ4's
-  table) at 0.5 bytes a weight, 8-bit (uint5..uint8, fp8) at 1, plus float32 scales and offsets per group.
-  From 32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
+  table) at 0.5 bytes a weight, 8-bit (uint5..uint8, fp8) at 1, plus the scales and offsets of each group
+  (fp16 where all are exact in fp16: uint4 group 32 at Q4_1's 0.625 bytes a weight, and as fast). From
+  32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
   no dense copy is kept.
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
   without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form

@@ -20,8 +20,8 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         return NULL;
 #if HAVE_BF16_GEMM
     if (format == GEMM_GROUPED && ((const GroupedHeader *)w)->in_features != k_pairs * 2) {
-        PyErr_Format(PyExc_ValueError, "the grouped weight has %d inputs, x %ld", ((const GroupedHeader *)w)->in_features,
-                     k_pairs * 2);
+        PyErr_Format(PyExc_ValueError, "the grouped weight has %d inputs, x %ld",
+                     ((const GroupedHeader *)w)->in_features, k_pairs * 2);
         return NULL;
     }
     if ((format == GEMM_Q4_1 || format == GEMM_Q8_0) && (k_pairs * 2) % GGML_BLOCK) {

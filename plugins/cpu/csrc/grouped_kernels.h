@@ -7,23 +7,25 @@
  *
  * The packed weight is one self-describing buffer (quant.py's `pack_grouped` writes it):
  *   GroupedHeader (320 bytes): the kind of codes, group size, whether there are offsets and an input order,
- *     in_features, and a bf16 table (LUT4: the 16 values of the codes; FP8: the 128 magnitudes).
+ *     in_features, whether scales are fp16, and a bf16 table (LUT4: the 16 values of the codes; FP8: the
+ *     128 magnitudes).
  *   int32 input order (in_features, padded to 64 bytes) if any: x's columns are gathered once per call.
  *   Per panel of 16 outputs, per group of G inputs: 16 scales, 16 offsets (if any; both fp16 where every
- *   one is exact in fp16, as GGUF's legacy types' and symmetric GPTQ's are, else float32), then the codes in the dense 16 x 2 order of one input pair per 512-bit vector:
+ *   one is exact in fp16, as GGUF's legacy types' and symmetric GPTQ's are, else float32), then the codes
+ *   in the dense 16 x 2 order of one input pair per 512-bit vector:
  *     4-bit kinds: G / 8 chunks of 32 16-bit words, nibble s of word 2o + i in chunk c the code of output o,
  *       input 2 (4c + s) + i (gemm_kernels.h's Q4_1 chunks);
  *     8-bit kinds: G / 2 pairs of 32 bytes, byte 2o + i of pair p the code of output o, input 2p + i.
  * Kinds: U4 (codes 0..15 read as 128 + q through the Q4_1 bit trick), LUT4 (codes through a 16-entry table
  * of bf16-exact values: GGUF's IQ4), U7 (codes 0..127 in bytes, read as 128 + q like U4: uint5..uint7, one
- * logic op a vector), I8 (uint8 codes minus 128 as int8, through float), FP8 (e4m3 or e5m2 bits: the magnitude through
- * a 128-entry table of their exact bf16 values, so subnormals stay exact where `vdpbf16ps` would flush a
- * shifted bit pattern, then the sign bit). Where the value read is the code plus a centre c (U4, U7: 128;
- * I8: -128) the offset the kernel adds is offset - c scale, computed once per (panel, group) in float32 as
- * the Q4_1 kernel does; the packed scales and offsets are the checkpoint's own.
+ * logic op a vector), I8 (uint8 codes minus 128 as int8, through float), FP8 (e4m3 or e5m2 bits: the
+ * magnitude through a 128-entry table of their exact bf16 values, so subnormals stay exact where
+ * `vdpbf16ps` would flush a shifted bit pattern, then the sign bit). Where the value read is the code plus
+ * a centre c (U4, U7: 128; I8: -128) the offset the kernel adds is offset - c scale, computed once per
+ * (panel, group) in float32 as the Q4_1 kernel does; the packed scales and offsets are the checkpoint's own.
  *
- * From GROUPED_MAX_ROWS rows on, each thread dequantizes its panels to bf16 into an L2-sized scratch and runs
- * the dense kernel over all the rows: prefill at dense speed without keeping a dense copy of the weight.
+ * From GROUPED_MAX_ROWS rows on, each thread dequantizes its panels to bf16 into an L2-sized scratch and
+ * runs the dense kernel over all the rows: prefill near dense speed without a dense copy of the weight.
  */
 #ifndef TOKENMILL_GROUPED_KERNELS_H
 #define TOKENMILL_GROUPED_KERNELS_H
@@ -36,7 +38,8 @@
 enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3, GROUPED_U7 = 4 };
 
 #define GROUPED_HEADER_BYTES 320
-#define GROUPED_MAX_ROWS 32 /* from here on: dequantize panels to bf16 and run the dense kernel (benchmarks/NOTES.md) */
+/* From here on: dequantize panels to bf16 and run the dense kernel (benchmarks/NOTES.md, section 16). */
+#define GROUPED_MAX_ROWS 32
 
 typedef struct {
     int32_t kind, group_size, has_offsets, has_order, in_features, half_scales, reserved[10];
@@ -105,7 +108,8 @@ static void pack_grouped_rows(const uint8_t *codes, const void *scales, const vo
             uint8_t *block = panels + ((row / 16) * groups + g) * group_bytes;
             const long size = h->half_scales ? 2 : 4, at = (row * groups + g) * size;
             memcpy(block + o * size, (const uint8_t *)scales + at, (size_t)size);
-            if (h->has_offsets) memcpy(block + grouped_scale_bytes(h) + o * size, (const uint8_t *)offsets + at, (size_t)size);
+            if (h->has_offsets)
+                memcpy(block + grouped_scale_bytes(h) + o * size, (const uint8_t *)offsets + at, (size_t)size);
             uint8_t *out = block + grouped_scale_bytes(h) * (1 + h->has_offsets);
             for (long i = 0; i < group; i++) {
                 const uint8_t q = codes[row * k + g * group + i];
@@ -141,12 +145,14 @@ static void unpack_grouped_rows(const uint8_t *packed, float *dst, long n) {
     for (long row = 0; row < n; row++)
         for (long g = 0; g < groups; g++) {
             const uint8_t *block = grouped_panels(h) + ((row / 16) * groups + g) * group_bytes;
-            const float scale = grouped_scale(h, block, (int)(row % 16));
-            const float offset = fmaf(-grouped_centre(h->kind), scale,
-                                      h->has_offsets ? grouped_scale(h, block + grouped_scale_bytes(h), (int)(row % 16)) : 0.f);
+            const int o = (int)(row % 16);
+            const float scale = grouped_scale(h, block, o);
+            const float stored = h->has_offsets ? grouped_scale(h, block + grouped_scale_bytes(h), o) : 0.f;
+            const float offset = fmaf(-grouped_centre(h->kind), scale, stored);
+            const uint8_t *codes = block + grouped_scale_bytes(h) * (1 + h->has_offsets);
             for (long i = 0; i < group; i++) {
                 const long column = g * group + i;
-                const float value = grouped_value(h, block + grouped_scale_bytes(h) * (1 + h->has_offsets), i, (int)(row % 16));
+                const float value = grouped_value(h, codes, i, o);
                 dst[row * k + (h->has_order ? order[column] : column)] = fmaf(scale, value, offset);
             }
         }
@@ -155,7 +161,8 @@ static void unpack_grouped_rows(const uint8_t *packed, float *dst, long n) {
 #if HAVE_BF16_GEMM
 /* The 16 scales (or offsets) at `at`, as float32. */
 static inline __m512 grouped_load_scales(const GroupedHeader *h, const uint8_t *at) {
-    return h->half_scales ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)at)) : _mm512_loadu_ps((const float *)at);
+    return h->half_scales ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)at))
+                          : _mm512_loadu_ps((const float *)at);
 }
 
 /* A (panel, group)'s scales, and the offsets the kernel adds: offset - centre scale (zero without offsets). */
@@ -233,9 +240,9 @@ static inline __attribute__((always_inline)) void grouped_tile(const Gemm *g, co
                 for (int sh = 0; sh < 4; sh++)
                     for (int j = 0; j < NP; j++) {
                         const __m512bh w = grouped_nibbles(chunk[j], 4 * sh, KIND, &tables);
+                        const long pair = first_pair + 4 * c + sh;
                         for (int r = 0; r < MT; r++)
-                            sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w,
-                                                          (__m512bh)_mm512_set1_epi32(x_pairs[r][first_pair + 4 * c + sh]));
+                            sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair]));
                     }
             }
         } else {
@@ -314,9 +321,10 @@ static inline __attribute__((always_inline)) void grouped_dequantize_panel(const
             const __m512i w = grouped_is_4bit(KIND)
                 ? (__m512i)grouped_nibbles(_mm512_loadu_si512(codes + (p / 4) * 64), 4 * (int)(p % 4), KIND, &tables)
                 : (__m512i)grouped_bytes(codes + p * 32, KIND, &tables);
-            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
-            const __m512 hi = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+            const __m512i low_words = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
+            const __m512i high_words = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1));
+            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(low_words, 16));
+            const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(high_words, 16));
             const __m512bh out = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(scale_hi, hi, offset_hi),
                                                      _mm512_fmadd_ps(scale_lo, lo, offset_lo));
             _mm512_storeu_si512(dense + (b * group / 2 + p) * 32, (__m512i)out);
