@@ -8,7 +8,7 @@
   2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over).
   A checkpoint's pre-quantized weights (`QuantizedWeight`: GPTQ, AWQ, fp8, compressed-tensors, GGUF) it
   runs from codes packed once by `pack_grouped` (csrc/grouped_kernels.h): 4-bit codes (uint2..uint4, IQ4's
-  table) at 0.5 bytes a weight, 8-bit (uint5..uint8, fp8) at 1, plus the scales and offsets of each group
+  table) at 0.5 bytes a weight, uint5 at 0.75, uint6..uint8 and fp8 at 1, plus the scales and offsets of each group
   (fp16 where all are exact in fp16: uint4 group 32 at Q4_1's 0.625 bytes a weight, and as fast). From
   32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
   no dense copy is kept.
@@ -95,7 +95,7 @@ class PackedGroupedWeight:
 
 
 # grouped_kernels.h's kinds of codes and the header's layout.
-GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8, GROUPED_U7 = range(5)
+GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8, GROUPED_U7, GROUPED_U5 = range(6)
 GROUPED_HEADER_BYTES = 320
 GROUPED_TABLE_AT = 64
 
@@ -113,8 +113,11 @@ def grouped_kind(weight: QuantizedWeight) -> int | None:
         return GROUPED_FP8
     if weight.lookup is not None:
         return GROUPED_LUT4 if weight.bits <= 4 and _exact_in_bf16(weight.lookup) else None
-    # uint2 and uint3 take 4 bits, uint5..uint7 8: unpacking odd widths costs more than the bytes saved.
-    return GROUPED_U4 if weight.bits <= 4 else GROUPED_U7 if weight.bits <= 7 else GROUPED_I8
+    # uint2 and uint3 take 4 bits (unpacking them costs more than the bytes saved), uint5 three to a 16-bit
+    # word, uint6 and uint7 a byte.
+    if weight.bits <= 5:
+        return GROUPED_U4 if weight.bits <= 4 else GROUPED_U5
+    return GROUPED_U7 if weight.bits <= 7 else GROUPED_I8
 
 
 def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
@@ -146,8 +149,9 @@ def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
     order_bytes = 0 if order is None else -(-4 * weight.in_features // 64) * 64
     groups = weight.in_features // weight.group_size
     scale_bytes = 32 if half else 64
-    group_bytes = scale_bytes * (1 + (offsets is not None)) + weight.group_size * (
-        8 if kind in (GROUPED_U4, GROUPED_LUT4) else 16)
+    code_bytes = {GROUPED_U4: 8 * weight.group_size, GROUPED_LUT4: 8 * weight.group_size,
+                  GROUPED_U5: -(-weight.group_size // 6) * 64}.get(kind, 16 * weight.group_size)
+    group_bytes = scale_bytes * (1 + (offsets is not None)) + code_bytes
     packed = torch.zeros(GROUPED_HEADER_BYTES + order_bytes + -(-weight.out_features // LANES) * groups * group_bytes,
                          dtype=torch.uint8)
     packed[:24].view(torch.int32)[:] = torch.tensor(

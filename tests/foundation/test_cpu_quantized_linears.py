@@ -65,6 +65,8 @@ CASES = {
     "iq4 lookup g32": ("uint4", 32, False, {"lookup": IQ4_VALUES}),
     "iq4 lookup g32 offsets": ("uint4", 32, True, {"lookup": IQ4_VALUES}),
     "uint5 g32 offsets": ("uint5", 32, True, {}),
+    "uint5 g16 offsets": ("uint5", 16, True, {}),  # three 5-bit codes a word: groups end mid-word
+    "uint5 g64": ("uint5", 64, False, {}),
     "uint6 g16 offsets": ("uint6", 16, True, {}),
     "uint8 g128 offsets act-order": ("uint8", 128, True, {"ordered": True}),
     "uint8 per-channel": ("uint8", IN, False, {}),

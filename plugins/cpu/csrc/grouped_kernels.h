@@ -15,13 +15,15 @@
  *   in the dense 16 x 2 order of one input pair per 512-bit vector:
  *     4-bit kinds: G / 8 chunks of 32 16-bit words, nibble s of word 2o + i in chunk c the code of output o,
  *       input 2 (4c + s) + i (gemm_kernels.h's Q4_1 chunks);
+ *     U5: ceil(G / 6) chunks of 32 16-bit words, bits 5s..5s+4 of word 2o + i in chunk c the code of output
+ *       o, input 2 (3c + s) + i (three pairs a word: 0.75 bytes a weight where bytes would take 1);
  *     8-bit kinds: G / 2 pairs of 32 bytes, byte 2o + i of pair p the code of output o, input 2p + i.
  * Kinds: U4 (codes 0..15 read as 128 + q through the Q4_1 bit trick), LUT4 (codes through a 16-entry table
- * of bf16-exact values: GGUF's IQ4), U7 (codes 0..127 in bytes, read as 128 + q like U4: uint5..uint7, one
+ * of bf16-exact values: GGUF's IQ4), U5 (uint5: 5-bit fields read as 128 + q like U4), U7 (codes 0..127 in bytes, read as 128 + q like U4: uint5..uint7, one
  * logic op a vector), I8 (uint8 codes minus 128 as int8, through float), FP8 (e4m3 or e5m2 bits: the
  * magnitude through a 128-entry table of their exact bf16 values, so subnormals stay exact where
  * `vdpbf16ps` would flush a shifted bit pattern, then the sign bit). Where the value read is the code plus
- * a centre c (U4, U7: 128; I8: -128) the offset the kernel adds is offset - c scale, computed once per
+ * a centre c (U4, U5, U7: 128; I8: -128) the offset the kernel adds is offset - c scale, computed once per
  * (panel, group) in float32 as the Q4_1 kernel does; the packed scales and offsets are the checkpoint's own.
  *
  * From GROUPED_MAX_ROWS rows on, each thread dequantizes its panels to bf16 into an L2-sized scratch and
@@ -35,7 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3, GROUPED_U7 = 4 };
+enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3, GROUPED_U7 = 4, GROUPED_U5 = 5 };
 
 #define GROUPED_HEADER_BYTES 320
 /* From here on: dequantize panels to bf16 and run the dense kernel (benchmarks/NOTES.md, section 16). */
@@ -50,7 +52,7 @@ static inline int grouped_is_4bit(int kind) { return kind == GROUPED_U4 || kind 
 
 /* What the kernel reads for code q, minus q. */
 static inline float grouped_centre(int kind) {
-    return kind == GROUPED_U4 || kind == GROUPED_U7 ? 128.f : kind == GROUPED_I8 ? -128.f : 0.f;
+    return kind == GROUPED_U4 || kind == GROUPED_U5 || kind == GROUPED_U7 ? 128.f : kind == GROUPED_I8 ? -128.f : 0.f;
 }
 
 /* Whether the kernel adds an offset times sum(x) per group. */
@@ -61,9 +63,14 @@ static inline int grouped_needs_sums(const GroupedHeader *h) {
 /* Bytes of the 16 scales (and of the 16 offsets) of a (panel, group). */
 static inline long grouped_scale_bytes(const GroupedHeader *h) { return h->half_scales ? 32 : 64; }
 
-/* Bytes of one (panel, group): scales, offsets, codes. */
+/* Bytes of one (panel, group)'s codes, and of the whole (panel, group): scales, offsets, codes. */
+static inline long grouped_code_bytes(const GroupedHeader *h) {
+    const long group = h->group_size;
+    return grouped_is_4bit(h->kind) ? group * 8 : h->kind == GROUPED_U5 ? (group + 5) / 6 * 64 : group * 16;
+}
+
 static inline long grouped_group_bytes(const GroupedHeader *h) {
-    return grouped_scale_bytes(h) * (1 + h->has_offsets) + (long)h->group_size * (grouped_is_4bit(h->kind) ? 8 : 16);
+    return grouped_scale_bytes(h) * (1 + h->has_offsets) + grouped_code_bytes(h);
 }
 
 static inline float f16_to_f32(uint16_t half) {
@@ -116,6 +123,8 @@ static void pack_grouped_rows(const uint8_t *codes, const void *scales, const vo
                 const long pair = i / 2;
                 if (grouped_is_4bit(h->kind))
                     ((uint16_t *)out)[(pair / 4) * 32 + 2 * o + i % 2] |= (uint16_t)((q & 15) << (4 * (pair % 4)));
+                else if (h->kind == GROUPED_U5)
+                    ((uint16_t *)out)[(pair / 3) * 32 + 2 * o + i % 2] |= (uint16_t)((q & 31) << (5 * (pair % 3)));
                 else
                     out[pair * 32 + 2 * o + i % 2] = q;
             }
@@ -129,6 +138,8 @@ static inline float grouped_value(const GroupedHeader *h, const uint8_t *codes, 
         const int q = (((const uint16_t *)codes)[(pair / 4) * 32 + 2 * o + i % 2] >> (4 * (pair % 4))) & 15;
         return h->kind == GROUPED_U4 ? (float)(128 + q) : bf16_to_f32(h->table[q]);
     }
+    if (h->kind == GROUPED_U5)
+        return (float)(128 + ((((const uint16_t *)codes)[(pair / 3) * 32 + 2 * o + i % 2] >> (5 * (pair % 3))) & 31));
     const uint8_t q = codes[pair * 32 + 2 * o + i % 2];
     if (h->kind == GROUPED_U7) return (float)(128 + q);
     if (h->kind == GROUPED_I8) return (float)(int8_t)q;
@@ -193,6 +204,12 @@ static inline __attribute__((always_inline)) __m512bh grouped_nibbles(__m512i ch
     return (__m512bh)_mm512_permutexvar_epi16(q, t->lut4);
 }
 
+/* Field s of each word of a U5 chunk: 0x4300 | q is the bf16 of 128 + q. */
+static inline __attribute__((always_inline)) __m512bh grouped_fives(__m512i chunk, const int shift) {
+    const __m512i v = shift ? _mm512_srli_epi16(chunk, shift) : chunk;
+    return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x001F), _mm512_set1_epi16(0x4300), 0xEA);
+}
+
 /* One input pair of 8-bit codes (32 bytes). */
 static inline __attribute__((always_inline)) __m512bh grouped_bytes(const uint8_t *codes, const int KIND,
                                                                     const GroupedTables *t) {
@@ -245,6 +262,19 @@ static inline __attribute__((always_inline)) void grouped_tile(const Gemm *g, co
                             sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair]));
                     }
             }
+        } else if (KIND == GROUPED_U5) {
+            for (long c = 0; c * 3 < group / 2; c++) {
+                __m512i chunk[GGML_MAX_PANELS];
+                for (int j = 0; j < NP; j++)
+                    chunk[j] = _mm512_loadu_si512(panel[j] + b * group_bytes + codes_at + c * 64);
+                for (int sh = 0; sh < 3 && c * 3 + sh < group / 2; sh++)
+                    for (int j = 0; j < NP; j++) {
+                        const __m512bh w = grouped_fives(chunk[j], 5 * sh);
+                        const long pair = first_pair + 3 * c + sh;
+                        for (int r = 0; r < MT; r++)
+                            sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair]));
+                    }
+            }
         } else {
             for (long p = 0; p < group / 2; p++)
                 for (int j = 0; j < NP; j++) {
@@ -287,6 +317,7 @@ static inline __attribute__((always_inline)) void grouped_item(const Gemm *g, co
         case GROUPED_LUT4: grouped_item(g, h, x_sums, item, NP, GROUPED_LUT4); break; \
         case GROUPED_I8: grouped_item(g, h, x_sums, item, NP, GROUPED_I8); break;     \
         case GROUPED_U7: grouped_item(g, h, x_sums, item, NP, GROUPED_U7); break;     \
+        case GROUPED_U5: grouped_item(g, h, x_sums, item, NP, GROUPED_U5); break;     \
         default: grouped_item(g, h, x_sums, item, NP, GROUPED_FP8); break;            \
     }
 
@@ -320,6 +351,7 @@ static inline __attribute__((always_inline)) void grouped_dequantize_panel(const
         for (long p = 0; p < group / 2; p++) {
             const __m512i w = grouped_is_4bit(KIND)
                 ? (__m512i)grouped_nibbles(_mm512_loadu_si512(codes + (p / 4) * 64), 4 * (int)(p % 4), KIND, &tables)
+                : KIND == GROUPED_U5 ? (__m512i)grouped_fives(_mm512_loadu_si512(codes + (p / 3) * 64), 5 * (int)(p % 3))
                 : (__m512i)grouped_bytes(codes + p * 32, KIND, &tables);
             const __m512i low_words = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
             const __m512i high_words = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1));
@@ -342,6 +374,7 @@ static void grouped_dequantize_item(const Gemm *g, const GroupedHeader *h, long 
             case GROUPED_LUT4: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_LUT4); break;
             case GROUPED_I8: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_I8); break;
             case GROUPED_U7: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_U7); break;
+            case GROUPED_U5: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_U5); break;
             default: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_FP8); break;
         }
     }
