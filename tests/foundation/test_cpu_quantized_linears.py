@@ -88,7 +88,9 @@ def test_the_kernel_is_at_least_as_exact_as_f_linear_on_the_dequantized_weight(c
     # The weight the kernel computes with is the checkpoint's, up to offsets moved in float32 (by 128 scales
     # at most: an ulp of ~2.6 is 2.4e-7), far below a bf16 rounding of these weights (~4e-4).
     torch.testing.assert_close(method.dequantize(prepared), reference, rtol=0, atol=1e-6)
-    for rows in range(1, 41):  # the group-wise kernel below 32 rows, dequantized panels from there
+    # Every tail of the 8-row tiles, 4 panels a work item to 2 rows and 2 from 3, the group-wise kernel
+    # below 32 rows and dequantized panels from there.
+    for rows in [*range(1, 10), 15, 16, 17, 31, 32, 40]:
         x = torch.randn(rows, IN, generator=generator).to(torch.bfloat16)
         expected = x.double() @ reference.double().T
         got = method.matmul(x, prepared)
