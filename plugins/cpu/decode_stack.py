@@ -31,7 +31,13 @@ from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from tokenmill.plugins.cpu.attention import MAX_ROW_QUERY, CPUPagedAttention, row_contexts
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps
-from tokenmill.plugins.cpu.quant import GGML_MAX_ROWS, PackedBF16Weight, PackedGGMLWeight
+from tokenmill.plugins.cpu.quant import (
+    GGML_MAX_ROWS,
+    GROUPED_FORMAT,
+    PackedBF16Weight,
+    PackedGGMLWeight,
+    PackedGroupedWeight,
+)
 
 try:
     from tokenmill.plugins.cpu import _decode_stack
@@ -40,13 +46,16 @@ except ImportError:  # pragma: no cover - depends on the build
 
 
 def _linear_plan(linear: Linear) -> list[int] | None:
-    """(ggml form or 0, its format, dense packed form, out, in) as decode_stack.c's LinearPlan, if it can
-    run the linear."""
+    """(quantized form or 0, its format, dense packed form or 0, out, in) as decode_stack.c's LinearPlan, if
+    it can run the linear."""
     prepared = linear.quantized
-    if linear.bias is not None or not isinstance(prepared, (PackedGGMLWeight, PackedBF16Weight)):
+    if linear.bias is not None or not isinstance(prepared, (PackedGGMLWeight, PackedBF16Weight,
+                                                            PackedGroupedWeight)):
         return None  # another method (--quantize int8, oneDNN) or none
     if prepared.in_features % 2:
         return None
+    if isinstance(prepared, PackedGroupedWeight):  # its kernel takes every row count itself
+        return [prepared.packed.data_ptr(), GROUPED_FORMAT, 0, prepared.out_features, prepared.in_features]
     if isinstance(prepared, PackedGGMLWeight):
         return [prepared.packed.data_ptr(), prepared.format.code, prepared.dense.packed.data_ptr(),
                 prepared.out_features, prepared.in_features]

@@ -6,16 +6,18 @@
   checkpoint's Q4_1 and Q8_0 weights it also runs from their own blocks below `GGML_MAX_ROWS` rows: a
   third (Q8_0: half) of the bytes, and the exact dequantized weight rather than its bf16 rounding (Q4_1:
   2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over).
+  A checkpoint's pre-quantized weights (`QuantizedWeight`: GPTQ, AWQ, fp8, compressed-tensors, GGUF) it
+  runs from codes packed once by `pack_grouped` (csrc/grouped_kernels.h): 4-bit codes (uint2..uint4, IQ4's
+  table) at 0.5 bytes a weight, uint5 at 0.75, uint6..uint8 and fp8 at 1, plus the scales and offsets of each group
+  (fp16 where all are exact in fp16: uint4 group 32 at Q4_1's 0.625 bytes a weight, and as fast). From
+  32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
+  no dense copy is kept.
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
   without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form
   reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
 - `Int8WeightOnly` (`--quantize int8`): per-channel int8 weights through `aten._weight_int8pack_mm`.
 - `DequantizedFloatLinear`: a pre-quantized checkpoint's weights dequantized once to float32 and run by
   `F.linear`: how an fp32 (or fp16) model runs GPTQ, AWQ, fp8 and compressed-tensors checkpoints, exactly.
-
-Pre-quantized checkpoints (`CHECKPOINT_FORMATS`) in a bf16 model go through the dense methods'
-`prepare_quantized`, which for now dequantize the weight to bf16 and pack it like a dense one: the
-checkpoint's numbers, not yet its memory saving. The group-wise int4/int8 and fp8 kernels replace that path.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.interfaces import GGMLWeight, QuantizedWeight, QuantMethod
+from tokenmill.interfaces import FP8_CODE_TYPES, GGMLWeight, QuantizedWeight, QuantMethod
 
 try:
     from tokenmill.plugins.cpu import _bf16_gemm
@@ -36,6 +38,7 @@ LANES = 16  # output features per packed weight vector
 GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
 GGML_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
 DENSE_FORMAT = 0  # gemm_kernels.h's GEMM_DENSE
+GROUPED_FORMAT = 3  # gemm_kernels.h's GEMM_GROUPED
 CHECKPOINT_FORMATS = frozenset({"gptq", "awq", "fp8", "compressed-tensors", "gguf"})
 
 
@@ -86,15 +89,103 @@ def pack_ggml(ggml_format: GGMLFormat, blocks: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+@dataclass(frozen=True)
+class PackedGroupedWeight:
+    packed: torch.Tensor  # uint8: header, input order, panels (csrc/grouped_kernels.h)
+    out_features: int
+    in_features: int
+
+
+# grouped_kernels.h's kinds of codes and the header's layout.
+GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8, GROUPED_U7, GROUPED_U5 = range(6)
+GROUPED_HEADER_BYTES = 320
+GROUPED_TABLE_AT = 64
+
+
+def _exact_in_bf16(values: torch.Tensor) -> bool:
+    return bool((values.float().to(torch.bfloat16).float() == values.float()).all())
+
+
+def grouped_kind(weight: QuantizedWeight) -> int | None:
+    """The kernel's kind of codes for `weight`, or None where it has none (inputs not a multiple of 16, a
+    table of values not exact in bf16 or of more than 16 entries)."""
+    if weight.in_features % 16 or weight.group_size % 16:
+        return None
+    if weight.code_type in FP8_CODE_TYPES:
+        return GROUPED_FP8
+    if weight.lookup is not None:
+        return GROUPED_LUT4 if weight.bits <= 4 and _exact_in_bf16(weight.lookup) else None
+    # uint2 and uint3 take 4 bits (unpacking them costs more than the bytes saved), uint5 three to a 16-bit
+    # word, uint6 and uint7 a byte.
+    if weight.bits <= 5:
+        return GROUPED_U4 if weight.bits <= 4 else GROUPED_U5
+    return GROUPED_U7 if weight.bits <= 7 else GROUPED_I8
+
+
+def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.bfloat16).view(torch.int16)
+
+
+def _exact_in_fp16(values: torch.Tensor | None) -> bool:
+    return values is None or bool((values.half().float() == values).all())
+
+
+def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
+    """`weight` in the layout of csrc/grouped_kernels.h: the checkpoint's scales and offsets (fp16 where all
+    are exact in fp16, as GGUF's legacy types' and symmetric GPTQ's are: a quarter fewer bytes at 4 bits,
+    group 32), the codes as the kernel reads them (I8: q - 128 as int8, the kernel moving the offsets)."""
+    codes, scales = weight.codes.to(torch.uint8), weight.scales.float()
+    offsets = None if weight.offsets is None else weight.offsets.float()
+    table = torch.zeros(128, dtype=torch.int16)
+    if kind == GROUPED_I8:
+        codes = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+    elif kind == GROUPED_LUT4:
+        table[:len(weight.lookup)] = _bf16_bits(weight.lookup.float())
+    elif kind == GROUPED_FP8:
+        magnitudes = torch.arange(128, dtype=torch.uint8).view(FP8_CODE_TYPES[weight.code_type])
+        table[:] = _bf16_bits(magnitudes.float())
+    half = _exact_in_fp16(scales) and _exact_in_fp16(offsets)
+    if half:
+        scales, offsets = scales.half(), None if offsets is None else offsets.half()
+    order = weight.input_order
+    order_bytes = 0 if order is None else -(-4 * weight.in_features // 64) * 64
+    groups = weight.in_features // weight.group_size
+    scale_bytes = 32 if half else 64
+    code_bytes = {GROUPED_U4: 8 * weight.group_size, GROUPED_LUT4: 8 * weight.group_size,
+                  GROUPED_U5: -(-weight.group_size // 6) * 64}.get(kind, 16 * weight.group_size)
+    group_bytes = scale_bytes * (1 + (offsets is not None)) + code_bytes
+    packed = torch.zeros(GROUPED_HEADER_BYTES + order_bytes + -(-weight.out_features // LANES) * groups * group_bytes,
+                         dtype=torch.uint8)
+    packed[:24].view(torch.int32)[:] = torch.tensor(
+        [kind, weight.group_size, offsets is not None, order is not None, weight.in_features, half], dtype=torch.int32)
+    packed[GROUPED_TABLE_AT:GROUPED_HEADER_BYTES].view(torch.int16)[:] = table
+    if order is not None:
+        packed[GROUPED_HEADER_BYTES:GROUPED_HEADER_BYTES + 4 * weight.in_features].view(torch.int32)[:] = order
+    codes, scales = codes.contiguous(), scales.contiguous()
+    offsets = None if offsets is None else offsets.contiguous()
+    _bf16_gemm.pack_grouped(codes.data_ptr(), scales.data_ptr(), 0 if offsets is None else offsets.data_ptr(),
+                            packed.data_ptr(), weight.out_features)
+    return PackedGroupedWeight(packed, weight.out_features, weight.in_features)
+
+
 class PackedBF16Linear(QuantMethod):
     """Unquantized bf16 weights, packed so each 512-bit load is 16 outputs x 2 inputs (`vdpbf16ps`)."""
 
     name = "avx512-bf16"
     checkpoint_formats = CHECKPOINT_FORMATS
 
-    def prepare_quantized(self, weight: QuantizedWeight) -> PackedBF16Weight:
-        # The dequantizing path, until the group-wise kernels read the codes themselves.
-        return self.prepare(weight.dequantize(torch.float32))
+    def prepare_quantized(self, weight: QuantizedWeight) -> PackedGroupedWeight | PackedBF16Weight:
+        kind = grouped_kind(weight)
+        if kind is None:
+            return self.prepare(weight.dequantize())
+        return pack_grouped(weight, kind)
+
+    def dequantize(self, prepared) -> torch.Tensor | None:
+        if not isinstance(prepared, PackedGroupedWeight):
+            return None
+        weight = torch.empty(prepared.out_features, prepared.in_features)
+        _bf16_gemm.unpack_grouped(prepared.packed.data_ptr(), weight.data_ptr(), prepared.out_features)
+        return weight
 
     def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
         ggml_format = GGML_FORMATS.get(ggml.ggml_type)
@@ -110,15 +201,20 @@ class PackedBF16Linear(QuantMethod):
         packed = padded.view(rows // LANES, LANES, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
         return PackedBF16Weight(packed, out_features, in_features)
 
-    def serialize(self, prepared: PackedBF16Weight | PackedGGMLWeight) -> dict[str, torch.Tensor]:
+    def serialize(self, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight
+                  ) -> dict[str, torch.Tensor]:
+        if isinstance(prepared, PackedGroupedWeight):
+            return {"grouped": prepared.packed, "shape": torch.tensor([prepared.out_features, prepared.in_features])}
         dense = prepared.dense if isinstance(prepared, PackedGGMLWeight) else prepared
         tensors = {"dense": dense.packed, "shape": torch.tensor([dense.out_features, dense.in_features])}
         if isinstance(prepared, PackedGGMLWeight):
             tensors.update(blocks=prepared.packed, format=torch.tensor([prepared.format.code]))
         return tensors
 
-    def deserialize(self, tensors: dict[str, torch.Tensor]) -> PackedBF16Weight | PackedGGMLWeight:
+    def deserialize(self, tensors: dict[str, torch.Tensor]) -> PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight:
         out_features, in_features = tensors["shape"].tolist()
+        if "grouped" in tensors:
+            return PackedGroupedWeight(tensors["grouped"], out_features, in_features)
         dense = PackedBF16Weight(tensors["dense"], out_features, in_features)
         if "blocks" not in tensors:
             return dense
@@ -126,9 +222,12 @@ class PackedBF16Linear(QuantMethod):
         ggml_format = next(f for f in GGML_FORMATS.values() if f.code == code)
         return PackedGGMLWeight(ggml_format, tensors["blocks"], dense, out_features, in_features)
 
-    def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight
+               ) -> torch.Tensor:
         weight_format = DENSE_FORMAT
-        if isinstance(prepared, PackedGGMLWeight):
+        if isinstance(prepared, PackedGroupedWeight):
+            weight_format = GROUPED_FORMAT
+        elif isinstance(prepared, PackedGGMLWeight):
             if x.shape[0] < GGML_MAX_ROWS:
                 weight_format = prepared.format.code
             else:
@@ -154,7 +253,7 @@ class OneDNNPackedLinear(QuantMethod):
     checkpoint_formats = CHECKPOINT_FORMATS
 
     def prepare_quantized(self, weight: QuantizedWeight) -> torch.Tensor:
-        # The dequantizing path, until the group-wise kernels read the codes themselves.
+        # No kernel of its own for codes: the dequantized weight, rounded to bf16 once, on the dense path.
         return self.prepare(weight.dequantize(torch.bfloat16))
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:

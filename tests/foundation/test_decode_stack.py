@@ -11,8 +11,10 @@ import torch
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.model_runner import SequenceStep
-from tokenmill.plugins.cpu.decode_stack import CapturedForward, DecodeStack
-from tokenmill.plugins.cpu.quant import bf16_gemm_available
+from tokenmill.interfaces import QuantizedWeight
+from tokenmill.layers.linear import Linear
+from tokenmill.plugins.cpu.decode_stack import CapturedForward, DecodeStack, compile_model
+from tokenmill.plugins.cpu.quant import PackedBF16Linear, PackedBF16Weight, PackedGroupedWeight, bf16_gemm_available
 from tokenmill.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the decode stack needs AVX512-BF16 kernels")
@@ -49,6 +51,34 @@ def test_captured_steps_over_a_quantized_cache_match_the_module_forward_bit_for_
     assert isinstance(engine.runner.forward, CapturedForward)
     rng = random.Random(3)
     prompts = [[rng.randrange(4, VOCAB) for _ in range(rng.choice([5, 40, 90]))] for _ in range(4)]
+    captured = _tokens_and_logprobs(engine, prompts)
+    engine.runner.forward = engine.model
+    assert _tokens_and_logprobs(engine, prompts) == captured
+
+
+def _as_uint4_groups_of_32(prepared: PackedBF16Weight) -> QuantizedWeight:
+    """A packed dense weight quantized as a checkpoint would store it: uint4 codes, scale and offset per 32."""
+    weight = prepared.packed.permute(0, 2, 1, 3).reshape(-1, prepared.in_features)[:prepared.out_features].float()
+    groups = weight.view(weight.shape[0], -1, 32)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scales = (high - low).clamp(min=1e-6) / 15
+    codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return QuantizedWeight("gptq", "uint4", codes.view_as(weight), scales, low, 32)
+
+
+def test_captured_steps_over_grouped_quantized_weights_match_the_module_forward_bit_for_bit() -> None:
+    # A checkpoint's int4 weights: the C step calls their kernel as the modules do, at every row count (34
+    # sequences cross the one where it dequantizes panels instead).
+    engine = _engine("llama")
+    method = PackedBF16Linear()
+    for module in engine.model.modules():
+        if isinstance(module, Linear) and isinstance(module.quantized, PackedBF16Weight):
+            module.quantized = method.prepare_quantized(_as_uint4_groups_of_32(module.quantized))
+            assert isinstance(module.quantized, PackedGroupedWeight)
+    engine.runner.forward = compile_model(engine.model)
+    assert isinstance(engine.runner.forward, CapturedForward)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(4, VOCAB) for _ in range(rng.choice([5, 12]))] for _ in range(34)]
     captured = _tokens_and_logprobs(engine, prompts)
     engine.runner.forward = engine.model
     assert _tokens_and_logprobs(engine, prompts) == captured

@@ -6,7 +6,7 @@
 #include "gemm_kernels.h"
 
 static int known_format(int format) {
-    if (format == GEMM_DENSE || format == GEMM_Q4_1 || format == GEMM_Q8_0) return 1;
+    if (format == GEMM_DENSE || format == GEMM_Q4_1 || format == GEMM_Q8_0 || format == GEMM_GROUPED) return 1;
     PyErr_Format(PyExc_ValueError, "unknown weight format %d", format);
     return 0;
 }
@@ -19,7 +19,12 @@ static PyObject *linear(PyObject *self, PyObject *args) {
                           &threads) || !known_format(format))
         return NULL;
 #if HAVE_BF16_GEMM
-    if (format != GEMM_DENSE && (k_pairs * 2) % GGML_BLOCK) {
+    if (format == GEMM_GROUPED && ((const GroupedHeader *)w)->in_features != k_pairs * 2) {
+        PyErr_Format(PyExc_ValueError, "the grouped weight has %d inputs, x %ld",
+                     ((const GroupedHeader *)w)->in_features, k_pairs * 2);
+        return NULL;
+    }
+    if ((format == GEMM_Q4_1 || format == GEMM_Q8_0) && (k_pairs * 2) % GGML_BLOCK) {
         PyErr_Format(PyExc_ValueError, "ggml weights need a multiple of %d inputs, got %ld", GGML_BLOCK, k_pairs * 2);
         return NULL;
     }
@@ -51,16 +56,43 @@ static PyObject *pack_ggml(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *pack_grouped(PyObject *self, PyObject *args) {
+    unsigned long long codes, scales, offsets, dst;
+    long n;
+    if (!PyArg_ParseTuple(args, "KKKKl", &codes, &scales, &offsets, &dst, &n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pack_grouped_rows((const uint8_t *)codes, (const void *)scales, (const void *)offsets, (uint8_t *)dst, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *unpack_grouped(PyObject *self, PyObject *args) {
+    unsigned long long packed, dst;
+    long n;
+    if (!PyArg_ParseTuple(args, "KKl", &packed, &dst, &n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    unpack_grouped_rows((const uint8_t *)packed, (float *)dst, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
 
 static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS,
      "linear(format, x, w, y, m, n, k_pairs, x_stride, y_stride, threads): data pointers of bf16 x, y and "
      "the packed weight; writes y (m, n) = x (m, 2 * k_pairs) @ W^T. format: 0 dense bf16, 1 Q4_1, 2 Q8_0 "
-     "(ggml formats: inputs a multiple of 32)."},
+     "(ggml formats: inputs a multiple of 32), 3 grouped (grouped_kernels.h)."},
     {"pack_ggml", pack_ggml, METH_VARARGS,
      "pack_ggml(format, src, dst, out, blocks): ggml rows of blocks into the kernel's panels (dst: "
      "ceil(out / 16) x blocks x 320 (Q4_1) or 544 (Q8_0) bytes)."},
+    {"pack_grouped", pack_grouped, METH_VARARGS,
+     "pack_grouped(codes, scales, offsets, dst, out): a grouped weight's codes (out, in) uint8 and float32 "
+     "(or, as the header says, fp16) scales and offsets (out, groups; offsets 0 for none) into the panels "
+     "after the header already at dst "
+     "(grouped_kernels.h)."},
+    {"unpack_grouped", unpack_grouped, METH_VARARGS,
+     "unpack_grouped(packed, dst, out): the float32 (out, in) weight a packed grouped weight computes with."},
     {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernel."},
     {NULL, NULL, 0, NULL}};
 

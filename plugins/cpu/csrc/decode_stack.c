@@ -22,8 +22,8 @@
 #include "gemm_kernels.h"
 #include "layer_kernels.h"
 
-/* One linear layer: the ggml form (0 if none) and its GEMM_ format, the dense packed form, out and in
- * features. */
+/* One linear layer: the quantized form (0 if none) and its GEMM_ format, the dense packed form (0 if none:
+ * the quantized form at every row count), out and in features. */
 typedef struct {
     int64_t ggml, format, dense, out_features, in_features;
 } LinearPlan;
@@ -40,7 +40,7 @@ typedef struct {
 } Shape;
 
 static int run_linear(const LinearPlan *p, const Shape *s, const uint16_t *x, uint16_t *y) {
-    const int ggml = p->ggml && s->rows < s->ggml_max_rows;
+    const int ggml = p->ggml && (s->rows < s->ggml_max_rows || !p->dense);
     return gemm_linear(ggml ? (int)p->format : GEMM_DENSE, x, (const void *)(ggml ? p->ggml : p->dense), y, s->rows,
                        p->out_features, p->in_features / 2, p->in_features, p->out_features, s->threads);
 }

@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "cpu_math.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_BF16_GEMM 1
@@ -41,7 +42,7 @@
 #define Q8_BLOCK_BYTES 544 /* one panel's block: 32 bytes of d, 16 pairs x 32 int8 */
 #define GGML_MAX_PANELS 4 /* panels per work item at one or two rows */
 
-enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1, GEMM_Q8_0 = 2 };
+enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1, GEMM_Q8_0 = 2, GEMM_GROUPED = 3 }; /* GROUPED: grouped_kernels.h */
 
 #if HAVE_BF16_GEMM
 typedef struct {
@@ -255,12 +256,16 @@ static void pack_ggml_rows(int format, const uint8_t *src, uint8_t *dst, long ou
 /* Below this many multiply-adds, waking a second thread costs more than it saves. */
 #define GEMM_PARALLEL_THRESHOLD 200000
 
+#include "grouped_kernels.h"
+
 /* y (m, n) = x (m, 2 k_pairs) @ W^T with W packed in `format`; 0 when out of memory. Needs
- * HAVE_BF16_GEMM; ggml formats need 2 k_pairs to be a multiple of GGML_BLOCK (the caller checks). */
+ * HAVE_BF16_GEMM; ggml formats need 2 k_pairs to be a multiple of GGML_BLOCK, grouped weights to have
+ * 2 k_pairs inputs (the caller checks). */
 static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y, long m, long n, long k_pairs,
                        long x_stride, long y_stride, int threads) {
 #if HAVE_BF16_GEMM
     const Gemm g = {x, w, y, m, n, k_pairs, x_stride, y_stride};
+    if (format == GEMM_GROUPED) return grouped_linear(g, (const GroupedHeader *)w, threads);
     const long per_item = format == GEMM_DENSE ? PANELS_PER_BLOCK : ggml_panels_per_item(m);
     const long items = (num_panels(&g) + per_item - 1) / per_item;
     const int workers = m * n * k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
