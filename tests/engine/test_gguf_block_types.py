@@ -88,3 +88,25 @@ def test_every_block_type_is_prepared_from_its_blocks(every_type_gguf) -> None:
     assert {t for _, types in prepared for t in types.split("+")} == GGML_BLOCK_TYPES
     output = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
     assert len([t for o in output for t in o.new_tokens]) == 6
+
+
+def test_every_block_types_packed_form_survives_the_weight_cache(every_type_gguf, tmp_path) -> None:
+    """A second start restores each layer's packed form from the prepared-weights cache and generates the same."""
+    path, _ = every_type_gguf
+
+    def start() -> Engine:
+        return Engine(EngineConfig(model_id=str(path), backend="cpu", dtype="bfloat16", kv_cache_bytes=8 << 20,
+                                   progress=False, cache_dir=tmp_path))
+
+    def greedy(engine: Engine) -> list[int]:
+        output = engine.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+        return [t.id for o in output for t in o.new_tokens]
+
+    first = start()
+    if first.prepared_weights is None:
+        pytest.skip("the backend's linear method does not serialize its prepared weights")
+    expected = greedy(first)
+    second = start()
+    assert second._restoring
+    kinds = {type(module.quantized).__name__ for module in second.model.modules() if isinstance(module, Linear)}
+    assert greedy(second) == expected and "PackedGroupedWeight" in kinds, kinds
