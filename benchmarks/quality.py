@@ -12,6 +12,10 @@ kernel (in the C decode stack) attends row by row, so those rows measure the dec
 
 The GGUF rows serve the embedded model in each type `llama-quantize` makes (`benchmarks.quantized_files`),
 beside the bf16 GGUF they were all made from, each run from its own blocks in bf16.
+
+The safetensors rows serve the embedded model as a pre-quantized checkpoint in each format tokenmill reads
+(`benchmarks.quantized_safetensors`: GPTQ, AWQ, fp8, compressed-tensors, round-to-nearest from the bf16
+HF export, which has its own row), in bf16 too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 TEXT = Path(__file__).resolve().parent / "perplexity_text.txt"
+SOURCE = "bf16"  # the dense checkpoint's name among `perplexities`' checkpoints: the others are made from it
 
 # Engine configurations to score: name -> EngineConfig overrides.
 MODES = {
@@ -62,9 +67,11 @@ def _transformers_perplexity(token_ids: list[int]) -> float:
     return _perplexity(logprobs.flatten().tolist())
 
 
-def perplexities(threads: int, gguf_files: dict[str, Path] | None = None) -> dict:
+def perplexities(threads: int, gguf_files: dict[str, Path] | None = None,
+                 checkpoints: dict[str, Path] | None = None) -> dict:
     """Perplexity per mode on the fixed text, and the number of tokens scored; with `gguf_files` (GGUF
-    type -> file, `benchmarks.quantized_files`), each file served by tokenmill's default too (bf16)."""
+    type -> file, `benchmarks.quantized_files`) and `checkpoints` (format -> safetensors folder,
+    `benchmarks.quantized_safetensors`), each served by tokenmill's default too (bf16)."""
     from tokenmill.loader import load_tokenizer
 
     torch.set_num_threads(threads)
@@ -75,6 +82,8 @@ def perplexities(threads: int, gguf_files: dict[str, Path] | None = None) -> dic
         results["perplexity"][name] = round(_engine_perplexity(overrides, token_ids), 4)
     for ggml_type, path in (gguf_files or {}).items():
         results["perplexity"][gguf_mode(ggml_type)] = round(_engine_perplexity({"model_id": str(path)}, token_ids), 4)
+    for name, folder in (checkpoints or {}).items():
+        results["perplexity"][checkpoint_mode(name)] = round(_engine_perplexity({"model_id": str(folder)}, token_ids), 4)
     return results
 
 
@@ -83,10 +92,23 @@ def gguf_mode(ggml_type: str) -> str:
     return f"tokenmill on the {ggml_type} GGUF{source}"
 
 
-if __name__ == "__main__":  # python -m benchmarks.quality [--gguf-types]: the GGUF rows build llama-quantize
+def checkpoint_mode(name: str) -> str:
+    source = " (the quantized checkpoints' source)" if name == SOURCE else ", round-to-nearest"
+    return f"tokenmill on the {name} safetensors{source}"
+
+
+def safetensors_checkpoints() -> dict[str, Path]:
+    """The bf16 HF export and each pre-quantized checkpoint made from it (written once, cached)."""
+    from benchmarks.quantized_safetensors import quantized_checkpoints, source_folder
+
+    return {SOURCE: source_folder(), **quantized_checkpoints()}
+
+
+if __name__ == "__main__":  # python -m benchmarks.quality [--gguf-types] [--safetensors-formats]
     import sys
 
     from benchmarks.quantized_files import bf16_file, quantized_files
 
     files = {"BF16": bf16_file(), **quantized_files()} if "--gguf-types" in sys.argv else None
-    print(perplexities(threads=2, gguf_files=files))
+    folders = safetensors_checkpoints() if "--safetensors-formats" in sys.argv else None
+    print(perplexities(threads=2, gguf_files=files, checkpoints=folders))

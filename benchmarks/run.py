@@ -19,7 +19,7 @@ from benchmarks import (gguf_itl, llama_1b, report, routing, speculation, startu
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.machine import describe_machine
-from benchmarks.quality import perplexities
+from benchmarks.quality import perplexities, safetensors_checkpoints
 from benchmarks.quantized_files import bf16_file, quantized_files
 from benchmarks.servers import RunningServer, ServerSpec
 from benchmarks.setup_llama_server import build_llama_server
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gguf-types", action="store_true",
                         help="skip the GGUF types made by llama-quantize: their perplexity rows and the Q4_K_M "
                              "batch-1 ITL against llama-server")
+    parser.add_argument("--no-safetensors-formats", action="store_true",
+                        help="skip the perplexity rows of the pre-quantized safetensors checkpoints (GPTQ, AWQ, "
+                             "fp8, compressed-tensors) made from the embedded model")
     parser.add_argument("--no-speculation", action="store_true", help="skip --speculate 0 against 3 at c=1")
     parser.add_argument("--no-structured", action="store_true",
                         help="skip c=16 throughput with every request JSON-constrained against none")
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_quality:
         print("perplexity of each serving mode on the fixed text", flush=True)
         gguf_files = None if args.no_gguf_types else {"BF16": bf16_file(), **quantized_files(threads=THREADS)}
-        results["quality"] = perplexities(THREADS, gguf_files)
+        checkpoints = None if args.no_safetensors_formats else safetensors_checkpoints()
+        results["quality"] = perplexities(THREADS, gguf_files, checkpoints)
     if not args.no_speculation and "tokenmill" in servers:
         print("speculative decoding: --speculate 0 against 3 at c=1, in process", flush=True)
         results["speculation"] = speculation.run(args.passes)

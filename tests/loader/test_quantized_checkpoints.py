@@ -8,13 +8,15 @@ model carrying the checkpoint's dequantized weights. The weights themselves are 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
 
 from tests.cpu_delegate import CPUDelegate
-from tests.quantized_checkpoints import (dense_reference, write_awq, write_compressed_tensors, write_fp8_blocks,
-                                         write_gptq)
+from benchmarks.quantize_checkpoints import (write_awq, write_compressed_tensors, write_fp8_blocks,
+                                             write_fp8_channels, write_gptq)
 from tests.tiny_models import build_tiny, tiny_tokenizer
 from tokenmill import hookimpl
 from tokenmill.backend import Backend
@@ -52,6 +54,13 @@ def _greedy(model) -> list[list[int]]:
             for prompt in PROMPTS]
 
 
+def dense_reference(tiny, dequantized: dict[str, torch.Tensor]):
+    """The tiny transformers model with the checkpoint's dequantized weights in place of its own."""
+    model = copy.deepcopy(tiny.reference)
+    model.load_state_dict(dequantized, strict=False)
+    return model.eval()
+
+
 def _assert_weights(folder, expected: dict[str, torch.Tensor]) -> None:
     quantized = load_checkpoint(str(folder), "float32", progress=False).quantized_weights
     assert sorted(quantized) == sorted(expected)
@@ -66,7 +75,7 @@ def _assert_weights(folder, expected: dict[str, torch.Tensor]) -> None:
 ], ids=["w4a16-group32", "w8a16-channel", "fp8-channel"])
 def test_compressed_tensors_checkpoints_give_transformers_tokens(tiny, tmp_path, weights, checkpoint_format) -> None:
     pytest.importorskip("compressed_tensors")
-    write_compressed_tensors(tiny, tmp_path, weights, checkpoint_format)
+    write_compressed_tensors(tiny.reference, tiny_tokenizer(), tmp_path, weights, checkpoint_format)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), dtype=torch.float32,
         quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
@@ -86,7 +95,7 @@ def test_asymmetric_compressed_tensors_weights_are_the_librarys_dequantization(t
     from safetensors import safe_open
 
     args = dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
-    write_compressed_tensors(tiny, tmp_path, args, "pack-quantized")
+    write_compressed_tensors(tiny.reference, tiny_tokenizer(), tmp_path, args, "pack-quantized")
     expected = {}
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
         for name, weight in tiny.reference.state_dict().items():
@@ -109,12 +118,19 @@ def _zero_points(module) -> torch.Tensor:
 
 
 def test_fp8_block_checkpoints_give_transformers_tokens(tiny, tmp_path) -> None:
-    dequantized = write_fp8_blocks(tiny, tmp_path, block=32)
+    dequantized = write_fp8_blocks(tiny.reference, tiny_tokenizer(), tmp_path, block=32)
     _assert_weights(tmp_path, dequantized)
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     expected = _greedy(reference)
     assert expected == _greedy(dense_reference(tiny, dequantized))  # transformers ran the same weights
     assert _engine_tokens(tmp_path) == expected
+
+
+def test_fp8_per_channel_checkpoints_give_the_dequantized_models_tokens(tiny, tmp_path) -> None:
+    # FBGEMM's layout: transformers runs it only through fbgemm-gpu, so the dequantized model is the reference.
+    dequantized = write_fp8_channels(tiny.reference, tiny_tokenizer(), tmp_path)
+    _assert_weights(tmp_path, dequantized)
+    assert _engine_tokens(tmp_path) == _greedy(dense_reference(tiny, dequantized))
 
 
 @pytest.mark.parametrize("bits,group_size,desc_act,symmetric,checkpoint_format", [
@@ -123,13 +139,14 @@ def test_fp8_block_checkpoints_give_transformers_tokens(tiny, tmp_path) -> None:
 ], ids=["4bit-g32-actorder-asym-v1", "8bit-perchannel-sym-v2"])
 def test_gptq_checkpoints_give_the_dequantized_models_tokens(tiny_qwen2, tmp_path, bits, group_size, desc_act,
                                                              symmetric, checkpoint_format) -> None:
-    dequantized = write_gptq(tiny_qwen2, tmp_path, bits, group_size, desc_act, symmetric, checkpoint_format)
+    dequantized = write_gptq(tiny_qwen2.reference, tiny_tokenizer(), tmp_path, bits, group_size, desc_act, symmetric,
+                             checkpoint_format)
     _assert_weights(tmp_path, dequantized)
     assert _engine_tokens(tmp_path) == _greedy(dense_reference(tiny_qwen2, dequantized))
 
 
 def test_awq_checkpoints_give_the_dequantized_models_tokens(tiny, tmp_path) -> None:
-    dequantized = write_awq(tiny, tmp_path, group_size=32)
+    dequantized = write_awq(tiny.reference, tiny_tokenizer(), tmp_path, group_size=32)
     _assert_weights(tmp_path, dequantized)
     assert _engine_tokens(tmp_path) == _greedy(dense_reference(tiny, dequantized))
 
@@ -137,7 +154,7 @@ def test_awq_checkpoints_give_the_dequantized_models_tokens(tiny, tmp_path) -> N
 def test_a_bf16_model_runs_a_gptq_checkpoint_as_its_dequantized_weights(tiny, tmp_path) -> None:
     # The bf16 model runs the codes through the backend's kernel (the CPU's grouped_kernels.h), at least as exact
     # as the dequantized weight in bf16: on this model (deterministic, no near-tie), the same greedy tokens.
-    dequantized = write_gptq(tiny, tmp_path / "gptq", 4, 32, False, True)
+    dequantized = write_gptq(tiny.reference, tiny_tokenizer(), tmp_path / "gptq", 4, 32, False, True)
     reference = dense_reference(tiny, dequantized)
     reference.save_pretrained(tmp_path / "dense")
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
@@ -161,21 +178,21 @@ class NoCheckpointFormats(CPUDelegate):
 
 @pytest.mark.parametrize("formats,runs", [(frozenset(), "none"), (frozenset({"awq"}), "awq")])
 def test_a_gptq_checkpoint_on_a_backend_without_a_gptq_method_is_refused_at_start(tiny, tmp_path, formats, runs):
-    write_gptq(tiny, tmp_path, 4, 128 // 2, False, True)
+    write_gptq(tiny.reference, tiny_tokenizer(), tmp_path, 4, 128 // 2, False, True)
     backend = Backend(load_registry(extra_plugins=[("noformats", NoCheckpointFormats(formats))]), "noformats")
     with pytest.raises(ValidationError, match=f"GPTQ 4-bit, group 64 checkpoint .*formats it runs: {runs}$"):
         _engine_tokens(tmp_path, backend=backend)
 
 
 def test_quantize_with_a_pre_quantized_checkpoint_is_refused(tiny, tmp_path) -> None:
-    write_awq(tiny, tmp_path, group_size=32)
+    write_awq(tiny.reference, tiny_tokenizer(), tmp_path, group_size=32)
     with pytest.raises(ValidationError, match=r"already quantized \(AWQ 4-bit, group 32\).*without --quantize int8"):
         Engine(EngineConfig(model_id=str(tmp_path), dtype="float32", kv_cache_bytes=4 << 20, progress=False,
                             quantize="int8"))
 
 
 def test_tgis_quantize_naming_the_checkpoints_own_format_is_accepted(tiny, tmp_path) -> None:
-    write_awq(tiny, tmp_path / "awq", group_size=32)
+    write_awq(tiny.reference, tiny_tokenizer(), tmp_path / "awq", group_size=32)
     engine = Engine(EngineConfig(model_id=str(tmp_path / "awq"), dtype="float32", kv_cache_bytes=4 << 20,
                                  progress=False, quantize="awq"))
     assert engine.model.layers[0].self_attn.qkv_proj.quant_method.name == "float"

@@ -1,11 +1,17 @@
-"""Pre-quantized checkpoints of the tiny models, for the loader's tests.
+"""Pre-quantized safetensors checkpoints (GPTQ, AWQ, fp8, compressed-tensors) written from a dense
+transformers model, by round-to-nearest.
 
-compressed-tensors checkpoints are written by the compressed-tensors library itself (its scales and its
-compressors). GPTQ and AWQ have no tool that installs and runs here (GPTQModel builds from source, AutoAWQ
-wants CUDA): their checkpoints are packed below from the published layouts, from round-to-nearest codes of
-the tiny model's weights, and each writer returns the dequantized weights, from which `dense_reference`
-builds the transformers model to compare with. fp8 (transformers' "fp8" format, block-wise scales) is
-simple enough to write directly, and transformers loads it on CPU, dequantized.
+The loader's tests (tiny models) and the bench's perplexity rows (the embedded SmolLM2,
+`benchmarks.quantized_safetensors`) both need these files, so the writers live here, in the bench's tooling
+that the tests already import, and not in `tokenmill` (nothing a server runs writes checkpoints).
+
+compressed-tensors checkpoints are written by the compressed-tensors library itself (its scheme, its
+scales, its compressors). GPTQ and AWQ have no tool that installs and runs here (GPTQModel builds from
+source, AutoAWQ wants CUDA), and their calibrated algorithms want a GPU and time anyway: their checkpoints
+are packed below from the published layouts, from round-to-nearest codes of the dense weights, and each
+writer returns the dequantized weights. So are fp8's two layouts (transformers' block-wise "fp8",
+FBGEMM's per-channel "fbgemm_fp8"). The point is each format's path through the loader, not the best
+codes a calibrated quantizer would find.
 """
 
 from __future__ import annotations
@@ -18,15 +24,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tests.tiny_models import TinyModel, tiny_tokenizer
-
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output 8c + AWQ_ORDER[i] goes to nibble i of word c
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
-def linear_weights(tiny: TinyModel) -> dict[str, torch.Tensor]:
-    """The tiny model's decoder linears (the output head stays dense, as quantizers leave it)."""
-    return {name: tensor for name, tensor in tiny.reference.state_dict().items()
+def linear_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The model's decoder linears (the output head stays dense, as quantizers leave it)."""
+    return {name: tensor.detach().float() for name, tensor in model.state_dict().items()
             if name.endswith(".weight") and name.split(".")[-2] in LINEARS}
 
 
@@ -60,13 +65,14 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return (words - (words >= 2 ** 31).long() * 2 ** 32).to(torch.int32).movedim(-1, dim).contiguous()
 
 
-def write_gptq(tiny: TinyModel, folder: Path, bits: int, group_size: int, desc_act: bool, symmetric: bool,
-               checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+def write_gptq(model: Any, tokenizer: Any, folder: Path, bits: int, group_size: int, desc_act: bool,
+               symmetric: bool, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """A GPTQ checkpoint (AutoGPTQ / GPTQModel layout); returns the dequantized weights. Act-order draws
-    one input permutation per layer input (q/k/v share theirs, as GPTQ's shared Hessian gives them)."""
+    one seeded random input permutation per layer input (q/k/v share theirs, as GPTQ's shared Hessian gives
+    them): without calibration there is no Hessian to order by, and any permutation exercises `g_idx`."""
     generator = torch.Generator().manual_seed(7)
     tensors, dequantized, orders = {}, {}, {}
-    for name, weight in linear_weights(tiny).items():
+    for name, weight in linear_weights(model).items():
         module = name.removesuffix(".weight")
         in_features = weight.shape[1]
         size = in_features if group_size == -1 else group_size
@@ -85,15 +91,16 @@ def write_gptq(tiny: TinyModel, folder: Path, bits: int, group_size: int, desc_a
         tensors[f"{module}.qzeros"] = pack_int32(stored_zeros.T, bits, 1)
         tensors[f"{module}.scales"] = scales.T.half().contiguous()
         tensors[f"{module}.g_idx"] = groups_of.to(torch.int32)
-    _save(tiny, folder, tensors, {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-                                  "sym": symmetric, "checkpoint_format": checkpoint_format})
+    _save(model, tokenizer, folder, tensors, {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+                                              "desc_act": desc_act, "sym": symmetric,
+                                              "checkpoint_format": checkpoint_format})
     return dequantized
 
 
-def write_awq(tiny: TinyModel, folder: Path, group_size: int) -> dict[str, torch.Tensor]:
+def write_awq(model: Any, tokenizer: Any, folder: Path, group_size: int) -> dict[str, torch.Tensor]:
     """An AWQ checkpoint in its GEMM packing (4 bits, zero points); returns the dequantized weights."""
     tensors, dequantized = {}, {}
-    for name, weight in linear_weights(tiny).items():
+    for name, weight in linear_weights(model).items():
         module = name.removesuffix(".weight")
         codes, scales, zeros = round_to_nearest(weight, 4, group_size, symmetric=False)
         groups_of = torch.arange(weight.shape[1]) // group_size
@@ -101,8 +108,8 @@ def write_awq(tiny: TinyModel, folder: Path, group_size: int) -> dict[str, torch
         tensors[f"{module}.qweight"] = _awq_pack(codes.T)
         tensors[f"{module}.qzeros"] = _awq_pack(zeros.T)
         tensors[f"{module}.scales"] = scales.T.half().contiguous()
-    _save(tiny, folder, tensors, {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
-                                  "version": "gemm"})
+    _save(model, tokenizer, folder, tensors, {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                                              "zero_point": True, "version": "gemm"})
     return dequantized
 
 
@@ -112,36 +119,55 @@ def _awq_pack(columns: torch.Tensor) -> torch.Tensor:
     return pack_int32(interleaved, 4, 1)
 
 
-def write_fp8_blocks(tiny: TinyModel, folder: Path, block: int) -> dict[str, torch.Tensor]:
+def write_fp8_blocks(model: Any, tokenizer: Any, folder: Path, block: int) -> dict[str, torch.Tensor]:
     """transformers' "fp8" format: e4m3 weights, one float32 `weight_scale_inv` per block x block tile."""
     tensors, dequantized = {}, {}
-    for name, weight in linear_weights(tiny).items():
+    for name, weight in linear_weights(model).items():
         module = name.removesuffix(".weight")
         rows, columns = weight.shape[0] // block, weight.shape[1] // block
-        tiles = weight.reshape(rows, block, columns, block)
-        scale = tiles.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+        scale = weight.reshape(rows, block, columns, block).abs().amax(dim=(1, 3)) / FP8_MAX
         expanded = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
         codes = (weight / expanded).to(torch.float8_e4m3fn)
         dequantized[name] = codes.float() * expanded
         tensors[f"{module}.weight"] = codes
         tensors[f"{module}.weight_scale_inv"] = scale
-    _save(tiny, folder, tensors, {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                  "weight_block_size": [block, block]})
+    _save(model, tokenizer, folder, tensors, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                              "weight_block_size": [block, block]})
     return dequantized
 
 
-def write_compressed_tensors(tiny: TinyModel, folder: Path, weights: dict[str, Any], checkpoint_format: str) -> None:
-    """A compressed-tensors checkpoint, made by the library: its scheme applied to a copy of the tiny
-    model, its scales (min-max of each group or channel), its compressor and its config."""
+def write_fp8_channels(model: Any, tokenizer: Any, folder: Path) -> dict[str, torch.Tensor]:
+    """FBGEMM's "fbgemm_fp8" format (transformers' FbgemmFp8Config): e4m3 weights, one float32
+    `weight_scale` (out, 1) per output channel, and the activation scale bound `input_scale_ub`."""
+    tensors, dequantized = {}, {}
+    for name, weight in linear_weights(model).items():
+        module = name.removesuffix(".weight")
+        scale = weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        codes = (weight / scale).to(torch.float8_e4m3fn)
+        dequantized[name] = codes.float() * scale
+        tensors[f"{module}.weight"] = codes
+        tensors[f"{module}.weight_scale"] = scale
+        tensors[f"{module}.input_scale_ub"] = torch.tensor([1200.0])
+    _save(model, tokenizer, folder, tensors, {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                                              "modules_to_not_convert": ["lm_head"]})
+    return dequantized
+
+
+def write_compressed_tensors(model: Any, tokenizer: Any, folder: Path, weights: dict[str, Any],
+                             checkpoint_format: str, input_activations: dict[str, Any] | None = None) -> None:
+    """A compressed-tensors checkpoint, made by the library: its scheme applied to a copy of the model, its
+    scales (min-max of each group or channel), its compressor and its config. `input_activations` adds the
+    scheme's activation quantization to the config (W8A8-FP8's dynamic per-token fp8: no stored scales)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
-    model = copy.deepcopy(tiny.reference)
+    model = copy.deepcopy(model)
     args = QuantizationArgs(**weights)
-    apply_quantization_config(model, QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    activations = None if input_activations is None else QuantizationArgs(**input_activations)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=activations)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
     for module in model.modules():
         if hasattr(module, "weight_scale"):
             weight = module.weight.detach()
@@ -156,22 +182,20 @@ def write_compressed_tensors(tiny: TinyModel, folder: Path, weights: dict[str, A
     compressor.compress_model(model)
     model.save_pretrained(folder)
     compressor.update_config(str(folder))
-    tiny_tokenizer().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
-def dense_reference(tiny: TinyModel, dequantized: dict[str, torch.Tensor]) -> Any:
-    """The tiny transformers model with the checkpoint's dequantized weights in place of its own."""
-    model = copy.deepcopy(tiny.reference)
-    model.load_state_dict(dequantized, strict=False)
-    return model.eval()
-
-
-def _save(tiny: TinyModel, folder: Path, quantized: dict[str, torch.Tensor], quantization_config: dict) -> None:
+def _save(model: Any, tokenizer: Any, folder: Path, quantized: dict[str, torch.Tensor],
+          quantization_config: dict) -> None:
+    """The quantized linears' tensors beside the model's other tensors as they are, a config.json naming the
+    quantization, and the tokenizer. A tied output head is the embedding: saved once, as transformers does."""
     folder.mkdir(parents=True, exist_ok=True)
-    dense = {name: tensor.contiguous() for name, tensor in tiny.reference.state_dict().items()
+    dense = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
              if name.removesuffix(".weight").split(".")[-1] not in LINEARS or not name.endswith(".weight")}
-    save_file({**dense, **quantized}, str(folder / "model.safetensors"))
-    config = tiny.config.to_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        dense.pop("lm_head.weight", None)
+    save_file({**dense, **quantized}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
     config["quantization_config"] = quantization_config
-    (folder / "config.json").write_text(json.dumps(config))
-    tiny_tokenizer().save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(folder)
