@@ -38,17 +38,19 @@ def linear_weights(model: Any) -> dict[str, torch.Tensor]:
 def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                      group_of_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes (out, in), scales and integer zeros (out, groups) with `w ~ scale * (code - zero)`;
-    inputs grouped by `group_of_input` (act-order), else in runs of `group_size`."""
+    inputs grouped by `group_of_input` (act-order), else in runs of `group_size`, the last one shorter where
+    the inputs are no multiple of it (576 in groups of 128), as GPTQ and AWQ quantizers leave it."""
     out_features, in_features = weight.shape
-    groups = in_features // group_size
+    groups = -(-in_features // group_size)
     group_of_input = torch.arange(in_features) // group_size if group_of_input is None else group_of_input
-    members = torch.stack([weight[:, group_of_input == g] for g in range(groups)], dim=1)  # (out, groups, size)
+    members = [weight[:, group_of_input == g] for g in range(groups)]
     top = 2 ** bits - 1
     if symmetric:
-        scales = members.abs().amax(-1) / (top / 2)
+        scales = torch.stack([m.abs().amax(-1) for m in members], dim=1) / (top / 2)
         zeros = torch.full_like(scales, (top + 1) // 2)
     else:
-        low, high = members.amin(-1).clamp(max=0), members.amax(-1).clamp(min=0)
+        low = torch.stack([m.amin(-1) for m in members], dim=1).clamp(max=0)
+        high = torch.stack([m.amax(-1) for m in members], dim=1).clamp(min=0)
         scales = (high - low) / top
         zeros = torch.round(-low / scales).clamp(0, top)
     scales = scales.half().float()  # stored as fp16: the reference uses the rounded scales

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -88,25 +89,35 @@ def split_quantized(tensors: dict[str, torch.Tensor], scheme: QuantScheme
 
 
 def _grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_of_input: torch.Tensor | None,
-             fmt: str, bits: int) -> QuantizedWeight:
+             fmt: str, bits: int, group_size: int | None = None) -> QuantizedWeight:
     """`w = scale[g] * (code - zero[g])` with inputs in groups (`group_of_input[i]`, contiguous when None):
-    codes (out, in), scales and zeros (out, groups), as the normal form (act-order sorted to contiguous groups)."""
+    codes (out, in), scales and zeros (out, groups), as the normal form (act-order sorted to contiguous groups).
+    `group_size`: the checkpoint's (None: the inputs over the groups); the last group may be shorter, as
+    quantizers leave 576 inputs in groups of 128."""
     out_features, in_features = codes.shape
     groups = scales.shape[1]
-    if in_features % groups:
-        raise ValueError(f"{in_features} inputs are not {groups} equal groups")
+    if group_size is None or group_size <= 0 or groups == 1:
+        group_size = -(-in_features // groups)
+    natural = torch.arange(in_features) // group_size
+    group_of_input = natural if group_of_input is None else group_of_input.long()
+    sizes = torch.full((groups,), group_size)
+    sizes[-1] = in_features - group_size * (groups - 1)
+    if sizes[-1] <= 0 or not torch.equal(torch.bincount(group_of_input, minlength=groups), sizes):
+        raise ValueError(f"{in_features} inputs are not {groups} groups of {group_size} (the last one no longer)")
     order = None
-    if group_of_input is not None:
-        group_of_input = group_of_input.long()
-        if not torch.equal(group_of_input, torch.arange(in_features) // (in_features // groups)):
-            order = torch.argsort(group_of_input, stable=True)
-            if not torch.equal(torch.bincount(group_of_input, minlength=groups),
-                               torch.full((groups,), in_features // groups)):
-                raise ValueError("g_idx gives the groups unequal sizes")
-            codes = codes[:, order]
+    if not torch.equal(group_of_input, natural):
+        order = torch.argsort(group_of_input, stable=True)  # act-order: each group's inputs side by side
+        codes = codes[:, order]
     offsets = None if zeros is None else -scales * zeros
-    return QuantizedWeight(fmt, f"uint{bits}", codes.contiguous(), scales.contiguous(), offsets,
-                           in_features // groups, order)
+    # The normal form's groups are equal: with a short last group, each group's scale and offset cover
+    # sub-groups of gcd(group_size, in_features) inputs, the same weights exactly.
+    fine = math.gcd(group_size, in_features)
+    if fine != group_size:
+        group_of_fine = torch.arange(in_features // fine) * fine // group_size
+        scales = scales[:, group_of_fine]
+        offsets = None if offsets is None else offsets[:, group_of_fine]
+    return QuantizedWeight(fmt, f"uint{bits}", codes.contiguous(), scales.contiguous(),
+                           None if offsets is None else offsets.contiguous(), fine, order)
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,7 @@ class GPTQScheme(QuantScheme):
             zeros = (zeros + 1) % (1 << self.bits)
         zeros = zeros.float()
         scales = parts["scales"].float().T
-        return _grouped(codes, scales, zeros, parts.get("g_idx"), self.format, self.bits)
+        return _grouped(codes, scales, zeros, parts.get("g_idx"), self.format, self.bits, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -159,7 +170,7 @@ class AWQScheme(QuantScheme):
     def read(self, module: str, parts: Mapping[str, torch.Tensor]) -> QuantizedWeight:
         codes = _awq_unpack(parts["qweight"]).T
         zeros = _awq_unpack(parts["qzeros"]).T.float()
-        return _grouped(codes, parts["scales"].float().T, zeros, None, self.format, 4)
+        return _grouped(codes, parts["scales"].float().T, zeros, None, self.format, 4, self.group_size)
 
 
 def _awq_unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -260,7 +271,7 @@ class CompressedTensorsScheme(QuantScheme):
             if zero_point.dtype == torch.int32 and zero_point.shape[0] != out_features:  # packed along the outputs
                 zero_point = unpack_int32(zero_point, bits, 0)[:out_features].to(torch.int16) - (1 << (bits - 1))
             zeros = zeros + zero_point.float().reshape(out_features, -1)
-        return _grouped(codes, scales, zeros, None, self.format, bits)
+        return _grouped(codes, scales, zeros, None, self.format, bits, args.get("group_size"))
 
     def _weight_args(self, module: str) -> Mapping[str, Any]:
         for targets, args in self.groups:

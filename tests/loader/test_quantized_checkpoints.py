@@ -136,7 +136,8 @@ def test_fp8_per_channel_checkpoints_give_the_dequantized_models_tokens(tiny, tm
 @pytest.mark.parametrize("bits,group_size,desc_act,symmetric,checkpoint_format", [
     (4, 32, True, False, "gptq"),  # act-order, asymmetric, v1's zero - 1 (zero points of 0 included)
     (8, -1, False, True, "gptq_v2"),
-], ids=["4bit-g32-actorder-asym-v1", "8bit-perchannel-sym-v2"])
+    (4, 48, True, True, "gptq"),  # 64 and 128 inputs in groups of 48: a short last group, as 576 in 128s
+], ids=["4bit-g32-actorder-asym-v1", "8bit-perchannel-sym-v2", "4bit-g48-short-last-group"])
 def test_gptq_checkpoints_give_the_dequantized_models_tokens(tiny_qwen2, tmp_path, bits, group_size, desc_act,
                                                              symmetric, checkpoint_format) -> None:
     dequantized = write_gptq(tiny_qwen2.reference, tiny_tokenizer(), tmp_path, bits, group_size, desc_act, symmetric,
