@@ -189,16 +189,11 @@ class Linear(nn.Module):
         count = len(self.shard_offsets) - 1
         if set(shards) != set(range(count)):
             raise ValueError(f"only shards {sorted(shards)} of {count} are pre-quantized")
-        parts = [shards[i] for i in range(count)]
-        first = parts[0]
-        if any(not _stackable(part, first) for part in parts[1:]):
-            raise ValueError("the fused shards of a layer are quantized differently (code type, groups, "
-                             "act-order or offsets): they cannot run as one weight")
-        if count == 1:
-            return first
-        offsets = None if first.offsets is None else torch.cat([part.offsets for part in parts])
-        return dataclasses.replace(first, codes=torch.cat([part.codes for part in parts]),
-                                   scales=torch.cat([part.scales for part in parts]), offsets=offsets)
+        stacked = stack_rows([shards[i] for i in range(count)])
+        if stacked is None:
+            raise ValueError("the fused shards of a layer are quantized differently (fp8 beside integers, "
+                             "act-orders, offsets beside a table): they cannot run as one weight")
+        return stacked
 
     def gguf_quantized(self) -> QuantizedWeight | None:
         """The whole weight as a `QuantizedWeight` from its shards' ggml blocks, of one type or several (a
@@ -240,17 +235,6 @@ class Linear(nn.Module):
         else:
             y = F.linear(x, self.weight, self.bias)
         return y if self.lora is None else self.lora(y, x)
-
-
-def _stackable(a: QuantizedWeight, b: QuantizedWeight) -> bool:
-    """Whether two weights' rows can be one weight: the same codes, groups, act-order, lookup, offsets or none."""
-    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
-
-    def layout(w: QuantizedWeight) -> tuple:
-        return w.format, w.code_type, w.group_size, w.offsets is None
-
-    return layout(a) == layout(b) and same(a.input_order, b.input_order) and same(a.lookup, b.lookup)
 
 
 def _quantized_rows(weight: QuantizedWeight, start: int, end: int) -> QuantizedWeight:

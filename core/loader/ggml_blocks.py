@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from tokenmill.interfaces import GGMLWeight, QuantizedWeight
+from tokenmill.interfaces import FP8_CODE_TYPES, GGMLWeight, QuantizedWeight
 
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 
@@ -194,27 +194,36 @@ def _float32(values: np.ndarray, rows: int) -> torch.Tensor:
 
 def stack_rows(weights: Sequence[QuantizedWeight]) -> QuantizedWeight | None:
     """One weight of the rows of `weights` in order: a fused layer (q, k, v) whose parts a mixed GGUF
-    (Q4_K_M) stores in different types. Groups become the finest of theirs (a coarser group's scale
-    repeated), codes the widest, and IQ4 levels beside plain integers plain integers too (`_level_codes`):
-    no value changes. None where they cannot (an offset beside a table)."""
+    (Q4_K_M) stores in different types, or a checkpoint's fused shards. Groups become the finest of theirs
+    (a coarser group's scale repeated), codes the widest, and IQ4 levels beside plain integers plain
+    integers too (`_level_codes`): no value changes. None where they cannot (an offset beside a table, fp8
+    beside integers, different act-orders)."""
     if len(weights) == 1:
         return weights[0]
+    orders = [w.input_order for w in weights]
+    if any((a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(orders, orders[1:])):
+        return None
+    code_types = {w.code_type for w in weights}
+    if len(code_types) > 1 and code_types & set(FP8_CODE_TYPES):
+        return None
     if len({None if w.lookup is None else tuple(w.lookup.tolist()) for w in weights}) > 1:
         weights = [_level_codes(w) for w in weights]
         if None in weights:
             return None
+        code_types = {w.code_type for w in weights}
     group_size = min(w.group_size for w in weights)
-    if any(w.group_size % group_size or w.input_order is not None for w in weights):
+    if any(w.group_size % group_size for w in weights):
         return None
     offsets = None
     if any(w.offsets is not None for w in weights):
         offsets = torch.cat([(w.offsets if w.offsets is not None else torch.zeros_like(w.scales))
                              .repeat_interleave(w.group_size // group_size, dim=1) for w in weights])
     return QuantizedWeight(
-        format=weights[0].format, code_type=f"uint{max(w.bits for w in weights)}",
+        format=weights[0].format,
+        code_type=weights[0].code_type if len(code_types) == 1 else f"uint{max(w.bits for w in weights)}",
         codes=torch.cat([w.codes for w in weights]),
         scales=torch.cat([w.scales.repeat_interleave(w.group_size // group_size, dim=1) for w in weights]),
-        offsets=offsets, group_size=group_size, lookup=weights[0].lookup)
+        offsets=offsets, group_size=group_size, input_order=orders[0], lookup=weights[0].lookup)
 
 
 def _level_codes(weight: QuantizedWeight) -> QuantizedWeight | None:

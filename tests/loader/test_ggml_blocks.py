@@ -82,3 +82,23 @@ def test_fused_parts_of_mixed_types_stack_without_changing_a_value(types) -> Non
     expected = np.concatenate([dequantize(raw, GGMLQuantizationType[t]).reshape(len(raw), -1) for raw, t in parts])
     np.testing.assert_array_equal(_bits(stacked.dequantize()), _bits(expected))
     assert stacked.group_size == min(16 if t in ("Q2_K", "Q3_K", "Q6_K") else 32 for t in types)
+
+
+def test_stack_rows_keeps_a_shared_code_type_and_act_order_and_refuses_what_cannot_be_one_weight() -> None:
+    from tokenmill.interfaces import QuantizedWeight
+    from tokenmill.loader.ggml_blocks import stack_rows
+
+    def weight(code_type: str, order=None) -> QuantizedWeight:
+        return QuantizedWeight("gptq", code_type, torch.randint(0, 16, (4, 64), dtype=torch.uint8),
+                               torch.rand(4, 2), None, 32, order)
+
+    order = torch.randperm(64)
+    stacked = stack_rows([weight("fp8_e4m3"), weight("fp8_e4m3")])
+    assert stacked.code_type == "fp8_e4m3" and stacked.codes.shape == (8, 64)
+    parts = [weight("uint4", order), weight("uint4", order)]
+    stacked = stack_rows(parts)
+    assert torch.equal(stacked.input_order, order)
+    assert torch.equal(stacked.dequantize(), torch.cat([part.dequantize() for part in parts]))
+    assert stack_rows([weight("uint4", order), weight("uint4", torch.randperm(64))]) is None
+    assert stack_rows([weight("uint4", order), weight("uint4")]) is None
+    assert stack_rows([weight("fp8_e4m3"), weight("uint8")]) is None
