@@ -8,8 +8,9 @@
   2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over).
   A checkpoint's pre-quantized weights (`QuantizedWeight`: GPTQ, AWQ, fp8, compressed-tensors, GGUF) it
   runs from codes packed once by `pack_grouped` (csrc/grouped_kernels.h): 4-bit codes (uint2..uint4, IQ4's
-  table) at 0.5 bytes a weight, uint5 at 0.75, uint6..uint8 and fp8 at 1, plus the scales and offsets of each group
-  (fp16 where all are exact in fp16: uint4 group 32 at Q4_1's 0.625 bytes a weight, and as fast). From
+  table) at 0.5 bytes a weight, uint5 at 0.625, uint6 at 0.75, uint7, uint8 and fp8 at 1, plus the
+  scales and offsets of each group (fp16 where all are exact in fp16: uint4 group 32 at Q4_1's 0.625
+  bytes a weight, and as fast; no offsets where each is -z scale: Q5_0 at its own 0.6875). From
   32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
   no dense copy is kept.
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
@@ -97,7 +98,7 @@ class PackedGroupedWeight:
 
 
 # grouped_kernels.h's kinds of codes and the header's layout.
-GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8, GROUPED_U7, GROUPED_U5 = range(6)
+GROUPED_U4, GROUPED_LUT4, GROUPED_I8, GROUPED_FP8, GROUPED_U7, GROUPED_U5, GROUPED_U6 = range(7)
 GROUPED_HEADER_BYTES = 320
 GROUPED_TABLE_AT = 64
 
@@ -115,11 +116,9 @@ def grouped_kind(weight: QuantizedWeight) -> int | None:
         return GROUPED_FP8
     if weight.lookup is not None:
         return GROUPED_LUT4 if weight.bits <= 4 and _exact_in_bf16(weight.lookup) else None
-    # uint2 and uint3 take 4 bits (unpacking them costs more than the bytes saved), uint5 three to a 16-bit
-    # word, uint6 and uint7 a byte.
-    if weight.bits <= 5:
-        return GROUPED_U4 if weight.bits <= 4 else GROUPED_U5
-    return GROUPED_U7 if weight.bits <= 7 else GROUPED_I8
+    # uint2 and uint3 take 4 bits (unpacking them costs more than the bytes saved); uint5 and uint6 4 bits
+    # and one or two bit planes, uint7 a byte.
+    return {5: GROUPED_U5, 6: GROUPED_U6, 7: GROUPED_U7, 8: GROUPED_I8}.get(weight.bits, GROUPED_U4)
 
 
 def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
@@ -130,12 +129,29 @@ def _exact_in_fp16(values: torch.Tensor | None) -> bool:
     return values is None or bool((values.half().float() == values).all())
 
 
+def _zero_point(scales: torch.Tensor, offsets: torch.Tensor) -> int | None:
+    """z where every offset is exactly -z scale (GGUF's Q4_0, Q5_0 and Q6_K, symmetric GPTQ), else None."""
+    nonzero = scales != 0
+    if not nonzero.any():
+        return None
+    zero = -float(offsets[nonzero].flatten()[0] / scales[nonzero].flatten()[0])
+    if zero != round(zero) or not 0 <= zero <= 255:
+        return None
+    return int(zero) if torch.equal(offsets, -zero * scales) else None
+
+
 def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
     """`weight` in the layout of csrc/grouped_kernels.h: the checkpoint's scales and offsets (fp16 where all
     are exact in fp16, as GGUF's legacy types' and symmetric GPTQ's are: a quarter fewer bytes at 4 bits,
-    group 32), the codes as the kernel reads them (I8: q - 128 as int8, the kernel moving the offsets)."""
+    group 32; no offsets where all are -z scale, the kernel moving by z), the codes as the kernel reads
+    them (I8: q - 128 as int8, the kernel moving the offsets)."""
     codes, scales = weight.codes.to(torch.uint8), weight.scales.float()
     offsets = None if weight.offsets is None else weight.offsets.float()
+    zero = 0 if offsets is None else _zero_point(scales, offsets)
+    if zero is None:
+        zero = 0
+    else:
+        offsets = None
     table = torch.zeros(128, dtype=torch.int16)
     if kind == GROUPED_I8:
         codes = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
@@ -151,13 +167,13 @@ def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
     order_bytes = 0 if order is None else -(-4 * weight.in_features // 64) * 64
     groups = weight.in_features // weight.group_size
     scale_bytes = 32 if half else 64
-    code_bytes = {GROUPED_U4: 8 * weight.group_size, GROUPED_LUT4: 8 * weight.group_size,
-                  GROUPED_U5: -(-weight.group_size // 6) * 64}.get(kind, 16 * weight.group_size)
+    code_bytes = weight.group_size * {GROUPED_U4: 8, GROUPED_LUT4: 8, GROUPED_U5: 10, GROUPED_U6: 12}.get(kind, 16)
     group_bytes = scale_bytes * (1 + (offsets is not None)) + code_bytes
     packed = torch.zeros(GROUPED_HEADER_BYTES + order_bytes + -(-weight.out_features // LANES) * groups * group_bytes,
                          dtype=torch.uint8)
-    packed[:24].view(torch.int32)[:] = torch.tensor(
-        [kind, weight.group_size, offsets is not None, order is not None, weight.in_features, half], dtype=torch.int32)
+    packed[:28].view(torch.int32)[:] = torch.tensor(
+        [kind, weight.group_size, offsets is not None, order is not None, weight.in_features, half, zero],
+        dtype=torch.int32)
     packed[GROUPED_TABLE_AT:GROUPED_HEADER_BYTES].view(torch.int16)[:] = table
     if order is not None:
         packed[GROUPED_HEADER_BYTES:GROUPED_HEADER_BYTES + 4 * weight.in_features].view(torch.int32)[:] = order

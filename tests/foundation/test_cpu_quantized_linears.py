@@ -33,7 +33,7 @@ def _fp8_codes(code_type: str, generator: torch.Generator) -> torch.Tensor:
 
 
 def _weight(code_type: str, group_size: int, offsets: bool, generator: torch.Generator, lookup=None,
-            ordered=False, fp16=False) -> QuantizedWeight:
+            ordered=False, fp16=False, zero=None) -> QuantizedWeight:
     groups = IN // group_size
     if code_type.startswith("fp8"):
         codes = _fp8_codes(code_type, generator)
@@ -44,6 +44,8 @@ def _weight(code_type: str, group_size: int, offsets: bool, generator: torch.Gen
     zeros = torch.randn(OUT, groups, generator=generator) * 0.05 if offsets else None
     if fp16:  # GGUF's legacy blocks and symmetric GPTQ: every scale and offset exact in fp16
         scales, zeros = scales.half().float(), None if zeros is None else zeros.half().float()
+    if zero is not None:  # symmetric: GGUF's Q4_0, Q5_0, Q6_K, symmetric GPTQ
+        zeros = -zero * scales
     order = torch.randperm(IN, generator=generator) if ordered else None
     table = None if lookup is None else torch.tensor(lookup, dtype=torch.float32)
     return QuantizedWeight("gptq", code_type, codes, scales, zeros, group_size, order, table)
@@ -65,9 +67,15 @@ CASES = {
     "iq4 lookup g32": ("uint4", 32, False, {"lookup": IQ4_VALUES}),
     "iq4 lookup g32 offsets": ("uint4", 32, True, {"lookup": IQ4_VALUES}),
     "uint5 g32 offsets": ("uint5", 32, True, {}),
-    "uint5 g16 offsets": ("uint5", 16, True, {}),  # three 5-bit codes a word: groups end mid-word
+    "uint5 g16 offsets": ("uint5", 16, True, {}),
     "uint5 g64": ("uint5", 64, False, {}),
+    "uint5 g32 fp16 symmetric (Q5_0)": ("uint5", 32, True, {"fp16": True, "zero": 16}),
+    "uint4 g32 fp16 symmetric (Q4_0)": ("uint4", 32, True, {"fp16": True, "zero": 8}),
+    "uint6 g16 symmetric (Q6_K)": ("uint6", 16, True, {"zero": 32}),
     "uint6 g16 offsets": ("uint6", 16, True, {}),
+    "uint6 g128 act-order": ("uint6", 128, False, {"ordered": True}),
+    "uint7 g32 offsets": ("uint7", 32, True, {}),
+    "uint8 g32 symmetric": ("uint8", 32, True, {"zero": 128}),
     "uint8 g128 offsets act-order": ("uint8", 128, True, {"ordered": True}),
     "uint8 per-channel": ("uint8", IN, False, {}),
     "fp8_e4m3 per-channel": ("fp8_e4m3", IN, False, {}),
@@ -122,6 +130,21 @@ def test_scales_exact_in_fp16_are_stored_in_fp16() -> None:
     padded_out = -(-OUT // 16) * 16
     assert method.prepare_quantized(exact).packed.numel() < 0.63 * padded_out * IN + 512
     assert method.prepare_quantized(rounded).packed.numel() >= 0.75 * padded_out * IN
+
+
+@pytest.mark.parametrize("code_type,group_size,zero,bytes_per_weight", [
+    ("uint5", 32, 16, 0.6875),  # GGUF's Q5_0 size: 4-bit codes, one bit plane, an fp16 scale a group
+    ("uint6", 16, 32, 1.0),  # Q6_K's codes at 0.75, a float32 scale per 16
+])
+def test_symmetric_weights_keep_no_offsets_and_high_bits_take_planes(code_type, group_size, zero,
+                                                                      bytes_per_weight) -> None:
+    weight = _weight(code_type, group_size, True, torch.Generator().manual_seed(6), fp16=group_size == 32, zero=zero)
+    prepared = PackedBF16Linear().prepare_quantized(weight)
+    padded_out = -(-OUT // 16) * 16
+    assert prepared.packed.numel() == 320 + bytes_per_weight * padded_out * IN
+    shifted = QuantizedWeight("gptq", code_type, weight.codes, weight.scales, weight.offsets + weight.scales / 2,
+                              group_size)  # not -z scale: the offsets are kept
+    assert PackedBF16Linear().prepare_quantized(shifted).packed.numel() > prepared.packed.numel()
 
 
 def test_a_row_gets_the_same_result_alone_and_in_a_batch() -> None:

@@ -7,24 +7,27 @@
  *
  * The packed weight is one self-describing buffer (quant.py's `pack_grouped` writes it):
  *   GroupedHeader (320 bytes): the kind of codes, group size, whether there are offsets and an input order,
- *     in_features, whether scales are fp16, and a bf16 table (LUT4: the 16 values of the codes; FP8: the
- *     128 magnitudes).
+ *     in_features, whether scales are fp16, the zero point z of a symmetric weight (every offset -z scale:
+ *     GGUF's Q4_0, Q5_0, Q6_K, symmetric GPTQ; its offsets are not stored), and a bf16 table (LUT4: the 16
+ *     values of the codes; FP8: the 128 magnitudes).
  *   int32 input order (in_features, padded to 64 bytes) if any: x's columns are gathered once per call.
  *   Per panel of 16 outputs, per group of G inputs: 16 scales, 16 offsets (if any; both fp16 where every
  *   one is exact in fp16, as GGUF's legacy types' and symmetric GPTQ's are, else float32), then the codes
  *   in the dense 16 x 2 order of one input pair per 512-bit vector:
  *     4-bit kinds: G / 8 chunks of 32 16-bit words, nibble s of word 2o + i in chunk c the code of output o,
  *       input 2 (4c + s) + i (gemm_kernels.h's Q4_1 chunks);
- *     U5: ceil(G / 6) chunks of 32 16-bit words, bits 5s..5s+4 of word 2o + i in chunk c the code of output
- *       o, input 2 (3c + s) + i (three pairs a word: 0.75 bytes a weight where bytes would take 1);
+ *     U5, U6: the low four bits of each code as the 4-bit kinds, then P = 1 or 2 bit planes: per input pair
+ *       p, P 32-bit masks, bit 2o + i of mask b the bit 4 + b of output o's code at input 2p + i (0.625 and
+ *       0.75 bytes a weight: GGUF's Q5_0 and Q6_K sizes; a masked add per plane puts the bits back);
  *     8-bit kinds: G / 2 pairs of 32 bytes, byte 2o + i of pair p the code of output o, input 2p + i.
  * Kinds: U4 (codes 0..15 read as 128 + q through the Q4_1 bit trick), LUT4 (codes through a 16-entry table
- * of bf16-exact values: GGUF's IQ4), U5 (uint5: 5-bit fields read as 128 + q like U4), U7 (codes 0..127 in bytes, read as 128 + q like U4: uint5..uint7, one
- * logic op a vector), I8 (uint8 codes minus 128 as int8, through float), FP8 (e4m3 or e5m2 bits: the
+ * of bf16-exact values: GGUF's IQ4), U5 and U6 (read as 128 + q like U4, plus the high bits), U7 (codes
+ * 0..127 in bytes, read as 128 + q like U4, one logic op a vector), I8 (uint8 codes minus 128 as int8, through float), FP8 (e4m3 or e5m2 bits: the
  * magnitude through a 128-entry table of their exact bf16 values, so subnormals stay exact where
  * `vdpbf16ps` would flush a shifted bit pattern, then the sign bit). Where the value read is the code plus
- * a centre c (U4, U5, U7: 128; I8: -128) the offset the kernel adds is offset - c scale, computed once per
- * (panel, group) in float32 as the Q4_1 kernel does; the packed scales and offsets are the checkpoint's own.
+ * a centre c (U4, U5, U6, U7: 128; I8: -128; plus the zero point) the offset the kernel adds is offset - c
+ * scale, computed once per (panel, group) in float32 as the Q4_1 kernel does; the packed scales and offsets
+ * are the checkpoint's own.
  *
  * From GROUPED_MAX_ROWS rows on, each thread dequantizes its panels to bf16 into an L2-sized scratch and
  * runs the dense kernel over all the rows: prefill near dense speed without a dense copy of the weight.
@@ -37,27 +40,36 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3, GROUPED_U7 = 4, GROUPED_U5 = 5 };
+enum { GROUPED_U4 = 0, GROUPED_LUT4 = 1, GROUPED_I8 = 2, GROUPED_FP8 = 3, GROUPED_U7 = 4, GROUPED_U5 = 5, GROUPED_U6 = 6 };
 
 #define GROUPED_HEADER_BYTES 320
 /* From here on: dequantize panels to bf16 and run the dense kernel (benchmarks/NOTES.md, section 16). */
 #define GROUPED_MAX_ROWS 32
 
 typedef struct {
-    int32_t kind, group_size, has_offsets, has_order, in_features, half_scales, reserved[10];
+    int32_t kind, group_size, has_offsets, has_order, in_features, half_scales, zero, reserved[9];
     uint16_t table[128]; /* bf16 bit patterns */
 } GroupedHeader;
 
 static inline int grouped_is_4bit(int kind) { return kind == GROUPED_U4 || kind == GROUPED_LUT4; }
 
-/* What the kernel reads for code q, minus q. */
-static inline float grouped_centre(int kind) {
-    return kind == GROUPED_U4 || kind == GROUPED_U5 || kind == GROUPED_U7 ? 128.f : kind == GROUPED_I8 ? -128.f : 0.f;
+/* Bit planes beside the low nibbles: U5 1, U6 2, other kinds none. */
+static inline int grouped_planes(int kind) { return kind == GROUPED_U5 ? 1 : kind == GROUPED_U6 ? 2 : 0; }
+
+/* Codes stored as nibble chunks (with or without planes). */
+static inline int grouped_has_nibbles(int kind) { return grouped_is_4bit(kind) || grouped_planes(kind); }
+
+/* What the kernel reads for code q, minus q, plus the zero point: the weight is scale (read - centre) + offset. */
+static inline float grouped_centre(const GroupedHeader *h) {
+    const int kind = h->kind;
+    const float read = kind == GROUPED_U4 || kind == GROUPED_U5 || kind == GROUPED_U6 || kind == GROUPED_U7 ? 128.f
+                     : kind == GROUPED_I8 ? -128.f : 0.f;
+    return read + (float)h->zero;
 }
 
 /* Whether the kernel adds an offset times sum(x) per group. */
 static inline int grouped_needs_sums(const GroupedHeader *h) {
-    return h->has_offsets || grouped_centre(h->kind) != 0.f;
+    return h->has_offsets || grouped_centre(h) != 0.f;
 }
 
 /* Bytes of the 16 scales (and of the 16 offsets) of a (panel, group). */
@@ -66,7 +78,7 @@ static inline long grouped_scale_bytes(const GroupedHeader *h) { return h->half_
 /* Bytes of one (panel, group)'s codes, and of the whole (panel, group): scales, offsets, codes. */
 static inline long grouped_code_bytes(const GroupedHeader *h) {
     const long group = h->group_size;
-    return grouped_is_4bit(h->kind) ? group * 8 : h->kind == GROUPED_U5 ? (group + 5) / 6 * 64 : group * 16;
+    return grouped_has_nibbles(h->kind) ? group * 8 + group * 2 * grouped_planes(h->kind) : group * 16;
 }
 
 static inline long grouped_group_bytes(const GroupedHeader *h) {
@@ -121,11 +133,12 @@ static void pack_grouped_rows(const uint8_t *codes, const void *scales, const vo
             for (long i = 0; i < group; i++) {
                 const uint8_t q = codes[row * k + g * group + i];
                 const long pair = i / 2;
-                if (grouped_is_4bit(h->kind))
+                if (grouped_has_nibbles(h->kind)) {
                     ((uint16_t *)out)[(pair / 4) * 32 + 2 * o + i % 2] |= (uint16_t)((q & 15) << (4 * (pair % 4)));
-                else if (h->kind == GROUPED_U5)
-                    ((uint16_t *)out)[(pair / 3) * 32 + 2 * o + i % 2] |= (uint16_t)((q & 31) << (5 * (pair % 3)));
-                else
+                    uint32_t *planes = (uint32_t *)(out + group * 8) + pair * grouped_planes(h->kind);
+                    for (int b = 0; b < grouped_planes(h->kind); b++)
+                        planes[b] |= (uint32_t)((q >> (4 + b)) & 1) << (2 * o + i % 2);
+                } else
                     out[pair * 32 + 2 * o + i % 2] = q;
             }
         }
@@ -134,12 +147,13 @@ static void pack_grouped_rows(const uint8_t *codes, const void *scales, const vo
 
 static inline float grouped_value(const GroupedHeader *h, const uint8_t *codes, long i, int o) {
     const long pair = i / 2;
-    if (grouped_is_4bit(h->kind)) {
-        const int q = (((const uint16_t *)codes)[(pair / 4) * 32 + 2 * o + i % 2] >> (4 * (pair % 4))) & 15;
-        return h->kind == GROUPED_U4 ? (float)(128 + q) : bf16_to_f32(h->table[q]);
+    if (grouped_has_nibbles(h->kind)) {
+        int q = (((const uint16_t *)codes)[(pair / 4) * 32 + 2 * o + i % 2] >> (4 * (pair % 4))) & 15;
+        if (h->kind == GROUPED_LUT4) return bf16_to_f32(h->table[q]);
+        const uint32_t *planes = (const uint32_t *)(codes + h->group_size * 8) + pair * grouped_planes(h->kind);
+        for (int b = 0; b < grouped_planes(h->kind); b++) q |= (int)((planes[b] >> (2 * o + i % 2)) & 1) << (4 + b);
+        return (float)(128 + q);
     }
-    if (h->kind == GROUPED_U5)
-        return (float)(128 + ((((const uint16_t *)codes)[(pair / 3) * 32 + 2 * o + i % 2] >> (5 * (pair % 3))) & 31));
     const uint8_t q = codes[pair * 32 + 2 * o + i % 2];
     if (h->kind == GROUPED_U7) return (float)(128 + q);
     if (h->kind == GROUPED_I8) return (float)(int8_t)q;
@@ -159,7 +173,7 @@ static void unpack_grouped_rows(const uint8_t *packed, float *dst, long n) {
             const int o = (int)(row % 16);
             const float scale = grouped_scale(h, block, o);
             const float stored = h->has_offsets ? grouped_scale(h, block + grouped_scale_bytes(h), o) : 0.f;
-            const float offset = fmaf(-grouped_centre(h->kind), scale, stored);
+            const float offset = fmaf(-grouped_centre(h), scale, stored);
             const uint8_t *codes = block + grouped_scale_bytes(h) * (1 + h->has_offsets);
             for (long i = 0; i < group; i++) {
                 const long column = g * group + i;
@@ -180,7 +194,7 @@ static inline __m512 grouped_load_scales(const GroupedHeader *h, const uint8_t *
 static inline void grouped_load_block(const GroupedHeader *h, const uint8_t *block, __m512 *scale, __m512 *offset) {
     *scale = grouped_load_scales(h, block);
     const __m512 stored = h->has_offsets ? grouped_load_scales(h, block + grouped_scale_bytes(h)) : _mm512_setzero_ps();
-    *offset = _mm512_fnmadd_ps(_mm512_set1_ps(grouped_centre(h->kind)), *scale, stored);
+    *offset = _mm512_fnmadd_ps(_mm512_set1_ps(grouped_centre(h)), *scale, stored);
 }
 
 /* ---- Codes to exact bf16 weights: one 512-bit vector of 16 outputs x 2 inputs -------------------------- */
@@ -199,15 +213,19 @@ static inline GroupedTables grouped_tables(const GroupedHeader *h) {
 /* Nibble s of each word of a 4-bit chunk. */
 static inline __attribute__((always_inline)) __m512bh grouped_nibbles(__m512i chunk, const int shift, const int KIND,
                                                                       const GroupedTables *t) {
-    if (KIND == GROUPED_U4) return q4_nibbles(chunk, shift);
+    if (KIND != GROUPED_LUT4) return q4_nibbles(chunk, shift);
     const __m512i q = _mm512_and_si512(shift ? _mm512_srli_epi16(chunk, shift) : chunk, _mm512_set1_epi16(15));
     return (__m512bh)_mm512_permutexvar_epi16(q, t->lut4);
 }
 
-/* Field s of each word of a U5 chunk: 0x4300 | q is the bf16 of 128 + q. */
-static inline __attribute__((always_inline)) __m512bh grouped_fives(__m512i chunk, const int shift) {
-    const __m512i v = shift ? _mm512_srli_epi16(chunk, shift) : chunk;
-    return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x001F), _mm512_set1_epi16(0x4300), 0xEA);
+/* U5/U6: the high bits of input pair `pair` added to its nibbles read as 128 + q (P masked adds of 16 << b). */
+static inline __attribute__((always_inline)) __m512bh grouped_high_bits(__m512bh nibbles, const uint8_t *planes,
+                                                                        long pair, const int KIND) {
+    const int P = grouped_planes(KIND);
+    const uint32_t *masks = (const uint32_t *)planes + pair * P;
+    __m512i w = (__m512i)nibbles;
+    for (int b = 0; b < P; b++) w = _mm512_mask_add_epi16(w, (__mmask32)masks[b], w, _mm512_set1_epi16((short)(16 << b)));
+    return (__m512bh)w;
 }
 
 /* One input pair of 8-bit codes (32 bytes). */
@@ -249,28 +267,17 @@ static inline __attribute__((always_inline)) void grouped_tile(const Gemm *g, co
         for (int j = 0; j < NP; j++)
             for (int r = 0; r < MT; r++) sums[j][r] = _mm512_setzero_ps();
         const long first_pair = b * group / 2;
-        if (grouped_is_4bit(KIND)) {
+        if (grouped_has_nibbles(KIND)) {
             for (long c = 0; c < group / 8; c++) {
                 __m512i chunk[GGML_MAX_PANELS];
                 for (int j = 0; j < NP; j++)
                     chunk[j] = _mm512_loadu_si512(panel[j] + b * group_bytes + codes_at + c * 64);
                 for (int sh = 0; sh < 4; sh++)
                     for (int j = 0; j < NP; j++) {
-                        const __m512bh w = grouped_nibbles(chunk[j], 4 * sh, KIND, &tables);
+                        __m512bh w = grouped_nibbles(chunk[j], 4 * sh, KIND, &tables);
+                        if (grouped_planes(KIND))
+                            w = grouped_high_bits(w, panel[j] + b * group_bytes + codes_at + group * 8, 4 * c + sh, KIND);
                         const long pair = first_pair + 4 * c + sh;
-                        for (int r = 0; r < MT; r++)
-                            sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair]));
-                    }
-            }
-        } else if (KIND == GROUPED_U5) {
-            for (long c = 0; c * 3 < group / 2; c++) {
-                __m512i chunk[GGML_MAX_PANELS];
-                for (int j = 0; j < NP; j++)
-                    chunk[j] = _mm512_loadu_si512(panel[j] + b * group_bytes + codes_at + c * 64);
-                for (int sh = 0; sh < 3 && c * 3 + sh < group / 2; sh++)
-                    for (int j = 0; j < NP; j++) {
-                        const __m512bh w = grouped_fives(chunk[j], 5 * sh);
-                        const long pair = first_pair + 3 * c + sh;
                         for (int r = 0; r < MT; r++)
                             sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair]));
                     }
@@ -318,6 +325,7 @@ static inline __attribute__((always_inline)) void grouped_item(const Gemm *g, co
         case GROUPED_I8: grouped_item(g, h, x_sums, item, NP, GROUPED_I8); break;     \
         case GROUPED_U7: grouped_item(g, h, x_sums, item, NP, GROUPED_U7); break;     \
         case GROUPED_U5: grouped_item(g, h, x_sums, item, NP, GROUPED_U5); break;     \
+        case GROUPED_U6: grouped_item(g, h, x_sums, item, NP, GROUPED_U6); break;     \
         default: grouped_item(g, h, x_sums, item, NP, GROUPED_FP8); break;            \
     }
 
@@ -349,10 +357,14 @@ static inline __attribute__((always_inline)) void grouped_dequantize_panel(const
         const __m512 offset_lo = _mm512_permutexvar_ps(low_outputs, offset);
         const __m512 offset_hi = _mm512_permutexvar_ps(high_outputs, offset);
         for (long p = 0; p < group / 2; p++) {
-            const __m512i w = grouped_is_4bit(KIND)
-                ? (__m512i)grouped_nibbles(_mm512_loadu_si512(codes + (p / 4) * 64), 4 * (int)(p % 4), KIND, &tables)
-                : KIND == GROUPED_U5 ? (__m512i)grouped_fives(_mm512_loadu_si512(codes + (p / 3) * 64), 5 * (int)(p % 3))
-                : (__m512i)grouped_bytes(codes + p * 32, KIND, &tables);
+            __m512i w;
+            if (grouped_has_nibbles(KIND)) {
+                __m512bh nibbles = grouped_nibbles(_mm512_loadu_si512(codes + (p / 4) * 64), 4 * (int)(p % 4), KIND, &tables);
+                if (grouped_planes(KIND)) nibbles = grouped_high_bits(nibbles, codes + group * 8, p, KIND);
+                w = (__m512i)nibbles;
+            } else {
+                w = (__m512i)grouped_bytes(codes + p * 32, KIND, &tables);
+            }
             const __m512i low_words = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
             const __m512i high_words = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1));
             const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(low_words, 16));
@@ -375,6 +387,7 @@ static void grouped_dequantize_item(const Gemm *g, const GroupedHeader *h, long 
             case GROUPED_I8: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_I8); break;
             case GROUPED_U7: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_U7); break;
             case GROUPED_U5: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_U5); break;
+            case GROUPED_U6: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_U6); break;
             default: grouped_dequantize_panel(h, v0 + j, dense, GROUPED_FP8); break;
         }
     }
