@@ -35,6 +35,17 @@ def _integer(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeigh
     return QuantizedWeight("gptq", f"uint{bits}", codes.to(torch.uint8).view(weight.shape), scales, low, group_size)
 
 
+def _symmetric(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+    """Codes around a zero point of 2^(bits-1), every offset -z scale, as GGUF's Q4_0/Q5_0/Q6_K and
+    symmetric GPTQ store them (fp16 scales)."""
+    groups = weight.float().view(weight.shape[0], -1, group_size)
+    zero = 1 << (bits - 1)
+    scales = (groups.abs().amax(-1).clamp(min=1e-4) / zero).half().float()
+    codes = (torch.round(groups / scales[..., None]) + zero).clamp(0, (1 << bits) - 1)
+    return QuantizedWeight("gptq", f"uint{bits}", codes.to(torch.uint8).view(weight.shape), scales, -zero * scales,
+                           group_size)
+
+
 def _fp8(weight: torch.Tensor) -> QuantizedWeight:
     scales = weight.float().abs().amax(1, keepdim=True) / 448
     codes = (weight.float() / scales).to(torch.float8_e4m3fn).view(torch.uint8)
@@ -70,7 +81,9 @@ def _forms(method: PackedBF16Linear, weight: torch.Tensor) -> dict:
             "int4 g32": method.prepare_quantized(_integer(weight, 4, 32)),
             "int4 g16": method.prepare_quantized(_integer(weight, 4, 16)),
             "uint5 g32": method.prepare_quantized(_integer(weight, 5, 32)),
+            "uint5 g32 sym": method.prepare_quantized(_symmetric(weight, 5, 32)),
             "uint6 g16": method.prepare_quantized(_integer(weight, 6, 16)),
+            "uint6 g16 sym": method.prepare_quantized(_symmetric(weight, 6, 16)),
             "int8 chan": method.prepare_quantized(_integer(weight, 8, in_features)),
             "fp8 chan": method.prepare_quantized(_fp8(weight))}
 

@@ -116,8 +116,8 @@ def grouped_kind(weight: QuantizedWeight) -> int | None:
         return GROUPED_FP8
     if weight.lookup is not None:
         return GROUPED_LUT4 if weight.bits <= 4 and _exact_in_bf16(weight.lookup) else None
-    # uint2 and uint3 take 4 bits (unpacking them costs more than the bytes saved); uint5 and uint6 4 bits
-    # and one or two bit planes, uint7 a byte.
+    # uint2 and uint3 take 4 bits (unpacking them costs more than the bytes saved); uint5 and uint6 their own
+    # 5 or 6 bits, uint7 a byte.
     return {5: GROUPED_U5, 6: GROUPED_U6, 7: GROUPED_U7, 8: GROUPED_I8}.get(weight.bits, GROUPED_U4)
 
 
@@ -138,6 +138,14 @@ def _zero_point(scales: torch.Tensor, offsets: torch.Tensor) -> int | None:
     if zero != round(zero) or not 0 <= zero <= 255:
         return None
     return int(zero) if torch.equal(offsets, -zero * scales) else None
+
+
+def _grouped_code_bytes(kind: int, group_size: int) -> int:
+    """Bytes of one (panel of 16 outputs, group)'s codes, as csrc/grouped_kernels.h lays them out."""
+    if kind in (GROUPED_U5, GROUPED_U6):  # streams of 5 or 6 bits a lane, per unit of 16 pairs (8 in groups of 16)
+        bits, unit_pairs = (5 if kind == GROUPED_U5 else 6), 8 if group_size % 32 else 16
+        return group_size // 2 // unit_pairs * -(-bits * unit_pairs // 16) * 64
+    return group_size * (8 if kind in (GROUPED_U4, GROUPED_LUT4) else 16)
 
 
 def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
@@ -167,7 +175,7 @@ def pack_grouped(weight: QuantizedWeight, kind: int) -> PackedGroupedWeight:
     order_bytes = 0 if order is None else -(-4 * weight.in_features // 64) * 64
     groups = weight.in_features // weight.group_size
     scale_bytes = 32 if half else 64
-    code_bytes = weight.group_size * {GROUPED_U4: 8, GROUPED_LUT4: 8, GROUPED_U5: 10, GROUPED_U6: 12}.get(kind, 16)
+    code_bytes = _grouped_code_bytes(kind, weight.group_size)
     group_bytes = scale_bytes * (1 + (offsets is not None)) + code_bytes
     packed = torch.zeros(GROUPED_HEADER_BYTES + order_bytes + -(-weight.out_features // LANES) * groups * group_bytes,
                          dtype=torch.uint8)

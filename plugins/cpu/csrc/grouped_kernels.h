@@ -16,9 +16,11 @@
  *   in the dense 16 x 2 order of one input pair per 512-bit vector:
  *     4-bit kinds: G / 8 chunks of 32 16-bit words, nibble s of word 2o + i in chunk c the code of output o,
  *       input 2 (4c + s) + i (gemm_kernels.h's Q4_1 chunks);
- *     U5, U6: the low four bits of each code as the 4-bit kinds, then P = 1 or 2 bit planes: per input pair
- *       p, P 32-bit masks, bit 2o + i of mask b the bit 4 + b of output o's code at input 2p + i (0.625 and
- *       0.75 bytes a weight: GGUF's Q5_0 and Q6_K sizes; a masked add per plane puts the bits back);
+ *     U5, U6 (B = 5, 6 bits): per unit of 16 input pairs (8 in groups of 16), each of the 32 16-bit lanes
+ *       (2o + i) a stream of B-bit codes over ceil(16 B / 16) vectors: word w of vector k holds stream bits
+ *       16k.. 16k + 15 of lane w, the code of input pair t at bit B t (0.625 and 0.75 bytes a weight: GGUF's
+ *       Q5_0 and Q6_K sizes). A funnel shift of two vectors (AVX512-VBMI2's vpshrdvw) brings any pair's
+ *       codes to the bottom of each word: as cheap a vector as the 4-bit kinds' shift;
  *     8-bit kinds: G / 2 pairs of 32 bytes, byte 2o + i of pair p the code of output o, input 2p + i.
  * Kinds: U4 (codes 0..15 read as 128 + q through the Q4_1 bit trick), LUT4 (codes through a 16-entry table
  * of bf16-exact values: GGUF's IQ4), U5 and U6 (read as 128 + q like U4, plus the high bits), U7 (codes
@@ -53,11 +55,14 @@ typedef struct {
 
 static inline int grouped_is_4bit(int kind) { return kind == GROUPED_U4 || kind == GROUPED_LUT4; }
 
-/* Bit planes beside the low nibbles: U5 1, U6 2, other kinds none. */
-static inline int grouped_planes(int kind) { return kind == GROUPED_U5 ? 1 : kind == GROUPED_U6 ? 2 : 0; }
+/* Bits a code takes in the stream kinds (U5, U6); 0 for the others. */
+static inline int grouped_stream_bits(int kind) { return kind == GROUPED_U5 ? 5 : kind == GROUPED_U6 ? 6 : 0; }
 
-/* Codes stored as nibble chunks (with or without planes). */
-static inline int grouped_has_nibbles(int kind) { return grouped_is_4bit(kind) || grouped_planes(kind); }
+/* Input pairs a stream unit holds: 16 where groups are multiples of 32 inputs, else 8. */
+static inline int grouped_unit_pairs(long group) { return group % 32 ? 8 : 16; }
+
+/* 64-byte vectors a stream unit takes. */
+static inline int grouped_unit_vectors(int bits, int unit_pairs) { return (bits * unit_pairs + 15) / 16; }
 
 /* What the kernel reads for code q, minus q, plus the zero point: the weight is scale (read - centre) + offset. */
 static inline float grouped_centre(const GroupedHeader *h) {
@@ -78,7 +83,9 @@ static inline long grouped_scale_bytes(const GroupedHeader *h) { return h->half_
 /* Bytes of one (panel, group)'s codes, and of the whole (panel, group): scales, offsets, codes. */
 static inline long grouped_code_bytes(const GroupedHeader *h) {
     const long group = h->group_size;
-    return grouped_has_nibbles(h->kind) ? group * 8 + group * 2 * grouped_planes(h->kind) : group * 16;
+    const int bits = grouped_stream_bits(h->kind), unit = grouped_unit_pairs(group);
+    if (bits) return group / 2 / unit * grouped_unit_vectors(bits, unit) * 64;
+    return grouped_is_4bit(h->kind) ? group * 8 : group * 16;
 }
 
 static inline long grouped_group_bytes(const GroupedHeader *h) {
@@ -133,11 +140,14 @@ static void pack_grouped_rows(const uint8_t *codes, const void *scales, const vo
             for (long i = 0; i < group; i++) {
                 const uint8_t q = codes[row * k + g * group + i];
                 const long pair = i / 2;
-                if (grouped_has_nibbles(h->kind)) {
+                if (grouped_is_4bit(h->kind)) {
                     ((uint16_t *)out)[(pair / 4) * 32 + 2 * o + i % 2] |= (uint16_t)((q & 15) << (4 * (pair % 4)));
-                    uint32_t *planes = (uint32_t *)(out + group * 8) + pair * grouped_planes(h->kind);
-                    for (int b = 0; b < grouped_planes(h->kind); b++)
-                        planes[b] |= (uint32_t)((q >> (4 + b)) & 1) << (2 * o + i % 2);
+                } else if (grouped_stream_bits(h->kind)) {
+                    const int bits = grouped_stream_bits(h->kind), unit = grouped_unit_pairs(group);
+                    uint16_t *words = (uint16_t *)out + pair / unit * grouped_unit_vectors(bits, unit) * 32;
+                    const int at = bits * (int)(pair % unit), k = at / 16, s = at % 16, lane = 2 * o + (int)(i % 2);
+                    words[k * 32 + lane] |= (uint16_t)(q << s);
+                    if (s + bits > 16) words[(k + 1) * 32 + lane] |= (uint16_t)(q >> (16 - s));
                 } else
                     out[pair * 32 + 2 * o + i % 2] = q;
             }
@@ -147,12 +157,17 @@ static void pack_grouped_rows(const uint8_t *codes, const void *scales, const vo
 
 static inline float grouped_value(const GroupedHeader *h, const uint8_t *codes, long i, int o) {
     const long pair = i / 2;
-    if (grouped_has_nibbles(h->kind)) {
-        int q = (((const uint16_t *)codes)[(pair / 4) * 32 + 2 * o + i % 2] >> (4 * (pair % 4))) & 15;
-        if (h->kind == GROUPED_LUT4) return bf16_to_f32(h->table[q]);
-        const uint32_t *planes = (const uint32_t *)(codes + h->group_size * 8) + pair * grouped_planes(h->kind);
-        for (int b = 0; b < grouped_planes(h->kind); b++) q |= (int)((planes[b] >> (2 * o + i % 2)) & 1) << (4 + b);
-        return (float)(128 + q);
+    if (grouped_is_4bit(h->kind)) {
+        const int q = (((const uint16_t *)codes)[(pair / 4) * 32 + 2 * o + i % 2] >> (4 * (pair % 4))) & 15;
+        return h->kind == GROUPED_U4 ? (float)(128 + q) : bf16_to_f32(h->table[q]);
+    }
+    if (grouped_stream_bits(h->kind)) {
+        const int bits = grouped_stream_bits(h->kind), unit = grouped_unit_pairs(h->group_size);
+        const uint16_t *words = (const uint16_t *)codes + pair / unit * grouped_unit_vectors(bits, unit) * 32;
+        const int at = bits * (int)(pair % unit), k = at / 16, s = at % 16, lane = 2 * o + (int)(i % 2);
+        uint32_t stream = words[k * 32 + lane] >> s;
+        if (s + bits > 16) stream |= (uint32_t)words[(k + 1) * 32 + lane] << (16 - s);
+        return (float)(128 + (stream & ((1u << bits) - 1)));
     }
     const uint8_t q = codes[pair * 32 + 2 * o + i % 2];
     if (h->kind == GROUPED_U7) return (float)(128 + q);
@@ -213,19 +228,40 @@ static inline GroupedTables grouped_tables(const GroupedHeader *h) {
 /* Nibble s of each word of a 4-bit chunk. */
 static inline __attribute__((always_inline)) __m512bh grouped_nibbles(__m512i chunk, const int shift, const int KIND,
                                                                       const GroupedTables *t) {
-    if (KIND != GROUPED_LUT4) return q4_nibbles(chunk, shift);
+    if (KIND == GROUPED_U4) return q4_nibbles(chunk, shift);
     const __m512i q = _mm512_and_si512(shift ? _mm512_srli_epi16(chunk, shift) : chunk, _mm512_set1_epi16(15));
     return (__m512bh)_mm512_permutexvar_epi16(q, t->lut4);
 }
 
-/* U5/U6: the high bits of input pair `pair` added to its nibbles read as 128 + q (P masked adds of 16 << b). */
-static inline __attribute__((always_inline)) __m512bh grouped_high_bits(__m512bh nibbles, const uint8_t *planes,
-                                                                        long pair, const int KIND) {
-    const int P = grouped_planes(KIND);
-    const uint32_t *masks = (const uint32_t *)planes + pair * P;
-    __m512i w = (__m512i)nibbles;
-    for (int b = 0; b < P; b++) w = _mm512_mask_add_epi16(w, (__mmask32)masks[b], w, _mm512_set1_epi16((short)(16 << b)));
-    return (__m512bh)w;
+/* U5/U6: the codes of pair t of the stream unit at `unit` (bits B t of each lane), read as 128 + q. */
+static inline __attribute__((always_inline)) __m512bh grouped_stream_pair(const uint8_t *unit, const int t,
+                                                                         const int KIND) {
+    const int bits = grouped_stream_bits(KIND), at = bits * t, k = at / 16, s = at % 16;
+    const __m512i lo = _mm512_loadu_si512(unit + k * 64);
+    __m512i v = s ? _mm512_srli_epi16(lo, s) : lo;
+    if (s + bits > 16) {
+        const __m512i hi = _mm512_loadu_si512(unit + (k + 1) * 64);
+#ifdef __AVX512VBMI2__
+        v = _mm512_shrdv_epi16(lo, hi, _mm512_set1_epi16((short)s)); /* (hi:lo) >> s */
+#else
+        v = _mm512_or_si512(v, _mm512_slli_epi16(hi, 16 - s));
+#endif
+    }
+    return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16((short)((1 << bits) - 1)),
+                                               _mm512_set1_epi16(0x4300), 0xEA);
+}
+
+/* One stream unit of UNIT pairs from `pair` (codes at `units[j]` for panel j) into the group's sums. */
+static inline __attribute__((always_inline)) void grouped_stream_unit(
+    const uint8_t *const *units, const int32_t *const *x_pairs, long pair, __m512 sums[][ROWS_PER_TILE],
+    const int MT, const int NP, const int KIND, const int UNIT) {
+#pragma GCC unroll 16
+    for (int t = 0; t < UNIT; t++)
+        for (int j = 0; j < NP; j++) {
+            const __m512bh w = grouped_stream_pair(units[j], t, KIND);
+            for (int r = 0; r < MT; r++)
+                sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair + t]));
+        }
 }
 
 /* One input pair of 8-bit codes (32 bytes). */
@@ -267,16 +303,23 @@ static inline __attribute__((always_inline)) void grouped_tile(const Gemm *g, co
         for (int j = 0; j < NP; j++)
             for (int r = 0; r < MT; r++) sums[j][r] = _mm512_setzero_ps();
         const long first_pair = b * group / 2;
-        if (grouped_has_nibbles(KIND)) {
+        if (grouped_stream_bits(KIND)) {
+            const int unit = grouped_unit_pairs(group);
+            const long unit_bytes = grouped_unit_vectors(grouped_stream_bits(KIND), unit) * 64;
+            for (long u = 0; u < group / 2 / unit; u++) {
+                const uint8_t *units[GGML_MAX_PANELS];
+                for (int j = 0; j < NP; j++) units[j] = panel[j] + b * group_bytes + codes_at + u * unit_bytes;
+                if (unit == 16) grouped_stream_unit(units, x_pairs, first_pair + u * 16, sums, MT, NP, KIND, 16);
+                else grouped_stream_unit(units, x_pairs, first_pair + u * 8, sums, MT, NP, KIND, 8);
+            }
+        } else if (grouped_is_4bit(KIND)) {
             for (long c = 0; c < group / 8; c++) {
                 __m512i chunk[GGML_MAX_PANELS];
                 for (int j = 0; j < NP; j++)
                     chunk[j] = _mm512_loadu_si512(panel[j] + b * group_bytes + codes_at + c * 64);
                 for (int sh = 0; sh < 4; sh++)
                     for (int j = 0; j < NP; j++) {
-                        __m512bh w = grouped_nibbles(chunk[j], 4 * sh, KIND, &tables);
-                        if (grouped_planes(KIND))
-                            w = grouped_high_bits(w, panel[j] + b * group_bytes + codes_at + group * 8, 4 * c + sh, KIND);
+                        const __m512bh w = grouped_nibbles(chunk[j], 4 * sh, KIND, &tables);
                         const long pair = first_pair + 4 * c + sh;
                         for (int r = 0; r < MT; r++)
                             sums[j][r] = _mm512_dpbf16_ps(sums[j][r], w, (__m512bh)_mm512_set1_epi32(x_pairs[r][pair]));
@@ -358,10 +401,12 @@ static inline __attribute__((always_inline)) void grouped_dequantize_panel(const
         const __m512 offset_hi = _mm512_permutexvar_ps(high_outputs, offset);
         for (long p = 0; p < group / 2; p++) {
             __m512i w;
-            if (grouped_has_nibbles(KIND)) {
-                __m512bh nibbles = grouped_nibbles(_mm512_loadu_si512(codes + (p / 4) * 64), 4 * (int)(p % 4), KIND, &tables);
-                if (grouped_planes(KIND)) nibbles = grouped_high_bits(nibbles, codes + group * 8, p, KIND);
-                w = (__m512i)nibbles;
+            if (grouped_stream_bits(KIND)) {
+                const int unit = grouped_unit_pairs(group);
+                const long unit_bytes = grouped_unit_vectors(grouped_stream_bits(KIND), unit) * 64;
+                w = (__m512i)grouped_stream_pair(codes + p / unit * unit_bytes, (int)(p % unit), KIND);
+            } else if (grouped_is_4bit(KIND)) {
+                w = (__m512i)grouped_nibbles(_mm512_loadu_si512(codes + (p / 4) * 64), 4 * (int)(p % 4), KIND, &tables);
             } else {
                 w = (__m512i)grouped_bytes(codes + p * 32, KIND, &tables);
             }
