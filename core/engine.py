@@ -27,8 +27,9 @@ from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
 from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cache_dtype
 from tokenmill.layers.moe import experts_of, prepare_experts
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
-from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype, single_file_checkpoint
-from tokenmill.loader.quantized_checkpoints import CHECKPOINT_FORMATS, quantized_to
+from tokenmill.linear_methods import checkpoint_method, linear_method, prepared_weights_entry
+from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
+from tokenmill.loader.quantized_checkpoints import quantized_to
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape, model_implementation, text_config_of
@@ -42,7 +43,6 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.slots import PREFIX_CACHING_UNAVAILABLE, SlotAllocator, SlotRunner
 from tokenmill.speculate import NgramSpeculator, SpeculationStats, Verification
-from tokenmill.weight_cache import PreparedWeights, cacheable
 
 PREFIX_CACHING_LENGTH_DEPENDENT_ROPE = "disabled (the model's RoPE scaling depends on each prompt's length)"
 
@@ -123,7 +123,8 @@ class Engine:
             raise ValidationError(f"backend {self.backend.name!r} does not support {self.dtype}")
         start = time.perf_counter()
         # Where the prepared weights are cached from an earlier start, the checkpoint's tensors are not read.
-        self.prepared_weights = None if checkpoint is not None else self._prepared_weights_entry(config)
+        self.prepared_weights = (None if checkpoint is not None
+                                 else prepared_weights_entry(config, self.backend, self.dtype, self.parallel))
         self._restoring = self.prepared_weights is not None and self.prepared_weights.exists()
         self.checkpoint = checkpoint or load_checkpoint(config.model_id, self.dtype, progress=config.progress,
                                                         cache_dir=config.cache_dir, load_format=config.load_format,
@@ -214,11 +215,11 @@ class Engine:
             # prompt has other keys (`tokenmill.layers.rotary`), so blocks cannot be shared.
             self.prefix_caching = PREFIX_CACHING_LENGTH_DEPENDENT_ROPE
             logger.warning("prefix caching: %s", self.prefix_caching)
-        checkpoint_method = self._checkpoint_method(config)
+        quantized_method = checkpoint_method(config, self.backend, self.dtype, self.checkpoint)
         self.layout = self._kv_cache_layout(config)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
         model_class = functools.partial(model_class, parallel=self.parallel)
-        method, restored = checkpoint_method or self._linear_method(config), False
+        method, restored = quantized_method or linear_method(config, self.backend, self.dtype), False
         if self.checkpoint.format == "dummy":
             self.model = build_dummy_model(model_class, model_config, self._make_attention, self.dtype, self.device,
                                            config.seed)
@@ -294,24 +295,6 @@ class Engine:
             raise ValidationError(f"{architecture} runs on the transformers fallback, which does not take "
                                   f"{', '.join(lacking)}; start it without")
 
-    def _checkpoint_method(self, config: EngineConfig):
-        """The backend's method for a pre-quantized checkpoint (None for a dense one), refused before any
-        layer is built where the backend runs no method for its format, or where --quantize asks for another."""
-        weights = self.checkpoint.quantized_weights
-        weight_format = next(iter(weights.values())).format if weights else None
-        if not weights:
-            if config.quantize in CHECKPOINT_FORMATS and config.quantize not in self.backend.quantization_methods:
-                raise ValidationError(f"--quantize {config.quantize} names a pre-quantized checkpoint format, and this "
-                                      "checkpoint is not quantized: start it without, or with a method the backend offers")
-            return None
-        description = self.checkpoint.quantization or "pre-quantized"
-        if config.quantize and config.quantize != weight_format:  # TGI's `--quantize gptq` names the format itself
-            raise ValidationError(f"the checkpoint is already quantized ({description}): start it without "
-                                  f"--quantize {config.quantize}")
-        method = self.backend.checkpoint_method(self.dtype, weight_format, description)
-        logger.info("pre-quantized checkpoint (%s): %d linear layers run by %s", description, len(weights), method.name)
-        return method
-
     def _kv_cache_layout(self, config: EngineConfig):
         """The backend's layout for the model's cache in `--kv-cache-dtype`; refused if it cannot store that."""
         cache_dtype = resolve_kv_cache_dtype(parse_kv_cache_dtype(config.kv_cache_dtype), self.dtype)
@@ -347,24 +330,6 @@ class Engine:
         backend = self.backend.attention(spec, self.layout)
         self._attention[spec] = backend
         return backend
-
-    def _linear_method(self, config: EngineConfig):
-        """How the linear layers run: `--quantize`'s method, else the backend's dense method (None: F.linear)."""
-        if config.quantize:
-            return self.backend.quantization_method(config.quantize)
-        return self.backend.dense_linear_method(self.dtype)
-
-    def _prepared_weights_entry(self, config: EngineConfig) -> PreparedWeights | None:
-        """The cache entry for this model's prepared weights, where there can be one: a cache dir, one
-        checkpoint file, a linear method that serializes, a single rank. An entry exists only where the
-        core's model ran on this backend before: a backend running its own model never writes one."""
-        if config.cache_dir is None or config.load_format == "dummy" or self.parallel.is_parallel:
-            return None
-        if config.quantize in CHECKPOINT_FORMATS:  # TGI's name of a safetensors checkpoint's own format
-            return None
-        method = self._linear_method(config)
-        source = single_file_checkpoint(config.model_id) if cacheable(method) else None
-        return None if source is None else PreparedWeights.locate(config.cache_dir, source, method, self.dtype)
 
     def _prepare_linears(self, method) -> None:
         from tokenmill.layers.linear import Linear
