@@ -23,14 +23,13 @@ from tokenmill.block_manager import BlockManager
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
-from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
+from tokenmill.interfaces import MemoryRequest, SlotModel
 from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cache_dtype
-from tokenmill.layers.moe import experts_of, prepare_experts
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
 from tokenmill.linear_methods import checkpoint_method, linear_method, prepared_weights_entry
-from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype
-from tokenmill.loader.quantized_checkpoints import quantized_to
+from tokenmill.loader import Checkpoint, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
+from tokenmill.model_loading import check_model_implementation, load_model, use_backend_ops
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, kv_cache_shape, model_implementation, text_config_of
 from tokenmill.multimodal import ImageInput
@@ -209,7 +208,8 @@ class Engine:
         model_config = self.model_config
         self.prefix_caching = "enabled" if config.enable_prefix_caching else "disabled"
         model_class = get_model_class(model_config)
-        self._use_model_implementation(model_implementation(model_class))
+        self.model_implementation = model_implementation(model_class)
+        check_model_implementation(self.model_implementation, config, self.checkpoint)
         if config.enable_prefix_caching and rope_depends_on_length(self.text_config):
             # A prompt token's key is rotated for its own prompt's length: the same prefix in another
             # prompt has other keys (`tokenmill.layers.rotary`), so blocks cannot be shared.
@@ -218,35 +218,11 @@ class Engine:
         quantized_method = checkpoint_method(config, self.backend, self.dtype, self.checkpoint)
         self.layout = self._kv_cache_layout(config)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
-        model_class = functools.partial(model_class, parallel=self.parallel)
-        method, restored = quantized_method or linear_method(config, self.backend, self.dtype), False
-        if self.checkpoint.format == "dummy":
-            self.model = build_dummy_model(model_class, model_config, self._make_attention, self.dtype, self.device,
-                                           config.seed)
-        else:
-            self.model = model_class(model_config, self._make_attention, self.dtype)
-            restored = self._restoring and self.prepared_weights.restore(self.model, method)
-            if self._restoring and not restored:  # the entry was unusable: read the checkpoint's weights after all
-                loaded = load_checkpoint(config.model_id, self.dtype, progress=config.progress,
-                                         cache_dir=config.cache_dir, load_format=config.load_format)
-                self.checkpoint.tensors, self.checkpoint.ggml_weights = loaded.tensors, loaded.ggml_weights
-            if not restored:
-                if self.checkpoint.quantized_weights:  # first: those layers then expect no dense weight
-                    self.model.load_quantized_weights({k: quantized_to(v, self.device)
-                                                       for k, v in self.checkpoint.quantized_weights.items()})
-                self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
-        self.model.to(self.device).eval()
-        self.checkpoint.tensors = {}  # the model owns the weights now
-        self.checkpoint.quantized_weights = {}
-        if not restored:
-            self._prepare_linears(method)
-            if self.prepared_weights is not None and not experts_of(self.model):
-                self.prepared_weights.save(self.model, method)
-        self.checkpoint.ggml_weights = {}
-        if experts_of(self.model):
-            prepare_experts(self.model, self.backend.moe_method(self.dtype))
-
-        self._bind_layer_ops(self.backend.layer_ops(self.dtype))
+        self.model = load_model(functools.partial(model_class, parallel=self.parallel), config, self.checkpoint,
+                                self._make_attention, self.dtype, self.device,
+                                quantized_method or linear_method(config, self.backend, self.dtype),
+                                self.prepared_weights, self._restoring)
+        use_backend_ops(self.model, self.backend, self.dtype)
         if config.lora_adapters:  # before compile_model: a captured step must see the adapted layers
             self.lora = load_adapters(self.model, config.lora_adapters, self.backend.lora_method(self.dtype),
                                       self.dtype, self.device)
@@ -276,24 +252,6 @@ class Engine:
         if hasattr(self.model, "encode_images") and processor is not None:
             self.image_encoder = ImageEncoder(self.model, processor.image_processor)
         return buckets
-
-    def _use_model_implementation(self, implementation: str) -> None:
-        """Say whose code runs the model; refuse what the transformers fallback cannot do."""
-        self.model_implementation = implementation
-        architecture = (getattr(self.model_config, "architectures", None) or ["?"])[0]
-        if implementation == "tokenmill":
-            logger.info("model %s: tokenmill's own implementation", architecture)
-            return
-        logger.info("model %s: no tokenmill implementation, running transformers' modeling code (the transformers "
-                    "fallback) with tokenmill's paged attention", architecture)
-        config = self.config
-        lacking = [flag for flag, asked in (("--quantize", config.quantize), ("--lora-adapters", config.lora_adapters),
-                                            ("--load-format dummy", config.load_format == "dummy"),
-                                            ("a pre-quantized checkpoint", bool(self.checkpoint.quantized_weights)))
-                   if asked]
-        if lacking:
-            raise ValidationError(f"{architecture} runs on the transformers fallback, which does not take "
-                                  f"{', '.join(lacking)}; start it without")
 
     def _kv_cache_layout(self, config: EngineConfig):
         """The backend's layout for the model's cache in `--kv-cache-dtype`; refused if it cannot store that."""
@@ -330,22 +288,6 @@ class Engine:
         backend = self.backend.attention(spec, self.layout)
         self._attention[spec] = backend
         return backend
-
-    def _prepare_linears(self, method) -> None:
-        from tokenmill.layers.linear import Linear
-
-        if method is None:
-            return
-        self.model.load_ggml_weights(self.checkpoint.ggml_weights)
-        for module in self.model.modules():
-            if isinstance(module, Linear):
-                module.quantize(method)
-
-    def _bind_layer_ops(self, ops: LayerOps) -> None:
-        """Point every module that runs elementwise layer ops (norms, rotary, MLP) at the backend's."""
-        for module in self.model.modules():
-            if isinstance(getattr(module, "ops", None), LayerOps):
-                module.ops = ops
 
     def warmup(self, progress: bool | None = None) -> None:
         """Run the step shapes the server will see once before serving (every bucketed shape, if declared).
