@@ -7,7 +7,6 @@ thread for the serving layer; the conformance suite and benchmarks use `Engine.g
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import itertools
 import logging
@@ -23,15 +22,16 @@ from tokenmill.block_manager import BlockManager
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
-from tokenmill.interfaces import MemoryRequest, SlotModel
+from tokenmill.interfaces import SlotModel
 from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cache_dtype
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
+from tokenmill.kv_cache_sizing import count_kv_blocks, kv_cache_layout, profile_largest_step
 from tokenmill.linear_methods import checkpoint_method, linear_method, prepared_weights_entry
 from tokenmill.loader import Checkpoint, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
 from tokenmill.model_loading import check_model_implementation, load_model, use_backend_ops
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
-from tokenmill.models import get_model_class, kv_cache_shape, model_implementation, text_config_of
+from tokenmill.models import get_model_class, model_implementation, text_config_of
 from tokenmill.multimodal import ImageInput
 from tokenmill.multimodal.encoder import ImageEncoder, RequestImages
 from tokenmill.outputs import RequestOutput, StepStats, TokenInfo
@@ -216,7 +216,7 @@ class Engine:
             self.prefix_caching = PREFIX_CACHING_LENGTH_DEPENDENT_ROPE
             logger.warning("prefix caching: %s", self.prefix_caching)
         quantized_method = checkpoint_method(config, self.backend, self.dtype, self.checkpoint)
-        self.layout = self._kv_cache_layout(config)
+        self.layout = kv_cache_layout(config, self.backend, model_config, self.dtype, self.parallel, self.device)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
         self.model = load_model(functools.partial(model_class, parallel=self.parallel), config, self.checkpoint,
                                 self._make_attention, self.dtype, self.device,
@@ -227,62 +227,25 @@ class Engine:
             self.lora = load_adapters(self.model, config.lora_adapters, self.backend.lora_method(self.dtype),
                                       self.dtype, self.device)
 
-        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        budget = self.backend.memory_budget(self.device, MemoryRequest(
-            weights_bytes, config.kv_cache_bytes, config.memory_fraction, profile=self._profile_largest_step))
-        self.num_blocks = budget // self.layout.bytes_per_block()
-        if config.max_batch_total_tokens:
-            self.num_blocks = min(self.num_blocks, -(-config.max_batch_total_tokens // self.layout.block_size))
-        if self.parallel.is_parallel:  # rank 0 hands out the block ids: every rank's cache must hold them all
-            self.num_blocks = int(self.parallel.communicator.all_gather(
-                torch.tensor([self.num_blocks], device=self.device), dim=0).min())
-        if self.num_blocks < 1:
-            raise ValidationError(f"the KV-cache budget ({budget} bytes) holds no block of "
-                                  f"{self.layout.bytes_per_block()} bytes; give more memory")
+        attention = list(self._attention.values())
+        largest_step = max(1, min(config.max_num_batched_tokens, self.max_model_len, context_length(self.text_config)))
+        profile = functools.partial(profile_largest_step, self.model, attention, self.layout, self.device,
+                                    self.platform.inference_mode, largest_step, config.max_num_seqs)
+        self.num_blocks = count_kv_blocks(config, self.backend, self.layout, self.model, self.parallel, self.device,
+                                          profile)
         self.kv_caches = self.layout.allocate(self.num_blocks)
         buckets = self.backend.shape_buckets(config.max_num_batched_tokens, config.max_num_seqs)
         forward = self.backend.compile_model(self.model, buckets, config.graph_batch_sizes)
         padding = None if buckets is None else StepPadding(  # tables up to a width bucket, or the longest context
             buckets, -(-self.max_model_len // self.layout.block_size), self.max_model_len, self.layout.block_size)
-        self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
-                                  self.layout.block_size, self.device, padding, self.platform.sampling_device,
-                                  self.platform.inference_mode, self.lora)
+        self.runner = ModelRunner(self.model, forward, self.kv_caches, attention, self.layout.block_size,
+                                  self.device, padding, self.platform.sampling_device, self.platform.inference_mode,
+                                  self.lora)
         self.block_manager = self._new_block_manager()
         processor = getattr(self.checkpoint, "processor", None)
         if hasattr(self.model, "encode_images") and processor is not None:
             self.image_encoder = ImageEncoder(self.model, processor.image_processor)
         return buckets
-
-    def _kv_cache_layout(self, config: EngineConfig):
-        """The backend's layout for the model's cache in `--kv-cache-dtype`; refused if it cannot store that."""
-        cache_dtype = resolve_kv_cache_dtype(parse_kv_cache_dtype(config.kv_cache_dtype), self.dtype)
-        shape = dataclasses.replace(kv_cache_shape(self.model_config, self.dtype, self.parallel), cache_dtype=cache_dtype)
-        layout = self.backend.kv_cache_layout(shape, self.device)
-        if cache_dtype not in layout.cache_dtypes:
-            stored = ", ".join(name if name != "auto" else f"auto ({str(self.dtype).removeprefix('torch.')})"
-                               for name in layout.cache_dtypes)
-            raise ValidationError(f"backend {self.backend.name!r} cannot store the KV cache as {config.kv_cache_dtype} "
-                                  f"with a {str(self.dtype).removeprefix('torch.')} model; its KV cache dtypes: {stored}")
-        return layout
-
-    def _profile_largest_step(self) -> None:
-        """`MemoryRequest.profile`: one eager forward of the largest step, on a scratch cache freed on return.
-
-        One sequence of max_num_batched_tokens tokens (capped at what the model's positions and context
-        hold) asking for as many logit rows as a full batch of sequences would, so the peak the backend
-        measures covers the largest activations and logits a real step makes. The compiled forward
-        does not exist yet: graphs are captured later, over the real cache.
-        """
-        config = self.config
-        num_tokens = max(1, min(config.max_num_batched_tokens, self.max_model_len,
-                                context_length(self.text_config)))
-        num_blocks = -(-num_tokens // self.layout.block_size)
-        scratch = self.layout.allocate(num_blocks)
-        runner = ModelRunner(self.model, self.model, scratch, list(self._attention.values()), self.layout.block_size,
-                             self.device, inference_mode=self.platform.inference_mode)
-        runner.execute([SequenceStep([0] * num_tokens, 0, list(range(num_blocks)),
-                                     min(num_tokens, config.max_num_seqs))])
-        del runner, scratch  # the backend reads its counters once this returns: nothing of the step stays alive
 
     def _make_attention(self, spec):
         backend = self.backend.attention(spec, self.layout)
