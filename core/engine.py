@@ -11,7 +11,7 @@ import functools
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -24,8 +24,8 @@ from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
 from tokenmill.interfaces import SlotModel
 from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cache_dtype
-from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
 from tokenmill.kv_cache_sizing import count_kv_blocks, kv_cache_layout, profile_largest_step
+from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
 from tokenmill.linear_methods import checkpoint_method, linear_method, prepared_weights_entry
 from tokenmill.loader import Checkpoint, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
@@ -33,16 +33,17 @@ from tokenmill.model_loading import check_model_implementation, load_model, use_
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
 from tokenmill.models import get_model_class, model_implementation, text_config_of
 from tokenmill.multimodal import ImageInput
-from tokenmill.multimodal.encoder import ImageEncoder, RequestImages
+from tokenmill.multimodal.encoder import ImageEncoder
 from tokenmill.outputs import RequestOutput, StepStats, TokenInfo
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 from tokenmill.request import FinishReason, Request
+from tokenmill.request_outputs import RequestState, TokenReader, request_output
 from tokenmill.sampler import Sampler, SamplingMetadata
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.slots import PREFIX_CACHING_UNAVAILABLE, SlotAllocator, SlotRunner
-from tokenmill.step_shapes import reachable_step_shapes
 from tokenmill.speculate import NgramSpeculator, SpeculationStats, Verification
+from tokenmill.step_shapes import reachable_step_shapes
 
 PREFIX_CACHING_LENGTH_DEPENDENT_ROPE = "disabled (the model's RoPE scaling depends on each prompt's length)"
 
@@ -92,22 +93,6 @@ class EngineConfig:
     def local_rank(self) -> int:
         """This rank's index on its machine: the device it runs on."""
         return self.rank - self.node_rank * self.ranks_per_node
-
-
-@dataclass
-class _RequestState:
-    """Engine-side bookkeeping for one request beyond what the scheduler tracks."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    stop: StopChecker
-    arrival_time: float
-    prompt_logprobs: list[TokenInfo] | None = None
-    cumulative_logprob: float = 0.0
-    first_output_sent: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    matcher: GrammarMatcher | None = None  # where the request is in its grammar (structured output)
-    images: RequestImages | None = None  # the prompt's images, for a vision-language model
 
 
 class Engine:
@@ -162,10 +147,11 @@ class Engine:
         # Grammars compile on this pool, off the step loop; a request waits in `_compiling` meanwhile.
         self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.text_config.vocab_size, self.eos_token_ids)
         self._compiling: dict[str, concurrent.futures.Future] = {}
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, RequestState] = {}
         self._arrivals = itertools.count()
         self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
         self.last_step: StepStats | None = None  # what the latest step ran, for the batch metrics
+        self.token_reader = TokenReader(self.tokenizer, self.eos_token_ids, self.max_model_len)
 
     def _use_slot_model(self, config: EngineConfig, model: Any) -> SchedulerConfig:
         """Run the backend's own model: one slot per running request, no paged cache, no prefix caching."""
@@ -338,7 +324,7 @@ class Engine:
         spans, request_images = self._prepare_images(prompt_token_ids, images)
         request = Request(request_id, list(prompt_token_ids), params, next(self._arrivals), adapter=slot,
                           images=spans)
-        state = _RequestState(
+        state = RequestState(
             request,
             IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
             StopChecker(params.stop, params.include_stop_str_in_output),
@@ -389,7 +375,7 @@ class Engine:
             except GrammarError as exc:
                 self.scheduler.finish(state.request, FinishReason.ERROR, str(exc))
                 del self._states[request_id]
-                outputs.append(self._output(state, finished=True, error=str(exc)))
+                outputs.append(request_output(state, finished=True, error=str(exc)))
                 continue
             self.scheduler.add_request(state.request)
         return outputs
@@ -401,7 +387,7 @@ class Engine:
             return None
         self._compiling.pop(request_id, None)
         self.scheduler.finish(state.request, FinishReason.ABORTED)
-        return self._output(state, finished=True)
+        return request_output(state, finished=True)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._compiling)
@@ -546,8 +532,8 @@ class Engine:
             infos, tops, text, reason = [], [], "", None
             first = request.num_tokens - len(tokens)  # where this step's tokens start in token_ids
             for k, token in enumerate(tokens):
-                info, top, piece, reason = self._take_token(state, token, first + k + 1, row + k, logprobs, top_ids,
-                                                            top_lps)
+                info, top, piece, reason = self.token_reader.take_token(state, token, first + k + 1, row + k, logprobs,
+                                                                    top_ids, top_lps)
                 infos.append(info)
                 tops += top
                 text += piece
@@ -557,91 +543,14 @@ class Engine:
             if reason is not None:
                 text += state.stop.flush()
                 self.scheduler.finish(request, reason)
-            outputs.append(self._output(state, infos, tops, text, finished=reason is not None))
+            outputs.append(request_output(state, infos, tops, text, finished=reason is not None))
             if reason is not None:
                 del self._states[request.request_id]
         return outputs
 
-    def _take_token(self, state: _RequestState, token: int, num_tokens: int, row: int, logprobs: list[float] | None,
-                    top_ids: list[list[int]] | None, top_lps: list[list[float]] | None):
-        """One new token, the `num_tokens`-th of the request, sampled in `row`: its info, top tokens, the text
-        it completes and the reason it ends the request (None: it does not)."""
-        request, params = state.request, state.request.sampling_params
-        logprob = logprobs[row] if logprobs is not None else None
-        if logprob is not None:
-            state.cumulative_logprob += logprob
-        special = token in self.tokenizer.all_special_ids
-        info = TokenInfo(token, logprob, self.tokenizer.decode([token]), special)
-        tops = []
-        if params.top_n_tokens and top_ids is not None:
-            tops = [[TokenInfo(t, lp, self.tokenizer.decode([t]), t in self.tokenizer.all_special_ids)
-                     for t, lp in zip(top_ids[row][: params.top_n_tokens], top_lps[row][: params.top_n_tokens])]]
-        # Until min_tokens are out nothing stops generation (the sampler holds the stop tokens back).
-        armed = num_tokens - request.num_prompt_tokens >= params.min_tokens
-        if armed and token in params.stop_token_ids and not params.include_stop_str_in_output:
-            text, stopped = state.stop.add("")  # a stop token's text is dropped, as a stop string's is
-        else:
-            text, stopped = state.stop.add(state.detokenizer.add(token), check=armed)
-        reason = self._finish_reason(request, token, num_tokens, stopped, armed)
-        if state.matcher is not None:
-            reason = self._follow_grammar(state, token, reason)
-        return info, tops, text, reason
-
-    @staticmethod
-    def _follow_grammar(state: _RequestState, token: int, reason: FinishReason | None) -> FinishReason | None:
-        """Advance the request's grammar by `token`; the grammar's end (its stop token taken) ends the request."""
-        if not state.matcher.accept(token):
-            # The mask allowed only tokens the grammar accepts; this is a bug, not the client's doing.
-            logger.error("request %s: sampled token %d that its grammar refuses", state.request.request_id, token)
-            return FinishReason.ERROR
-        if state.matcher.terminated:
-            return FinishReason.EOS_TOKEN
-        return reason
-
-    def _finish_reason(self, request: Request, token: int, num_tokens: int, stopped: bool,
-                       armed: bool) -> FinishReason | None:
-        """Why the request ends at `token`, its `num_tokens`-th token; None: it goes on."""
-        params = request.sampling_params
-        if armed and not params.ignore_eos and token in self.eos_token_ids:
-            return FinishReason.EOS_TOKEN
-        if stopped or (armed and token in params.stop_token_ids):
-            return FinishReason.STOP_SEQUENCE
-        if num_tokens - request.num_prompt_tokens >= params.max_new_tokens or num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
     def _fail(self, request: Request) -> RequestOutput:
         state = self._states.pop(request.request_id)
-        return self._output(state, finished=True, error=request.finish_message)
-
-    def _output(self, state: _RequestState, tokens=(), tops=(), text: str = "", finished: bool = False,
-                error: str | None = None) -> RequestOutput:
-        request = state.request
-        out = RequestOutput(
-            request_id=request.request_id,
-            new_tokens=list(tokens),
-            new_top_tokens=list(tops),
-            text_delta=text,
-            finished=finished,
-            finish_reason=request.finish_reason.value if finished and request.finish_reason else None,
-            error=error,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_generated_tokens=request.num_output_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-            cumulative_logprob=state.cumulative_logprob,
-            seed=request.sampling_params.seed,
-        )
-        if not state.first_output_sent:
-            out.prompt_logprobs = state.prompt_logprobs
-            state.first_output_sent = True
-        if finished:
-            out.generated_text = state.stop.text
-            end = time.monotonic()
-            start = state.timings.get("first_scheduled", end)
-            out.queue_time_s = start - state.arrival_time
-            out.inference_time_s = end - start
-            out.prefill_time_s = state.timings.get("first_token", end) - start
-        return out
+        return request_output(state, finished=True, error=request.finish_message)
 
     # ---- batch API --------------------------------------------------------------------------------
 
