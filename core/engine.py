@@ -7,12 +7,11 @@ thread for the serving layer; the conformance suite and benchmarks use `Engine.g
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -23,26 +22,28 @@ from tokenmill.block_manager import BlockManager
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.errors import ValidationError
 from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, fill_bitmask
-from tokenmill.interfaces import LayerOps, MemoryRequest, SlotModel
+from tokenmill.interfaces import SlotModel
 from tokenmill.kv_cache_dtype import AUTO, parse_kv_cache_dtype, resolve_kv_cache_dtype
-from tokenmill.layers.moe import experts_of, prepare_experts
+from tokenmill.kv_cache_sizing import count_kv_blocks, kv_cache_layout, profile_largest_step
 from tokenmill.layers.rotary import context_length, longrope_switch_length, rope_depends_on_length
-from tokenmill.loader import Checkpoint, build_dummy_model, load_checkpoint, parse_dtype, single_file_checkpoint
-from tokenmill.loader.quantized_checkpoints import CHECKPOINT_FORMATS, quantized_to
+from tokenmill.linear_methods import checkpoint_method, linear_method, prepared_weights_entry
+from tokenmill.loader import Checkpoint, load_checkpoint, parse_dtype
 from tokenmill.lora import LoRAAdapters, load_adapters
+from tokenmill.model_loading import check_model_implementation, load_model, use_backend_ops
 from tokenmill.model_runner import ModelRunner, SequenceStep, StepPadding, StepShape, host_to_device
-from tokenmill.models import get_model_class, kv_cache_shape, model_implementation, text_config_of
+from tokenmill.models import get_model_class, model_implementation, text_config_of
 from tokenmill.multimodal import ImageInput
-from tokenmill.multimodal.encoder import ImageEncoder, RequestImages
+from tokenmill.multimodal.encoder import ImageEncoder
 from tokenmill.outputs import RequestOutput, StepStats, TokenInfo
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 from tokenmill.request import FinishReason, Request
+from tokenmill.request_outputs import RequestState, TokenReader, request_output
 from tokenmill.sampler import Sampler, SamplingMetadata
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.slots import PREFIX_CACHING_UNAVAILABLE, SlotAllocator, SlotRunner
 from tokenmill.speculate import NgramSpeculator, SpeculationStats, Verification
-from tokenmill.weight_cache import PreparedWeights, cacheable
+from tokenmill.step_shapes import reachable_step_shapes
 
 PREFIX_CACHING_LENGTH_DEPENDENT_ROPE = "disabled (the model's RoPE scaling depends on each prompt's length)"
 
@@ -94,22 +95,6 @@ class EngineConfig:
         return self.rank - self.node_rank * self.ranks_per_node
 
 
-@dataclass
-class _RequestState:
-    """Engine-side bookkeeping for one request beyond what the scheduler tracks."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    stop: StopChecker
-    arrival_time: float
-    prompt_logprobs: list[TokenInfo] | None = None
-    cumulative_logprob: float = 0.0
-    first_output_sent: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    matcher: GrammarMatcher | None = None  # where the request is in its grammar (structured output)
-    images: RequestImages | None = None  # the prompt's images, for a vision-language model
-
-
 class Engine:
     def __init__(self, config: EngineConfig, backend: Backend | None = None, checkpoint: Checkpoint | None = None,
                  parallel: ParallelContext | None = None):
@@ -123,7 +108,8 @@ class Engine:
             raise ValidationError(f"backend {self.backend.name!r} does not support {self.dtype}")
         start = time.perf_counter()
         # Where the prepared weights are cached from an earlier start, the checkpoint's tensors are not read.
-        self.prepared_weights = None if checkpoint is not None else self._prepared_weights_entry(config)
+        self.prepared_weights = (None if checkpoint is not None
+                                 else prepared_weights_entry(config, self.backend, self.dtype, self.parallel))
         self._restoring = self.prepared_weights is not None and self.prepared_weights.exists()
         self.checkpoint = checkpoint or load_checkpoint(config.model_id, self.dtype, progress=config.progress,
                                                         cache_dir=config.cache_dir, load_format=config.load_format,
@@ -161,10 +147,11 @@ class Engine:
         # Grammars compile on this pool, off the step loop; a request waits in `_compiling` meanwhile.
         self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.text_config.vocab_size, self.eos_token_ids)
         self._compiling: dict[str, concurrent.futures.Future] = {}
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, RequestState] = {}
         self._arrivals = itertools.count()
         self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model (prefix hits excluded)
         self.last_step: StepStats | None = None  # what the latest step ran, for the batch metrics
+        self.token_reader = TokenReader(self.tokenizer, self.eos_token_ids, self.max_model_len)
 
     def _use_slot_model(self, config: EngineConfig, model: Any) -> SchedulerConfig:
         """Run the backend's own model: one slot per running request, no paged cache, no prefix caching."""
@@ -208,179 +195,49 @@ class Engine:
         model_config = self.model_config
         self.prefix_caching = "enabled" if config.enable_prefix_caching else "disabled"
         model_class = get_model_class(model_config)
-        self._use_model_implementation(model_implementation(model_class))
+        self.model_implementation = model_implementation(model_class)
+        check_model_implementation(self.model_implementation, config, self.checkpoint)
         if config.enable_prefix_caching and rope_depends_on_length(self.text_config):
             # A prompt token's key is rotated for its own prompt's length: the same prefix in another
             # prompt has other keys (`tokenmill.layers.rotary`), so blocks cannot be shared.
             self.prefix_caching = PREFIX_CACHING_LENGTH_DEPENDENT_ROPE
             logger.warning("prefix caching: %s", self.prefix_caching)
-        checkpoint_method = self._checkpoint_method(config)
-        self.layout = self._kv_cache_layout(config)
+        quantized_method = checkpoint_method(config, self.backend, self.dtype, self.checkpoint)
+        self.layout = kv_cache_layout(config, self.backend, model_config, self.dtype, self.parallel, self.device)
         self._attention: dict = {}  # one backend object per distinct layer spec, filled as the model is built
-        model_class = functools.partial(model_class, parallel=self.parallel)
-        method, restored = checkpoint_method or self._linear_method(config), False
-        if self.checkpoint.format == "dummy":
-            self.model = build_dummy_model(model_class, model_config, self._make_attention, self.dtype, self.device,
-                                           config.seed)
-        else:
-            self.model = model_class(model_config, self._make_attention, self.dtype)
-            restored = self._restoring and self.prepared_weights.restore(self.model, method)
-            if self._restoring and not restored:  # the entry was unusable: read the checkpoint's weights after all
-                loaded = load_checkpoint(config.model_id, self.dtype, progress=config.progress,
-                                         cache_dir=config.cache_dir, load_format=config.load_format)
-                self.checkpoint.tensors, self.checkpoint.ggml_weights = loaded.tensors, loaded.ggml_weights
-            if not restored:
-                if self.checkpoint.quantized_weights:  # first: those layers then expect no dense weight
-                    self.model.load_quantized_weights({k: quantized_to(v, self.device)
-                                                       for k, v in self.checkpoint.quantized_weights.items()})
-                self.model.load_weights({k: v.to(self.device) for k, v in self.checkpoint.tensors.items()})
-        self.model.to(self.device).eval()
-        self.checkpoint.tensors = {}  # the model owns the weights now
-        self.checkpoint.quantized_weights = {}
-        if not restored:
-            self._prepare_linears(method)
-            if self.prepared_weights is not None and not experts_of(self.model):
-                self.prepared_weights.save(self.model, method)
-        self.checkpoint.ggml_weights = {}
-        if experts_of(self.model):
-            prepare_experts(self.model, self.backend.moe_method(self.dtype))
-
-        self._bind_layer_ops(self.backend.layer_ops(self.dtype))
+        self.model = load_model(functools.partial(model_class, parallel=self.parallel), config, self.checkpoint,
+                                self._make_attention, self.dtype, self.device,
+                                quantized_method or linear_method(config, self.backend, self.dtype),
+                                self.prepared_weights, self._restoring)
+        use_backend_ops(self.model, self.backend, self.dtype)
         if config.lora_adapters:  # before compile_model: a captured step must see the adapted layers
             self.lora = load_adapters(self.model, config.lora_adapters, self.backend.lora_method(self.dtype),
                                       self.dtype, self.device)
 
-        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        budget = self.backend.memory_budget(self.device, MemoryRequest(
-            weights_bytes, config.kv_cache_bytes, config.memory_fraction, profile=self._profile_largest_step))
-        self.num_blocks = budget // self.layout.bytes_per_block()
-        if config.max_batch_total_tokens:
-            self.num_blocks = min(self.num_blocks, -(-config.max_batch_total_tokens // self.layout.block_size))
-        if self.parallel.is_parallel:  # rank 0 hands out the block ids: every rank's cache must hold them all
-            self.num_blocks = int(self.parallel.communicator.all_gather(
-                torch.tensor([self.num_blocks], device=self.device), dim=0).min())
-        if self.num_blocks < 1:
-            raise ValidationError(f"the KV-cache budget ({budget} bytes) holds no block of "
-                                  f"{self.layout.bytes_per_block()} bytes; give more memory")
+        attention = list(self._attention.values())
+        largest_step = max(1, min(config.max_num_batched_tokens, self.max_model_len, context_length(self.text_config)))
+        profile = functools.partial(profile_largest_step, self.model, attention, self.layout, self.device,
+                                    self.platform.inference_mode, largest_step, config.max_num_seqs)
+        self.num_blocks = count_kv_blocks(config, self.backend, self.layout, self.model, self.parallel, self.device,
+                                          profile)
         self.kv_caches = self.layout.allocate(self.num_blocks)
         buckets = self.backend.shape_buckets(config.max_num_batched_tokens, config.max_num_seqs)
         forward = self.backend.compile_model(self.model, buckets, config.graph_batch_sizes)
         padding = None if buckets is None else StepPadding(  # tables up to a width bucket, or the longest context
             buckets, -(-self.max_model_len // self.layout.block_size), self.max_model_len, self.layout.block_size)
-        self.runner = ModelRunner(self.model, forward, self.kv_caches, list(self._attention.values()),
-                                  self.layout.block_size, self.device, padding, self.platform.sampling_device,
-                                  self.platform.inference_mode, self.lora)
+        self.runner = ModelRunner(self.model, forward, self.kv_caches, attention, self.layout.block_size,
+                                  self.device, padding, self.platform.sampling_device, self.platform.inference_mode,
+                                  self.lora)
         self.block_manager = self._new_block_manager()
         processor = getattr(self.checkpoint, "processor", None)
         if hasattr(self.model, "encode_images") and processor is not None:
             self.image_encoder = ImageEncoder(self.model, processor.image_processor)
         return buckets
 
-    def _use_model_implementation(self, implementation: str) -> None:
-        """Say whose code runs the model; refuse what the transformers fallback cannot do."""
-        self.model_implementation = implementation
-        architecture = (getattr(self.model_config, "architectures", None) or ["?"])[0]
-        if implementation == "tokenmill":
-            logger.info("model %s: tokenmill's own implementation", architecture)
-            return
-        logger.info("model %s: no tokenmill implementation, running transformers' modeling code (the transformers "
-                    "fallback) with tokenmill's paged attention", architecture)
-        config = self.config
-        lacking = [flag for flag, asked in (("--quantize", config.quantize), ("--lora-adapters", config.lora_adapters),
-                                            ("--load-format dummy", config.load_format == "dummy"),
-                                            ("a pre-quantized checkpoint", bool(self.checkpoint.quantized_weights)))
-                   if asked]
-        if lacking:
-            raise ValidationError(f"{architecture} runs on the transformers fallback, which does not take "
-                                  f"{', '.join(lacking)}; start it without")
-
-    def _checkpoint_method(self, config: EngineConfig):
-        """The backend's method for a pre-quantized checkpoint (None for a dense one), refused before any
-        layer is built where the backend runs no method for its format, or where --quantize asks for another."""
-        weights = self.checkpoint.quantized_weights
-        weight_format = next(iter(weights.values())).format if weights else None
-        if not weights:
-            if config.quantize in CHECKPOINT_FORMATS and config.quantize not in self.backend.quantization_methods:
-                raise ValidationError(f"--quantize {config.quantize} names a pre-quantized checkpoint format, and this "
-                                      "checkpoint is not quantized: start it without, or with a method the backend offers")
-            return None
-        description = self.checkpoint.quantization or "pre-quantized"
-        if config.quantize and config.quantize != weight_format:  # TGI's `--quantize gptq` names the format itself
-            raise ValidationError(f"the checkpoint is already quantized ({description}): start it without "
-                                  f"--quantize {config.quantize}")
-        method = self.backend.checkpoint_method(self.dtype, weight_format, description)
-        logger.info("pre-quantized checkpoint (%s): %d linear layers run by %s", description, len(weights), method.name)
-        return method
-
-    def _kv_cache_layout(self, config: EngineConfig):
-        """The backend's layout for the model's cache in `--kv-cache-dtype`; refused if it cannot store that."""
-        cache_dtype = resolve_kv_cache_dtype(parse_kv_cache_dtype(config.kv_cache_dtype), self.dtype)
-        shape = dataclasses.replace(kv_cache_shape(self.model_config, self.dtype, self.parallel), cache_dtype=cache_dtype)
-        layout = self.backend.kv_cache_layout(shape, self.device)
-        if cache_dtype not in layout.cache_dtypes:
-            stored = ", ".join(name if name != "auto" else f"auto ({str(self.dtype).removeprefix('torch.')})"
-                               for name in layout.cache_dtypes)
-            raise ValidationError(f"backend {self.backend.name!r} cannot store the KV cache as {config.kv_cache_dtype} "
-                                  f"with a {str(self.dtype).removeprefix('torch.')} model; its KV cache dtypes: {stored}")
-        return layout
-
-    def _profile_largest_step(self) -> None:
-        """`MemoryRequest.profile`: one eager forward of the largest step, on a scratch cache freed on return.
-
-        One sequence of max_num_batched_tokens tokens (capped at what the model's positions and context
-        hold) asking for as many logit rows as a full batch of sequences would, so the peak the backend
-        measures covers the largest activations and logits a real step makes. The compiled forward
-        does not exist yet: graphs are captured later, over the real cache.
-        """
-        config = self.config
-        num_tokens = max(1, min(config.max_num_batched_tokens, self.max_model_len,
-                                context_length(self.text_config)))
-        num_blocks = -(-num_tokens // self.layout.block_size)
-        scratch = self.layout.allocate(num_blocks)
-        runner = ModelRunner(self.model, self.model, scratch, list(self._attention.values()), self.layout.block_size,
-                             self.device, inference_mode=self.platform.inference_mode)
-        runner.execute([SequenceStep([0] * num_tokens, 0, list(range(num_blocks)),
-                                     min(num_tokens, config.max_num_seqs))])
-        del runner, scratch  # the backend reads its counters once this returns: nothing of the step stays alive
-
     def _make_attention(self, spec):
         backend = self.backend.attention(spec, self.layout)
         self._attention[spec] = backend
         return backend
-
-    def _linear_method(self, config: EngineConfig):
-        """How the linear layers run: `--quantize`'s method, else the backend's dense method (None: F.linear)."""
-        if config.quantize:
-            return self.backend.quantization_method(config.quantize)
-        return self.backend.dense_linear_method(self.dtype)
-
-    def _prepared_weights_entry(self, config: EngineConfig) -> PreparedWeights | None:
-        """The cache entry for this model's prepared weights, where there can be one: a cache dir, one
-        checkpoint file, a linear method that serializes, a single rank. An entry exists only where the
-        core's model ran on this backend before: a backend running its own model never writes one."""
-        if config.cache_dir is None or config.load_format == "dummy" or self.parallel.is_parallel:
-            return None
-        if config.quantize in CHECKPOINT_FORMATS:  # TGI's name of a safetensors checkpoint's own format
-            return None
-        method = self._linear_method(config)
-        source = single_file_checkpoint(config.model_id) if cacheable(method) else None
-        return None if source is None else PreparedWeights.locate(config.cache_dir, source, method, self.dtype)
-
-    def _prepare_linears(self, method) -> None:
-        from tokenmill.layers.linear import Linear
-
-        if method is None:
-            return
-        self.model.load_ggml_weights(self.checkpoint.ggml_weights)
-        for module in self.model.modules():
-            if isinstance(module, Linear):
-                module.quantize(method)
-
-    def _bind_layer_ops(self, ops: LayerOps) -> None:
-        """Point every module that runs elementwise layer ops (norms, rotary, MLP) at the backend's."""
-        for module in self.model.modules():
-            if isinstance(getattr(module, "ops", None), LayerOps):
-                module.ops = ops
 
     def warmup(self, progress: bool | None = None) -> None:
         """Run the step shapes the server will see once before serving (every bucketed shape, if declared).
@@ -405,67 +262,12 @@ class Engine:
         self.scheduler.blocks = self.block_manager  # forget the warm-up's dummy prefixes
 
     def _reachable_step_shapes(self) -> dict[StepShape, list[SequenceStep]]:
-        """A step of every padded shape the scheduler can make, keyed by that shape.
-
-        Decodes: a step of m sequences has m tokens, so m alone fixes its token and sequence buckets.
-        Prefills: a step of n tokens over m sequences (n > m: one feeds two or more) has the shape of its
-        (token, sequence) buckets; a pair is reachable when some n and m in it, within the scheduler's
-        limits, have n > m. A prefill asking for more logit rows than its sequence bucket (prompt
-        logprobs: n > that bucket) has a wider logits shape, warmed too.
-
-        Widths: a step's widest block table spans from its evenly spread tokens (ceil(n / m) of a fresh
-        prompt; for a decode, one) up to the longest context a request can have (the model's, or the
-        cache's if smaller), so for each (tokens, sequences, logits) shape the fewest tokens and most
-        sequences are tried, and every width bucket from that step's table up: the first sequence's
-        tokens are placed at the end of a context of that width, the others start fresh prompts.
-
-        The count is at most (D + 2 P) * W: D (token, sequence) pairs decodes reach (the sequence buckets
-        up to max_num_seqs, when the smallest token bucket holds them), P pairs prefills reach (at most
-        tokens x sequences buckets), W width buckets (1 without `ShapeBuckets.blocks_per_seq`).
-        """
+        """A step of every padded shape the scheduler can make (`tokenmill.step_shapes`), keyed by that shape."""
         if self.scheduler.has_unfinished():
             raise RuntimeError("warm-up writes the KV cache's free blocks: run it before adding requests")
-        padding, buckets = self.runner.padding, self.runner.padding.buckets
-        block_size = self.layout.block_size
-        max_tokens, max_seqs = self.scheduler.max_tokens_per_step, self.scheduler.max_seqs_per_step
         longest = min(self.max_model_len, self.kv_capacity_tokens)  # the longest context a request can have
-        shapes: dict[StepShape, list[SequenceStep]] = {}
-        blocks = itertools.count()
-
-        def widths_from(narrowest: int) -> Iterable[int]:
-            """One table width (in blocks) per width bucket a step can reach, from `narrowest` blocks up."""
-            floor = 0
-            for bucket in padding.widths:
-                width = max(floor + 1, narrowest)
-                if width <= min(bucket, -(-longest // block_size)):
-                    yield width
-                floor = bucket
-
-        def add(lengths: list[int], logits: list[int], width: int) -> None:
-            starts = [min(width * block_size, longest) - lengths[0]] + [0] * (len(lengths) - 1)
-            steps = [SequenceStep([0] * n, start, [next(blocks) % self.num_blocks
-                                                   for _ in range(-(-(start + n) // block_size))], k)
-                     for n, start, k in zip(lengths, starts, logits)]
-            shape = padding.shape_of(sum(lengths), len(lengths), sum(logits), max(lengths) == 1,
-                                     max(len(step.block_table) for step in steps))
-            shapes.setdefault(shape, steps)
-
-        for m in range(1, min(max_seqs, max_tokens) + 1):
-            for width in widths_from(1):
-                add([1] * m, [1] * m, width)
-        token_floors = [0, *buckets.num_tokens[:-1]]
-        seq_floors = [0, *buckets.num_seqs[:-1]]
-        for token_floor, t in zip(token_floors, buckets.num_tokens):
-            for seq_floor, s in zip(seq_floors, buckets.num_seqs):
-                for wide_logits in (False, True):  # wide: every position's logits (prompt logprobs)
-                    n = max(token_floor + 1, seq_floor + 2, s + 1 if wide_logits else 0)
-                    m = min(s, max_seqs, n - 1)
-                    if n > min(t, max_tokens) or m <= seq_floor or n > m * longest:
-                        continue
-                    lengths = [n // m + (i < n % m) for i in range(m)]
-                    for width in widths_from(-(-lengths[0] // block_size)):
-                        add(lengths, lengths if wide_logits else [1] * m, width)
-        return shapes
+        return reachable_step_shapes(self.runner.padding, self.layout.block_size, self.scheduler.max_tokens_per_step,
+                                     self.scheduler.max_seqs_per_step, longest, self.num_blocks)
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -522,7 +324,7 @@ class Engine:
         spans, request_images = self._prepare_images(prompt_token_ids, images)
         request = Request(request_id, list(prompt_token_ids), params, next(self._arrivals), adapter=slot,
                           images=spans)
-        state = _RequestState(
+        state = RequestState(
             request,
             IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
             StopChecker(params.stop, params.include_stop_str_in_output),
@@ -573,7 +375,7 @@ class Engine:
             except GrammarError as exc:
                 self.scheduler.finish(state.request, FinishReason.ERROR, str(exc))
                 del self._states[request_id]
-                outputs.append(self._output(state, finished=True, error=str(exc)))
+                outputs.append(request_output(state, finished=True, error=str(exc)))
                 continue
             self.scheduler.add_request(state.request)
         return outputs
@@ -585,7 +387,7 @@ class Engine:
             return None
         self._compiling.pop(request_id, None)
         self.scheduler.finish(state.request, FinishReason.ABORTED)
-        return self._output(state, finished=True)
+        return request_output(state, finished=True)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._compiling)
@@ -730,8 +532,8 @@ class Engine:
             infos, tops, text, reason = [], [], "", None
             first = request.num_tokens - len(tokens)  # where this step's tokens start in token_ids
             for k, token in enumerate(tokens):
-                info, top, piece, reason = self._take_token(state, token, first + k + 1, row + k, logprobs, top_ids,
-                                                            top_lps)
+                info, top, piece, reason = self.token_reader.take_token(state, token, first + k + 1, row + k, logprobs,
+                                                                    top_ids, top_lps)
                 infos.append(info)
                 tops += top
                 text += piece
@@ -741,91 +543,14 @@ class Engine:
             if reason is not None:
                 text += state.stop.flush()
                 self.scheduler.finish(request, reason)
-            outputs.append(self._output(state, infos, tops, text, finished=reason is not None))
+            outputs.append(request_output(state, infos, tops, text, finished=reason is not None))
             if reason is not None:
                 del self._states[request.request_id]
         return outputs
 
-    def _take_token(self, state: _RequestState, token: int, num_tokens: int, row: int, logprobs: list[float] | None,
-                    top_ids: list[list[int]] | None, top_lps: list[list[float]] | None):
-        """One new token, the `num_tokens`-th of the request, sampled in `row`: its info, top tokens, the text
-        it completes and the reason it ends the request (None: it does not)."""
-        request, params = state.request, state.request.sampling_params
-        logprob = logprobs[row] if logprobs is not None else None
-        if logprob is not None:
-            state.cumulative_logprob += logprob
-        special = token in self.tokenizer.all_special_ids
-        info = TokenInfo(token, logprob, self.tokenizer.decode([token]), special)
-        tops = []
-        if params.top_n_tokens and top_ids is not None:
-            tops = [[TokenInfo(t, lp, self.tokenizer.decode([t]), t in self.tokenizer.all_special_ids)
-                     for t, lp in zip(top_ids[row][: params.top_n_tokens], top_lps[row][: params.top_n_tokens])]]
-        # Until min_tokens are out nothing stops generation (the sampler holds the stop tokens back).
-        armed = num_tokens - request.num_prompt_tokens >= params.min_tokens
-        if armed and token in params.stop_token_ids and not params.include_stop_str_in_output:
-            text, stopped = state.stop.add("")  # a stop token's text is dropped, as a stop string's is
-        else:
-            text, stopped = state.stop.add(state.detokenizer.add(token), check=armed)
-        reason = self._finish_reason(request, token, num_tokens, stopped, armed)
-        if state.matcher is not None:
-            reason = self._follow_grammar(state, token, reason)
-        return info, tops, text, reason
-
-    @staticmethod
-    def _follow_grammar(state: _RequestState, token: int, reason: FinishReason | None) -> FinishReason | None:
-        """Advance the request's grammar by `token`; the grammar's end (its stop token taken) ends the request."""
-        if not state.matcher.accept(token):
-            # The mask allowed only tokens the grammar accepts; this is a bug, not the client's doing.
-            logger.error("request %s: sampled token %d that its grammar refuses", state.request.request_id, token)
-            return FinishReason.ERROR
-        if state.matcher.terminated:
-            return FinishReason.EOS_TOKEN
-        return reason
-
-    def _finish_reason(self, request: Request, token: int, num_tokens: int, stopped: bool,
-                       armed: bool) -> FinishReason | None:
-        """Why the request ends at `token`, its `num_tokens`-th token; None: it goes on."""
-        params = request.sampling_params
-        if armed and not params.ignore_eos and token in self.eos_token_ids:
-            return FinishReason.EOS_TOKEN
-        if stopped or (armed and token in params.stop_token_ids):
-            return FinishReason.STOP_SEQUENCE
-        if num_tokens - request.num_prompt_tokens >= params.max_new_tokens or num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
     def _fail(self, request: Request) -> RequestOutput:
         state = self._states.pop(request.request_id)
-        return self._output(state, finished=True, error=request.finish_message)
-
-    def _output(self, state: _RequestState, tokens=(), tops=(), text: str = "", finished: bool = False,
-                error: str | None = None) -> RequestOutput:
-        request = state.request
-        out = RequestOutput(
-            request_id=request.request_id,
-            new_tokens=list(tokens),
-            new_top_tokens=list(tops),
-            text_delta=text,
-            finished=finished,
-            finish_reason=request.finish_reason.value if finished and request.finish_reason else None,
-            error=error,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_generated_tokens=request.num_output_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-            cumulative_logprob=state.cumulative_logprob,
-            seed=request.sampling_params.seed,
-        )
-        if not state.first_output_sent:
-            out.prompt_logprobs = state.prompt_logprobs
-            state.first_output_sent = True
-        if finished:
-            out.generated_text = state.stop.text
-            end = time.monotonic()
-            start = state.timings.get("first_scheduled", end)
-            out.queue_time_s = start - state.arrival_time
-            out.inference_time_s = end - start
-            out.prefill_time_s = state.timings.get("first_token", end) - start
-        return out
+        return request_output(state, finished=True, error=request.finish_message)
 
     # ---- batch API --------------------------------------------------------------------------------
 

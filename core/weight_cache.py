@@ -42,7 +42,7 @@ PADDING = "padding"  # int64 words that move the packed weights onto ALIGNMENT b
 STALE_PARTIAL_S = 3600  # a temporary file this old is a crashed writer's
 HEADER_BYTES = 1 << 20  # hashed as the file's identity together with its size and mtime
 # Where the code that turns a checkpoint into the model's tensors lives, under the tokenmill package.
-DERIVING_CODE = ("loader", "models", "layers", "engine.py", "weight_cache.py")
+DERIVING_CODE = ("loader", "models", "layers", "model_loading.py", "weight_cache.py")
 EXTENSION_SUFFIXES = (".so", ".pyd")
 
 
