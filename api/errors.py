@@ -9,8 +9,7 @@ from starlette.exceptions import HTTPException
 
 from tokenmill.api.disconnect import ClientDisconnected
 from tokenmill.api.schemas import ErrorResponse
-from tokenmill.async_engine import GenerationError
-from tokenmill.errors import ValidationError
+from tokenmill.errors import GenerationError, ValidationError
 
 
 class OverloadedError(Exception):

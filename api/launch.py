@@ -1,7 +1,8 @@
 """Launching the local model-server process.
 
-Kept free of heavy imports: `tokenmill serve` starts the child before importing the router (torch,
-transformers, uvicorn), so the child's imports and weight loading overlap the router's own start-up.
+Kept free of heavy imports: `tokenmill serve` starts the child before importing the router (FastAPI,
+uvicorn, gRPC, transformers' tokenizer; never torch), so the child's imports and weight loading overlap the
+router's own start-up.
 """
 
 from __future__ import annotations

@@ -23,8 +23,7 @@ from tokenmill.api.errors import (ModelLoadingError, OverloadedError, ShuttingDo
                                   ToolError, UnknownModelError, UnsupportedError)
 from tokenmill.api.tgi_metrics import DURATION, TgiMetrics
 from tokenmill.api.vllm_metrics import FINISHED_REASONS, VllmSeries, vllm_series
-from tokenmill.async_engine import GenerationError
-from tokenmill.errors import ValidationError
+from tokenmill.errors import GenerationError, ValidationError
 from tokenmill.outputs import RequestOutput
 from tokenmill.speculate import SpeculationStats
 

@@ -26,9 +26,8 @@ from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
 from tokenmill.api.grpc.convert import images_to_pb, output_from_pb, params_to_pb
 from tokenmill.api.routing import PrefixAffinity, RoutingPolicy
 from tokenmill.api.tracing import inject_context
-from tokenmill.async_engine import GenerationError
 from tokenmill.block_manager import prompt_block_hashes
-from tokenmill.errors import ValidationError
+from tokenmill.errors import GenerationError, ValidationError
 from tokenmill.multimodal import ImageInput, image_block_keys, place_images
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams

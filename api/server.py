@@ -4,7 +4,8 @@ By default it starts one model-server process on a unix socket (TGI's launcher a
 HTTP and gRPC in front of it; with `--model-server ADDR` (repeatable) it fronts running replicas,
 local or remote, instead; with `--ray ADDRESS` it runs them as Ray actors and resizes their set
 (`ray_replicas.py`). HTTP is bound at once: `/health` says 503 until a replica is warm.
-`build_service` wires the same front end to an in-process engine (tests, embedding).
+`build_service` wires the same front end to an in-process engine (tests, embedding); only it imports
+the engine, so that the router process imports no torch (`tests/api/test_router_imports.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -29,10 +31,13 @@ from tokenmill.api.router import ReplicaRouter
 from tokenmill.api.routing import RoutingPolicy
 from tokenmill.api.service import GenerationService
 from tokenmill.api.settings import ServerSettings
-from tokenmill.async_engine import AsyncEngine
-from tokenmill.engine import Engine, EngineConfig
+from tokenmill.config import EngineConfig
 from tokenmill.errors import TokenmillError
 from tokenmill.loader import load_processor, load_tokenizer
+
+if TYPE_CHECKING:
+    from tokenmill.async_engine import AsyncEngine
+    from tokenmill.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +98,8 @@ def make_settings(options: ServeOptions, model_id: str, max_model_tokens: int, c
 
 def build_service(options: ServeOptions, engine: Engine) -> tuple[GenerationService, Metrics, AsyncEngine]:
     """The front end over an in-process engine (tests use this with a tiny model)."""
+    from tokenmill.async_engine import AsyncEngine  # here, not above: the router process never imports torch
+
     settings = make_settings(options, model_name(options.engine.model_id, engine.checkpoint.source),
                              min(engine.max_model_len, engine.kv_capacity_tokens), f"1-{engine.backend.name}",
                              engine.adapter_names, engine.model_implementation)

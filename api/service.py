@@ -1,6 +1,8 @@
 """The router's view of generation: tokenize, admit (or refuse with 429), stream or collect outputs.
 
-Today it drives an in-process `AsyncEngine`; the gRPC model-server client will offer the same methods.
+It drives either the router's `ReplicaRouter` (model servers behind gRPC) or an in-process `AsyncEngine`
+(tests, embedding): both have the same `generate`. Neither is imported here: the router process never
+imports the engine (nor torch).
 """
 
 from __future__ import annotations
@@ -9,17 +11,20 @@ import contextlib
 import itertools
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from tokenmill.api.errors import ModelLoadingError, OverloadedError, ShuttingDownError, UnknownModelError
 from tokenmill.api.metrics import request_taken
 from tokenmill.api.settings import ServerSettings
-from tokenmill.async_engine import AsyncEngine, GenerationError
-from tokenmill.errors import ValidationError
+from tokenmill.errors import GenerationError, ValidationError
 from tokenmill.grammar import GrammarSpec
 from tokenmill.multimodal import ImageInput
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.api.router import ReplicaRouter
+    from tokenmill.async_engine import AsyncEngine
 
 
 @dataclass
@@ -56,7 +61,8 @@ class Generation:
 
 
 class GenerationService:
-    def __init__(self, engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, metrics: Any = None):
+    def __init__(self, engine: AsyncEngine | ReplicaRouter, tokenizer: Any, settings: ServerSettings,
+                 metrics: Any = None):
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = tokenizer

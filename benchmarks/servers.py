@@ -26,13 +26,14 @@ class ServerSpec:
 
 
 class PeakRssSampler(threading.Thread):
-    """Polls the summed RSS of a process and all its descendants; keeps the peak."""
+    """Polls the summed RSS of a process and all its descendants; keeps the peak, and the root's own peak."""
 
     def __init__(self, pid: int, interval_s: float = 0.2):
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.root_peak_bytes = 0  # the process itself (`tokenmill serve`: the router)
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -44,9 +45,12 @@ class PeakRssSampler(threading.Thread):
             total = 0
             for process in processes:
                 try:
-                    total += process.memory_info().rss
+                    rss = process.memory_info().rss
                 except psutil.NoSuchProcess:
-                    pass
+                    continue
+                total += rss
+                if process is self.root:
+                    self.root_peak_bytes = max(self.root_peak_bytes, rss)
             self.peak_bytes = max(self.peak_bytes, total)
 
     def stop(self) -> None:

@@ -72,7 +72,7 @@ def start_once(extra: list[str], echo: bool = False) -> dict:
     try:
         elapsed = _first_answer(server, port, body, started)
         time.sleep(2 * POLL_S)  # one more sample after the answer: the peak of serving it
-        rss, pss = sampler.peak_bytes, _tree_pss_bytes(server.pid)
+        rss, router_rss, pss = sampler.peak_bytes, sampler.root_peak_bytes, _tree_pss_bytes(server.pid)
         router_cpu, model_server_cpu = _cpu_seconds(server.pid)
     finally:
         sampler.stop()
@@ -83,7 +83,8 @@ def start_once(extra: list[str], echo: bool = False) -> dict:
             server.kill()
             server.wait()
         reader.join(5)
-    return {"first_answer_s": elapsed, "peak_rss_gib": rss / 2**30, "pss_gib": pss / 2**30,
+    return {"first_answer_s": elapsed, "peak_rss_gib": rss / 2**30, "router_rss_gib": router_rss / 2**30,
+            "pss_gib": pss / 2**30,
             "router_cpu_s": router_cpu, "model_server_cpu_s": model_server_cpu, "log": lines}
 
 
@@ -150,12 +151,14 @@ def run(passes: int = 3, variants: dict[str, list[str]] | None = None, echo: boo
                 fresh = root / f"fresh-{name}-{index}"
                 start = start_once([flag.replace("{fresh}", str(fresh)) for flag in flags], echo)
                 print(f"  pass {index + 1}/{passes} {name:>8}: first answer {start['first_answer_s']:5.2f} s, "
-                      f"peak RSS {start['peak_rss_gib']:.2f} GiB, PSS after {start['pss_gib']:.2f} GiB, CPU s router "
+                      f"peak RSS {start['peak_rss_gib']:.2f} GiB (router {start['router_rss_gib']:.2f}), PSS after "
+                      f"{start['pss_gib']:.2f} GiB, CPU s router "
                       f"{start['router_cpu_s']:.1f} model server {start['model_server_cpu_s']:.1f}", flush=True)
                 raw[name].append({k: v for k, v in start.items() if k != "log"})
     return {"passes": passes, "flags": {name: " ".join(flags) for name, flags in variants.items()},
             "variants": {name: {"first_answer_s": statistics.median(p["first_answer_s"] for p in runs),
                                 "peak_rss_gib": max(p["peak_rss_gib"] for p in runs),
+                                "router_rss_gib": max(p["router_rss_gib"] for p in runs),
                                 "pss_gib": max(p["pss_gib"] for p in runs),
                                 **{key: statistics.median(p[key] for p in runs)
                                    for key in ("router_cpu_s", "model_server_cpu_s")}, "raw": runs}
@@ -167,12 +170,13 @@ def report_lines(results: dict) -> list[str]:
              f"`tokenmill serve` with `make serve`'s defaults to its first answered chat; medians of "
              f"{results['passes']} alternating pass(es); peak RSS of the whole process tree (router + model "
              f"server), the highest pass. Target: ≤ {TARGET_S:g} s and ≤ {TARGET_RSS_GIB:g} GiB warm.", "",
-             "| variant | flags | first answer | each pass | peak RSS | PSS after the answer | CPU s: router, "
-             "model server |", "|---|---|---|---|---|---|---|"]
+             "| variant | flags | first answer | each pass | peak RSS (router's own) | PSS after the answer | "
+             "CPU s: router, model server |", "|---|---|---|---|---|---|---|"]
     for name, figures in results["variants"].items():
         each = ", ".join(f"{p['first_answer_s']:.2f}" for p in figures["raw"])
         lines.append(f"| {name} | `{results['flags'][name]}` | {figures['first_answer_s']:.2f} s | {each} | "
-                     f"{figures['peak_rss_gib']:.2f} GiB | {figures['pss_gib']:.2f} GiB | "
+                     f"{figures['peak_rss_gib']:.2f} GiB ({figures['router_rss_gib']:.2f}) | "
+                     f"{figures['pss_gib']:.2f} GiB | "
                      f"{figures['router_cpu_s']:.1f}, {figures['model_server_cpu_s']:.1f} |")
     return lines + [""]
 

@@ -19,17 +19,13 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from tokenmill.engine import Engine
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import GenerationError
 from tokenmill.grammar import GrammarSpec
 from tokenmill.multimodal import ImageInput
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class GenerationError(TokenmillError):
-    """The model step failed while this request was in flight (HTTP 424)."""
 
 
 @dataclass

@@ -218,7 +218,7 @@ def load_format(text: str) -> str:
 def _engine_config(args: argparse.Namespace) -> "EngineConfig":
     from pathlib import Path
 
-    from tokenmill.engine import EngineConfig
+    from tokenmill.config import EngineConfig
 
     return EngineConfig(
         model_id=args.model_id, dtype=args.dtype, backend=args.backend, kv_cache_bytes=args.kv_cache_bytes,
@@ -318,7 +318,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     local = not args.model_id or os.path.exists(os.path.expanduser(args.model_id))  # nothing to fetch first
     if not servers and not args.ray and args.node_rank == 0 and local:
         # The model server needs nothing computed below: started first, its start-up overlaps this process's
-        # imports (tokenmill.engine's and the loader's torch and transformers, seconds) instead of following them.
+        # imports (FastAPI, gRPC, the tokenizer's transformers: about a second) instead of following them.
         from tokenmill.api.launch import start_model_server
 
         launched = start_model_server(_launch_args(args))

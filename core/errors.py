@@ -11,3 +11,7 @@ class ValidationError(TokenmillError):
 
 class BackendUnavailableError(TokenmillError):
     """The requested backend cannot run here, or no backend can; the message says why."""
+
+
+class GenerationError(TokenmillError):
+    """The model step failed while this request was in flight (HTTP 424)."""

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
         TensorParallelPlan,
         TokenMask,
     )
-    from tokenmill.loader import Checkpoint
+    from tokenmill.loader.checkpoint import Checkpoint
 
 PROJECT = "tokenmill"
 ENTRY_POINT_GROUP = "tokenmill.backends"

@@ -22,7 +22,7 @@ from tokenmill.models import kv_cache_shape
 from tokenmill.parallel import ParallelContext
 
 if TYPE_CHECKING:
-    from tokenmill.engine import EngineConfig
+    from tokenmill.config import EngineConfig
 
 
 def kv_cache_layout(config: EngineConfig, backend: Backend, model_config: Any, dtype: torch.dtype,

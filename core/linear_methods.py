@@ -21,7 +21,7 @@ from tokenmill.parallel import ParallelContext
 from tokenmill.weight_cache import PreparedWeights, cacheable
 
 if TYPE_CHECKING:
-    from tokenmill.engine import EngineConfig
+    from tokenmill.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from tokenmill.loader.quantized_checkpoints import quantized_to
 from tokenmill.weight_cache import PreparedWeights
 
 if TYPE_CHECKING:
-    from tokenmill.engine import EngineConfig
+    from tokenmill.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from tokenmill.interfaces import AttentionBackend, AttentionMetadata, LoRABatch,
 from tokenmill.lora.batch import group_by_slot
 
 if TYPE_CHECKING:
-    from tokenmill.lora import LoRAAdapters
+    from tokenmill.lora.adapters import LoRAAdapters
 
 
 def host_to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
-from tokenmill.grammar import GrammarMatcher
+from tokenmill.grammar.matcher import GrammarMatcher
 from tokenmill.multimodal.encoder import RequestImages
 from tokenmill.outputs import RequestOutput, TokenInfo
 from tokenmill.request import FinishReason, Request

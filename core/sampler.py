@@ -60,7 +60,7 @@ class SamplingMetadata:
     def build(cls, params: Sequence[SamplingParams], token_ids: Sequence[Sequence[int]],
               num_prompt_tokens: Sequence[int], vocab_size: int, device: torch.device,
               eos_token_ids: Collection[int] = (), token_bitmask: torch.Tensor | None = None) -> "SamplingMetadata":
-        """`token_bitmask`: the grammars' allowed tokens, from `tokenmill.grammar.fill_bitmask`, on the host."""
+        """`token_bitmask`: the grammars' allowed tokens, from `tokenmill.grammar.matcher.fill_bitmask`, on the host."""
         meta = cls._build(params, token_ids, num_prompt_tokens, vocab_size, device, eos_token_ids)
         if token_bitmask is not None:
             meta.token_bitmask = host_to_device(token_bitmask, device)

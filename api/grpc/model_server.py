@@ -25,9 +25,9 @@ from tokenmill.api.grpc import model_server_pb2_grpc as pb_grpc
 from tokenmill.api.grpc.convert import images_from_pb, output_to_pb, params_from_pb, speculation_to_pb
 from tokenmill.api.tgi_metrics import BatchMetrics
 from tokenmill.api.tracing import extract_context, tracer
-from tokenmill.async_engine import AsyncEngine, GenerationError
+from tokenmill.async_engine import AsyncEngine
 from tokenmill.engine import Engine, EngineConfig
-from tokenmill.errors import ValidationError
+from tokenmill.errors import GenerationError, ValidationError
 from tokenmill.shard import RankProcesses, ShardFailure, bind_cpus, lead, stop_followers
 
 logger = logging.getLogger(__name__)

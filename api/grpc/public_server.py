@@ -26,8 +26,7 @@ from tokenmill.api.metrics import request_failed
 from tokenmill.api.schemas import GenerateParameters
 from tokenmill.api.service import GenerationService
 from tokenmill.api.validation import validate_generate
-from tokenmill.async_engine import GenerationError
-from tokenmill.errors import ValidationError
+from tokenmill.errors import GenerationError, ValidationError
 from tokenmill.outputs import TokenInfo
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name

@@ -2,8 +2,8 @@
 
 The model id names a folder with a `config.json` (tokenizer files optional) or a built-in shape
 (`BUILTIN_SHAPES`). No weight file is read: the engine builds the model on its device and fills the
-parameters there, in the model dtype, from a fixed seed (`build_dummy_model`), so an 8B model never
-passes through host memory.
+parameters there, in the model dtype, from a fixed seed (`build_dummy_model`, in `dummy_weights`), so an
+8B model never passes through host memory.
 
 Tokenizer: a folder's own tokenizer files when it has them; otherwise (and always for a built-in
 shape) an *id tokenizer* (`id_tokenizer`): one word per token id, `t0` ... `t{vocab_size-1}`,
@@ -15,15 +15,11 @@ no meaning: with random weights it never could.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import Any
 
 from tokenmill.loader.errors import ModelNotFoundError, UnsupportedCheckpointError
 
 LOAD_FORMATS = ("auto", "dummy")
-DUMMY_INIT_STD = 0.02  # the usual initialiser range: activations stay finite through 32+ layers in bf16
 
 # Exact configs of well-known models, by the name `--model-id` takes with `--load-format dummy`.
 BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
@@ -97,55 +93,9 @@ def dummy_tokenizer(model_id: str | None) -> Any:
 
 def load_dummy_checkpoint(model_id: str | None, dtype: Any) -> Any:
     """A `Checkpoint` with the config and tokenizer of `model_id` and no tensors (format "dummy")."""
-    from tokenmill.loader import Checkpoint
+    from tokenmill.loader.checkpoint import Checkpoint
 
     config, _ = dummy_config(model_id)
     eos = getattr(config, "eos_token_id", None)
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     return Checkpoint(config, {}, dummy_tokenizer(model_id), str(model_id), "dummy", eos_ids)
-
-
-def build_dummy_model(model_class: Callable[..., nn.Module], config: Any, make_attention: Callable,
-                      dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
-    """`model_class(config, make_attention, dtype)` built on `device` with seeded random weights.
-
-    Every parameter is allocated on `device` (torch's default-device context) and filled in place there,
-    in `dtype`: weights ~ N(0, 0.02), biases 0, norm scales 1. On the `meta` device nothing is
-    allocated or filled: that builds the shape alone, to count parameters.
-    """
-    with torch.device(device):
-        model = model_class(config, make_attention, dtype)
-    init_dummy_weights(model, seed)
-    return model
-
-
-@torch.no_grad()
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Fill `model`'s parameters in place, on their device, from `seed` (see `build_dummy_model`)."""
-    from tokenmill.layers.norm import LayerNorm, RMSNorm
-
-    generators: dict[torch.device, torch.Generator | None] = {}
-    seen: set[int] = set()  # tied weights are filled once
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or param.is_meta:
-                continue
-            seen.add(id(param))
-            if isinstance(module, RMSNorm):
-                param.fill_(1.0 - module.offset)  # a scale of one, whichever form the norm takes
-            elif isinstance(module, LayerNorm) and name == "weight":
-                param.fill_(1.0)
-            elif name == "bias":
-                param.zero_()
-            else:
-                if param.device not in generators:
-                    generators[param.device] = _generator(param.device, seed)
-                param.normal_(0.0, DUMMY_INIT_STD, generator=generators[param.device])
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator | None:
-    try:
-        return torch.Generator(device=device).manual_seed(seed)
-    except RuntimeError:  # a device without its own generator type: seed the default one instead
-        torch.manual_seed(seed)
-        return None

@@ -1,9 +1,8 @@
-"""GGUF checkpoints: config and tokenizer from the metadata, weights dequantized to HF names."""
+"""GGUF checkpoints: config from the metadata, weights dequantized to HF names (the tokenizer: `gguf_tokenizer`)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -161,17 +160,3 @@ def tensors_from_gguf(
         if progress:
             progress(1)
     return tensors, ggml_weights
-
-
-def tokenizer_from_gguf(path: Path) -> Any:
-    """transformers' fast tokenizer for the GGUF, with its chat template and special tokens."""
-    try:  # transformers 5: read the tokenizer metadata alone (about 1 s)
-        from transformers import PreTrainedTokenizerFast
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
-    except ImportError:  # transformers 4.x: its generic GGUF path
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
-    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

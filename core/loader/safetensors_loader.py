@@ -16,7 +16,7 @@ from tokenmill.loader.quantized_checkpoints import QuantScheme, checkpoint_schem
 def load_hf_folder(path: Path, dtype: Any, progress: bool) -> Any:
     from transformers import AutoConfig, AutoTokenizer
 
-    from tokenmill.loader import Checkpoint, parse_dtype
+    from tokenmill.loader.checkpoint import Checkpoint, parse_dtype
 
     if not (path / "config.json").exists():
         raise UnsupportedCheckpointError(f"{path} has no config.json (nor a single .gguf file)")

@@ -2,24 +2,20 @@
 
 Adapters are given at start (TGI's ``--lora-adapters``, vLLM's ``--lora-modules``), each under a name;
 a request names its adapter (TGI's ``adapter_id``, OpenAI's ``model``) or none for the base model.
+
+This package's own module reads the flags alone, without torch (the router process parses them too).
+Reading PEFT's files is `tokenmill.lora.peft`; attaching adapters to a model, `tokenmill.lora.adapters`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
-
-import torch
-from torch import nn
+from typing import Iterable
 
 from tokenmill.errors import ValidationError
-from tokenmill.interfaces import LoRAMethod
-from tokenmill.lora.adapters import LoRAAdapters, LoRALayer, attach_adapters
-from tokenmill.lora.peft import PeftAdapter, read_peft_adapter
 
-__all__ = ["LoRAAdapters", "LoRALayer", "PeftAdapter", "attach_adapters", "load_adapters", "parse_lora_adapters",
-           "parse_lora_modules", "read_peft_adapter"]
+__all__ = ["parse_lora_adapters", "parse_lora_modules", "resolve_adapter_path"]
 
 
 def parse_lora_adapters(text: str) -> tuple[tuple[str, str], ...]:
@@ -68,10 +64,3 @@ def resolve_adapter_path(name: str, source: str) -> Path:
     except ModelNotFoundError:
         raise ValidationError(f"LoRA adapter {name!r}: {source!r} is neither a local folder nor a hub id in the "
                               f"local Hugging Face cache (fetch it with `huggingface-cli download {source}`)") from None
-
-
-def load_adapters(model: nn.Module, specs: Sequence[tuple[str, str]], method: LoRAMethod, dtype: torch.dtype,
-                  device: torch.device) -> LoRAAdapters:
-    """Read each (name, folder or hub id) adapter and attach them all to `model`'s linear layers."""
-    adapters = [read_peft_adapter(name, resolve_adapter_path(name, source)) for name, source in specs]
-    return attach_adapters(model, adapters, method, dtype, device)

@@ -23,7 +23,8 @@ from torch import nn
 from tokenmill.errors import ValidationError
 from tokenmill.interfaces import LoRABatch, LoRAMethod
 from tokenmill.layers.linear import Linear
-from tokenmill.lora.peft import PeftAdapter
+from tokenmill.lora import resolve_adapter_path
+from tokenmill.lora.peft import PeftAdapter, read_peft_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +126,10 @@ def _stack(linear: Linear, parts: list[_Part], num_slots: int) -> tuple[torch.Te
         for part, rows in pieces:
             b_stack[slot, linear.shard_offsets[part] : linear.shard_offsets[part + 1], columns] = rows
     return a_stack, b_stack
+
+
+def load_adapters(model: nn.Module, specs: Sequence[tuple[str, str]], method: LoRAMethod, dtype: torch.dtype,
+                  device: torch.device) -> LoRAAdapters:
+    """Read each (name, folder or hub id) adapter and attach them all to `model`'s linear layers."""
+    adapters = [read_peft_adapter(name, resolve_adapter_path(name, source)) for name, source in specs]
+    return attach_adapters(model, adapters, method, dtype, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import json
 import subprocess
@@ -17,7 +18,9 @@ import uvicorn
 
 from tests.tiny_models import build_tiny
 from tokenmill.api.app import build_app
+from tokenmill.api.grpc.model_server import run_model_server
 from tokenmill.api.server import ServeOptions, build_service
+from tokenmill.cli import model_server_setup
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.conformance.ports import free_port
 
@@ -68,6 +71,34 @@ class TinyServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.runner.stop()
+
+
+class ThreadedModelServer:
+    """`tokenmill model-server` on a thread of this process, stopped by an event instead of a signal."""
+
+    def __init__(self, argv: list[str]):
+        self.listening = threading.Event()
+        self.address = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        config, model_id, _ = model_server_setup(["--listen", "127.0.0.1:0", *argv])
+
+        def on_listening(address: str) -> None:
+            self.address = address
+            self.listening.set()
+
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await run_model_server(config, "127.0.0.1:0", model_id, grace_s=5, stop=self._stop,
+                                   on_listening=on_listening)
+
+        self.thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        self.thread.start()
+        assert self.listening.wait(120), "the model server did not start listening"
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

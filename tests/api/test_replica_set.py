@@ -5,45 +5,15 @@ with the cause at once; /metrics follows. One model server runs in-process on a 
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
+from tests.api.conftest import ThreadedModelServer
 from tests.tiny_models import build_tiny, tiny_tokenizer
-from tokenmill.api.grpc.model_server import run_model_server
 from tokenmill.api.metrics import Metrics
 from tokenmill.api.router import ReplicaRouter
-from tokenmill.async_engine import GenerationError
-from tokenmill.cli import model_server_setup
+from tokenmill.errors import GenerationError
 from tokenmill.sampling_params import SamplingParams
-
-
-class ThreadedModelServer:
-    """`tokenmill model-server` on a thread of this process, stopped by an event instead of a signal."""
-
-    def __init__(self, argv: list[str]):
-        self.listening = threading.Event()
-        self.address = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        config, model_id, _ = model_server_setup(["--listen", "127.0.0.1:0", *argv])
-
-        def on_listening(address: str) -> None:
-            self.address = address
-            self.listening.set()
-
-        async def main() -> None:
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            await run_model_server(config, "127.0.0.1:0", model_id, grace_s=5, stop=self._stop,
-                                   on_listening=on_listening)
-
-        self.thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-        self.thread.start()
-        assert self.listening.wait(120), "the model server did not start listening"
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import random
 import pytest
 from safetensors import safe_open
 
-import tokenmill.loader as loader
+import tokenmill.loader.checkpoint as loader
 from tests.loader.test_gguf_families import write_gguf
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig

@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("xgrammar")
 
 from tests.tiny_models import VOCAB, char_tokenizer  # noqa: E402
-from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarMatcher, GrammarSpec, fill_bitmask  # noqa: E402
+from tokenmill.grammar import GrammarCompiler, GrammarError, GrammarSpec  # noqa: E402
+from tokenmill.grammar.matcher import GrammarMatcher, fill_bitmask  # noqa: E402
 from tokenmill.interfaces import TokenMask  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["ab", "ba"]}},

@@ -15,8 +15,9 @@ from tests.tiny_models import build_tiny
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.errors import ValidationError
 from tokenmill.interfaces import LoRABatch, LoRAMethod
-from tokenmill.lora import parse_lora_adapters, parse_lora_modules, read_peft_adapter
+from tokenmill.lora import parse_lora_adapters, parse_lora_modules
 from tokenmill.lora.batch import group_by_slot
+from tokenmill.lora.peft import read_peft_adapter
 
 
 @pytest.fixture(scope="module")

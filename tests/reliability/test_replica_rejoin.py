@@ -25,7 +25,7 @@ from tests.api.conftest import CHAT_TEMPLATE, free_port, wait_healthy
 from tests.reliability.conftest import wait_for
 from tests.tiny_models import build_tiny, tiny_tokenizer
 from tokenmill.api.router import ReplicaRouter
-from tokenmill.async_engine import GenerationError
+from tokenmill.errors import GenerationError
 from tokenmill.sampling_params import SamplingParams
 
 START_S = 120  # a model server's start-up (load and warm-up of the tiny model), on a busy machine
