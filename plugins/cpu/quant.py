@@ -196,8 +196,11 @@ class PackedBF16Linear(QuantMethod):
 
     def prepare(self, weight: torch.Tensor) -> PackedBF16Weight:
         out_features, in_features = weight.shape
-        padded = F.pad(weight.detach().to(torch.bfloat16), (0, in_features % 2, 0, -out_features % LANES))
+        padded = weight.detach().to(torch.bfloat16).contiguous()
+        if in_features % 2 or out_features % LANES:  # a zero-padded copy only where the panels need one
+            padded = F.pad(padded, (0, in_features % 2, 0, -out_features % LANES))
         rows, cols = padded.shape
+        # The packed copy is the only one made: a bf16 weight is packed with one weight-sized transient.
         packed = padded.view(rows // LANES, LANES, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
         return PackedBF16Weight(packed, out_features, in_features)
 
