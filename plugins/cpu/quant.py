@@ -204,6 +204,16 @@ class PackedBF16Linear(QuantMethod):
         packed = padded.view(rows // LANES, LANES, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
         return PackedBF16Weight(packed, out_features, in_features)
 
+    def rows(self, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight, ids: torch.Tensor
+             ) -> torch.Tensor | None:
+        if isinstance(prepared, PackedGGMLWeight):
+            prepared = prepared.dense
+        if not isinstance(prepared, PackedBF16Weight):
+            return None
+        # Row r is lane r % 16 of panel r // 16, its inputs in pairs along the panel.
+        picked = prepared.packed[ids // LANES, :, ids % LANES]  # (len(ids), in_pad / 2, 2)
+        return picked.flatten(1)[:, :prepared.in_features].contiguous()
+
     def serialize(self, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight
                   ) -> dict[str, torch.Tensor]:
         if isinstance(prepared, PackedGroupedWeight):
