@@ -210,9 +210,14 @@ class PackedBF16Linear(QuantMethod):
             prepared = prepared.dense
         if not isinstance(prepared, PackedBF16Weight):
             return None
-        # Row r is lane r % 16 of panel r // 16, its inputs in pairs along the panel.
-        picked = prepared.packed[ids // LANES, :, ids % LANES]  # (len(ids), in_pad / 2, 2)
-        return picked.flatten(1)[:, :prepared.in_features].contiguous()
+        # Row r is lane r % 16 of panel r // 16: one 32-bit word (an input pair) in every 16 along the panel.
+        # Each word lies on its own cache line: 64 ids of the 1B's head take ~0.1 ms (a dense lookup 5 us), a
+        # thousandth of its decode step at 64 streams, at most.
+        pairs = prepared.packed.shape[1]
+        words = prepared.packed.view(torch.int32).view(-1)
+        first = ids // LANES * (pairs * LANES) + ids % LANES
+        picked = torch.take(words, first[:, None] + torch.arange(pairs, device=ids.device) * LANES)
+        return picked.view(torch.bfloat16)[:, :prepared.in_features].contiguous()
 
     def serialize(self, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight
                   ) -> dict[str, torch.Tensor]:
