@@ -376,6 +376,15 @@ class QuantMethod(abc.ABC):
         """
         return None
 
+    def rows(self, prepared: Any, ids: torch.Tensor) -> torch.Tensor | None:
+        """Rows `ids` (1-D, int64) of the dense weight `prepared` stands for, exactly, in the model's dtype, as
+        a (len(ids), in_features) tensor; or None (the default) where the method does not read single rows.
+
+        Where it does, an input embedding tied to the output head looks its rows up in the head's prepared
+        weight and drops its own copy (`tokenmill.layers.vocab_parallel.Embedding`): the weight is held once.
+        """
+        return None
+
     def serialize(self, prepared: Any) -> dict[str, torch.Tensor] | None:
         """`prepared` as named CPU tensors the engine may keep on disk (`tokenmill.weight_cache`), or None
         (the default): not cacheable, prepared again at every start.

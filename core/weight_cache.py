@@ -32,6 +32,7 @@ from torch import nn
 import tokenmill
 from tokenmill.interfaces import QuantMethod
 from tokenmill.layers.linear import Linear
+from tokenmill.layers.vocab_parallel import Embedding
 
 logger = logging.getLogger(__name__)
 
@@ -114,18 +115,19 @@ class PreparedWeights:
         entry deleted and `model` untouched, where it is unreadable or does not fit the model."""
         try:
             tensors = self._read()
-            plan = _restore_plan(model, tensors)
+            params, linears, released = _restore_plan(model, tensors, method)
         except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never fatal
             logger.warning("ignoring the prepared-weights cache entry %s: %s", self.path, exc)
             self.path.unlink(missing_ok=True)
             return False
-        params, linears = plan
         for param, tensor in params:
             param.data = tensor  # keeps the Parameter object: a tied weight stays tied
-        for module, parts in linears:
+        for module, prepared in linears:
             module.quant_method = method
-            module.quantized = method.deserialize(parts)
+            module.quantized = prepared
             module.weight = None
+        for embedding in released:
+            embedding.release_to_head()
         try:
             os.utime(self.path)  # most recently used: the last an eviction removes
         except OSError:
@@ -147,8 +149,10 @@ class PreparedWeights:
             return {key: file.get_tensor(key) for key in file.keys()}
 
 
-def _restore_plan(model: nn.Module, tensors: dict[str, torch.Tensor]):
-    """Which tensor goes where; raises ValueError where the entry does not match the model exactly."""
+def _restore_plan(model: nn.Module, tensors: dict[str, torch.Tensor], method: QuantMethod):
+    """Which tensor goes where, each linear layer's prepared weight, and the tied embeddings whose weight the
+    entry holds only as their head's (`Embedding.release_to_head`); raises ValueError where the entry does not
+    match the model exactly."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     params: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -165,6 +169,18 @@ def _restore_plan(model: nn.Module, tensors: dict[str, torch.Tensor]):
         raise ValueError(f"linear layers the model lacks: {sorted(set(parts) - set(linears))[:3]}")
     prepared_weights = {f"{name}.weight" for name in parts}
     expected = {name: param for name, param in model.named_parameters() if name not in prepared_weights}
+    prepared = {name: method.deserialize(layer_parts) for name, layer_parts in parts.items()}
+    released = []
+    head_names = {id(module): name for name, module in linears.items()}
+    for name, module in model.named_modules():
+        weight = f"{name}.weight"
+        tied = isinstance(module, Embedding) and module.tied_head is not None
+        if tied and weight in expected and weight not in params:  # written after the embedding gave it up
+            head = head_names.get(id(module.tied_head))
+            if head not in prepared or method.rows(prepared[head], torch.zeros(0, dtype=torch.long)) is None:
+                raise ValueError(f"{weight}: neither in the entry nor readable from its tied head's prepared weight")
+            del expected[weight]
+            released.append(module)
     if set(expected) != set(params):
         raise ValueError(f"parameters differ from the model's: {sorted(set(expected) ^ set(params))[:3]}")
     for name, param in expected.items():
@@ -172,7 +188,7 @@ def _restore_plan(model: nn.Module, tensors: dict[str, torch.Tensor]):
             raise ValueError(f"{name}: {params[name].dtype} {tuple(params[name].shape)} in the entry, "
                              f"{param.dtype} {tuple(param.shape)} in the model")
     return ([(param, params[name]) for name, param in expected.items()],
-            [(linears[name], layer_parts) for name, layer_parts in parts.items()])
+            [(linears[name], prepared[name]) for name in parts], released)
 
 
 def _misalignment(path: Path) -> int:

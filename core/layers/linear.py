@@ -64,6 +64,7 @@ class Linear(nn.Module):
         self._quantized_shards: dict[int, QuantizedWeight] = {}  # a pre-quantized checkpoint's, by shard
         self.prepared_from: tuple[str, str | None] | None = None  # set by `quantize`
         self.lora: LoRALayer | None = None
+        self.tied_embedding: Any = None  # the input embedding sharing this weight (`vocab_parallel.Embedding`)
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
@@ -211,6 +212,11 @@ class Linear(nn.Module):
         rank's part alone. `prepared_from` says which (the path, and the ggml types of the blocks), for the
         checks that no layer fell back to its dense copy."""
         self.quant_method = method
+        self._prepare(method)
+        if self.tied_embedding is not None:
+            self.tied_embedding.release_to_head()
+
+    def _prepare(self, method: QuantMethod) -> None:
         quantized = self.quantized_weight()
         if quantized is not None:
             self.quantized = method.prepare_quantized(quantized)

@@ -27,6 +27,44 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, rows - tensor.shape[0]))
 
 
+class Embedding(nn.Embedding):
+    """The token embedding on one rank. Tied to the output head (`tie_to`), it gives its weight up once the
+    head's linear method has prepared that weight in a form the method reads rows from (`QuantMethod.rows`,
+    a packed bf16 head on the CPU) and looks its rows up there: the model then holds the tied weight once,
+    not as the embedding's dense copy beside the head's packed one."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
+        # `_weight`: no random init of a weight the checkpoint (or the dummy init) fills anyway.
+        super().__init__(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size, dtype=dtype))
+        self.dtype = dtype  # of the rows it returns, with or without a weight of its own
+        self.tied_head: Linear | None = None
+
+    def tie_to(self, head: Linear) -> None:
+        """Share the weight with `head` (`tie_word_embeddings`); `head.quantize` then calls `release_to_head`."""
+        head.weight = self.weight
+        # Plain references, not submodules: registering either would rename the head's or the embedding's
+        # parameters and layers (the checkpoint names, the prepared-weights cache, LoRA targets).
+        object.__setattr__(self, "tied_head", head)
+        object.__setattr__(head, "tied_embedding", self)
+
+    def release_to_head(self) -> bool:
+        """Drop the dense weight where the tied head's prepared weight gives its rows; whether it did."""
+        head = self.tied_head
+        if head is None or head.quant_method is None or self.weight is None:
+            return False
+        no_ids = torch.zeros(0, dtype=torch.long, device=self.weight.device)
+        if head.quant_method.rows(head.quantized, no_ids) is None:
+            return False
+        self.weight = None
+        return True
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return super().forward(input_ids)
+        rows = self.tied_head.quant_method.rows(self.tied_head.quantized, input_ids.reshape(-1))
+        return rows.view(*input_ids.shape, self.embedding_dim)
+
+
 class VocabParallelEmbedding(nn.Module):
     """This rank's slice of the embedding: ids outside it embed to zero, and an all-reduce sums the
     ranks' rows, so every rank ends with every token's embedding."""
@@ -83,7 +121,7 @@ class ParallelLMHead(Linear):
 def embedding(vocab_size: int, hidden_size: int, dtype: torch.dtype,
               parallel: ParallelContext = SINGLE_RANK) -> nn.Module:
     if not parallel.is_parallel:
-        return nn.Embedding(vocab_size, hidden_size, dtype=dtype)
+        return Embedding(vocab_size, hidden_size, dtype)
     return VocabParallelEmbedding(vocab_size, hidden_size, dtype, parallel)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from tokenmill.interfaces import GGMLWeight, QuantizedWeight
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.vocab_parallel import lm_head
+from tokenmill.layers.vocab_parallel import Embedding, lm_head
 from tokenmill.parallel import ParallelContext
 
 
@@ -104,7 +104,8 @@ def output_head(config: Any, embed_tokens: nn.Module, dtype: torch.dtype, parall
     """The output head, and whether it is the embedding (tie_word_embeddings)."""
     head = lm_head(config.hidden_size, config.vocab_size, dtype, parallel, bias)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:
-        # Same tensor; a backend's dense-linear method may still give the head its own packed copy.
-        head.weight = embed_tokens.weight
+    if tied and isinstance(embed_tokens, Embedding):
+        embed_tokens.tie_to(head)  # one tensor; once the head is prepared, possibly only the head's form of it
+    elif tied:
+        head.weight = embed_tokens.weight  # one tensor; the method may give the head its own prepared copy
     return head, tied

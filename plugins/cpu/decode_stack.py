@@ -120,7 +120,7 @@ class DecodeStack:
             return None
         if model.parallel.is_parallel:
             return None  # a sharded model reduces over ranks between the matmuls; the C step has no collectives
-        if model.embed_tokens.weight.dtype != torch.bfloat16 or not isinstance(model.norm.ops, CPUFusedLayerOps):
+        if model.embed_tokens.dtype != torch.bfloat16 or not isinstance(model.norm.ops, CPUFusedLayerOps):
             return None
         backends = {id(layer.self_attn.attn.backend): layer.self_attn.attn.backend for layer in model.layers}
         if len(backends) != 1:

@@ -128,3 +128,15 @@ def test_a_write_keeps_the_most_recently_used_entries_and_clears_crashed_writes(
     os.utime(crashed, (1e9, 1e9))
     evict(folder)
     assert sorted(folder.iterdir()) == sorted([*entries[:KEPT_ENTRIES], writing])
+
+
+def test_a_tied_head_is_restored_as_the_one_copy_of_the_embedding(tmp_path, tensor_reads) -> None:
+    path = tmp_path / "tied-llama.gguf"
+    write_gguf(build_tiny("llama", initializer_range=0.2, tie_word_embeddings=True), "llama", path)
+    first = _start(path, tmp_path / "cache")
+    tokens = _greedy(first)
+    restored = _start(path, tmp_path / "cache")
+    for engine in (first, restored):  # the embedding reads the packed head's rows, whether packed or restored
+        assert engine.model.embed_tokens.weight is None and engine.model.lm_head.tied_embedding is not None
+    assert tensor_reads == [str(path)]  # the second start restored the entry
+    assert _greedy(restored) == tokens
