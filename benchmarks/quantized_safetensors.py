@@ -7,8 +7,8 @@ own compressors, GPTQ, AWQ and fp8 packed from their published layouts. No calib
 own algorithms want a GPU and time; these files test the format's path, and a calibrated file would score
 better than its row.
 
-Groups are 64 inputs, not the usual 128: SmolLM2-135M's hidden size, 576, is 4.5 groups of 128, and the
-loader reads equal groups only (real 128-group quantizers leave a 64-input last group there).
+Groups are the usual 128 inputs: SmolLM2-135M's hidden size, 576, is 4.5 of them, so each row ends in a
+64-input group, as real 128-group quantizers leave it (the loader reads such short last groups exactly).
 Files are cached under the bench cache; delete them to remake.
 """
 
@@ -23,7 +23,7 @@ from benchmarks import quantize_checkpoints as write
 from benchmarks.cache import bench_cache
 from benchmarks.setup_vllm import export_hf_folder
 
-GROUP = 64
+GROUP = 128
 INT = dict(type="int", symmetric=True)
 FP8 = dict(num_bits=8, type="float", symmetric=True, strategy="channel")
 
