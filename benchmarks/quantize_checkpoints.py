@@ -173,9 +173,7 @@ def write_compressed_tensors(model: Any, tokenizer: Any, folder: Path, weights: 
     for module in model.modules():
         if hasattr(module, "weight_scale"):
             weight = module.weight.detach()
-            if args.strategy == "group":  # a short last group (576 in groups of 128) padded with its own last input
-                padding = -weight.shape[-1] % args.group_size
-                weight = torch.cat([weight, weight[..., -1:].expand(*weight.shape[:-1], padding)], dim=-1)
+            if args.strategy == "group":
                 weight = weight.unflatten(-1, (-1, args.group_size))
             low, high = weight.amin(-1), weight.amax(-1)
             scale, zero_point = calculate_qparams(low, high, args)

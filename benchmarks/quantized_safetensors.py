@@ -7,8 +7,10 @@ own compressors, GPTQ, AWQ and fp8 packed from their published layouts. No calib
 own algorithms want a GPU and time; these files test the format's path, and a calibrated file would score
 better than its row.
 
-Groups are the usual 128 inputs: SmolLM2-135M's hidden size, 576, is 4.5 of them, so each row ends in a
-64-input group, as real 128-group quantizers leave it (the loader reads such short last groups exactly).
+GPTQ and AWQ take the usual 128-input groups: SmolLM2-135M's hidden size, 576, is 4.5 of them, so each row
+ends in a 64-input group, as real 128-group quantizers leave it (the loader reads such short last groups
+exactly). compressed-tensors' own compressor refuses groups that do not divide the inputs ("tensor column
+shape must be divisble by the given group_size"), so its W4A16 takes groups of 64.
 Files are cached under the bench cache; delete them to remake.
 """
 
@@ -24,6 +26,7 @@ from benchmarks.cache import bench_cache
 from benchmarks.setup_vllm import export_hf_folder
 
 GROUP = 128
+CT_GROUP = 64  # compressed-tensors' compressor wants groups that divide 576
 INT = dict(type="int", symmetric=True)
 FP8 = dict(num_bits=8, type="float", symmetric=True, strategy="channel")
 
@@ -36,8 +39,8 @@ FORMATS: dict[str, Callable[[Any, Any, Path], Any]] = {
     "fp8 per-channel (fbgemm_fp8)": write.write_fp8_channels,
     "compressed-tensors W8A8-FP8": lambda m, t, f: write.write_compressed_tensors(
         m, t, f, FP8, "float-quantized", input_activations=dict(FP8, strategy="token", dynamic=True)),
-    f"compressed-tensors W4A16 g{GROUP}": lambda m, t, f: write.write_compressed_tensors(
-        m, t, f, dict(INT, num_bits=4, strategy="group", group_size=GROUP), "pack-quantized"),
+    f"compressed-tensors W4A16 g{CT_GROUP}": lambda m, t, f: write.write_compressed_tensors(
+        m, t, f, dict(INT, num_bits=4, strategy="group", group_size=CT_GROUP), "pack-quantized"),
     "compressed-tensors W8A16 per-channel": lambda m, t, f: write.write_compressed_tensors(
         m, t, f, dict(INT, num_bits=8, strategy="channel"), "pack-quantized"),
 }
