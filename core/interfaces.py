@@ -354,6 +354,8 @@ class QuantMethod(abc.ABC):
         `weight` is the blocks dequantized to the model's dtype. `matmul` with the result must compute
         `x @ weight.T` at least as exactly as with `prepare(weight)` (the conformance suite checks it
         against the float64 product with the blocks' exact values): a speed path, not a new quantization.
+        A `--quantize` method may quantize further here as in `prepare` (the CPU's int8-activations does):
+        that error is its business.
         """
         return None
 

@@ -35,10 +35,12 @@ from tokenmill.plugins.cpu.moe import PackedBF16Experts
 from tokenmill.plugins.cpu.token_mask import CTokenMask
 from tokenmill.plugins.cpu.quant import (
     DequantizedFloatLinear,
+    Int8ActivationLinear,
     Int8WeightOnly,
     OneDNNPackedLinear,
     PackedBF16Linear,
     bf16_gemm_available,
+    int8_activations_available,
     onednn_linear_available,
 )
 
@@ -75,7 +77,8 @@ def tokenmill_communicator(world_size: int, rank: int) -> Communicator:
 
 @hookimpl
 def tokenmill_quantization_methods() -> list[QuantMethod]:
-    return [Int8WeightOnly(), DequantizedFloatLinear()]
+    methods = [Int8WeightOnly(), DequantizedFloatLinear()]
+    return methods + [Int8ActivationLinear()] if int8_activations_available() else methods
 
 
 @hookimpl

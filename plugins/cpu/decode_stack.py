@@ -56,9 +56,10 @@ def _linear_plan(linear: Linear) -> list[int] | None:
         return None
     if isinstance(prepared, PackedGroupedWeight):  # its kernel takes every row count itself
         return [prepared.packed.data_ptr(), GROUPED_FORMAT, 0, prepared.out_features, prepared.in_features]
-    if isinstance(prepared, PackedGGMLWeight):
-        return [prepared.packed.data_ptr(), prepared.format.code, prepared.dense.packed.data_ptr(),
-                prepared.out_features, prepared.in_features]
+    if isinstance(prepared, PackedGGMLWeight):  # without a dense copy: the blocks' kernel at every row count
+        dense = 0 if prepared.dense is None else prepared.dense.packed.data_ptr()
+        return [prepared.packed.data_ptr(), prepared.kernel_code(1), dense, prepared.out_features,
+                prepared.in_features]
     return [0, 0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
 
 

@@ -16,6 +16,11 @@
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
   without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form
   reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
+- `Int8ActivationLinear` (`--quantize int8-activations`, where the CPU has AVX512-VNNI): a GGUF's Q4_1 and
+  Q8_0 blocks run, from 8 rows, against activations quantized to int8 per 32 inputs (llama.cpp's
+  arithmetic; vpdpbusd does twice vdpbf16ps's multiply-adds), and no dense copy is kept: at 64 decode
+  streams of SmolLM2 1.2-1.3x the tokens a second, for a perplexity 1.9 % higher (benchmarks/NOTES.md
+  section 23). Other weights run as `PackedBF16Linear` runs them.
 - `Int8WeightOnly` (`--quantize int8`): per-channel int8 weights through `aten._weight_int8pack_mm`.
 - `DequantizedFloatLinear`: a pre-quantized checkpoint's weights dequantized once to float32 and run by
   `F.linear`: how an fp32 (or fp16) model runs GPTQ, AWQ, fp8 and compressed-tensors checkpoints, exactly.
@@ -48,15 +53,21 @@ class GGMLFormat:
     """A ggml type the AVX512-BF16 kernels read (csrc/gemm_kernels.h)."""
 
     code: int  # gemm_kernels.h's GEMM_Q4_1 / GEMM_Q8_0
+    int8_code: int  # the same blocks against int8 activations from many rows: GEMM_Q4_1_INT8 / GEMM_Q8_0_INT8
     file_block_bytes: int  # one block of 32 inputs in the GGUF
     packed_block_bytes: int  # one panel's block (16 outputs x 32 inputs) packed
 
 
-GGML_FORMATS = {"Q4_1": GGMLFormat(1, 20, 320), "Q8_0": GGMLFormat(2, 34, 544)}
+GGML_FORMATS = {"Q4_1": GGMLFormat(1, 4, 20, 320), "Q8_0": GGMLFormat(2, 5, 34, 544)}
 
 
 def bf16_gemm_available() -> bool:
     return _bf16_gemm is not None and _bf16_gemm.available()
+
+
+def int8_activations_available() -> bool:
+    """Whether this build runs ggml blocks against int8 activations (AVX512-VNNI)."""
+    return bf16_gemm_available() and _bf16_gemm.int8_rows() is not None
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,15 @@ class PackedBF16Weight:
 class PackedGGMLWeight:
     format: GGMLFormat
     packed: torch.Tensor  # (out_pad / 16, in / 32, bytes per block) uint8, see pack_ggml
-    dense: PackedBF16Weight  # for many rows
+    dense: PackedBF16Weight | None  # for many rows; None: the blocks at every row count, int8 activations
     out_features: int
     in_features: int
+
+    def kernel_code(self, rows: int) -> int:
+        """gemm_kernels.h's format for `rows` rows of x: the dense copy's past GGML_MAX_ROWS where kept."""
+        if self.dense is None:
+            return self.format.int8_code
+        return self.format.code if rows < GGML_MAX_ROWS else DENSE_FORMAT
 
 
 def pack_ggml(ggml_format: GGMLFormat, blocks: torch.Tensor) -> torch.Tensor:
@@ -233,7 +250,7 @@ class PackedBF16Linear(QuantMethod):
         if isinstance(prepared, PackedGGMLWeight):
             prepared = prepared.dense
         if not isinstance(prepared, PackedBF16Weight):
-            return None
+            return None  # the embedding keeps its own weight
         # Row r is lane r % 16 of panel r // 16: one 32-bit word (an input pair) in every 16 along the panel.
         # Each word lies on its own cache line: 64 ids of the 1B's head take ~0.1 ms (a dense lookup 5 us), a
         # thousandth of its decode step at 64 streams, at most.
@@ -247,8 +264,10 @@ class PackedBF16Linear(QuantMethod):
                   ) -> dict[str, torch.Tensor]:
         if isinstance(prepared, PackedGroupedWeight):
             return {"grouped": prepared.packed, "shape": torch.tensor([prepared.out_features, prepared.in_features])}
+        tensors = {"shape": torch.tensor([prepared.out_features, prepared.in_features])}
         dense = prepared.dense if isinstance(prepared, PackedGGMLWeight) else prepared
-        tensors = {"dense": dense.packed, "shape": torch.tensor([dense.out_features, dense.in_features])}
+        if dense is not None:
+            tensors["dense"] = dense.packed
         if isinstance(prepared, PackedGGMLWeight):
             tensors.update(blocks=prepared.packed, format=torch.tensor([prepared.format.code]))
         return tensors
@@ -257,7 +276,7 @@ class PackedBF16Linear(QuantMethod):
         out_features, in_features = tensors["shape"].tolist()
         if "grouped" in tensors:
             return PackedGroupedWeight(tensors["grouped"], out_features, in_features)
-        dense = PackedBF16Weight(tensors["dense"], out_features, in_features)
+        dense = PackedBF16Weight(tensors["dense"], out_features, in_features) if "dense" in tensors else None
         if "blocks" not in tensors:
             return dense
         code = int(tensors["format"])
@@ -270,9 +289,8 @@ class PackedBF16Linear(QuantMethod):
         if isinstance(prepared, PackedGroupedWeight):
             weight_format = GROUPED_FORMAT
         elif isinstance(prepared, PackedGGMLWeight):
-            if x.shape[0] < GGML_MAX_ROWS:
-                weight_format = prepared.format.code
-            else:
+            weight_format = prepared.kernel_code(x.shape[0])
+            if weight_format == DENSE_FORMAT:
                 prepared = prepared.dense
         x = x.to(torch.bfloat16)
         if prepared.in_features % 2:
@@ -282,6 +300,33 @@ class PackedBF16Linear(QuantMethod):
         _bf16_gemm.linear(weight_format, x.data_ptr(), prepared.packed.data_ptr(), y.data_ptr(), x.shape[0],
                           prepared.out_features, x.shape[1] // 2, x.stride(0), y.stride(0), torch.get_num_threads())
         return y
+
+
+class Int8ActivationLinear(PackedBF16Linear):
+    """`--quantize int8-activations`: a GGUF's Q4_1 and Q8_0 blocks against int8 activations from 8 rows
+    (csrc/gemm_kernels.h), with no dense copy; every other weight as `PackedBF16Linear` runs it.
+
+    Not the default: quantizing the activations costs SmolLM2 1.9 % of perplexity (its bf16 drift is
+    0.06 %), for 1.2-1.3x the throughput at 64 streams. llama.cpp computes these types this way at every
+    batch size.
+    """
+
+    name = "int8-activations"
+    # A GGUF's other block types (Q4_K_M's Q5_0, Q4_K, Q6_K) run as the default method runs them, from their
+    # codes; a GPTQ, AWQ or fp8 checkpoint is refused with it (it names another format than the checkpoint's).
+    checkpoint_formats = frozenset({"gguf"})
+
+    def matmul(self, x: torch.Tensor, prepared) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 and isinstance(prepared, PackedGroupedWeight):
+            return F.linear(x, self.dequantize(prepared).to(x.dtype))  # a float32 model: the codes' exact weight
+        return super().matmul(x, prepared).to(x.dtype)
+
+    def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
+        ggml_format = GGML_FORMATS.get(ggml.ggml_type)
+        if ggml_format is None or ggml.in_features % GGML_BLOCK:
+            return None
+        return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), None, weight.shape[0],
+                                ggml.in_features)
 
 
 def onednn_linear_available() -> bool:

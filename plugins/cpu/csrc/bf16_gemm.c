@@ -6,7 +6,7 @@
 #include "gemm_kernels.h"
 
 static int known_format(int format) {
-    if (format == GEMM_DENSE || format == GEMM_Q4_1 || format == GEMM_Q8_0 || format == GEMM_GROUPED) return 1;
+    if (format >= GEMM_DENSE && format <= GEMM_Q8_0_INT8) return 1;
     PyErr_Format(PyExc_ValueError, "unknown weight format %d", format);
     return 0;
 }
@@ -24,7 +24,7 @@ static PyObject *linear(PyObject *self, PyObject *args) {
                      ((const GroupedHeader *)w)->in_features, k_pairs * 2);
         return NULL;
     }
-    if ((format == GEMM_Q4_1 || format == GEMM_Q8_0) && (k_pairs * 2) % GGML_BLOCK) {
+    if (format != GEMM_DENSE && format != GEMM_GROUPED && (k_pairs * 2) % GGML_BLOCK) {
         PyErr_Format(PyExc_ValueError, "ggml weights need a multiple of %d inputs, got %ld", GGML_BLOCK, k_pairs * 2);
         return NULL;
     }
@@ -78,6 +78,14 @@ static PyObject *unpack_grouped(PyObject *self, PyObject *args) {
 
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
 
+static PyObject *int8_rows(PyObject *self, PyObject *args) {
+#if HAVE_INT8_GEMM
+    return PyLong_FromLong(INT8_MIN_ROWS);
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS,
      "linear(format, x, w, y, m, n, k_pairs, x_stride, y_stride, threads): data pointers of bf16 x, y and "
@@ -94,6 +102,8 @@ static PyMethodDef methods[] = {
     {"unpack_grouped", unpack_grouped, METH_VARARGS,
      "unpack_grouped(packed, dst, out): the float32 (out, in) weight a packed grouped weight computes with."},
     {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernel."},
+    {"int8_rows", int8_rows, METH_NOARGS,
+     "From how many rows Q4_1 and Q8_0 weights run against int8 activations (AVX512-VNNI); None without."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bf16_gemm", "bf16 linear layers for the CPU backend.",

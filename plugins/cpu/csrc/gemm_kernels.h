@@ -41,8 +41,12 @@
 #define Q4_BLOCK_BYTES 320 /* one panel's block: 32 bytes of d, 32 of m, 4 chunks of 64 bytes of nibbles */
 #define Q8_BLOCK_BYTES 544 /* one panel's block: 32 bytes of d, 16 pairs x 32 int8 */
 #define GGML_MAX_PANELS 4 /* panels per work item at one or two rows */
+/* Below this many multiply-adds, waking a second thread costs more than it saves. */
+#define GEMM_PARALLEL_THRESHOLD 200000
 
-enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1, GEMM_Q8_0 = 2, GEMM_GROUPED = 3 }; /* GROUPED: grouped_kernels.h */
+/* GROUPED: grouped_kernels.h. Q4_1_INT8, Q8_0_INT8: the same blocks, from INT8_MIN_ROWS rows against int8
+ * activations (below, where the build has AVX512-VNNI). */
+enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1, GEMM_Q8_0 = 2, GEMM_GROUPED = 3, GEMM_Q4_1_INT8 = 4, GEMM_Q8_0_INT8 = 5 };
 
 #if HAVE_BF16_GEMM
 typedef struct {
@@ -222,6 +226,164 @@ static void block_sums(const Gemm *g, float *x_sums) {
 #endif
 
 
+/* ---- int8 activations against the ggml blocks (AVX512-VNNI), for many rows ------------------------
+ *
+ * Asked for with the GEMM_*_INT8 formats (the CPU plugin's `--quantize int8-activations`). From
+ * INT8_MIN_ROWS rows the blocks' float32 path above costs more than its bytes save, and vdpbf16ps on a
+ * dense copy peaks at 32 multiply-adds an instruction; vpdpbusd (u8 x s8 into int32) does 64, at the same
+ * rate on the CPUs measured (benchmarks/NOTES.md section 23). So the activations are quantized as
+ * llama.cpp quantizes them for its Q4_1 and Q8_0 dot products: per row and block of 32 inputs,
+ * d_x = max|x| / 127 and q_x = round(x / d_x). Per block the integer sum S = sum q_w q_x is exact and the
+ * output gains d_w d_x S, Q4_1 also m sum(x) with the exact float32 sum of x. The packed blocks are read in
+ * place, no other copy:
+ * - Q4_1: a chunk's bytes masked to their low (high) nibbles hold, per output, the q of inputs 0, 4, 1, 5
+ *   (2, 6, 3, 7) of its 8 (pairs 4c .. 4c+3, as pack_ggml_rows lays them out); the quantized activations
+ *   are stored in that order, so one broadcast 32-bit word of them meets each 4 nibbles.
+ * - Q8_0: two pairs' 64 bytes, their 16-bit words interleaved, hold per output 4 consecutive inputs. The
+ *   unsigned operand is the activations, stored as q_x + 128, and S = sum (q_x + 128) q_w - 128 sum q_w,
+ *   the block's sum of q_w by vpdpbusd against ones.
+ * Each output's arithmetic is the same whatever the tile, so a row's result does not depend on its batch
+ * beyond the choice of this path by row count.
+ */
+#if HAVE_BF16_GEMM && defined(__AVX512VNNI__)
+#define HAVE_INT8_GEMM 1
+#define INT8_ROWS_PER_TILE 4
+#define INT8_MIN_ROWS 8 /* below this, the float32 block path above (benchmarks/NOTES.md section 23) */
+
+/* Per row and block of 32 inputs: the codes (in `format`'s order, see above) and d_x. */
+static void quantize_activations(const Gemm *g, int format, uint8_t *codes, float *scales) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK;
+    const __m128i nibble_order = _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    for (long r = 0; r < g->m; r++)
+        for (long b = 0; b < blocks; b++) {
+            const uint16_t *x = g->x + r * g->x_stride + b * GGML_BLOCK;
+            const __m512 lo = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+            const __m512 hi = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 16))), 16));
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, magnitude),
+                                                                  _mm512_and_ps(hi, magnitude)));
+            const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            __m128i q[2] = {_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse))),
+                            _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse)))};
+            for (int h = 0; h < 2; h++) {
+                q[h] = format == GEMM_Q4_1 ? _mm_shuffle_epi8(q[h], nibble_order)
+                                           : _mm_xor_si128(q[h], _mm_set1_epi8((char)0x80));
+                _mm_storeu_si128((__m128i *)(codes + r * k + b * GGML_BLOCK + 16 * h), q[h]);
+            }
+            scales[r * blocks + b] = amax / 127.f;
+        }
+}
+
+/* Rows m0 .. m0+MT-1 against panels v0, v0+1 (the second computed from the first and not stored when past the
+ * last) of Q4_1 or Q8_0 blocks, from the quantized activations. */
+static inline __attribute__((always_inline)) void int8_tile(const Gemm *g, const uint8_t *codes,
+                                                            const float *scales, const float *x_sums, long v0,
+                                                            long m0, const int MT, const int FORMAT) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK, panels = num_panels(g);
+    const long block_bytes = FORMAT == GEMM_Q4_1 ? Q4_BLOCK_BYTES : Q8_BLOCK_BYTES;
+    const uint8_t *panel[2];
+    for (int j = 0; j < 2; j++)
+        panel[j] = (const uint8_t *)g->w + (v0 + j < panels ? v0 + j : panels - 1) * blocks * block_bytes;
+    const __m512i nibble = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+    /* Q8_0: word j of the first pair and word j of the second become 32-bit lane j. */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512 acc[2][INT8_ROWS_PER_TILE];
+    for (int j = 0; j < 2; j++)
+        for (int r = 0; r < MT; r++) acc[j][r] = _mm512_setzero_ps();
+    for (long b = 0; b < blocks; b++) {
+        __m512i sums[2][INT8_ROWS_PER_TILE], weight_sums[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int j = 0; j < 2; j++)
+            for (int r = 0; r < MT; r++) sums[j][r] = _mm512_setzero_si512();
+        if (FORMAT == GEMM_Q4_1) {
+            for (int c = 0; c < 4; c++) {
+                __m512i low[2], high[2];
+                for (int j = 0; j < 2; j++) {
+                    const __m512i chunk = _mm512_loadu_si512(panel[j] + b * block_bytes + 64 + c * 64);
+                    low[j] = _mm512_and_si512(chunk, nibble);
+                    high[j] = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), nibble);
+                }
+                for (int r = 0; r < MT; r++) {
+                    const int32_t *x = (const int32_t *)(codes + (m0 + r) * k + b * GGML_BLOCK + 8 * c);
+                    const __m512i first = _mm512_set1_epi32(x[0]), second = _mm512_set1_epi32(x[1]);
+                    for (int j = 0; j < 2; j++)
+                        sums[j][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums[j][r], low[j], first), high[j],
+                                                         second);
+                }
+            }
+        } else {
+            for (int t = 0; t < GGML_BLOCK / 4; t++) {
+                __m512i w[2];
+                for (int j = 0; j < 2; j++) {
+                    w[j] = _mm512_permutexvar_epi16(interleave,
+                                                    _mm512_loadu_si512(panel[j] + b * block_bytes + 32 + t * 64));
+                    weight_sums[j] = _mm512_dpbusd_epi32(weight_sums[j], ones, w[j]);
+                }
+                for (int r = 0; r < MT; r++) {
+                    const __m512i x = _mm512_set1_epi32(((const int32_t *)(codes + (m0 + r) * k + b * GGML_BLOCK))[t]);
+                    for (int j = 0; j < 2; j++) sums[j][r] = _mm512_dpbusd_epi32(sums[j][r], x, w[j]);
+                }
+            }
+        }
+        for (int j = 0; j < 2; j++) {
+            const uint8_t *block = panel[j] + b * block_bytes;
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)block));
+            const __m512i offset = _mm512_slli_epi32(weight_sums[j], 7); /* Q8_0: 128 sum q_w */
+            for (int r = 0; r < MT; r++) {
+                const __m512i exact = FORMAT == GEMM_Q4_1 ? sums[j][r] : _mm512_sub_epi32(sums[j][r], offset);
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(scales[(m0 + r) * blocks + b]));
+                acc[j][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(exact), acc[j][r]);
+                if (FORMAT == GEMM_Q4_1)
+                    acc[j][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 32))),
+                                                _mm512_set1_ps(x_sums[(m0 + r) * blocks + b]), acc[j][r]);
+            }
+        }
+    }
+    for (int j = 0; j < 2; j++) store_panel(g, acc[j], v0 + j, m0, MT);
+}
+
+static inline __attribute__((always_inline)) void int8_item(const Gemm *g, const uint8_t *codes, const float *scales,
+                                                            const float *x_sums, long item, const int FORMAT) {
+    const long v0 = item * 2;
+    long m0 = 0;
+    for (; m0 + INT8_ROWS_PER_TILE <= g->m; m0 += INT8_ROWS_PER_TILE)
+        int8_tile(g, codes, scales, x_sums, v0, m0, INT8_ROWS_PER_TILE, FORMAT);
+    switch (g->m - m0) {
+#define TAIL(t) case t: int8_tile(g, codes, scales, x_sums, v0, m0, t, FORMAT); break;
+        TAIL(1) TAIL(2) TAIL(3)
+#undef TAIL
+        default: break;
+    }
+}
+
+/* y = x @ W^T for Q4_1 or Q8_0 blocks through int8 activations; 0 when out of memory. */
+static int int8_linear(const Gemm *g, int format, int threads) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK;
+    uint8_t *codes = malloc((size_t)(g->m * k));
+    float *scales = malloc(sizeof(float) * (size_t)(g->m * blocks)), *x_sums = NULL;
+    if (format == GEMM_Q4_1 && (x_sums = malloc(sizeof(float) * (size_t)(g->m * blocks))))
+        block_sums(g, x_sums);
+    if (!codes || !scales || (format == GEMM_Q4_1 && !x_sums)) {
+        free(codes), free(scales), free(x_sums);
+        return 0;
+    }
+    quantize_activations(g, format, codes, scales);
+    const long items = (num_panels(g) + 1) / 2;
+    const int workers = g->m * g->n * k >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
+#pragma omp parallel for num_threads(workers) schedule(static)
+    for (long item = 0; item < items; item++) {
+        if (format == GEMM_Q4_1) int8_item(g, codes, scales, x_sums, item, GEMM_Q4_1);
+        else int8_item(g, codes, scales, x_sums, item, GEMM_Q8_0);
+    }
+    free(codes), free(scales), free(x_sums);
+    return 1;
+}
+#else
+#define HAVE_INT8_GEMM 0
+#endif
+
 /* ---- Packing: ggml rows of blocks into the panel layouts above (once, at load) ------------------- */
 
 /* Rows of ggml blocks (out, blocks per row) into the panels of `format` (GEMM_Q4_1 or GEMM_Q8_0);
@@ -253,8 +415,6 @@ static void pack_ggml_rows(int format, const uint8_t *src, uint8_t *dst, long ou
     }
 }
 
-/* Below this many multiply-adds, waking a second thread costs more than it saves. */
-#define GEMM_PARALLEL_THRESHOLD 200000
 
 #include "grouped_kernels.h"
 
@@ -266,6 +426,12 @@ static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y
 #if HAVE_BF16_GEMM
     const Gemm g = {x, w, y, m, n, k_pairs, x_stride, y_stride};
     if (format == GEMM_GROUPED) return grouped_linear(g, (const GroupedHeader *)w, threads);
+    if (format == GEMM_Q4_1_INT8 || format == GEMM_Q8_0_INT8) {
+        format = format == GEMM_Q4_1_INT8 ? GEMM_Q4_1 : GEMM_Q8_0;
+#if HAVE_INT8_GEMM
+        if (m >= INT8_MIN_ROWS) return int8_linear(&g, format, threads);
+#endif
+    }
     const long per_item = format == GEMM_DENSE ? PANELS_PER_BLOCK : ggml_panels_per_item(m);
     const long items = (num_panels(&g) + per_item - 1) / per_item;
     const int workers = m * n * k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
