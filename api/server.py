@@ -193,7 +193,9 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
     try:
         if pool is not None:
             await pool.start(options.ray_address)
-        info = await _wait_for_replica(router, child, options.startup_timeout_s)
+        info = await _wait_for_replica(router, child, options.startup_timeout_s, serving)
+        if info is None:
+            return  # stopped while waiting (a drain with nothing in flight): the signal is re-raised on return
         service.tokenizer = await (early_tokenizer or asyncio.to_thread(load_tokenizer, info.source,
                                                                         options.engine.cache_dir,
                                                                         options.engine.load_format))
@@ -239,12 +241,17 @@ async def _child_exit(child: subprocess.Popen) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _wait_for_replica(router: ReplicaRouter, child: subprocess.Popen | None, timeout_s: float):
+async def _wait_for_replica(router: ReplicaRouter, child: subprocess.Popen | None, timeout_s: float,
+                            serving: asyncio.Task):
+    """The first replica's info; None when the HTTP server stopped first (SIGTERM before any replica was up)."""
     waiting = asyncio.create_task(router.wait_ready(timeout_s))
     while not waiting.done():
         if child is not None and child.poll() is not None:
             waiting.cancel()
             raise RuntimeError(f"the model server exited during start-up (code {child.returncode})")
+        if serving.done():
+            waiting.cancel()
+            return None
         await asyncio.sleep(0.2)
     return waiting.result()
 
