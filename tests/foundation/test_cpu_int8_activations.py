@@ -128,7 +128,7 @@ def test_served_blocks_keep_no_dense_copy_and_the_decode_stack_matches_the_modul
     assert ggml and all(weight.dense is None for weight in ggml)
     assert {weight.format for weight in ggml} == {GGML_FORMATS["Q4_1"], GGML_FORMATS["Q8_0"]}
     assert isinstance(engine.runner.forward, CapturedForward)
-    # 20 sequences: decode steps above the kernel's int8 row count, prefill chunks through the modules.
+    # 20 sequences: steps above the kernel's int8 row count, in C and through the modules alike.
     rng = random.Random(4)
     prompts = [[rng.randrange(4, VOCAB) for _ in range(rng.choice([5, 40]))] for _ in range(20)]
     captured = _greedy(engine, prompts)
