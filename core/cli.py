@@ -463,8 +463,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     flag("--quantize", "QUANTIZE", None, quantize_method,
          help="quantize the weights as they load, by a method the backend offers (cpu: int8, and "
               "int8-activations: a GGUF's Q4_1/Q8_0 blocks against int8 activations, llama.cpp's arithmetic; "
-              "GPUs: int8, int4, fp8); TGI's eetq is int8; gptq, awq, compressed-tensors (or fp8) may name a pre-quantized "
-              "checkpoint's own format, which is read without the flag; bitsandbytes, marlin and exl2 are refused")
+              "GPUs: int8, int4, fp8); TGI's eetq is int8; gptq, awq, compressed-tensors (or fp8) may name a "
+              "pre-quantized checkpoint's own format, which is read without the flag; bitsandbytes, marlin and exl2 are refused")
     flag("--max-total-tokens", "MAX_TOTAL_TOKENS", None, int, help="longest prompt + generation")
     flag("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", 2048, int, help="tokens per engine step")
     flag("--max-batch-size", "MAX_BATCH_SIZE", 128, int, help="sequences per engine step")

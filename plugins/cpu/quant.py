@@ -232,8 +232,12 @@ class PackedBF16Linear(QuantMethod):
         ggml_format = GGML_FORMATS.get(ggml.ggml_type)
         if ggml_format is None or ggml.in_features % GGML_BLOCK:
             return None
-        return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), self.prepare(weight),
+        return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), self._dense_copy(weight),
                                 weight.shape[0], ggml.in_features)
+
+    def _dense_copy(self, weight: torch.Tensor) -> PackedBF16Weight | None:
+        """The dense form kept beside a weight's ggml blocks for many rows."""
+        return self.prepare(weight)
 
     def prepare(self, weight: torch.Tensor) -> PackedBF16Weight:
         out_features, in_features = weight.shape
@@ -321,12 +325,8 @@ class Int8ActivationLinear(PackedBF16Linear):
             return F.linear(x, self.dequantize(prepared).to(x.dtype))  # a float32 model: the codes' exact weight
         return super().matmul(x, prepared).to(x.dtype)
 
-    def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
-        ggml_format = GGML_FORMATS.get(ggml.ggml_type)
-        if ggml_format is None or ggml.in_features % GGML_BLOCK:
-            return None
-        return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), None, weight.shape[0],
-                                ggml.in_features)
+    def _dense_copy(self, weight: torch.Tensor) -> None:
+        return None  # the blocks at every row count
 
 
 def onednn_linear_available() -> bool:
