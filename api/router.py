@@ -36,12 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 # gRPC backs off exponentially (1 s, 1.6 s, 2.6 s, ...) between attempts to reach a server that is not
-# listening yet, which added ~3 s to every start-up; a model server is local or near, so retry fast.
+# listening yet, which added ~3 s to every start-up; a model server is local or near, so retry fast: the
+# wait between its socket opening and the first probe that reaches it is one backoff (at most 100 ms).
 CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 300),
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 100),
 ]
+READY_POLL_S = 0.05  # between probes while waiting for the first replica: a start-up waits on it
 
 
 # Health probes in a row without an answer before a replica that answered before counts as unhealthy.
@@ -103,7 +105,7 @@ class ReplicaRouter:
             if asyncio.get_running_loop().time() > deadline:
                 addresses = ", ".join(r.address for r in self.replicas) or "none started yet"
                 raise TimeoutError(f"no model server became ready within {timeout_s:.0f} s ({addresses})")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(READY_POLL_S)
 
     def start(self) -> None:
         self._health_task = asyncio.create_task(self._health_loop())

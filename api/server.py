@@ -245,15 +245,18 @@ async def _wait_for_replica(router: ReplicaRouter, child: subprocess.Popen | Non
                             serving: asyncio.Task):
     """The first replica's info; None when the HTTP server stopped first (SIGTERM before any replica was up)."""
     waiting = asyncio.create_task(router.wait_ready(timeout_s))
-    while not waiting.done():
-        if child is not None and child.poll() is not None:
-            waiting.cancel()
-            raise RuntimeError(f"the model server exited during start-up (code {child.returncode})")
+    while True:
+        # Woken the moment the replica is ready (a start-up's first answer waits on it), else every 0.2 s to
+        # look at the child.
+        await asyncio.wait([waiting, serving], timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            return waiting.result()
         if serving.done():
             waiting.cancel()
             return None
-        await asyncio.sleep(0.2)
-    return waiting.result()
+        if child is not None and child.poll() is not None:
+            waiting.cancel()
+            raise RuntimeError(f"the model server exited during start-up (code {child.returncode})")
 
 
 def image_prompts(processor, limits: ImageLimits) -> ImagePrompts | None:

@@ -31,7 +31,7 @@ from tokenmill.interfaces import (
     TensorParallelPlan,
     TokenMask,
 )
-from tokenmill.registry import BackendRegistry, Selection, load_registry
+from tokenmill.registry import DEFAULTS_NAME, BackendRegistry, Selection, load_registry
 
 
 class Backend:
@@ -132,6 +132,12 @@ class Backend:
     def compile_model(self, model: nn.Module, buckets: ShapeBuckets | None,
                       capture_sizes: tuple[int, ...] | None = None) -> Any:
         return self._call("tokenmill_compile_model", model=model, buckets=buckets, capture_sizes=capture_sizes)
+
+    @cached_property
+    def runs_own_model(self) -> bool:
+        """Whether the plugin implements `tokenmill_model_executor`: it may then run the model from its config."""
+        return any(impl.plugin_name != DEFAULTS_NAME
+                   for impl in self._hooks["tokenmill_model_executor"].get_hookimpls())
 
     def model_executor(self, **kwargs: Any) -> SlotModel | None:
         """The backend's own model (see `tokenmill_model_executor` for the arguments), or None."""

@@ -70,7 +70,8 @@ class Engine:
         self._restoring = self.prepared_weights is not None and self.prepared_weights.exists()
         self.checkpoint = checkpoint or load_checkpoint(config.model_id, self.dtype, progress=config.progress,
                                                         cache_dir=config.cache_dir, load_format=config.load_format,
-                                                        weights=not self._restoring)
+                                                        weights=not self._restoring,
+                                                        cached_config=not self.backend.runs_own_model)
         self.load_time_s = time.perf_counter() - start
         self.tokenizer = self.checkpoint.tokenizer
         model_config = self.checkpoint.config

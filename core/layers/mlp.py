@@ -1,17 +1,18 @@
 """Feed-forward blocks: gated (SwiGLU, GeGLU) and plain (up, activation, down), tensor-parallel.
 
 The up (and gate) projection is column-parallel and the down projection row-parallel, so each rank
-computes its share of the intermediate features and one all-reduce sums the outputs. Activations are
-transformers' own (`ACT2FN`), so `gelu_new` or `gelu_pytorch_tanh` round exactly as the reference does.
+computes its share of the intermediate features and one all-reduce sums the outputs. Activations round
+exactly as transformers' (`tokenmill.layers.activations`), so `gelu_new` or `gelu_pytorch_tanh` match the
+reference.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from tokenmill.interfaces import LayerOps, ShardStyle
+from tokenmill.layers.activations import activation as activation_module
 from tokenmill.layers.linear import Linear, row_parallel_linear
 from tokenmill.parallel import SINGLE_RANK, ParallelContext
 
@@ -29,7 +30,7 @@ class GatedMLP(nn.Module):
                  parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         self.activation = activation
-        self.act = ACT2FN[activation]
+        self.act = activation_module(activation)
         self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], bias, dtype,
                                    ShardStyle.COLUMN, parallel)
         self.down_proj = row_parallel_linear(intermediate_size, hidden_size, bias, dtype, parallel)
@@ -48,7 +49,7 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool, dtype: torch.dtype,
                  parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
-        self.act = ACT2FN[activation]
+        self.act = activation_module(activation)
         self.fc1 = Linear(hidden_size, [intermediate_size], bias, dtype, ShardStyle.COLUMN, parallel)
         self.fc2 = row_parallel_linear(intermediate_size, hidden_size, bias, dtype, parallel)
 

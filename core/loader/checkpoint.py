@@ -7,6 +7,7 @@ torch with it, only when one of these names is first used.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from tokenmill.interfaces import GGMLWeight, QuantizedWeight
 from tokenmill.loader import check_load_format, default_model_path
 from tokenmill.loader.dummy import load_dummy_checkpoint
 from tokenmill.loader.errors import UnsupportedCheckpointError
+from tokenmill.loader.gguf_config_cache import cached_gguf_config
 from tokenmill.loader.gguf_file import GGUFFile
 from tokenmill.loader.gguf_loader import config_from_gguf, tensors_from_gguf
 from tokenmill.loader.gguf_tokenizer import cached_gguf_tokenizer
@@ -69,6 +71,7 @@ def load_checkpoint(
     cache_dir: Path | None = None,
     load_format: str = "auto",
     weights: bool = True,
+    cached_config: bool = False,
 ) -> Checkpoint:
     """Load `model_id` (default: the embedded SmolLM2 GGUF).
 
@@ -78,20 +81,22 @@ def load_checkpoint(
     built from a GGUF's metadata so later starts skip rebuilding it. `load_format="dummy"` reads no
     weights: see `tokenmill.loader.dummy`. `weights=False` reads a GGUF's config and tokenizer only (no
     tensors): for an engine that restores its prepared weights from its cache (`tokenmill.weight_cache`).
+    `cached_config=True` lets a GGUF's config come back from `cache_dir` as transformers' base config class
+    (`tokenmill.loader.gguf_config_cache`): for the core's own models, which read only its fields.
     """
     if check_load_format(load_format) == "dummy":
         return load_dummy_checkpoint(model_id, dtype)
     model_id = model_id or default_model_path()
     path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, progress, cache_dir, weights)
+        return _load_gguf(path, dtype, progress, cache_dir, weights, cached_config)
     if path.exists() and not path.is_dir():
         raise UnsupportedCheckpointError(f"{path} is neither a .gguf file nor a model folder")
     if not path.exists():
         path = resolve_hub_id(model_id, revision)
     ggufs = sorted(path.glob("*.gguf"))
     if not (path / "config.json").exists() and len(ggufs) == 1:
-        return _load_gguf(ggufs[0], dtype, progress, cache_dir, weights)
+        return _load_gguf(ggufs[0], dtype, progress, cache_dir, weights, cached_config)
     return load_hf_folder(path, dtype, progress)
 
 
@@ -111,19 +116,20 @@ def load_config(model_id: str | None = None, revision: str | None = None) -> Any
 
 
 def _load_gguf(path: Path, dtype: str | torch.dtype | None, progress: bool, cache_dir: Path | None,
-               weights: bool = True) -> Checkpoint:
+               weights: bool = True, cached_config: bool = False) -> Checkpoint:
     timings = {}
     start = time.perf_counter()
-    gguf = GGUFFile(path)
-    config = config_from_gguf(gguf)
+    gguf = functools.cache(lambda: GGUFFile(path))  # not parsed at all where the config is cached and no weights read
+    config_cache = cache_dir if cached_config else None
+    config = cached_gguf_config(path, config_cache, lambda: config_from_gguf(gguf()))
     torch_dtype = parse_dtype(dtype, torch.float32)
     timings["metadata"] = time.perf_counter() - start
 
     start = time.perf_counter()
     tensors, ggml_weights = {}, {}
     if weights:
-        with tqdm(total=len(gguf.tensors), desc="loading weights", unit="tensor", disable=not progress) as bar:
-            tensors, ggml_weights = tensors_from_gguf(gguf, config, torch_dtype, progress=bar.update)
+        with tqdm(total=len(gguf().tensors), desc="loading weights", unit="tensor", disable=not progress) as bar:
+            tensors, ggml_weights = tensors_from_gguf(gguf(), config, torch_dtype, progress=bar.update)
     timings["weights"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from transformers.configuration_utils import PreTrainedConfig
 
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig
@@ -217,6 +218,25 @@ def _config_differences(reference, loaded, family: str) -> dict:
     return {k: (ref.get(k), got.get(k)) for k in keys if not _same(ref.get(k), got.get(k))}
 
 
+# A config class's own attributes, not fields: a restored config has the base class's (models never read them).
+CLASS_ATTRIBUTES = {"base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "attribute_map", "default_theta",
+                    "ignore_keys_at_rope_validation", "per_layer_config", "use_cache", "transformers_version"}
+
+
+def _attribute_differences(built, restored) -> dict:
+    """Each public attribute (properties included) on which the restored config answers otherwise."""
+    def public(config):
+        values = {}
+        for name in set(dir(config)) | set(type(config).attribute_map):  # aliases are not in dir()
+            if not name.startswith("_") and name not in CLASS_ATTRIBUTES:
+                value = getattr(config, name)
+                if not callable(value):
+                    values[name] = value
+        return values
+    a, b = public(built), public(restored)
+    return {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if not _same(a.get(k), b.get(k))}
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2_yarn", "qwen3", "phi3_longrope", "gemma2", "gemma3",
                                     "qwen2_moe", "qwen3_moe", "mixtral", "starcoder2", "phi", "granite"])
 def test_gguf_of_each_family_generates_what_transformers_does(family: str, tmp_path) -> None:
@@ -224,17 +244,25 @@ def test_gguf_of_each_family_generates_what_transformers_does(family: str, tmp_p
     tiny = build_tiny(family, initializer_range=0.2, **OVERRIDES.get(family, {}))
     path = tmp_path / f"tiny-{family}.gguf"
     write_gguf(tiny, family, path)
-    engine = Engine(EngineConfig(model_id=str(path), backend="cpu", dtype="float32", kv_cache_bytes=8 << 20,
-                                 progress=False))
-    assert type(engine.model).__name__ == tiny.config.architectures[0].replace("MistralFor", "LlamaFor")
-    # Fields that move no greedy token of a tiny model (Gemma's query scale, a layer type) still count.
-    assert _config_differences(tiny.config, engine.checkpoint.config, family) == {}
     rng = random.Random(5)
     # Past longrope's and yarn's original 32 positions: in the prompt, and while generating.
     prompts = [[rng.randrange(4, VOCAB) for _ in range(n)] for n in (25, 70)]
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
-    for prompt, output in zip(prompts, outputs):
-        assert [t.id for o in output for t in o.new_tokens] == tiny.greedy(prompt, 12)
+    # A first start with a cache dir builds the family's config class; a second restores it from the cache
+    # as transformers' base config (`tokenmill.loader.gguf_config_cache`): both must run the model alike.
+    for start in ("first", "cached"):
+        engine = Engine(EngineConfig(model_id=str(path), backend="cpu", dtype="float32", kv_cache_bytes=8 << 20,
+                                     progress=False, cache_dir=tmp_path / "cache"))
+        assert (type(engine.checkpoint.config) is PreTrainedConfig) == (start == "cached")
+        assert type(engine.model).__name__ == tiny.config.architectures[0].replace("MistralFor", "LlamaFor")
+        if start == "first":
+            # Fields that move no greedy token of a tiny model (Gemma's query scale, a layer type) still count.
+            assert _config_differences(tiny.config, engine.checkpoint.config, family) == {}
+            built = engine.checkpoint.config
+        else:  # the base class's `to_dict` names its own model type: the restored one is compared field by field
+            assert _attribute_differences(built, engine.checkpoint.config) == {}
+        outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        for prompt, output in zip(prompts, outputs):
+            assert [t.id for o in output for t in o.new_tokens] == tiny.greedy(prompt, 12)
     if family == "mistral":
         from transformers import AutoModelForCausalLM
 
