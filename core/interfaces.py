@@ -186,6 +186,10 @@ class AttentionMetadata:
     # max(prompt length, position + 1) (`Request.rope_prefill_length`), read by length-dependent scalings
     # (`tokenmill.layers.rotary`); 1 for padding.
     rope_lengths: torch.Tensor | None = None
+    # How many leading tokens belong to sequences past their prompt (a decode: its last token and any
+    # draft tokens), which also need a logit each, so as many leading rows of the logits; the rest compute
+    # prompts. None where the step does not say (a padded step). See `tokenmill.batch_rows`.
+    num_decode_tokens: int | None = None
     # What `AttentionBackend.prepare` computed for this step, under keys of the backend's choosing
     # (layers with different specs share one metadata object).
     backend_data: dict[Any, Any] = field(default_factory=dict)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from tokenmill import batch_rows
 from tokenmill.interfaces import AttentionBackend, AttentionMetadata, LoRABatch, ShapeBuckets
 from tokenmill.lora.batch import group_by_slot
 
@@ -66,6 +67,11 @@ class SequenceStep:
     adapter: int = 0  # the LoRA adapter's slot (`tokenmill.lora`); 0: the base model
     embeddings: StepEmbeddings | None = None  # image rows for some of token_ids; None: token embeddings only
     rope_prefill_length: int = 0  # `Request.rope_prefill_length`, for length-dependent RoPE (`rope_lengths`)
+
+    @property
+    def decodes(self) -> bool:
+        """Past its prompt (known where `rope_prefill_length` is), with a logit for each token it feeds."""
+        return 0 < self.rope_prefill_length <= self.start_position and self.num_logits == len(self.token_ids)
 
 
 @dataclass
@@ -196,6 +202,7 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
         rope_lengths=host_to_device(rope_lengths, device),
+        num_decode_tokens=_leading_decode_tokens(steps),
     )
     return StepInputs(
         input_ids=host_to_device(token_ids, device),
@@ -204,6 +211,16 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         logits_indices=host_to_device(logits_indices, device),
         lora=_lora_batch(steps, query_lens, num_tokens, device),
     )
+
+
+def _leading_decode_tokens(steps: Sequence[SequenceStep]) -> int:
+    """The tokens of the leading sequences that decode (the scheduler puts decodes first)."""
+    count = 0
+    for step in steps:
+        if not step.decodes:
+            break
+        count += len(step.token_ids)
+    return count
 
 
 def _lora_batch(steps: Sequence[SequenceStep], query_lens: np.ndarray, num_tokens: int,
@@ -323,12 +340,15 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.begin_step(inputs.lora)
         embeddings = _merged_embeddings(steps, self.device)
-        if embeddings is None:
-            hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
-        else:  # a prefill step with image rows: the model's own forward, never a captured decode step
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata,
-                                input_embeddings=embeddings)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        decodes = inputs.metadata.num_decode_tokens
+        with batch_rows.running(inputs.input_ids.shape[0], decodes):
+            if embeddings is None:
+                hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+            else:  # a prefill step with image rows: the model's own forward, never a captured decode step
+                hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata,
+                                    input_embeddings=embeddings)
+        with batch_rows.running(inputs.logits_indices.shape[0], decodes):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if self.logits_device is not None:  # moved whole, padded rows too: a copy of a static shape
             logits = logits.to(self.logits_device)
         if self.padding is None:

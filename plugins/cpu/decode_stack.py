@@ -164,10 +164,14 @@ class DecodeStack:
             block_tables, seq_lens = row_contexts(query_lens, seq_lens, block_tables, input_ids.shape[0])
         block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
         hidden_size, num_heads, num_kv_heads, head_dim, intermediate = self.shape
+        # The linears split the decode rows from the prompt rows as PackedBF16Linear.matmul does.
+        decode_rows = metadata.num_decode_tokens
+        if decode_rows is None:
+            decode_rows = hidden.shape[0]
         _decode_stack.decode(
             hidden.data_ptr(), out.data_ptr(), self.plan.data_ptr(), self._cache_pointers(kv_caches).data_ptr(),
-            len(model.layers), model.norm.weight.data_ptr(), hidden.shape[0], hidden_size, num_heads, num_kv_heads,
-            head_dim, intermediate, GGML_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
+            len(model.layers), model.norm.weight.data_ptr(), hidden.shape[0], decode_rows, hidden_size, num_heads,
+            num_kv_heads, head_dim, intermediate, GGML_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
             block_tables.data_ptr(), seq_lens.data_ptr(), block_tables.stride(0), self.block_size,
             int(seq_lens.sum()), model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), spec.scale,
             torch.get_num_threads(), self.cache_code,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill import batch_rows
 from tokenmill.interfaces import FP8_CODE_TYPES, GGMLWeight, QuantizedWeight, QuantMethod
 
 try:
@@ -289,21 +290,35 @@ class PackedBF16Linear(QuantMethod):
 
     def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight
                ) -> torch.Tensor:
-        weight_format = DENSE_FORMAT
-        if isinstance(prepared, PackedGroupedWeight):
-            weight_format = GROUPED_FORMAT
-        elif isinstance(prepared, PackedGGMLWeight):
-            weight_format = prepared.kernel_code(x.shape[0])
-            if weight_format == DENSE_FORMAT:
-                prepared = prepared.dense
         x = x.to(torch.bfloat16)
         if prepared.in_features % 2:
             x = F.pad(x, (0, 1))
         x = x.contiguous()
         y = x.new_empty(x.shape[0], prepared.out_features)
-        _bf16_gemm.linear(weight_format, x.data_ptr(), prepared.packed.data_ptr(), y.data_ptr(), x.shape[0],
-                          prepared.out_features, x.shape[1] // 2, x.stride(0), y.stride(0), torch.get_num_threads())
+        # A GGUF's blocks and a checkpoint's grouped codes change kernels with the row count: decode rows
+        # choose by their own count, prompt rows beside them take the many-row kernel (tokenmill.batch_rows).
+        decodes = None if isinstance(prepared, PackedBF16Weight) else batch_rows.decode_rows(x.shape[0])
+        if decodes is None or decodes == x.shape[0]:
+            _linear_rows(x, prepared, y, x.shape[0])
+        else:
+            if decodes:
+                _linear_rows(x[:decodes], prepared, y[:decodes], decodes)
+            _linear_rows(x[decodes:], prepared, y[decodes:], GGML_MAX_ROWS)
         return y
+
+
+def _linear_rows(x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight,
+                 y: torch.Tensor, kernel_rows: int) -> None:
+    """y = x @ W^T into `y`, by the kernel the weight takes at `kernel_rows` rows (grouped codes: at x's own)."""
+    weight_format = DENSE_FORMAT
+    if isinstance(prepared, PackedGroupedWeight):
+        weight_format = GROUPED_FORMAT
+    elif isinstance(prepared, PackedGGMLWeight):
+        weight_format = prepared.kernel_code(kernel_rows)
+        if weight_format == DENSE_FORMAT:
+            prepared = prepared.dense
+    _bf16_gemm.linear(weight_format, x.data_ptr(), prepared.packed.data_ptr(), y.data_ptr(), x.shape[0],
+                      prepared.out_features, x.shape[1] // 2, x.stride(0), y.stride(0), torch.get_num_threads())
 
 
 class Int8ActivationLinear(PackedBF16Linear):

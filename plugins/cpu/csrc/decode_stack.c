@@ -35,14 +35,28 @@ typedef struct {
 } LayerPlan;
 
 typedef struct {
-    long rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, ggml_max_rows;
+    long rows, decode_rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, ggml_max_rows;
     int threads;
 } Shape;
 
-static int run_linear(const LinearPlan *p, const Shape *s, const uint16_t *x, uint16_t *y) {
-    const int ggml = p->ggml && (s->rows < s->ggml_max_rows || !p->dense);
-    return gemm_linear(ggml ? (int)p->format : GEMM_DENSE, x, (const void *)(ggml ? p->ggml : p->dense), y, s->rows,
+/* `count` rows of x through the linear, by the kernel it takes at `kernel_rows` rows. */
+static int linear_rows(const LinearPlan *p, const Shape *s, const uint16_t *x, uint16_t *y, long count,
+                       long kernel_rows) {
+    const int ggml = p->ggml && (kernel_rows < s->ggml_max_rows || !p->dense);
+    return gemm_linear(ggml ? (int)p->format : GEMM_DENSE, x, (const void *)(ggml ? p->ggml : p->dense), y, count,
                        p->out_features, p->in_features / 2, p->in_features, p->out_features, s->threads);
+}
+
+/* The decode rows (the leading decode_rows) by the kernel for their count, the prompt rows after them by the
+ * many-row kernel, as quant.py's PackedBF16Linear.matmul splits them (tokenmill.batch_rows). */
+static int run_linear(const LinearPlan *p, const Shape *s, const uint16_t *x, uint16_t *y) {
+    const long decodes = s->decode_rows;
+    int ok = 1;
+    if (decodes) ok &= linear_rows(p, s, x, y, decodes, decodes);
+    if (s->rows > decodes)
+        ok &= linear_rows(p, s, x + decodes * p->in_features, y + decodes * p->out_features, s->rows - decodes,
+                          s->ggml_max_rows);
+    return ok;
 }
 
 /* Keys and values of this step's tokens into their slots of the head-major cache blocks: copied as bf16, or
@@ -75,8 +89,8 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     float eps, scale;
     int kv_dtype;
     Shape s;
-    if (!PyArg_ParseTuple(args, "KKKKlKlllllllfKKKKlllKKfii", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
-                          &final_norm, &s.rows, &s.hidden, &s.num_heads, &s.num_kv_heads, &s.head_dim,
+    if (!PyArg_ParseTuple(args, "KKKKlKllllllllfKKKKlllKKfii", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
+                          &final_norm, &s.rows, &s.decode_rows, &s.hidden, &s.num_heads, &s.num_kv_heads, &s.head_dim,
                           &s.intermediate, &s.ggml_max_rows, &eps, &positions, &slots, &block_tables, &seq_lens,
                           &table_stride, &block_size, &total_positions, &cos, &sin, &scale, &s.threads, &kv_dtype))
         return NULL;
@@ -149,8 +163,8 @@ static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromL
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
-     "decode(hidden, out, plan, caches, num_layers, final_norm, rows, hidden_size, num_heads, num_kv_heads, "
-     "head_dim, intermediate, ggml_max_rows, eps, positions, slots, block_tables, seq_lens, table_stride, "
+     "decode(hidden, out, plan, caches, num_layers, final_norm, rows, decode_rows, hidden_size, num_heads, "
+     "num_kv_heads, head_dim, intermediate, ggml_max_rows, eps, positions, slots, block_tables, seq_lens, table_stride, "
      "block_size, total_positions, cos, sin, scale, threads, kv_dtype): one decode step over every layer; "
      "data pointers of bf16 tensors (positions, slots int64; block tables, seq_lens int32; the caches bf16 or "
      "the one-byte kv_dtype); writes out."},
