@@ -14,6 +14,9 @@ prompt) go to the decode kernel too, each query token as a row of its own whose 
 position (`row_contexts`). A row's arithmetic is then the one a one-token decode at that position gets,
 so a verified draft token's logits are bit for bit those plain decoding would have computed, and
 greedy output is the same with and without `--speculate` at any dtype (decode_stack.py does the same).
+So do longer queries (prompts) over contexts whose keys and values stay in cache (`row_context_limit`:
+8,192 tokens at head size 64 in bf16, 4,096 at 128), where the rows are faster than SDPA; a prompt's
+logits are then those token-by-token decoding would compute.
 
 A padded step (a backend with shape buckets, see `AttentionMetadata`) runs as the unpadded step of its
 real rows: the padding tokens are neither written to the cache nor attended, and their output is zero.
@@ -57,6 +60,21 @@ DEFAULT_BLOCK_SIZE = 16
 CAUSAL = "causal"  # a group mask meaning: SDPA's own is_causal
 # Queries up to this long are attended row by row by the decode kernel: `--speculate` up to 15 drafts.
 MAX_ROW_QUERY = 16
+# Longer queries (prompts) too while one (sequence, kv head)'s keys and values take at most this many
+# bytes: each row reads them again, from cache. Up to there rows beat PyTorch's flash kernel at every prompt
+# length measured (SmolLM2, 60 to 8,000 tokens: 0.60-0.76x the prefill time, benchmarks/NOTES.md section
+# 23); beyond it, where the re-reads would come from memory, SDPA keeps them.
+ROW_CONTEXT_BYTES = 2 << 20
+
+
+def row_context_limit(spec: AttentionSpec) -> int:
+    """The longest context a query longer than MAX_ROW_QUERY is attended row by row over."""
+    return ROW_CONTEXT_BYTES // (2 * spec.head_dim * spec.dtype.itemsize)
+
+
+def attends_by_rows(meta: AttentionMetadata, spec: AttentionSpec) -> bool:
+    """Whether every query of the step goes row by row to the decode kernel (where the backend has it)."""
+    return meta.max_query_len <= MAX_ROW_QUERY or meta.max_seq_len <= row_context_limit(spec)
 
 
 class CPUKVCacheLayout(KVCacheLayout):
@@ -168,7 +186,7 @@ def _build_group(meta: AttentionMetadata, seqs: torch.Tensor | None, block_size:
     max_q, max_kv = int(query_lens.max()), int(seq_lens.max())
 
     kv_rows = mask = None
-    by_rows = kernel_decodes and max_q <= MAX_ROW_QUERY
+    by_rows = kernel_decodes and bool(((query_lens <= MAX_ROW_QUERY) | (seq_lens <= row_context_limit(spec))).all())
     if not by_rows:
         positions = torch.arange(max_kv, device=device)
         blocks = block_tables.long().gather(1, (positions // block_size).expand(num_seqs, -1).clamp(
@@ -241,10 +259,12 @@ def _build_groups(meta: AttentionMetadata, block_size: int, spec: AttentionSpec,
     Padding is per group, so a 2,000-token chunk never pads the decodes or a 30-token chunk beside it
     to 2,000 query rows. A step has at most one group per power of two, never one per sequence.
     """
-    if meta.max_query_len == 1 or (kernel_decodes and meta.max_query_len <= MAX_ROW_QUERY):
+    if meta.max_query_len == 1 or (kernel_decodes and attends_by_rows(meta, spec)):
         return [_build_group(meta, None, block_size, spec, kernel_decodes)]
     query_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
-    decodes = query_lens <= (MAX_ROW_QUERY if kernel_decodes else 1)
+    decodes = query_lens <= 1
+    if kernel_decodes:
+        decodes = (query_lens <= MAX_ROW_QUERY) | (meta.seq_lens.long() <= row_context_limit(spec))
     length_class = torch.where(decodes, 0, 1 + torch.log2(query_lens.double()).ceil().long())
     classes = torch.unique(length_class)
     if classes.numel() == 1:

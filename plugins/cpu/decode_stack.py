@@ -4,14 +4,15 @@
 Module by module, a batch-1 decode step of SmolLM2-135M spent ~6 ms of its ~12 in Python dispatch
 (~300 module calls, tensor allocations and argument checks for kernels of a few microseconds each).
 The C call chains the very kernels those modules call, with the same arguments, so its hidden states
-are bit-identical to theirs. It takes every step whose queries are at most `MAX_ROW_QUERY` tokens:
-plain decodes, and speculative decoding's verification (a sequence's last token and its drafts), each
-query token a row of its own whose context ends at its position (`row_contexts`), as the module path's
-attention does for such queries. Every kernel computes a row alone, the same whatever the batch, so a
+are bit-identical to theirs. It takes every step the attention takes row by row (`attends_by_rows`):
+plain decodes, speculative decoding's verification (a sequence's last token and its drafts), prompts
+over contexts whose keys and values stay in cache, and steps mixing them, each query token a row of its
+own whose context ends at its position (`row_contexts`), as the module path's attention does for such
+queries. Every kernel computes a row alone, the same whatever the batch, so a
 draft token's logits are those a one-token decode at its position gets: greedy output is the same with
 and without `--speculate`. Its RoPE reads the model's cos/sin table, so every scaling baked into that
 table (linear, llama3, yarn with its attention factor, a GGUF's rope_freqs) runs here as in the modules.
-Longer prefill chunks, and models or configurations it does not cover (biases, q/k norms, sliding
+Prefill chunks over longer contexts, and models or configurations it does not cover (biases, q/k norms, sliding
 windows, mixture-of-experts layers, other linear methods, RoPE computed per step: dynamic NTK, longrope),
 run module by module: `_layer_plan` takes a layer only if its MLP is exactly `LlamaMLP`. So do steps
 in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a server with
@@ -29,7 +30,7 @@ from tokenmill.interfaces import AttentionMetadata
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from tokenmill.plugins.cpu.attention import MAX_ROW_QUERY, CPUPagedAttention, row_contexts
+from tokenmill.plugins.cpu.attention import CPUPagedAttention, attends_by_rows, row_contexts
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps
 from tokenmill.plugins.cpu.quant import (
     GGML_MAX_ROWS,
@@ -140,7 +141,7 @@ class DecodeStack:
     def supports(self, metadata: AttentionMetadata) -> bool:
         # A step padded to a shape bucket (its last real token before the end) runs module by module:
         # the C step would write its padding tokens' keys at slot -1.
-        return (metadata.max_query_len <= MAX_ROW_QUERY
+        return (attends_by_rows(metadata, self.spec)
                 and int(metadata.query_start_loc[-1]) == metadata.slot_mapping.shape[0]
                 and (self.lora is None or self.lora.batch is None))
 

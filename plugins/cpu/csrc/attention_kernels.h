@@ -108,7 +108,7 @@ static inline float quantized_row_scale(const Job *job, const void *cache, long 
 typedef struct {
     long *rows;
     float *scores;
-    uint16_t *weights; /* the scores as bf16, each group's row padded to an even length */
+    uint16_t *weights; /* the scores as two bf16 (high part, then the rest), each group's row padded to even */
     long capacity; /* positions */
 } Scratch;
 
@@ -120,7 +120,7 @@ static int reserve(Scratch *s, long span, int group) {
     s->capacity = span * 2;
     s->rows = (long *)malloc((size_t)s->capacity * sizeof(long));
     s->scores = (float *)malloc((size_t)s->capacity * group * sizeof(float));
-    s->weights = (uint16_t *)malloc((size_t)(s->capacity + 1) * group * sizeof(uint16_t));
+    s->weights = (uint16_t *)malloc((size_t)(s->capacity + 1) * group * 2 * sizeof(uint16_t));
     return s->rows && s->scores && s->weights;
 }
 
@@ -330,8 +330,10 @@ static inline __m512bh load_bf16_word(const Job *job, const void *cache, long ro
 
 /* bf16 caches on CPUs with AVX512-BF16: dot products straight on the stored bf16 pairs (vdpbf16ps), no
  * conversion to float32. Scores: 32 key dims per instruction, 16 positions summed at once. Weighted sum:
- * two positions per instruction, their value rows interleaved, the softmax numerators rounded to bf16 as
- * the matmul path's `probs.to(bfloat16)` does. G query heads per kv head and D dims are compile-time
+ * two positions per instruction, their value rows interleaved; each softmax numerator is split into two
+ * bf16 (its rounding and the rounding of the rest), so the weights keep ~16 bits where one bf16 would
+ * keep 8: one more vdpbf16ps per value pair for attention as exact as PyTorch's flash kernel (prompts go
+ * row by row too, attention.py's `row_context_limit`). G query heads per kv head and D dims are compile-time
  * constants in each instantiation, so accumulators stay in registers.
  * One-byte caches (`quantized`, a constant too) take the same path: their codes convert to bf16 exactly,
  * a key row's scale multiplies its score and a value row's scale its weight before that is rounded. */
@@ -380,19 +382,22 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
     }
     const int pairs = (span + 1) / 2, padded = 2 * pairs;
     float total[MAX_GROUP];
+    uint16_t *const rests = weights + (long)G * padded; /* the second bf16 of each weight */
     for (int g = 0; g < G; g++) {
         float *s = scores + (long)g * span;
-        uint16_t *w = weights + (long)g * padded;
+        uint16_t *w = weights + (long)g * padded, *rest = rests + (long)g * padded;
         total[g] = softmax_numerators(s, span, _mm512_reduce_max_ps(max_score[g]));
         if (quantized) /* each weight times its value row's scale, before rounding: the total stays unscaled */
             for (int i = 0; i < span; i++) s[i] *= row_factor(job, v_cache, rows[i], 1);
-        int i = 0;
-        for (; i + 16 <= span; i += 16) _mm256_storeu_si256((__m256i *)(w + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
-        if (i < span) {
-            const __mmask16 tail = (__mmask16)((1u << (span - i)) - 1);
-            _mm256_mask_storeu_epi16(w + i, tail, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, s + i)));
+        for (int i = 0; i < span; i += 16) {
+            const __mmask16 tail = span - i >= 16 ? 0xFFFF : (__mmask16)((1u << (span - i)) - 1);
+            const __m512 value = _mm512_maskz_loadu_ps(tail, s + i);
+            const __m256i high = (__m256i)_mm512_cvtneps_pbh(value);
+            const __m512 high_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(high), 16));
+            _mm256_mask_storeu_epi16(w + i, tail, high);
+            _mm256_mask_storeu_epi16(rest + i, tail, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(value, high_value)));
         }
-        if (span % 2) w[span] = 0;
+        if (span % 2) w[span] = rest[span] = 0;
     }
     /* acc[g][2w] holds dims 8L..8L+3 of word w's 128-bit lanes L, acc[g][2w+1] dims 8L+4..8L+7. */
     __m512 acc[MAX_GROUP][MAX_HEAD_DIM / 16];
@@ -412,11 +417,13 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
             const __m512i b = has_second ? (__m512i)load_bf16_word(job, v_cache, rows[i + 1], w, quantized) : _mm512_setzero_si512();
             const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
             for (int g = 0; g < G; g++) {
-                uint32_t pair;
+                uint32_t pair, rest_pair;
                 memcpy(&pair, weights + (long)g * padded + i, sizeof pair);
+                memcpy(&rest_pair, rests + (long)g * padded + i, sizeof rest_pair);
                 const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)pair);
-                acc[g][2 * w] = _mm512_dpbf16_ps(acc[g][2 * w], lo, weight);
-                acc[g][2 * w + 1] = _mm512_dpbf16_ps(acc[g][2 * w + 1], hi, weight);
+                const __m512bh rest = (__m512bh)_mm512_set1_epi32((int)rest_pair);
+                acc[g][2 * w] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[g][2 * w], lo, weight), lo, rest);
+                acc[g][2 * w + 1] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[g][2 * w + 1], hi, weight), hi, rest);
             }
         }
     }
