@@ -5,7 +5,9 @@
   linears: 1.8x faster at one token, ~1.2x at 16 to 64, 1.07x at 512, with the same results. A GGUF
   checkpoint's Q4_1 and Q8_0 weights it also runs from their own blocks below `GGML_MAX_ROWS` rows: a
   third (Q8_0: half) of the bytes, and the exact dequantized weight rather than its bf16 rounding (Q4_1:
-  2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over).
+  2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over). Rows a step
+  marks as decodes (`tokenmill.batch_rows`) choose by their own count and the prompt rows beside them take
+  the many-row kernel, so a decode's numbers do not depend on the prompts sharing its step.
   A checkpoint's pre-quantized weights (`QuantizedWeight`: GPTQ, AWQ, fp8, compressed-tensors, GGUF) it
   runs from codes packed once by `pack_grouped` (csrc/grouped_kernels.h): 4-bit codes (uint2..uint4, IQ4's
   table) at 0.5 bytes a weight, uint5 at 0.625, uint6 at 0.75, uint7, uint8 and fp8 at 1, plus the
