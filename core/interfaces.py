@@ -253,6 +253,9 @@ class Communicator(abc.ABC):
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's `tensor` along `dim`, in rank order."""
 
+    def close(self) -> None:
+        """Release the process group before the rank's process ends (its collectives are over)."""
+
 
 class ShardStyle(str, enum.Enum):
     """How a linear layer's weight is split over tensor-parallel ranks."""

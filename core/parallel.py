@@ -53,7 +53,8 @@ class TorchDistributedCommunicator(Communicator):
         self.dist_backend = dist_backend
         self.world_size = world_size
         self.rank = rank
-        if world_size > 1 and not dist.is_initialized():
+        self._owns_group = world_size > 1 and not dist.is_initialized()
+        if self._owns_group:
             rendezvous = rendezvous or _JOINING.get()
             if rendezvous is not None:
                 dist.init_process_group(dist_backend, store=rendezvous.store, timeout=rendezvous.timeout,
@@ -73,6 +74,13 @@ class TorchDistributedCommunicator(Communicator):
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=dim)
+
+    def close(self) -> None:
+        # A gloo group left to the interpreter's exit can abort the process ("terminate called without
+        # an active exception": its worker threads outlive the interpreter), so the rank's end destroys it.
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
 
 
 @dataclass(frozen=True)

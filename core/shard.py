@@ -147,6 +147,7 @@ class Shard:
 
     def close(self) -> None:
         self.channel.close()
+        self.parallel.communicator.close()
 
 
 # ---- rank 0 and the others -----------------------------------------------------------------------
