@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         results["model_1b"] = llama_1b.summarise(one_b_passes, median_of_passes, results["machine"]["read_bandwidth_gbs"],
                                                  llama_1b.decode_weight_bytes(llama_1b.model_folder()))
     for name, passes in raw.items():
+        passes = [p for p in passes if p is not None]  # None: no fixed-load level ran (`--levels ""`)
+        if not passes:
+            continue
         results["servers"][name] = {
             "startup_s": median_of_passes([{"v": p["startup_s"]} for p in passes])["v"],
             "peak_rss_gib": max(p["peak_rss_gib"] for p in passes),
