@@ -68,11 +68,6 @@ class SequenceStep:
     embeddings: StepEmbeddings | None = None  # image rows for some of token_ids; None: token embeddings only
     rope_prefill_length: int = 0  # `Request.rope_prefill_length`, for length-dependent RoPE (`rope_lengths`)
 
-    @property
-    def decodes(self) -> bool:
-        """Past its prompt (known where `rope_prefill_length` is), with a logit for each token it feeds."""
-        return 0 < self.rope_prefill_length <= self.start_position and self.num_logits == len(self.token_ids)
-
 
 @dataclass
 class StepInputs:
@@ -194,6 +189,9 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         inputs.lora = _lora_batch(steps, query_lens, inputs.input_ids.shape[0], device)
         return inputs
 
+    # A sequence decodes once past its prompt (known where rope_prefill_length is), a logit per token it feeds;
+    # the scheduler puts decodes first.
+    decoding = (prefill_lens > 0) & (prefill_lens <= starts) & (num_logits == query_lens)
     metadata = AttentionMetadata(
         query_start_loc=host_to_device(cu_query.astype(np.int32), device),
         seq_lens=host_to_device(seq_lens.astype(np.int32), device),
@@ -202,7 +200,7 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
         rope_lengths=host_to_device(rope_lengths, device),
-        num_decode_tokens=_leading_decode_tokens(steps),
+        num_decode_tokens=int((np.cumprod(decoding) * query_lens).sum()),  # the leading decodes' tokens
     )
     return StepInputs(
         input_ids=host_to_device(token_ids, device),
@@ -211,16 +209,6 @@ def build_step_inputs(steps: Sequence[SequenceStep], block_size: int, device: to
         logits_indices=host_to_device(logits_indices, device),
         lora=_lora_batch(steps, query_lens, num_tokens, device),
     )
-
-
-def _leading_decode_tokens(steps: Sequence[SequenceStep]) -> int:
-    """The tokens of the leading sequences that decode (the scheduler puts decodes first)."""
-    count = 0
-    for step in steps:
-        if not step.decodes:
-            break
-        count += len(step.token_ids)
-    return count
 
 
 def _lora_batch(steps: Sequence[SequenceStep], query_lens: np.ndarray, num_tokens: int,
