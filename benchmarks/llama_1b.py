@@ -16,7 +16,9 @@ id a random model samples decodes, and prompts are tokenized as the real model's
 The load is the fixed one (streaming chat over `prompts.PROMPTS`, 128 tokens, ignore_eos) at 1, 16 and
 64 streams. The report sets batch-1 ITL against the weight-bytes / bandwidth bound: a batch-1 step reads
 every weight matrix once (the tied embedding once, as the head), at the read bandwidth `machine.py`
-measured in the same run.
+measures. This machine's bandwidth moves with its neighbours (38 to 74 GB/s between runs), so the
+bandwidth is probed again just before each server's share of a pass, and each pass's ITL is set against
+the bound of its own probe: the "× bound" figure is the median of those per-pass ratios.
 """
 
 from __future__ import annotations
@@ -122,13 +124,16 @@ def tokenmill_spec(folder: Path) -> ServerSpec:
 
 
 def run_pass(servers: list[str], levels: list[str], run_server: Callable[[ServerSpec, list[str]], dict],
-             run_llama_server: Callable[[Callable[[int], ServerSpec], list[str]], dict]) -> dict:
-    """One pass: each selected server in turn at `levels` (concurrencies; `LEVELS` by default)."""
+             run_llama_server: Callable[[Callable[[int], ServerSpec], list[str]], dict],
+             probe_bandwidth_gbs: Callable[[], float] | None = None) -> dict:
+    """One pass: each selected server in turn at `levels` (concurrencies; `LEVELS` by default), with the read
+    bandwidth probed just before each (`read_bandwidth_gbs` in its entry) when `probe_bandwidth_gbs` is given."""
     from benchmarks.specs import llama_server_spec, vllm_spec
 
     folder = model_folder()
     results = {}
     for name in servers:
+        bandwidth_gbs = probe_bandwidth_gbs() if probe_bandwidth_gbs else None
         if name == "tokenmill":
             results[name] = run_server(tokenmill_spec(folder), levels)
         elif name == "vllm":
@@ -137,28 +142,49 @@ def run_pass(servers: list[str], levels: list[str], run_server: Callable[[Server
         elif name == "llama-server":
             gguf = gguf_path(folder)
             results[name] = run_llama_server(lambda slots: _named(llama_server_spec(gguf, slots)), levels)
+        if bandwidth_gbs is not None and results.get(name):
+            results[name]["read_bandwidth_gbs"] = round(bandwidth_gbs, 1)
     return results
 
 
 def summarise(passes: list[dict], median_of_passes, bandwidth_gbs: float, weight_bytes: int) -> dict:
     """Medians per server and level across passes, and the batch-1 bound: `weight_bytes` (a decode step's,
-    `decode_weight_bytes`) over the measured read bandwidth."""
+    `decode_weight_bytes`) over the read bandwidth. Where the passes carry their own probes the bandwidth
+    is their median and each server's `itl_over_bound` the median of its per-pass ratios; `bandwidth_gbs`
+    (the run's one probe) stands in where they do not."""
+    def median(values: list[float]) -> float:
+        return median_of_passes([{"v": v} for v in values])["v"]
+
+    probes = [r["read_bandwidth_gbs"] for p in passes for r in p.values() if r and "read_bandwidth_gbs" in r]
+    if probes:
+        bandwidth_gbs = median(probes)
     servers = {}
     for name in passes[0]:
         runs = [p[name] for p in passes if p.get(name)]
+        ratios = [r["levels"]["1"]["itl_p50_s"] * r.get("read_bandwidth_gbs", bandwidth_gbs) * 1e9 / weight_bytes
+                  for r in runs if (r["levels"].get("1") or {}).get("itl_p50_s")]
         servers[name] = {
-            "startup_s": median_of_passes([{"v": r["startup_s"]} for r in runs])["v"],
+            "startup_s": median([r["startup_s"] for r in runs]),
             "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
             "levels": {lv: median_of_passes([r["levels"][lv] for r in runs]) for lv in runs[0]["levels"]},
+            "itl_over_bound": median(ratios) if ratios else None,
         }
     levels = list(next(iter(servers.values()))["levels"]) if servers else []
     return {"shape": SHAPE, "passes": len(passes), "levels": levels, "decode_weight_bytes": weight_bytes,
-            "read_bandwidth_gbs": bandwidth_gbs, "bound_itl_s": weight_bytes / (bandwidth_gbs * 1e9),
-            "servers": servers, "raw": passes}
+            "read_bandwidth_gbs": bandwidth_gbs, "bandwidth_probes_gbs": probes,
+            "bound_itl_s": weight_bytes / (bandwidth_gbs * 1e9), "servers": servers, "raw": passes}
 
 
 def _cell(value, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _probes_sentence(probes: list[float]) -> str:
+    if not probes:
+        return ""
+    return (f" That bandwidth is the median of {len(probes)} probes, one before each server's share of a pass "
+            f"({min(probes)} to {max(probes)} GB/s); \"× bound\" is the median of each pass's ITL over its own "
+            "probe's bound.")
 
 
 def report_lines(section: dict) -> list[str]:
@@ -169,7 +195,7 @@ def report_lines(section: dict) -> list[str]:
              "vLLM: `--load-format dummy --dtype bfloat16`; llama-server: a random bf16 GGUF of the same shape. "
              f"Streaming chat, 128 output tokens, ignore_eos; medians of {section['passes']} pass(es). Batch-1 bound: "
              f"{section['decode_weight_bytes'] / 1e9:.2f} GB of weights a step at {section['read_bandwidth_gbs']} "
-             f"GB/s = {1000 * bound:.1f} ms.", "",
+             f"GB/s = {1000 * bound:.1f} ms.{_probes_sentence(section.get('bandwidth_probes_gbs') or [])}", "",
              "| server | c=1 ITL p50 (ms) | × bound | " + " | ".join(f"c={lv} tok/s" for lv in section["levels"])
              + " | c=64 TTFT p99 (s) | start-up (s) | peak RSS (GiB) |",
              "|---|---|---|" + "---|" * len(section["levels"]) + "---|---|---|"]
@@ -177,7 +203,8 @@ def report_lines(section: dict) -> list[str]:
         levels = entry["levels"]
         itl = (levels.get("1") or {}).get("itl_p50_s")
         throughput = " | ".join(_cell((levels.get(lv) or {}).get("output_tok_s")) for lv in section["levels"])
-        lines.append(f"| {name} | {_cell(itl, 1000)} | {_cell(itl / bound if itl else None, digits=2)}× | "
+        over_bound = entry.get("itl_over_bound") or (itl / bound if itl else None)
+        lines.append(f"| {name} | {_cell(itl, 1000)} | {_cell(over_bound, digits=2)}× | "
                      f"{throughput} | {_cell((levels.get('64') or {}).get('ttft_p99_s'), digits=2)} | "
                      f"{_cell(entry['startup_s'])} | {_cell(entry['peak_rss_gib'], digits=2)} |")
     ours = section["servers"].get("tokenmill", {}).get("levels", {})

@@ -18,7 +18,7 @@ from benchmarks import (gguf_itl, llama_1b, report, routing, speculation, startu
                         traffic)
 from benchmarks.hf_baseline import transformers_baseline
 from benchmarks.load import closed_loop, open_loop
-from benchmarks.machine import describe_machine
+from benchmarks.machine import describe_machine, read_bandwidth_gbs
 from benchmarks.quality import perplexities, safetensors_checkpoints
 from benchmarks.quantized_files import bf16_file, quantized_files
 from benchmarks.servers import RunningServer, ServerSpec
@@ -126,7 +126,8 @@ def run_1b_passes(servers: list[str], levels: list[str], passes: int, log_dir: P
     for index in range(passes if servers and levels else 0):
         print(f"1B-class model ({llama_1b.SHAPE}, random bf16 weights): pass {index + 1}/{passes}", flush=True)
         results.append(llama_1b.run_pass(servers, levels, run,
-                                         lambda make_spec, lvs: run_llama_server(make_spec, lvs, run)))
+                                         lambda make_spec, lvs: run_llama_server(make_spec, lvs, run),
+                                         lambda: read_bandwidth_gbs(THREADS)))
     return results
 
 

@@ -48,3 +48,19 @@ def test_the_full_report_carries_both_new_sections(tmp_path, bpe_tokenizer) -> N
     text = report.write(results, tmp_path).read_text()
     assert "## Realistic traffic: goodput against offered rate" in text and "![goodput](goodput_vs_rate.png)" in text
     assert "## 1B-class model: Llama-3.2-1B's shape, random bf16 weights" in text
+
+
+def test_each_pass_is_set_against_its_own_bandwidth_probe() -> None:
+    # The same 100 ms ITL against a 2 GB step: 1.5x a 30 GB/s probe's bound, 2.5x a 50 GB/s probe's.
+    quiet, busy = _server(0.100, 150.0), _server(0.100, 150.0)
+    quiet["read_bandwidth_gbs"], busy["read_bandwidth_gbs"] = 50.0, 30.0
+    peer = _server(0.100, 60.0)
+    peer["read_bandwidth_gbs"] = 40.0
+    section = llama_1b.summarise([{"tokenmill": quiet, "llama-server": peer}, {"tokenmill": busy}],
+                                 median_of_passes, bandwidth_gbs=99.0, weight_bytes=2 * 10**9)
+    assert section["read_bandwidth_gbs"] == pytest.approx(40.0)  # the probes' median, not the run's one probe
+    assert section["servers"]["tokenmill"]["itl_over_bound"] == pytest.approx(2.0)  # median of 2.5 and 1.5
+    assert section["servers"]["llama-server"]["itl_over_bound"] == pytest.approx(2.0)
+    text = "\n".join(llama_1b.report_lines(section))
+    assert "median of 3 probes, one before each server's share of a pass (30.0 to 50.0 GB/s)" in text
+    assert "| tokenmill | 100.0 | 2.00× |" in text
