@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -152,22 +153,19 @@ def summarise(passes: list[dict], median_of_passes, bandwidth_gbs: float, weight
     `decode_weight_bytes`) over the read bandwidth. Where the passes carry their own probes the bandwidth
     is their median and each server's `itl_over_bound` the median of its per-pass ratios; `bandwidth_gbs`
     (the run's one probe) stands in where they do not."""
-    def median(values: list[float]) -> float:
-        return median_of_passes([{"v": v} for v in values])["v"]
-
     probes = [r["read_bandwidth_gbs"] for p in passes for r in p.values() if r and "read_bandwidth_gbs" in r]
     if probes:
-        bandwidth_gbs = median(probes)
+        bandwidth_gbs = statistics.median(probes)
     servers = {}
     for name in passes[0]:
         runs = [p[name] for p in passes if p.get(name)]
         ratios = [r["levels"]["1"]["itl_p50_s"] * r.get("read_bandwidth_gbs", bandwidth_gbs) * 1e9 / weight_bytes
                   for r in runs if (r["levels"].get("1") or {}).get("itl_p50_s")]
         servers[name] = {
-            "startup_s": median([r["startup_s"] for r in runs]),
+            "startup_s": statistics.median(r["startup_s"] for r in runs),
             "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
             "levels": {lv: median_of_passes([r["levels"][lv] for r in runs]) for lv in runs[0]["levels"]},
-            "itl_over_bound": median(ratios) if ratios else None,
+            "itl_over_bound": statistics.median(ratios) if ratios else None,
         }
     levels = list(next(iter(servers.values()))["levels"]) if servers else []
     return {"shape": SHAPE, "passes": len(passes), "levels": levels, "decode_weight_bytes": weight_bytes,
