@@ -4,7 +4,9 @@ The contract of every quantization method of the project: against the float64 pr
 weight the method actually holds (its dequantized form), `matmul` is at least as exact as `F.linear`
 run with that weight in the activations' dtype. The slack (1.5x, plus an absolute term of 1e-9 of the
 product's norm for a reference that comes out exact) covers float32, where both errors are a few
-ulps of summation in different orders and their ratio wanders around 1; every bug this guards against
+ulps of summation in different orders and their ratio wanders around 1; in float32 the absolute term is
+4 ulps of the product's norm, as F.linear's own error depends on the host's BLAS (on one Xeon it came out
+at 1.6 ulps where the interpreted kernels' was 2.7, a ratio of 1.6). Every bug this guards against
 (a wrong nibble, scale, mask or tile, a weight rounded to bf16, tf32) costs orders of magnitude more.
 In bf16 and fp16 the kernels round once, at the end, and come out below F.linear, which also rounds
 the weight. Shapes are tiny because the kernels run in Triton's interpreter here (~5 ms a tile step).
@@ -37,6 +39,7 @@ CASES = {
     "fp8": (lambda: FP8Weight(native_fp8=False), 72, 200),
 }
 SLACK, ABS_SLACK = 1.5, 1e-9
+FLOAT32_ABS_SLACK = 4 * 2.0**-24  # 4 ulps (unit roundoff 2^-24) of the product's norm
 
 
 def random_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -53,7 +56,8 @@ def errors_against_exact(got: torch.Tensor, x: torch.Tensor, dequantized: torch.
 
 def assert_at_least_as_exact_as_f_linear(got, x, dequantized, label: str) -> None:
     error, reference_error, norm = errors_against_exact(got, x, dequantized)
-    assert error <= SLACK * reference_error + ABS_SLACK * norm, (
+    absolute = FLOAT32_ABS_SLACK if got.dtype == torch.float32 else ABS_SLACK
+    assert error <= SLACK * reference_error + absolute * norm, (
         f"{label}: relative error {error / norm:.3e}, F.linear's {reference_error / norm:.3e}")
 
 
