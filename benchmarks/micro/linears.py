@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
 from tokenmill.interfaces import GGMLWeight
+from tokenmill.plugins.cpu import _bf16_gemm
 from tokenmill.plugins.cpu.quant import OneDNNPackedLinear, PackedBF16Linear, bf16_gemm_available
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down: (out, in)
@@ -45,11 +46,16 @@ def main() -> None:
         methods["avx512-bf16"] = methods["avx512-q4_1"] = dense = PackedBF16Linear()
         prepared["avx512-bf16"] = [dense.prepare(w) for w in weights]
         prepared["avx512-q4_1"] = [_q4_1(dense, w) for w in weights[:-1]] + prepared["avx512-bf16"][-1:]
-    for rows in (1, 4, 16, 64, 512):
+        if _bf16_gemm.set_amx(True):  # the dense weights again, on AMX tiles where rows allow
+            methods["amx-bf16"] = dense
+            prepared["amx-bf16"] = prepared["avx512-bf16"]
+    for rows in (1, 4, 8, 16, 64, 512):
         inputs = [torch.randn(rows, shape[1], dtype=torch.bfloat16) for shape in shapes]
         best = {name: float("inf") for name in methods}
         for _ in range(3):  # alternate, keep each one's best
             for name, method in methods.items():
+                if "amx-bf16" in methods:
+                    _bf16_gemm.set_amx(name == "amx-bf16")
                 best[name] = min(best[name], _run(method, prepared[name], inputs))
         flops = 2 * rows * sum(out * inp for out, inp in shapes)
         line = "  ".join(f"{name} {1000 * t:6.1f} ms ({flops / t / 1e9:4.0f} GFLOP/s)" for name, t in best.items())

@@ -2,7 +2,9 @@
 
 - `PackedBF16Linear`: dense bf16 weights packed for the AVX512-BF16 kernel in csrc/gemm_kernels.h, the
   default where the CPU has AVX512-BF16. Measured against oneDNN's packed weights over SmolLM2-135M's
-  linears: 1.8x faster at one token, ~1.2x at 16 to 64, 1.07x at 512, with the same results. A GGUF
+  linears: 1.8x faster at one token, ~1.2x at 16 to 64, 1.07x at 512, with the same results. Where the CPU
+  has AMX (Sapphire Rapids on) the same packed weights run on its tiles (csrc/amx_gemm.h): on a Xeon
+  with AMX, 1.4x oneDNN (which takes AMX too) and 5x AVX512-BF16 at 64 rows, 2.6x AVX512-BF16 at 16. A GGUF
   checkpoint's Q4_1 and Q8_0 weights it also runs from their own blocks below `GGML_MAX_ROWS` rows: a
   third (Q8_0: half) of the bytes, and the exact dequantized weight rather than its bf16 rounding (Q4_1:
   2x faster at one token, 1.15x at 16; slower from ~32 rows, where the dense copy takes over). Rows a step
@@ -45,7 +47,9 @@ except ImportError:  # pragma: no cover - depends on the build
 
 LANES = 16  # output features per packed weight vector
 GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
-GGML_MAX_ROWS = 32  # from here on the dense kernel is faster (benchmarks.micro.linears)
+# From here on the dense copy is faster than the blocks (benchmarks.micro.linears): from 32 rows on
+# AVX512-BF16; from 8 on AMX tiles, which multiply 16 rows at once (4 rows: as fast as the blocks).
+GGML_MAX_ROWS = 8 if _bf16_gemm is not None and _bf16_gemm.amx() else 32
 DENSE_FORMAT = 0  # gemm_kernels.h's GEMM_DENSE
 GROUPED_FORMAT = 3  # gemm_kernels.h's GEMM_GROUPED
 CHECKPOINT_FORMATS = frozenset({"gptq", "awq", "fp8", "compressed-tensors", "gguf"})

@@ -12,7 +12,9 @@ def test_openai_chat_completions(served_smollm2) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{served_smollm2}/v1", api_key="unused")
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    # The bare question's first token is a near tie in bf16 ("The" / "L'Étoile..."), which the order of a
+    # linear's float32 sums decides (AVX512-BF16 against AMX tiles); this one's leads by 0.9 in logprob.
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     reply = client.chat.completions.create(model="tgi", messages=messages, max_tokens=20, temperature=0)
     assert "Paris" in reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0

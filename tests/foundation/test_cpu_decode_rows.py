@@ -1,6 +1,6 @@
 """A decode's numbers on the CPU backend do not depend on the prompts sharing its step.
 
-The linears run a GGUF's blocks below 32 rows and their dense copy from there (different arithmetic), so
+The linears run a GGUF's blocks below GGML_MAX_ROWS rows and their dense copy from there (different arithmetic), so
 the model runner marks which leading rows are decodes (`tokenmill.batch_rows`) and the linears choose by
 that count for them, the prompt rows running apart: through the modules and in the C step alike.
 """
@@ -21,7 +21,9 @@ from tokenmill.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the GGUF block kernels need AVX512-BF16")
 
-EARLY, LATE, LATE_PROMPT = 12, 8, 40  # 20 decodes at most (blocks' kernel), 320 prompt rows (dense copy's)
+# Fewer decodes than GGML_MAX_ROWS (the blocks' kernel: 20 at most of 32, 5 of AMX's 8), and 40-token
+# prompts beside them (the dense copy's).
+EARLY, LATE, LATE_PROMPT = GGML_MAX_ROWS * 3 // 8, GGML_MAX_ROWS // 4, 40
 
 
 def _engine(path) -> Engine:

@@ -418,6 +418,8 @@ static void pack_ggml_rows(int format, const uint8_t *src, uint8_t *dst, long ou
 
 #include "grouped_kernels.h"
 
+#include "amx_gemm.h"
+
 /* y (m, n) = x (m, 2 k_pairs) @ W^T with W packed in `format`; 0 when out of memory. Needs
  * HAVE_BF16_GEMM; ggml formats need 2 k_pairs to be a multiple of GGML_BLOCK, grouped weights to have
  * 2 k_pairs inputs (the caller checks). */
@@ -432,6 +434,12 @@ static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y
         if (m >= INT8_MIN_ROWS) return int8_linear(&g, format, threads);
 #endif
     }
+#if HAVE_AMX_GEMM
+    if (format == GEMM_DENSE) {
+        const int done = amx_dense_linear(&g, threads);
+        if (done >= 0) return done;
+    }
+#endif
     const long per_item = format == GEMM_DENSE ? PANELS_PER_BLOCK : ggml_panels_per_item(m);
     const long items = (num_panels(&g) + per_item - 1) / per_item;
     const int workers = m * n * k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;

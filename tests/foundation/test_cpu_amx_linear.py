@@ -1,0 +1,67 @@
+"""Dense bf16 linears on AMX tiles (csrc/amx_gemm.h) compute what the AVX512-BF16 kernel computes.
+
+Both sum each output's products in float32, input pair by input pair, and round once; the two instructions
+order a pair's two products differently, so an output may differ in its last bf16 bits, rarely.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.plugins.cpu import _bf16_gemm
+from tokenmill.plugins.cpu.quant import PackedBF16Linear, bf16_gemm_available
+
+pytestmark = pytest.mark.skipif(not bf16_gemm_available() or not _bf16_gemm.amx(),
+                                reason="needs a CPU with AMX and a build for it")
+
+# (out, in): SmolLM2's qkv and down shapes, and out not a multiple of the 16-output panel.
+SHAPES = [(960, 576), (576, 1536), (50, 64)]
+ROWS = [1, 3, 16, 17, 32, 45, 64]
+
+
+@pytest.fixture
+def both_kernels():
+    """A function running a linear on AMX tiles or on AVX512-BF16; AMX again afterwards."""
+    method = PackedBF16Linear()
+
+    def run(x: torch.Tensor, prepared, amx: bool) -> torch.Tensor:
+        _bf16_gemm.set_amx(amx)
+        return method.matmul(x, prepared)
+
+    yield method, run
+    _bf16_gemm.set_amx(True)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_the_tiles_agree_with_avx512_bf16_and_with_float32(both_kernels, shape) -> None:
+    method, run = both_kernels
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    prepared = method.prepare(weight)
+    for rows in ROWS:
+        x = torch.randn(rows, shape[1], generator=generator).to(torch.bfloat16)
+        amx, avx512 = run(x, prepared, True), run(x, prepared, False)
+        reference = x.float() @ weight.float().T
+        # One bf16 rounding of the float32 sum, give or take the sum's own float32 error.
+        torch.testing.assert_close(amx.float(), reference, rtol=2 ** -8, atol=1e-3 * reference.abs().max().item())
+        assert (amx != avx512).float().mean() < 0.01, f"{rows} rows"
+
+
+def test_a_row_gets_the_same_result_alone_and_in_a_batch(both_kernels) -> None:
+    method, run = both_kernels
+    generator = torch.Generator().manual_seed(1)
+    prepared = method.prepare(torch.randn(960, 576, generator=generator).to(torch.bfloat16))
+    x = torch.randn(45, 576, generator=generator).to(torch.bfloat16)  # a chunk of 32 rows and a padded tail
+    batched = run(x, prepared, True)
+    alone = torch.cat([run(x[i:i + 1], prepared, True) for i in range(45)])
+    assert torch.equal(alone, batched)
+
+
+def test_inputs_not_a_multiple_of_32_take_avx512_bf16(both_kernels) -> None:
+    method, run = both_kernels
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(40, 48, generator=generator).to(torch.bfloat16)
+    prepared = method.prepare(weight)
+    x = torch.randn(20, 48, generator=generator).to(torch.bfloat16)
+    assert torch.equal(run(x, prepared, True), run(x, prepared, False))
