@@ -33,6 +33,7 @@ from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCa
 from tokenmill.plugins.cpu.attention import CPUPagedAttention, attends_by_rows, row_contexts
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps
 from tokenmill.plugins.cpu.quant import (
+    DENSE_FORMAT,
     GGML_MAX_ROWS,
     GROUPED_FORMAT,
     PackedBF16Weight,
@@ -47,8 +48,8 @@ except ImportError:  # pragma: no cover - depends on the build
 
 
 def _linear_plan(linear: Linear) -> list[int] | None:
-    """(quantized form or 0, its format, dense packed form or 0, out, in) as decode_stack.c's LinearPlan, if
-    it can run the linear."""
+    """(weight and format below GGML_MAX_ROWS rows, weight and format from there, out, in) as decode_stack.c's
+    LinearPlan, if it can run the linear."""
     prepared = linear.quantized
     if linear.bias is not None or not isinstance(prepared, (PackedGGMLWeight, PackedBF16Weight,
                                                             PackedGroupedWeight)):
@@ -56,12 +57,13 @@ def _linear_plan(linear: Linear) -> list[int] | None:
     if prepared.in_features % 2:
         return None
     if isinstance(prepared, PackedGroupedWeight):  # its kernel takes every row count itself
-        return [prepared.packed.data_ptr(), GROUPED_FORMAT, 0, prepared.out_features, prepared.in_features]
-    if isinstance(prepared, PackedGGMLWeight):  # without a dense copy: the blocks' kernel at every row count
-        dense = 0 if prepared.dense is None else prepared.dense.packed.data_ptr()
-        return [prepared.packed.data_ptr(), prepared.kernel_code(1), dense, prepared.out_features,
-                prepared.in_features]
-    return [0, 0, prepared.packed.data_ptr(), prepared.out_features, prepared.in_features]
+        kernels = [prepared.packed.data_ptr(), GROUPED_FORMAT] * 2
+    elif isinstance(prepared, PackedGGMLWeight):
+        kernels = [field for rows in (1, GGML_MAX_ROWS)
+                   for field in (prepared.kernel_weight(rows).packed.data_ptr(), prepared.kernel_code(rows))]
+    else:
+        kernels = [prepared.packed.data_ptr(), DENSE_FORMAT] * 2
+    return kernels + [prepared.out_features, prepared.in_features]
 
 
 def _layer_plan(layer: nn.Module, eps: float) -> list[int] | None:
@@ -99,7 +101,7 @@ class DecodeStack:
 
     def __init__(self, model: LlamaForCausalLM, plan: torch.Tensor, attention: CPUPagedAttention):
         self.model = model
-        self.plan = plan  # (num_layers, 22) int64; the tensors it points into live in the model
+        self.plan = plan  # (num_layers, 26) int64; the tensors it points into live in the model
         # The model's LoRA adapters (any adapted linear's), whose running step says whether a token uses one.
         self.lora = next((module.lora.adapters for module in model.modules()
                           if isinstance(module, Linear) and module.lora is not None), None)

@@ -61,15 +61,22 @@ class GGMLFormat:
 
     code: int  # gemm_kernels.h's GEMM_Q4_1 / GEMM_Q8_0
     int8_code: int  # the same blocks against int8 activations from many rows: GEMM_Q4_1_INT8 / GEMM_Q8_0_INT8
+    tiles_code: int  # the same blocks dequantized onto AMX tiles: GEMM_Q4_1_TILES / GEMM_Q8_0_TILES
     file_block_bytes: int  # one block of 32 inputs in the GGUF
     packed_block_bytes: int  # one panel's block (16 outputs x 32 inputs) packed
 
 
-GGML_FORMATS = {"Q4_1": GGMLFormat(1, 4, 20, 320), "Q8_0": GGMLFormat(2, 5, 34, 544)}
+GGML_FORMATS = {"Q4_1": GGMLFormat(1, 4, 6, 20, 320), "Q8_0": GGMLFormat(2, 5, 7, 34, 544)}
 
 
 def bf16_gemm_available() -> bool:
     return _bf16_gemm is not None and _bf16_gemm.available()
+
+
+def amx_available() -> bool:
+    """Whether dense bf16 weights and GGUF blocks run on AMX tiles (csrc/amx_gemm.h): a CPU with AMX, a build
+    for it, and not TOKENMILL_CPU_AMX=0."""
+    return bf16_gemm_available() and _bf16_gemm.amx()
 
 
 def int8_activations_available() -> bool:
@@ -88,15 +95,20 @@ class PackedBF16Weight:
 class PackedGGMLWeight:
     format: GGMLFormat
     packed: torch.Tensor  # (out_pad / 16, in / 32, bytes per block) uint8, see pack_ggml
-    dense: PackedBF16Weight | None  # for many rows; None: the blocks at every row count, int8 activations
+    dense: PackedBF16Weight | None  # the dense copy many rows take, where kept
     out_features: int
     in_features: int
+    # gemm_kernels.h's formats below GGML_MAX_ROWS rows and from there: the blocks, then the dense copy
+    # (DENSE_FORMAT) or, on AMX, the blocks dequantized onto tiles; int8 activations: their code at both.
+    codes: tuple[int, int]
 
     def kernel_code(self, rows: int) -> int:
-        """gemm_kernels.h's format for `rows` rows of x: the dense copy's past GGML_MAX_ROWS where kept."""
-        if self.dense is None:
-            return self.format.int8_code
-        return self.format.code if rows < GGML_MAX_ROWS else DENSE_FORMAT
+        """gemm_kernels.h's format for `rows` rows of x."""
+        return self.codes[rows >= GGML_MAX_ROWS]
+
+    def kernel_weight(self, rows: int) -> PackedBF16Weight | PackedGGMLWeight:
+        """What the kernel for `rows` rows reads: the dense copy, or these blocks."""
+        return self.dense if self.kernel_code(rows) == DENSE_FORMAT else self
 
 
 def pack_ggml(ggml_format: GGMLFormat, blocks: torch.Tensor) -> torch.Tensor:
@@ -239,12 +251,16 @@ class PackedBF16Linear(QuantMethod):
         ggml_format = GGML_FORMATS.get(ggml.ggml_type)
         if ggml_format is None or ggml.in_features % GGML_BLOCK:
             return None
-        return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), self._dense_copy(weight),
-                                weight.shape[0], ggml.in_features)
+        dense, codes = self._many_rows(weight, ggml_format)
+        return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), dense, weight.shape[0],
+                                ggml.in_features, codes)
 
-    def _dense_copy(self, weight: torch.Tensor) -> PackedBF16Weight | None:
-        """The dense form kept beside a weight's ggml blocks for many rows."""
-        return self.prepare(weight)
+    def _many_rows(self, weight: torch.Tensor, ggml_format: GGMLFormat) -> tuple[PackedBF16Weight | None, tuple[int, int]]:
+        """How many rows run a weight's ggml blocks: on AMX, the blocks dequantized onto the tiles (the dense
+        copy's values, a third of its bytes, and none kept); else a dense copy kept beside them."""
+        if amx_available():
+            return None, (ggml_format.code, ggml_format.tiles_code)
+        return self.prepare(weight), (ggml_format.code, DENSE_FORMAT)
 
     def prepare(self, weight: torch.Tensor) -> PackedBF16Weight:
         out_features, in_features = weight.shape
@@ -259,7 +275,7 @@ class PackedBF16Linear(QuantMethod):
     def rows(self, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight, ids: torch.Tensor
              ) -> torch.Tensor | None:
         if isinstance(prepared, PackedGGMLWeight):
-            prepared = prepared.dense
+            prepared = prepared.dense  # None without a dense copy
         if not isinstance(prepared, PackedBF16Weight):
             return None  # the embedding keeps its own weight
         # Row r is lane r % 16 of panel r // 16: one 32-bit word (an input pair) in every 16 along the panel.
@@ -280,7 +296,8 @@ class PackedBF16Linear(QuantMethod):
         if dense is not None:
             tensors["dense"] = dense.packed
         if isinstance(prepared, PackedGGMLWeight):
-            tensors.update(blocks=prepared.packed, format=torch.tensor([prepared.format.code]))
+            tensors.update(blocks=prepared.packed, format=torch.tensor([prepared.format.code]),
+                           codes=torch.tensor(prepared.codes))
         return tensors
 
     def deserialize(self, tensors: dict[str, torch.Tensor]) -> PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight:
@@ -292,7 +309,8 @@ class PackedBF16Linear(QuantMethod):
             return dense
         code = int(tensors["format"])
         ggml_format = next(f for f in GGML_FORMATS.values() if f.code == code)
-        return PackedGGMLWeight(ggml_format, tensors["blocks"], dense, out_features, in_features)
+        codes = tuple(tensors["codes"].tolist())
+        return PackedGGMLWeight(ggml_format, tensors["blocks"], dense, out_features, in_features, codes)
 
     def matmul(self, x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight | PackedGroupedWeight
                ) -> torch.Tensor:
@@ -321,8 +339,7 @@ def _linear_rows(x: torch.Tensor, prepared: PackedBF16Weight | PackedGGMLWeight 
         weight_format = GROUPED_FORMAT
     elif isinstance(prepared, PackedGGMLWeight):
         weight_format = prepared.kernel_code(kernel_rows)
-        if weight_format == DENSE_FORMAT:
-            prepared = prepared.dense
+        prepared = prepared.kernel_weight(kernel_rows)
     _bf16_gemm.linear(weight_format, x.data_ptr(), prepared.packed.data_ptr(), y.data_ptr(), x.shape[0],
                       prepared.out_features, x.shape[1] // 2, x.stride(0), y.stride(0), torch.get_num_threads())
 
@@ -346,8 +363,8 @@ class Int8ActivationLinear(PackedBF16Linear):
             return F.linear(x, self.dequantize(prepared).to(x.dtype))  # a float32 model: the codes' exact weight
         return super().matmul(x, prepared).to(x.dtype)
 
-    def _dense_copy(self, weight: torch.Tensor) -> None:
-        return None  # the blocks at every row count
+    def _many_rows(self, weight: torch.Tensor, ggml_format: GGMLFormat) -> tuple[None, tuple[int, int]]:
+        return None, (ggml_format.int8_code, ggml_format.int8_code)  # the kernel switches at INT8_MIN_ROWS
 
 
 def onednn_linear_available() -> bool:

@@ -75,7 +75,8 @@ def test_the_second_start_restores_the_prepared_weights_and_generates_the_same(g
     assert isinstance(down_proj.quantized, PackedGGMLWeight) and down_proj.weight is None
     # Mapped from the file, yet on 64-byte boundaries as torch's allocations are (the kernels' loads).
     packed = [m.quantized for m in engine.model.modules() if getattr(m, "quantized", None) is not None]
-    packed = [t for p in packed for t in ((p.packed, p.dense.packed) if isinstance(p, PackedGGMLWeight) else (p.packed,))]
+    dense = [p.dense.packed for p in packed if isinstance(p, PackedGGMLWeight) and p.dense is not None]
+    packed = [p.packed for p in packed] + dense
     assert packed and all(t.data_ptr() % 64 == 0 for t in packed)
     assert _greedy(engine) == tokens
     assert _entries(cache_dir) == [entry]

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
 
+from tokenmill.interfaces import GGMLWeight
 from tokenmill.plugins.cpu import _bf16_gemm
-from tokenmill.plugins.cpu.quant import PackedBF16Linear, bf16_gemm_available
+from tokenmill.plugins.cpu.quant import GGML_MAX_ROWS, PackedBF16Linear, bf16_gemm_available
 
 pytestmark = pytest.mark.skipif(not bf16_gemm_available() or not _bf16_gemm.amx(),
                                 reason="needs a CPU with AMX and a build for it")
@@ -65,3 +68,20 @@ def test_inputs_not_a_multiple_of_32_take_avx512_bf16(both_kernels) -> None:
     prepared = method.prepare(weight)
     x = torch.randn(20, 48, generator=generator).to(torch.bfloat16)
     assert torch.equal(run(x, prepared, True), run(x, prepared, False))
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0"])
+def test_gguf_blocks_on_the_tiles_compute_what_their_dense_copy_does(both_kernels, ggml_type) -> None:
+    # Many rows of a GGUF weight run its blocks dequantized onto the tiles, no dense copy kept: the same
+    # bf16 weights, summed in the same order, so bit for bit the dense copy's results.
+    method, run = both_kernels
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(72, 96, generator=generator) * 0.05
+    blocks = quantize(weight.numpy(), GGMLQuantizationType[ggml_type])
+    dequantized = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[ggml_type]).copy())
+    prepared = method.prepare_ggml(dequantized, GGMLWeight(ggml_type, torch.from_numpy(blocks.copy()), 96))
+    assert prepared.dense is None
+    dense = method.prepare(dequantized)
+    for rows in (GGML_MAX_ROWS, 17, 64, 70):  # 70: a 64-row pass and a padded tail
+        x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
+        assert torch.equal(run(x, prepared, True), run(x, dense, True)), f"{rows} rows"

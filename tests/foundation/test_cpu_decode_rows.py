@@ -1,6 +1,7 @@
 """A decode's numbers on the CPU backend do not depend on the prompts sharing its step.
 
-The linears run a GGUF's blocks below GGML_MAX_ROWS rows and their dense copy from there (different arithmetic), so
+The linears run a GGUF's blocks below GGML_MAX_ROWS rows and their dense copy (or, on AMX, the blocks
+dequantized to the dense copy's values) from there (different arithmetic), so
 the model runner marks which leading rows are decodes (`tokenmill.batch_rows`) and the linears choose by
 that count for them, the prompt rows running apart: through the modules and in the C step alike.
 """
@@ -30,7 +31,8 @@ def _engine(path) -> Engine:
     engine = Engine(EngineConfig(model_id=str(path), backend="cpu", dtype="bfloat16", kv_cache_bytes=32 << 20,
                                  progress=False, enable_prefix_caching=False))
     ggml = [m.quantized for m in engine.model.modules() if isinstance(m, Linear)]
-    assert any(isinstance(w, PackedGGMLWeight) and w.dense is not None for w in ggml)
+    # Kernels of other arithmetic below and from GGML_MAX_ROWS: the blocks', then the dense copy's or AMX tiles'.
+    assert any(isinstance(w, PackedGGMLWeight) and w.kernel_code(1) != w.kernel_code(GGML_MAX_ROWS) for w in ggml)
     return engine
 
 

@@ -10,6 +10,10 @@
  * Each output is the float32 sum of its products, input pair by input pair in order, rounded to bf16 once,
  * as the AVX512-BF16 kernel computes it, and a row's result does not depend on the rows beside it.
  *
+ * GGUF Q4_1 and Q8_0 blocks run on the tiles too (GEMM_Q4_1_TILES, GEMM_Q8_0_TILES): each block is
+ * dequantized to bf16 in L1 as its B tile is needed, to the dense copy's values, so many rows read 0.625
+ * (Q8_0: 1.06) bytes a weight instead of the dense copy's 2, and no dense copy need be kept.
+ *
  * Linux hands out AMX's 8 KiB of tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM);
  * `amx_usable` asks once. TOKENMILL_CPU_AMX=0 keeps a process on the AVX512-BF16 kernel.
  */
@@ -72,11 +76,10 @@ static void amx_configure(void) {
                                      (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc_[r_])));        \
     } while (0)
 
-/* Rows m0 .. m0+rows-1 (rows <= 32) of x, read from `x` with `x_stride`, against panels v0 and v0+1 (the
- * second only when nv is 2). */
-static inline void amx_chunk(const Gemm *g, const uint16_t *x, long x_stride, long v0, int nv, long m0, long rows) {
-    const uint16_t *w0 = (const uint16_t *)g->w + v0 * g->k_pairs * 32;
-    const uint16_t *w1 = nv > 1 ? w0 + g->k_pairs * 32 : w0;
+/* Rows m0 .. m0+rows-1 (rows <= 32) of x, read from `x` with `x_stride`, against dense panels w0 and w1
+ * (the second stored only when nv is 2), outputs of panels v0 and v0+1. */
+static inline void amx_chunk(const Gemm *g, const uint16_t *x, long x_stride, const uint16_t *w0, const uint16_t *w1,
+                             long v0, int nv, long m0, long rows) {
     const int two = rows > AMX_TILE_ROWS;
     const long x_bytes = x_stride * 2;
     _tile_zero(0);
@@ -104,31 +107,125 @@ static inline void amx_chunk(const Gemm *g, const uint16_t *x, long x_stride, lo
     }
 }
 
-/* y = x @ W^T for dense W on the tiles: 1 done, 0 out of memory, -1 not for this call (no AMX, or inputs
- * not a multiple of 32), where the AVX512-BF16 kernel runs instead. At every row count, even one (where
- * both kernels wait on memory and take the same time), so a row's result never depends on its batch. */
-static int amx_dense_linear(const Gemm *g, int threads) {
+/* One panel's ggml block (16 outputs x 32 inputs) as the dense layout's bf16, 16 input pairs x 16 outputs x 2
+ * inputs: one B tile. Each weight d q + m (Q4_1) or d q (Q8_0) in float32, exact (an fp16 d times a code of
+ * at most 8 bits), rounded to bf16 once, to nearest even: the value the dense copy of the dequantized
+ * weight holds. */
+static inline void amx_dequantize_block(const uint8_t *block, int format, uint16_t *dst) {
+    /* Word 2o + i of a row is output o: lanes 0-15 of a row take outputs 0-7, lanes 16-31 outputs 8-15. */
+    const __m512i low_outputs = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i high_outputs = _mm512_add_epi32(low_outputs, _mm512_set1_epi32(8));
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)block));
+    const __m512 d_lo = _mm512_permutexvar_ps(low_outputs, d), d_hi = _mm512_permutexvar_ps(high_outputs, d);
+    __m512 m_lo = _mm512_setzero_ps(), m_hi = _mm512_setzero_ps();
+    if (format == GEMM_Q4_1) {
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 32)));
+        m_lo = _mm512_permutexvar_ps(low_outputs, m);
+        m_hi = _mm512_permutexvar_ps(high_outputs, m);
+    }
+    for (int p = 0; p < GGML_BLOCK / 2; p++) {
+        __m512 lo, hi;
+        if (format == GEMM_Q4_1) { /* pair 4c + s: nibble s of chunk c's words */
+            const __m512i chunk = _mm512_loadu_si512(block + 64 + (p / 4) * 64);
+            const __m512i q = _mm512_and_si512(_mm512_srli_epi16(chunk, 4 * (p % 4)), _mm512_set1_epi16(0xF));
+            lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(q)));
+            hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1)));
+        } else {
+            const int8_t *q = (const int8_t *)(block + 32 + p * 32);
+            lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+            hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+        }
+        _mm512_store_si512(dst + p * 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, d_hi, m_hi),
+                                                                      _mm512_fmadd_ps(lo, d_lo, m_lo)));
+    }
+}
+
+#define AMX_GGML_CHUNK_ROWS 64 /* rows of x per pass over a panel's blocks: four accumulator tiles */
+
+/* Rows m0 .. m0+rows-1 (rows <= 64) of x against panel v's ggml blocks, each block dequantized once into a
+ * B tile in L1 and multiplied by up to four A tiles of 16 rows. */
+static inline void amx_ggml_chunk(const Gemm *g, int format, const uint16_t *x, long x_stride, long v, long m0,
+                                  long rows) {
+    const long blocks = g->k_pairs * 2 / GGML_BLOCK;
+    const long block_bytes = format == GEMM_Q4_1 ? Q4_BLOCK_BYTES : Q8_BLOCK_BYTES;
+    const uint8_t *panel = (const uint8_t *)g->w + v * blocks * block_bytes;
+    const long x_bytes = x_stride * 2, groups = (rows + AMX_TILE_ROWS - 1) / AMX_TILE_ROWS;
+    uint16_t weights[2][AMX_TILE_ROWS * 32] __attribute__((aligned(64))); /* two, so a block's stores need not
+                                                                               wait for the last one's loads */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (long b = 0; b < blocks; b++) {
+        uint16_t *tile = weights[b & 1];
+        amx_dequantize_block(panel + b * block_bytes, format, tile);
+        _tile_loadd(6, tile, 64);
+        const uint16_t *xb = x + b * GGML_BLOCK;
+        _tile_loadd(4, xb, x_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        if (groups > 1) {
+            _tile_loadd(5, xb + AMX_TILE_ROWS * x_stride, x_bytes);
+            _tile_dpbf16ps(1, 5, 6);
+        }
+        if (groups > 2) {
+            _tile_loadd(4, xb + 2 * AMX_TILE_ROWS * x_stride, x_bytes);
+            _tile_dpbf16ps(2, 4, 6);
+        }
+        if (groups > 3) {
+            _tile_loadd(5, xb + 3 * AMX_TILE_ROWS * x_stride, x_bytes);
+            _tile_dpbf16ps(3, 5, 6);
+        }
+    }
+    for (long group = 0; group < groups; group++) {
+        const long left = rows - group * AMX_TILE_ROWS, count = left < AMX_TILE_ROWS ? left : AMX_TILE_ROWS;
+        const long first = m0 + group * AMX_TILE_ROWS;
+        switch (group) {
+            case 0: AMX_STORE(0, v, first, count); break;
+            case 1: AMX_STORE(1, v, first, count); break;
+            case 2: AMX_STORE(2, v, first, count); break;
+            default: AMX_STORE(3, v, first, count); break;
+        }
+    }
+}
+
+/* y = x @ W^T on the tiles, W dense (GEMM_DENSE: work items of two panels, 32 rows a pass) or ggml blocks
+ * (GEMM_Q4_1, GEMM_Q8_0: items of one panel, 64 rows a pass); 1 done, 0 out of memory, -1 not for this call
+ * (no AMX, or inputs not a multiple of 32), where the AVX512-BF16 kernels run instead. Dense weights take
+ * it at every row count, even one (where both kernels wait on memory and take the same time), so a row's
+ * result never depends on its batch. */
+static int amx_linear(const Gemm *g, int format, int threads) {
     if (g->k_pairs % AMX_TILE_ROWS || !amx_usable()) return -1;
-    const long full = g->m / AMX_CHUNK_ROWS * AMX_CHUNK_ROWS, tail = g->m - full;
+    const int dense = format == GEMM_DENSE;
+    const long chunk = dense ? AMX_CHUNK_ROWS : AMX_GGML_CHUNK_ROWS;
+    const long full = g->m / chunk * chunk, tail = g->m - full;
     uint16_t *padded = NULL;
-    if (tail) {  /* the last rows, zero-padded to a whole chunk, so every tile load is in bounds */
-        padded = calloc((size_t)(AMX_CHUNK_ROWS * g->k_pairs * 2), sizeof(uint16_t));
+    if (tail) {  /* the last rows, zero-padded to whole A tiles, so every tile load is in bounds */
+        const long padded_rows = (tail + AMX_TILE_ROWS - 1) / AMX_TILE_ROWS * AMX_TILE_ROWS;
+        padded = calloc((size_t)(padded_rows * g->k_pairs * 2), sizeof(uint16_t));
         if (!padded) return 0;
         for (long r = 0; r < tail; r++)
             memcpy(padded + r * g->k_pairs * 2, g->x + (full + r) * g->x_stride, (size_t)g->k_pairs * 4);
     }
-    const long panels = num_panels(g), items = (panels + PANELS_PER_BLOCK - 1) / PANELS_PER_BLOCK;
+    const long panels = num_panels(g), per_item = dense ? PANELS_PER_BLOCK : 1;
+    const long items = (panels + per_item - 1) / per_item, panel_words = g->k_pairs * 32;
     const int workers = g->m * g->n * g->k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
 #pragma omp parallel num_threads(workers)
     {
         amx_configure();
 #pragma omp for schedule(static)
         for (long item = 0; item < items; item++) {
+            if (!dense) {
+                for (long m0 = 0; m0 < full; m0 += chunk)
+                    amx_ggml_chunk(g, format, g->x + m0 * g->x_stride, g->x_stride, item, m0, chunk);
+                if (tail) amx_ggml_chunk(g, format, padded, g->k_pairs * 2, item, full, tail);
+                continue;
+            }
             const long v0 = item * PANELS_PER_BLOCK;
             const int nv = panels - v0 < PANELS_PER_BLOCK ? (int)(panels - v0) : PANELS_PER_BLOCK;
-            for (long m0 = 0; m0 < full; m0 += AMX_CHUNK_ROWS)
-                amx_chunk(g, g->x + m0 * g->x_stride, g->x_stride, v0, nv, m0, AMX_CHUNK_ROWS);
-            if (tail) amx_chunk(g, padded, g->k_pairs * 2, v0, nv, full, tail);
+            const uint16_t *w0 = (const uint16_t *)g->w + v0 * panel_words, *w1 = nv > 1 ? w0 + panel_words : w0;
+            for (long m0 = 0; m0 < full; m0 += chunk)
+                amx_chunk(g, g->x + m0 * g->x_stride, g->x_stride, w0, w1, v0, nv, m0, chunk);
+            if (tail) amx_chunk(g, padded, g->k_pairs * 2, w0, w1, v0, nv, full, tail);
         }
         _tile_release();
     }

@@ -6,7 +6,7 @@
 #include "gemm_kernels.h"
 
 static int known_format(int format) {
-    if (format >= GEMM_DENSE && format <= GEMM_Q8_0_INT8) return 1;
+    if (format >= GEMM_DENSE && format <= GEMM_Q8_0_TILES) return 1;
     PyErr_Format(PyExc_ValueError, "unknown weight format %d", format);
     return 0;
 }
@@ -107,7 +107,8 @@ static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS,
      "linear(format, x, w, y, m, n, k_pairs, x_stride, y_stride, threads): data pointers of bf16 x, y and "
      "the packed weight; writes y (m, n) = x (m, 2 * k_pairs) @ W^T. format: 0 dense bf16, 1 Q4_1, 2 Q8_0 "
-     "(ggml formats: inputs a multiple of 32), 3 grouped (grouped_kernels.h)."},
+     "(ggml formats: inputs a multiple of 32), 3 grouped (grouped_kernels.h), 4-5 Q4_1/Q8_0 against int8 "
+     "activations, 6-7 Q4_1/Q8_0 dequantized onto AMX tiles (amx_gemm.h)."},
     {"pack_ggml", pack_ggml, METH_VARARGS,
      "pack_ggml(format, src, dst, out, blocks): ggml rows of blocks into the kernel's panels (dst: "
      "ceil(out / 16) x blocks x 320 (Q4_1) or 544 (Q8_0) bytes)."},

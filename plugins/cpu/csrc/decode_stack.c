@@ -22,10 +22,11 @@
 #include "gemm_kernels.h"
 #include "layer_kernels.h"
 
-/* One linear layer: the quantized form (0 if none) and its GEMM_ format, the dense packed form (0 if none:
- * the quantized form at every row count), out and in features. */
+/* One linear layer: the weight and GEMM_ format below ggml_max_rows rows, those from there (a GGUF's blocks,
+ * then their dense copy or the blocks on AMX tiles; one weight and format twice for others), out and in
+ * features. */
 typedef struct {
-    int64_t ggml, format, dense, out_features, in_features;
+    int64_t few_rows, few_rows_format, many_rows, many_rows_format, out_features, in_features;
 } LinearPlan;
 
 /* One decoder layer, as decode_stack.py lays it out in an int64 tensor (pointers and sizes). */
@@ -42,9 +43,10 @@ typedef struct {
 /* `count` rows of x through the linear, by the kernel it takes at `kernel_rows` rows. */
 static int linear_rows(const LinearPlan *p, const Shape *s, const uint16_t *x, uint16_t *y, long count,
                        long kernel_rows) {
-    const int ggml = p->ggml && (kernel_rows < s->ggml_max_rows || !p->dense);
-    return gemm_linear(ggml ? (int)p->format : GEMM_DENSE, x, (const void *)(ggml ? p->ggml : p->dense), y, count,
-                       p->out_features, p->in_features / 2, p->in_features, p->out_features, s->threads);
+    const int many = kernel_rows >= s->ggml_max_rows;
+    return gemm_linear((int)(many ? p->many_rows_format : p->few_rows_format),
+                       x, (const void *)(many ? p->many_rows : p->few_rows), y, count, p->out_features,
+                       p->in_features / 2, p->in_features, p->out_features, s->threads);
 }
 
 /* The decode rows (the leading decode_rows) by the kernel for their count, the prompt rows after them by the

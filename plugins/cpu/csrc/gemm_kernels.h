@@ -45,8 +45,10 @@
 #define GEMM_PARALLEL_THRESHOLD 200000
 
 /* GROUPED: grouped_kernels.h. Q4_1_INT8, Q8_0_INT8: the same blocks, from INT8_MIN_ROWS rows against int8
- * activations (below, where the build has AVX512-VNNI). */
-enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1, GEMM_Q8_0 = 2, GEMM_GROUPED = 3, GEMM_Q4_1_INT8 = 4, GEMM_Q8_0_INT8 = 5 };
+ * activations (below, where the build has AVX512-VNNI). Q4_1_TILES, Q8_0_TILES: the same blocks dequantized
+ * to bf16 onto AMX tiles at every row count (amx_gemm.h; only where `amx_usable`). */
+enum { GEMM_DENSE = 0, GEMM_Q4_1 = 1, GEMM_Q8_0 = 2, GEMM_GROUPED = 3, GEMM_Q4_1_INT8 = 4, GEMM_Q8_0_INT8 = 5,
+       GEMM_Q4_1_TILES = 6, GEMM_Q8_0_TILES = 7 };
 
 #if HAVE_BF16_GEMM
 typedef struct {
@@ -435,11 +437,14 @@ static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y
 #endif
     }
 #if HAVE_AMX_GEMM
-    if (format == GEMM_DENSE) {
-        const int done = amx_dense_linear(&g, threads);
+    if (format == GEMM_DENSE || format == GEMM_Q4_1_TILES || format == GEMM_Q8_0_TILES) {
+        const int done = amx_linear(&g, format == GEMM_DENSE ? GEMM_DENSE : format == GEMM_Q4_1_TILES ? GEMM_Q4_1
+                                                                                                  : GEMM_Q8_0, threads);
         if (done >= 0) return done;
     }
 #endif
+    /* Without the tiles (AMX turned off since the weight was prepared) the blocks' own kernel computes it. */
+    if (format == GEMM_Q4_1_TILES || format == GEMM_Q8_0_TILES) format = format == GEMM_Q4_1_TILES ? GEMM_Q4_1 : GEMM_Q8_0;
     const long per_item = format == GEMM_DENSE ? PANELS_PER_BLOCK : ggml_panels_per_item(m);
     const long items = (num_panels(&g) + per_item - 1) / per_item;
     const int workers = m * n * k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
