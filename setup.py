@@ -53,4 +53,4 @@ def cpu_extension(name: str) -> Extension:
 
 setup(cmdclass={"build_py": BuildPyWithProtos},
       ext_modules=[cpu_extension(name) for name in ("paged_attention", "layer_ops", "bf16_gemm", "decode_stack", "lora",
-                                                        "token_mask")])
+                                                        "token_mask", "greedy_pick")])

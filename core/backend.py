@@ -19,6 +19,7 @@ from tokenmill.interfaces import (
     AttentionSpec,
     Communicator,
     DevicePlatform,
+    GreedyPick,
     KVCacheLayout,
     KVCacheShape,
     LayerOps,
@@ -125,6 +126,10 @@ class Backend:
     def token_mask(self) -> TokenMask:
         """The backend's way of applying grammar masks to logits (the reference `TokenMask` by default)."""
         return self._call("tokenmill_token_mask")
+
+    def greedy_pick(self) -> GreedyPick:
+        """The backend's way of picking greedy tokens and their log-probabilities (the reference by default)."""
+        return self._call("tokenmill_greedy_pick")
 
     def shape_buckets(self, max_num_tokens: int, max_num_seqs: int) -> ShapeBuckets | None:
         return self._hooks["tokenmill_shape_buckets"](max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)

@@ -13,6 +13,7 @@ from torch import nn
 from tokenmill.hookspecs import hookimpl
 from tokenmill.interfaces import (
     Communicator,
+    GreedyPick,
     LayerOps,
     LoRAMethod,
     MemoryRequest,
@@ -108,3 +109,8 @@ def tokenmill_model_executor(model_id: str, config: Any) -> nn.Module | None:
 @hookimpl(trylast=True)
 def tokenmill_token_mask() -> TokenMask:
     return TokenMask()
+
+
+@hookimpl(trylast=True)
+def tokenmill_greedy_pick() -> GreedyPick:
+    return GreedyPick()

@@ -92,7 +92,7 @@ class Engine:
             scheduler_config = self._use_slot_model(config, executor)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, buckets)
         self.eos_token_ids = set(self.checkpoint.eos_token_ids)
-        self.sampler = Sampler(config.seed, self.backend.token_mask())
+        self.sampler = Sampler(config.seed, self.backend.token_mask(), self.backend.greedy_pick())
         if config.speculate < 0:
             raise ValidationError(f"--speculate must be 0 (off) or a number of draft tokens, got {config.speculate}")
         self.speculator = NgramSpeculator(config.speculate, self.max_model_len) if config.speculate else None

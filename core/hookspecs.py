@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         Communicator,
         DevicePlatform,
         Discovery,
+        GreedyPick,
         KVCacheLayout,
         KVCacheShape,
         LayerOps,
@@ -285,6 +286,18 @@ def tokenmill_token_mask() -> TokenMask | None:
     the biases and penalties and before temperature and the top-k/top-p filters. The result must equal
     `TokenMask`'s exactly: disallowed tokens at -inf, every other logit unchanged. Default: `TokenMask`
     (PyTorch: unpack the bits, one `masked_fill` over the batch).
+    """
+
+
+@hookspec(firstresult=True)
+def tokenmill_greedy_pick() -> GreedyPick | None:
+    """How this backend picks greedy tokens and their log-probabilities from a step's logits, as a `GreedyPick`.
+
+    Called once when the engine is built. In a step where every row is greedy (no sampling, penalty, bias
+    or watermark, and no top-n alternatives asked for), the sampler calls its `pick` once with the float32
+    logits of the batch, the grammar mask already applied. The tokens must equal `GreedyPick`'s exactly
+    (the first of each row's largest logits); the log-probabilities, its to float32 rounding. Default:
+    `GreedyPick` (PyTorch: argmax, and log_softmax with a gather where log-probabilities are asked for).
     """
 
 

@@ -470,6 +470,22 @@ class TokenMask:
         return logits.masked_fill(~allowed, float("-inf"))
 
 
+class GreedyPick:
+    """Greedy decoding's choice for each row of a step's logits: the reference, in plain PyTorch.
+
+    `pick` takes float32 logits (rows, vocab) and returns the int64 tokens (rows,): each row's first
+    largest logit, as `argmax` chooses; with `logprobs`, also their float32 log-softmax (rows,), else None.
+    A backend returns a subclass from `tokenmill_greedy_pick` to do it in one kernel; an override must
+    choose exactly the reference's tokens, and give its log-probabilities to float32 rounding.
+    """
+
+    def pick(self, logits: torch.Tensor, logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = logits.argmax(dim=-1)
+        if not logprobs:
+            return tokens, None
+        return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
 @dataclass
 class LoRABatch:
     """Which LoRA adapter each token of a step uses, shared by every adapted linear layer of the step.

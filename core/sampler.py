@@ -22,7 +22,7 @@ from typing import Collection, Sequence
 
 import torch
 
-from tokenmill.interfaces import TokenMask
+from tokenmill.interfaces import GreedyPick, TokenMask
 from tokenmill.model_runner import host_to_device
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.watermark import WatermarkBatch, mix32
@@ -189,9 +189,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None, token_mask: TokenMask | None = None):
+    def __init__(self, seed: int | None = None, token_mask: TokenMask | None = None,
+                 greedy_pick: GreedyPick | None = None):
         self.seed = seed
         self.token_mask = token_mask or TokenMask()  # the backend's grammar-mask kernel (`tokenmill_token_mask`)
+        self.greedy_pick = greedy_pick or GreedyPick()  # the backend's greedy kernel (`tokenmill_greedy_pick`)
         self._generators: dict[torch.device, torch.Generator | None] = {}
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -210,6 +212,9 @@ class Sampler:
         logits = logits.float()
         if meta.all_greedy:
             logits = self._apply_grammar(logits, meta)
+            if not meta.max_top_n:  # the token and its logprob from one kernel, no (rows, vocab) logprobs
+                tokens, chosen = self.greedy_pick.pick(logits, meta.needs_logprobs)
+                return SamplerOutput(tokens, chosen, None, None)
             tokens = logits.argmax(dim=-1)
             return self._report(logits, tokens, meta)
         logits = self._apply_biases(logits, meta)

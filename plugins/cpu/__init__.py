@@ -32,6 +32,7 @@ from tokenmill.plugins.cpu.decode_stack import compile_model
 from tokenmill.plugins.cpu.layer_ops import CPUFusedLayerOps, fused_layer_ops_available
 from tokenmill.plugins.cpu.lora import MaskedLoRA
 from tokenmill.plugins.cpu.moe import PackedBF16Experts
+from tokenmill.plugins.cpu.greedy_pick import CGreedyPick
 from tokenmill.plugins.cpu.token_mask import CTokenMask
 from tokenmill.plugins.cpu.quant import (
     DequantizedFloatLinear,
@@ -115,6 +116,11 @@ def tokenmill_moe_method(dtype: torch.dtype) -> MoEMethod | None:
 @hookimpl
 def tokenmill_token_mask() -> CTokenMask:
     return CTokenMask()
+
+
+@hookimpl
+def tokenmill_greedy_pick() -> CGreedyPick:
+    return CGreedyPick()
 
 
 @hookimpl

@@ -57,3 +57,12 @@ def test_the_token_mask_is_the_cpu_kernel_and_the_default_is_the_reference(cpu) 
 
     assert type(cpu.token_mask()) is CTokenMask
     assert type(defaults.tokenmill_token_mask()) is TokenMask
+
+
+def test_the_greedy_pick_is_the_cpu_kernel_and_the_default_is_the_reference(cpu) -> None:
+    from tokenmill import defaults
+    from tokenmill.interfaces import GreedyPick
+    from tokenmill.plugins.cpu.greedy_pick import CGreedyPick
+
+    assert type(cpu.greedy_pick()) is CGreedyPick
+    assert type(defaults.tokenmill_greedy_pick()) is GreedyPick
