@@ -1,7 +1,11 @@
 """How each server is configured for the benchmark: same model, same 2 threads, enough slots for the load."""
 
+import functools
 import os
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from benchmarks.servers import ServerSpec, free_port
@@ -27,12 +31,16 @@ def tokenmill_spec(model: Path | None = None) -> ServerSpec:
 
 def llama_server_spec(gguf: Path, slots: int, slot_context: int = 2048) -> ServerSpec:
     """llama-server on the same GGUF; each slot gets `slot_context` tokens (2k: the longest fixed prompt + 128
-    fits; the chat mix's longest prompt, the system prompt and 512 new tokens need 4k)."""
+    fits; the chat mix's longest prompt, the system prompt and 512 new tokens need 4k). Where its weight
+    repacking crashes it on this machine, without it, and named so (`llama_server_repacks`)."""
     port = free_port()
+    repack = llama_server_repacks(gguf)
     return ServerSpec(
-        name=f"llama-server-np{slots}" + (f"-ctx{slot_context}" if slot_context != 2048 else ""),
+        name=f"llama-server-np{slots}" + (f"-ctx{slot_context}" if slot_context != 2048 else "")
+        + ("" if repack else "-norepack"),
         command=[str(llama_server_binary()), "-m", str(gguf), "-t", str(THREADS), "-np", str(slots),
-                 "-c", str(slot_context * slots), "--host", "127.0.0.1", "--port", str(port), "--log-disable"],
+                 "-c", str(slot_context * slots), "--host", "127.0.0.1", "--port", str(port), "--log-disable",
+                 *([] if repack else ["--no-repack"])],
         model=gguf.stem,
         port=port,
     )
@@ -57,3 +65,31 @@ def vllm_spec(hf_folder: Path, bind_threads: bool = True, served_name: str = "sm
             "OMP_NUM_THREADS", str(THREADS))},
         port=port,
     )
+
+
+@functools.cache
+def llama_server_repacks(gguf: Path, timeout_s: float = 120.0) -> bool:
+    """Whether llama-server serves `gguf` with its weight repacking (its default) on this machine. On an
+    Intel host with AMX (2026-12-03) it died with SIGSEGV as its thread pool started, after loading, and ran
+    with `--no-repack`: asked once per GGUF and run, by starting it and waiting for its health check."""
+    port = free_port()
+    server = subprocess.Popen([str(llama_server_binary()), "-m", str(gguf), "-t", str(THREADS), "--host",
+                               "127.0.0.1", "--port", str(port), "--log-disable"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return True
+            except OSError:
+                time.sleep(0.2)
+        if server.poll() is None:
+            return True  # slow, not crashed: the bench's own start-up wait judges it
+        print(f"llama-server exited with {server.returncode} with its weight repacking on; the bench runs it "
+              f"with --no-repack", flush=True)
+        return False
+    finally:
+        server.kill()
+        server.wait()
