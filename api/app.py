@@ -60,6 +60,39 @@ class PayloadLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
+class DeclaredLengthAndAuth:
+    """A declared Content-Length over the payload limit answers 413 before any body is read; a protected
+    route without the API key answers 401; a POST runs in a tracing span continued from its headers.
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware passes every event
+    of a streamed response through a memory stream and a task of its own, about a third of the router's
+    time per streamed token at 64 streams (benchmarks/NOTES.md, section 29).
+    """
+
+    def __init__(self, app, service: GenerationService):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings = self.service.settings  # replaced once the model is known
+        request = Request(scope)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.payload_limit:
+            response = JSONResponse({"error": f"Payload too large: the limit is {settings.payload_limit} bytes",
+                                     "error_type": "payload_too_large"}, status_code=413)
+            return await response(scope, receive, send)
+        if settings.api_key and http_route_is_protected(request.url.path, request.method):
+            if not authorized(request.headers.get("authorization"), settings.api_key):
+                return await Response(status_code=401)(scope, receive, send)
+        if request.method != "POST":
+            return await self.app(scope, receive, send)
+        with tracer().start_as_current_span(f"router {request.url.path}",
+                                            context=extract_context(dict(request.headers))):
+            await self.app(scope, receive, send)
+
+
 def _without(router: APIRouter, path: str) -> APIRouter:
     """`router`'s routes but the one at `path`, which another module answers."""
     return APIRouter(routes=[route for route in router.routes if getattr(route, "path", None) != path])
@@ -105,25 +138,7 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
     app.state.metrics = metrics
     app.state.dashboard = DashboardHistory(service, metrics)
 
-    @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):
-        settings = service.settings  # replaced once the model is known
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.payload_limit:
-            return JSONResponse({"error": f"Payload too large: the limit is {settings.payload_limit} bytes",
-                                 "error_type": "payload_too_large"}, status_code=413)
-        if request.method == "POST":
-            with tracer().start_as_current_span(f"router {request.url.path}",
-                                                context=extract_context(dict(request.headers))):
-                return await _guarded(request, call_next, settings)
-        return await _guarded(request, call_next, settings)
-
-    async def _guarded(request: Request, call_next, settings):
-        if settings.api_key and http_route_is_protected(request.url.path, request.method):
-            if not authorized(request.headers.get("authorization"), settings.api_key):
-                return Response(status_code=401)
-        return await call_next(request)
-
+    app.add_middleware(DeclaredLengthAndAuth, service=service)
     app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_allow_origin) or ["*"],
                        allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
     app.add_middleware(PayloadLimit, limit=lambda: service.settings.payload_limit)
