@@ -22,6 +22,32 @@
 #include "gemm_kernels.h"
 #include "layer_kernels.h"
 
+/* The step's work space (about 1 MB at 64 rows), kept from one call to the next: allocated afresh, glibc
+ * hands it back to the kernel on free, and every step then faulted in and zeroed a new huge page (2-3 %
+ * of a 64-stream step). A call that finds it taken (a second thread stepping) gets one of its own. */
+static uint16_t *kept_arena;
+static long kept_elements;
+static int arena_taken;
+
+static uint16_t *take_arena(long elements) {
+    if (__atomic_exchange_n(&arena_taken, 1, __ATOMIC_ACQUIRE))
+        return aligned_alloc(64, (size_t)elements * sizeof(uint16_t));
+    if (elements > kept_elements) {
+        free(kept_arena);
+        kept_arena = aligned_alloc(64, (size_t)elements * sizeof(uint16_t));
+        kept_elements = kept_arena ? elements : 0;
+    }
+    if (!kept_arena) __atomic_store_n(&arena_taken, 0, __ATOMIC_RELEASE);
+    return kept_arena;
+}
+
+static void give_back_arena(uint16_t *arena) {
+    if (arena == kept_arena)
+        __atomic_store_n(&arena_taken, 0, __ATOMIC_RELEASE);
+    else
+        free(arena);
+}
+
 /* One linear layer: the weight and GEMM_ format below ggml_max_rows rows, those from there (a GGUF's blocks,
  * then their dense copy or the blocks on AMX tiles; one weight and format twice for others), out and in
  * features. */
@@ -114,7 +140,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         lengths[i] = (rows * sizes[i] + 31) / 32 * 32;
         total += lengths[i];
     }
-    uint16_t *arena = aligned_alloc(64, (size_t)total * sizeof(uint16_t));
+    uint16_t *arena = take_arena(total);
     if (!arena) return PyErr_NoMemory();
     for (long i = 0, at = 0; i < 8; at += lengths[i], i++) buffers[i] = arena + at;
     uint16_t *residual = buffers[0], *normed = buffers[1], *hidden = buffers[2], *qkv = buffers[3], *query = buffers[4],
@@ -152,7 +178,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         add_rms_norm_rows(hidden, residual, (const uint16_t *)final_norm, (uint16_t *)out, residual, rows, s.hidden,
                           eps, 0.f, s.threads);
     Py_END_ALLOW_THREADS
-    free(arena);
+    give_back_arena(arena);
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
