@@ -352,14 +352,19 @@ static inline __attribute__((always_inline)) void attend_bf16(const Job *job, lo
         max_score[g] = _mm512_set1_ps(-INFINITY);
     }
     const __m512 scale = _mm512_set1_ps(job->scale);
+    /* Rows are scattered over blocks, too irregular for the hardware prefetcher: keys are asked for two
+     * chunks ahead of the one computed (the first two at once), and each chunk's values into L2 while its
+     * keys are computed, so the weighted sum does not start on a cold read either. */
+    for (int i = 0; i < span && i < 2 * CHUNK; i++)
+        for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, quantized), _MM_HINT_T0);
     for (int c = 0; c < span; c += CHUNK) {
         const int n = span - c < CHUNK ? span - c : CHUNK;
         const __mmask16 valid = (__mmask16)((1u << n) - 1);
         __m512 dots[MAX_GROUP][CHUNK];
-        /* Rows are scattered over blocks, too irregular for the hardware prefetcher: ask for the next
-         * chunk's keys while this one is computed. */
-        for (int i = c + CHUNK; i < span && i < c + 2 * CHUNK; i++)
+        for (int i = c + 2 * CHUNK; i < span && i < c + 3 * CHUNK; i++)
             for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, quantized), _MM_HINT_T0);
+        for (int i = c; i < span && i < c + CHUNK; i++)
+            for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, quantized), _MM_HINT_T1);
         float key_factors[CHUNK];
         if (quantized)
             for (int i = 0; i < CHUNK; i++) key_factors[i] = i < n ? row_factor(job, k_cache, rows[c + i], 1) : 0.f;
