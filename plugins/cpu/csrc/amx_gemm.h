@@ -188,15 +188,29 @@ static inline void amx_ggml_chunk(const Gemm *g, int format, const uint16_t *x, 
     }
 }
 
+/* Panel v's ggml blocks as the dense layout's bf16 (k_pairs x 32 words), block by block. */
+static inline void amx_dequantize_panel(const Gemm *g, int format, long v, uint16_t *dst) {
+    const long blocks = g->k_pairs * 2 / GGML_BLOCK;
+    const long block_bytes = format == GEMM_Q4_1 ? Q4_BLOCK_BYTES : Q8_BLOCK_BYTES;
+    const uint8_t *panel = (const uint8_t *)g->w + v * blocks * block_bytes;
+    for (long b = 0; b < blocks; b++) amx_dequantize_block(panel + b * block_bytes, format, dst + b * AMX_TILE_ROWS * 32);
+}
+
 /* y = x @ W^T on the tiles, W dense (GEMM_DENSE: work items of two panels, 32 rows a pass) or ggml blocks
- * (GEMM_Q4_1, GEMM_Q8_0: items of one panel, 64 rows a pass); 1 done, 0 out of memory, -1 not for this call
+ * (GEMM_Q4_1, GEMM_Q8_0: up to 64 rows, items of one panel, in one pass; more, as dense items of two panels
+ * dequantized once); 1 done, 0 out of memory, -1 not for this call
  * (no AMX, or inputs not a multiple of 32), where the AVX512-BF16 kernels run instead. Dense weights take
  * it at every row count, even one (where both kernels wait on memory and take the same time), so a row's
  * result never depends on its batch. */
 static int amx_linear(const Gemm *g, int format, int threads) {
     if (g->k_pairs % AMX_TILE_ROWS || !amx_usable()) return -1;
     const int dense = format == GEMM_DENSE;
-    const long chunk = dense ? AMX_CHUNK_ROWS : AMX_GGML_CHUNK_ROWS;
+    /* Past one pass of the block kernel (64 rows), which would dequantize every block again on each pass,
+     * a ggml weight's two panels of a work item are dequantized once into a dense copy in L2 and run as
+     * dense panels: a 512-row prompt's linears in 0.67x the time, and faster than the dense weights, which
+     * stream from memory. */
+    const int unpacked = !dense && g->m > AMX_GGML_CHUNK_ROWS;
+    const long chunk = dense || unpacked ? AMX_CHUNK_ROWS : AMX_GGML_CHUNK_ROWS;
     const long full = g->m / chunk * chunk, tail = g->m - full;
     uint16_t *padded = NULL;
     if (tail) {  /* the last rows, zero-padded to whole A tiles, so every tile load is in bounds */
@@ -206,15 +220,19 @@ static int amx_linear(const Gemm *g, int format, int threads) {
         for (long r = 0; r < tail; r++)
             memcpy(padded + r * g->k_pairs * 2, g->x + (full + r) * g->x_stride, (size_t)g->k_pairs * 4);
     }
-    const long panels = num_panels(g), per_item = dense ? PANELS_PER_BLOCK : 1;
+    const long panels = num_panels(g), per_item = dense || unpacked ? PANELS_PER_BLOCK : 1;
     const long items = (panels + per_item - 1) / per_item, panel_words = g->k_pairs * 32;
     const int workers = g->m * g->n * g->k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
-#pragma omp parallel num_threads(workers)
+    int failed = 0;
+#pragma omp parallel num_threads(workers) reduction(| : failed)
     {
         amx_configure();
+        uint16_t *unpacked_panels = unpacked ? aligned_alloc(64, (size_t)(2 * panel_words) * sizeof(uint16_t)) : NULL;
+        failed = unpacked && !unpacked_panels;
 #pragma omp for schedule(static)
         for (long item = 0; item < items; item++) {
-            if (!dense) {
+            if (failed) continue;
+            if (!dense && !unpacked) {
                 for (long m0 = 0; m0 < full; m0 += chunk)
                     amx_ggml_chunk(g, format, g->x + m0 * g->x_stride, g->x_stride, item, m0, chunk);
                 if (tail) amx_ggml_chunk(g, format, padded, g->k_pairs * 2, item, full, tail);
@@ -222,15 +240,21 @@ static int amx_linear(const Gemm *g, int format, int threads) {
             }
             const long v0 = item * PANELS_PER_BLOCK;
             const int nv = panels - v0 < PANELS_PER_BLOCK ? (int)(panels - v0) : PANELS_PER_BLOCK;
-            const uint16_t *w0 = (const uint16_t *)g->w + v0 * panel_words, *w1 = nv > 1 ? w0 + panel_words : w0;
+            const uint16_t *w0 = (const uint16_t *)g->w + v0 * panel_words;
+            if (unpacked) {
+                for (int i = 0; i < nv; i++) amx_dequantize_panel(g, format, v0 + i, unpacked_panels + i * panel_words);
+                w0 = unpacked_panels;
+            }
+            const uint16_t *w1 = nv > 1 ? w0 + panel_words : w0;
             for (long m0 = 0; m0 < full; m0 += chunk)
                 amx_chunk(g, g->x + m0 * g->x_stride, g->x_stride, w0, w1, v0, nv, m0, chunk);
             if (tail) amx_chunk(g, padded, g->k_pairs * 2, w0, w1, v0, nv, full, tail);
         }
+        free(unpacked_panels);
         _tile_release();
     }
     free(padded);
-    return 1;
+    return !failed;
 }
 #else
 #define HAVE_AMX_GEMM 0
