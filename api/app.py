@@ -65,8 +65,8 @@ class DeclaredLengthAndAuth:
     route without the API key answers 401; a POST runs in a tracing span continued from its headers.
 
     Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware passes every event
-    of a streamed response through a memory stream and a task of its own, about a third of the router's
-    time per streamed token at 64 streams (benchmarks/NOTES.md, section 29).
+    of a streamed response through a memory stream and a task of its own: a quarter of the router's CPU
+    per streamed token at 64 streams (benchmarks/NOTES.md, section 29).
     """
 
     def __init__(self, app, service: GenerationService):
