@@ -28,6 +28,11 @@ from tokenmill.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream_queue, item in items:
+        stream_queue.put_nowait(item)
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -134,6 +139,17 @@ class AsyncEngine:
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, in one callback per event loop: each `call_soon_threadsafe` writes to the loop's
+        wake-up pipe, and a 64-stream step would make 64 such writes and wake-ups."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _run(self) -> None:
         if self._build is not None:
             try:
@@ -163,8 +179,7 @@ class AsyncEngine:
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 outputs = []  # listeners still hear of it: the failed step (`engine.last_step`), the freed blocks
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
             for listener in self.step_listeners:
                 listener(self.engine, outputs)
 
