@@ -40,6 +40,7 @@ STEP_KWARG = "tokenmill_step"  # the keyword argument that carries the step to t
 # kernel transformers defaults to takes bfloat16 only on some).
 EXPERTS = "eager"
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}  # transformers' `config.layer_types` we serve
+RECURRENT_LAYER_TYPES = {"linear_attention", "mamba"}  # layer types that carry a state from token to token
 
 
 def refused(reason: str) -> Exception:
@@ -167,6 +168,9 @@ def causal_lm_class(config: Any) -> type:
         raise refused(f"{model_class.__name__} keeps recurrent or state-space state besides attention, which the "
                       "paged KV cache does not hold")
     other_layers = set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if other_layers & RECURRENT_LAYER_TYPES:  # transformers 5.25 dropped `_is_stateful`; Mamba says this instead
+        raise refused(f"it has {', '.join(sorted(other_layers))} layers, which keep recurrent or state-space state "
+                      "that the paged KV cache does not hold")
     if other_layers:
         raise refused(f"it has {', '.join(sorted(other_layers))} layers; the paged cache serves full and "
                       "sliding-window attention")
