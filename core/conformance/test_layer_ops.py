@@ -46,11 +46,19 @@ def test_rms_norm(ops, device, dtype, tokens, with_residual) -> None:
         torch.testing.assert_close(g.float().cpu(), w.float().cpu(), **_tolerance(dtype))
 
 
-def test_rms_norm_with_offset_over_heads(ops, device, dtype) -> None:
-    x = _randn(5, 4, 32, dtype=dtype, device=device, seed=4)  # Qwen3's per-head norm
+@pytest.mark.parametrize("fused_projection", [False, True])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_over_heads(ops, device, dtype, fused_projection, offset) -> None:
+    # Qwen3's per-head norm of queries and keys; the models pass views into the fused projection's output.
+    x = _randn(5, 4, 32, dtype=dtype, device=device, seed=4)
+    if fused_projection:
+        qkv = _randn(5, 8 * 32, dtype=dtype, device=device, seed=11)
+        x = qkv[:, 2 * 32 : 6 * 32].view(5, 4, 32)
+    before = x.clone()
     weight = _randn(32, dtype=dtype, device=device, seed=5)
-    torch.testing.assert_close(ops.rms_norm(x, None, weight, 1e-6, 1.0).float().cpu(),
-                               REFERENCE.rms_norm(x, None, weight, 1e-6, 1.0).float().cpu(), **_tolerance(dtype))
+    torch.testing.assert_close(ops.rms_norm(x, None, weight, 1e-6, offset).float().cpu(),
+                               REFERENCE.rms_norm(x, None, weight, 1e-6, offset).float().cpu(), **_tolerance(dtype))
+    assert torch.equal(x, before)  # the projection's output is still read after (values, other heads)
 
 
 @pytest.mark.parametrize("fused_projection", [True, False])

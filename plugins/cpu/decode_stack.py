@@ -12,11 +12,11 @@ queries. Every kernel computes a row alone, the same whatever the batch, so a
 draft token's logits are those a one-token decode at its position gets: greedy output is the same with
 and without `--speculate`. Its RoPE reads the model's cos/sin table, so every scaling baked into that
 table (linear, llama3, yarn with its attention factor, a GGUF's rope_freqs) runs here as in the modules.
-Prefill chunks over longer contexts, and models or configurations it does not cover (biases, q/k norms, sliding
-windows, mixture-of-experts layers, other linear methods, RoPE computed per step: dynamic NTK, longrope),
-run module by module: `_layer_plan` takes a layer only if its MLP is exactly `LlamaMLP`. So do steps
-in which a token uses a LoRA adapter (the C step has no LoRA): base-model steps of a server with
-adapters still take the C path.
+Qwen2's q/k/v biases and Qwen3's q/k norms run in it too. Prefill chunks over longer contexts, and models or
+configurations it does not cover (other biases, sliding windows, mixture-of-experts layers, other linear
+methods, RoPE computed per step: dynamic NTK, longrope), run module by module: `_layer_plan` takes a layer
+only if its MLP is exactly `LlamaMLP`. So do steps in which a token uses a LoRA adapter (the C step has no
+LoRA): base-model steps of a server with adapters still take the C path.
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ except ImportError:  # pragma: no cover - depends on the build
     _decode_stack = None
 
 
-def _linear_plan(linear: Linear) -> list[int] | None:
+def _linear_plan(linear: Linear, bias_allowed: bool = False) -> list[int] | None:
     """(weight and format below GGML_MAX_ROWS rows, weight and format from there, out, in) as decode_stack.c's
-    LinearPlan, if it can run the linear."""
+    LinearPlan, if it can run the linear; a bias only where the caller adds it (`bias_allowed`)."""
     prepared = linear.quantized
-    if linear.bias is not None or not isinstance(prepared, (PackedGGMLWeight, PackedBF16Weight,
-                                                            PackedGroupedWeight)):
+    if linear.bias is not None and not (bias_allowed and linear.bias.dtype == torch.bfloat16):
+        return None
+    if not isinstance(prepared, (PackedGGMLWeight, PackedBF16Weight, PackedGroupedWeight)):
         return None  # another method (--quantize int8, oneDNN) or none
     if prepared.in_features % 2:
         return None
@@ -67,21 +68,25 @@ def _linear_plan(linear: Linear) -> list[int] | None:
 
 
 def _layer_plan(layer: nn.Module, eps: float) -> list[int] | None:
-    """decode_stack.c's LayerPlan for a plain Llama decoder layer, or None where it differs."""
+    """decode_stack.c's LayerPlan for a Llama decoder layer (with Qwen2's q/k/v biases or Qwen3's q/k norms, or
+    neither), or None where it differs."""
     if not (type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
             and type(layer.mlp) is LlamaMLP):
         return None
     attention, mlp = layer.self_attn, layer.mlp
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if attention.q_norm is not None or any(n.eps != eps or n.offset != 0.0 for n in norms):
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    head_norms = [attention.q_norm, attention.k_norm] if attention.q_norm is not None else []
+    if any(n.eps != eps or n.offset != 0.0 or n.weight.dtype != torch.bfloat16 for n in norms + head_norms):
         return None
-    if not all(isinstance(module.ops, CPUFusedLayerOps) for module in (*norms, mlp)):
+    if not all(isinstance(module.ops, CPUFusedLayerOps) for module in (*norms, *head_norms, mlp)):
         return None
-    linears = [_linear_plan(linear) for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
-                                                   mlp.down_proj)]
+    linears = [_linear_plan(attention.qkv_proj, bias_allowed=True)]
+    linears += [_linear_plan(linear) for linear in (attention.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     if any(plan is None for plan in linears):
         return None
-    return [norms[0].weight.data_ptr(), norms[1].weight.data_ptr()] + [field for plan in linears for field in plan]
+    bias = attention.qkv_proj.bias
+    extras = [0 if bias is None else bias.data_ptr()] + ([n.weight.data_ptr() for n in head_norms] or [0, 0])
+    return [norms[0].weight.data_ptr(), norms[1].weight.data_ptr()] + [field for plan in linears for field in plan] + extras
 
 
 def _computes_the_llama_forward(model: nn.Module) -> bool:
@@ -101,7 +106,7 @@ class DecodeStack:
 
     def __init__(self, model: LlamaForCausalLM, plan: torch.Tensor, attention: CPUPagedAttention):
         self.model = model
-        self.plan = plan  # (num_layers, 26) int64; the tensors it points into live in the model
+        self.plan = plan  # (num_layers, 29) int64; the tensors it points into live in the model
         # The model's LoRA adapters (any adapted linear's), whose running step says whether a token uses one.
         self.lora = next((module.lora.adapters for module in model.modules()
                           if isinstance(module, Linear) and module.lora is not None), None)

@@ -31,6 +31,9 @@ def _heads_contiguous(x: torch.Tensor) -> bool:
 
 class CPUFusedLayerOps(LayerOps):
     def rms_norm(self, x, residual, weight, eps, offset=0.0):
+        if residual is None and _bf16(x, weight) and _heads_contiguous(x) and not x.is_contiguous() \
+                and weight.is_contiguous():
+            return self._rms_norm_heads(x, weight, eps, offset)
         if not (_bf16(x, weight) and x.is_contiguous() and weight.is_contiguous()
                 and (residual is None or (_bf16(residual) and residual.is_contiguous() and residual.shape == x.shape))):
             return super().rms_norm(x, residual, weight, eps, offset)
@@ -41,6 +44,15 @@ class CPUFusedLayerOps(LayerOps):
                                 out.data_ptr(), 0 if summed is None else summed.data_ptr(), x.numel() // size, size,
                                 eps, offset, torch.get_num_threads())
         return out if residual is None else (out, summed)
+
+    def _rms_norm_heads(self, x, weight, eps, offset):
+        """Qwen3's q/k norm: each head of a (tokens, heads, head_dim) slice of the fused projection's output, by
+        the kernel the C decode step runs on it in place (decode_stack.c), so both give the same numbers."""
+        tokens, heads, head_dim = x.shape
+        out = torch.empty(x.shape, dtype=x.dtype)
+        _layer_ops.rms_norm_heads(x.data_ptr(), tokens, x.stride(0), heads, head_dim, weight.data_ptr(), out.data_ptr(),
+                                  heads * head_dim, eps, offset, torch.get_num_threads())
+        return out
 
     def rotary(self, positions, query, key, cos, sin):
         if not (_bf16(query, key, cos, sin) and _heads_contiguous(query) and _heads_contiguous(key)

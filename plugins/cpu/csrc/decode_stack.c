@@ -7,9 +7,10 @@
  * the same arguments the Python path gives them, so the hidden states are bit-identical to the
  * module-by-module forward (tests/foundation/test_decode_stack.py checks it).
  *
- * Per layer: add + RMSNorm, fused QKV projection, rotary on queries and keys, the new keys and values
- * written to their cache slots, paged decode attention, output projection, add + RMSNorm, fused
- * gate/up projection, SiLU-and-multiply, down projection; then the final norm. Each row is one query
+ * Per layer: add + RMSNorm, fused QKV projection (plus its bias, Qwen2's), RMSNorm of each query and key
+ * head (Qwen3's), rotary on queries and keys, the new keys and values written to their cache slots,
+ * paged decode attention, output projection, add + RMSNorm, fused gate/up projection, SiLU-and-multiply,
+ * down projection; then the final norm. Each row is one query
  * token with a block table and context length of its own: a plain decode step has a row per sequence,
  * a verification step (speculative decoding) a row per fed token, each attending up to its own
  * position (decode_stack.py builds the per-row tables). All keys and values are written before any
@@ -55,10 +56,12 @@ typedef struct {
     int64_t few_rows, few_rows_format, many_rows, many_rows_format, out_features, in_features;
 } LinearPlan;
 
-/* One decoder layer, as decode_stack.py lays it out in an int64 tensor (pointers and sizes). */
+/* One decoder layer, as decode_stack.py lays it out in an int64 tensor (pointers and sizes). The fused
+ * projection's bias (Qwen2) and the per-head query and key norms (Qwen3) are 0 where the model has none. */
 typedef struct {
     int64_t input_norm, post_norm;
     LinearPlan qkv, o, gate_up, down;
+    int64_t qkv_bias, q_norm, k_norm;
 } LayerPlan;
 
 typedef struct {
@@ -158,6 +161,13 @@ static PyObject *decode(PyObject *self, PyObject *args) {
             add_rms_norm_rows(hidden, residual, (const uint16_t *)p->input_norm, normed, residual, rows, s.hidden, eps,
                               0.f, s.threads);
         ok &= run_linear(&p->qkv, &s, normed, qkv);
+        if (p->qkv_bias) add_bias_rows(qkv, (const uint16_t *)p->qkv_bias, rows, qkv_size);
+        if (p->q_norm) { /* in place, before RoPE, as LlamaAttention.forward normalises q and k */
+            rms_norm_heads(qkv, rows, qkv_size, s.num_heads, s.head_dim, (const uint16_t *)p->q_norm, qkv, qkv_size,
+                           eps, 0.f, s.threads);
+            rms_norm_heads(qkv + q_size, rows, qkv_size, s.num_kv_heads, s.head_dim, (const uint16_t *)p->k_norm,
+                           qkv + q_size, qkv_size, eps, 0.f, s.threads);
+        }
         rotary_rows(qkv, rows, qkv_size, (int)(s.num_heads + s.num_kv_heads), (int)s.head_dim,
                     (const int64_t *)positions, (const uint16_t *)cos, (const uint16_t *)sin, s.threads);
         write_cache(&s, qkv, qkv_size, (const int64_t *)slots, block_size, k_cache, v_cache, kv_dtype);

@@ -46,51 +46,84 @@ static inline __mmask16 tail_mask(long remaining) {
 }
 #endif
 
-/* residual_out = bf16(x + residual) (skipped when residual is NULL: the sum is x itself);
- * out = bf16(sum * (1 / sqrt(mean(sum^2) + eps)) * (weight + offset)). Rows of `size` elements. */
+/* One row of `size` elements: residual_out = bf16(x + residual) (skipped when residual is NULL: the sum is x
+ * itself); out = bf16(sum * (1 / sqrt(mean(sum^2) + eps)) * (weight + offset)). `out` may be `x` (in place). */
+static inline void add_rms_norm_row(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *out,
+                                    uint16_t *residual_out, long size, float eps, float offset) {
+    /* The normalised input: x itself, or the bf16 sum just written to residual_out. */
+    const uint16_t *in = residual ? residual_out : x;
+    float sum_sq = 0.f;
+    long i = 0;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i < size; i += 16) {
+        const __mmask16 m = tail_mask(size - i);
+        __m512 v = load_bf16x16(x + i, m);
+        if (residual) {
+            const __m256i summed = to_bf16x16(_mm512_add_ps(v, load_bf16x16(residual + i, m)));
+            _mm256_mask_storeu_epi16(residual_out + i, m, summed);
+            v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(summed), 16));
+        }
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    sum_sq = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < size; i++) {
+        float v = bf16_to_f32(x[i]);
+        if (residual) {
+            residual_out[i] = f32_to_bf16(v + bf16_to_f32(residual[i]));
+            v = bf16_to_f32(residual_out[i]);
+        }
+        sum_sq += v * v;
+    }
+    const float scale = 1.f / sqrtf(sum_sq / (float)size + eps);
+    i = 0;
+#ifdef __AVX512F__
+    for (; i < size; i += 16) {
+        const __mmask16 m = tail_mask(size - i);
+        const __m512 w = _mm512_add_ps(load_bf16x16(weight + i, m), _mm512_set1_ps(offset));
+        const __m512 normed = _mm512_mul_ps(_mm512_mul_ps(load_bf16x16(in + i, m), _mm512_set1_ps(scale)), w);
+        _mm256_mask_storeu_epi16(out + i, m, to_bf16x16(normed));
+    }
+#endif
+    for (; i < size; i++)
+        out[i] = f32_to_bf16((bf16_to_f32(in[i]) * scale) * (bf16_to_f32(weight[i]) + offset));
+}
+
+/* add_rms_norm_row over `rows` rows of `size` elements; residual and residual_out both given or both NULL. */
 static void add_rms_norm_rows(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *out,
                               uint16_t *residual_out, long rows, long size, float eps, float offset, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * size >= PARALLEL_ELEMENTS && threads > 1)
+    for (long r = 0; r < rows; r++)
+        add_rms_norm_row(x + r * size, residual ? residual + r * size : NULL, weight, out + r * size,
+                         residual ? residual_out + r * size : NULL, size, eps, offset);
+}
+
+/* Qwen3's RMSNorm per head of queries or keys: `heads` heads of `head_dim` at the start of each of `rows` token
+ * rows `row_stride` elements apart (a slice of the fused projection's output), each head a row of
+ * add_rms_norm_row, written to rows `out_stride` apart (x itself, in place, with out_stride = row_stride). */
+static void rms_norm_heads(const uint16_t *x, long rows, long row_stride, long heads, long head_dim,
+                           const uint16_t *weight, uint16_t *out, long out_stride, float eps, float offset, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads * head_dim >= PARALLEL_ELEMENTS && threads > 1)
+    for (long t = 0; t < rows; t++)
+        for (long h = 0; h < heads; h++)
+            add_rms_norm_row(x + t * row_stride + h * head_dim, NULL, weight, out + t * out_stride + h * head_dim, NULL,
+                             head_dim, eps, offset);
+}
+
+/* y = bf16(y + bias) on `rows` rows of `size`: a linear's bias, added as PyTorch adds two bf16 tensors. */
+static void add_bias_rows(uint16_t *y, const uint16_t *bias, long rows, long size) {
     for (long r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * size;
-        /* The normalised input: x itself, or the bf16 sum just written to residual_out. */
-        const uint16_t *in = residual ? residual_out + r * size : xr;
-        float sum_sq = 0.f;
+        uint16_t *row = y + r * size;
         long i = 0;
 #ifdef __AVX512F__
-        __m512 acc = _mm512_setzero_ps();
         for (; i < size; i += 16) {
             const __mmask16 m = tail_mask(size - i);
-            __m512 v = load_bf16x16(xr + i, m);
-            if (residual) {
-                const __m256i summed = to_bf16x16(_mm512_add_ps(v, load_bf16x16(residual + r * size + i, m)));
-                _mm256_mask_storeu_epi16(residual_out + r * size + i, m, summed);
-                v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(summed), 16));
-            }
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        sum_sq = _mm512_reduce_add_ps(acc);
-#endif
-        for (; i < size; i++) {
-            float v = bf16_to_f32(xr[i]);
-            if (residual) {
-                residual_out[r * size + i] = f32_to_bf16(v + bf16_to_f32(residual[r * size + i]));
-                v = bf16_to_f32(residual_out[r * size + i]);
-            }
-            sum_sq += v * v;
-        }
-        const float scale = 1.f / sqrtf(sum_sq / (float)size + eps);
-        i = 0;
-#ifdef __AVX512F__
-        for (; i < size; i += 16) {
-            const __mmask16 m = tail_mask(size - i);
-            const __m512 w = _mm512_add_ps(load_bf16x16(weight + i, m), _mm512_set1_ps(offset));
-            const __m512 normed = _mm512_mul_ps(_mm512_mul_ps(load_bf16x16(in + i, m), _mm512_set1_ps(scale)), w);
-            _mm256_mask_storeu_epi16(out + r * size + i, m, to_bf16x16(normed));
+            _mm256_mask_storeu_epi16(row + i, m, to_bf16x16(_mm512_add_ps(load_bf16x16(row + i, m),
+                                                                          load_bf16x16(bias + i, m))));
         }
 #endif
-        for (; i < size; i++)
-            out[r * size + i] = f32_to_bf16((bf16_to_f32(in[i]) * scale) * (bf16_to_f32(weight[i]) + offset));
+        for (; i < size; i++) row[i] = f32_to_bf16(bf16_to_f32(row[i]) + bf16_to_f32(bias[i]));
     }
 }
 

@@ -21,6 +21,21 @@ static PyObject *add_rms_norm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *rms_norm_heads_op(PyObject *self, PyObject *args) {
+    unsigned long long x, weight, out;
+    long rows, row_stride, heads, head_dim, out_stride;
+    float eps, offset;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KllllKKlffi", &x, &rows, &row_stride, &heads, &head_dim, &weight, &out, &out_stride,
+                          &eps, &offset, &threads))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_heads((const uint16_t *)x, rows, row_stride, heads, head_dim, (const uint16_t *)weight, (uint16_t *)out,
+                   out_stride, eps, offset, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *rotary(PyObject *self, PyObject *args) {
     unsigned long long qk, positions, cos, sin;
     long rows, row_stride;
@@ -49,6 +64,8 @@ static PyObject *silu_and_mul(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"add_rms_norm", add_rms_norm, METH_VARARGS,
      "add_rms_norm(x, residual or 0, weight, out, residual_out, rows, size, eps, offset, threads)"},
+    {"rms_norm_heads", rms_norm_heads_op, METH_VARARGS,
+     "rms_norm_heads(x, rows, row_stride, heads, head_dim, weight, out, out_stride, eps, offset, threads): each head a row"},
     {"rotary", rotary, METH_VARARGS,
      "rotary(qk, rows, row_stride, heads, head_dim, positions, cos, sin, threads): in place"},
     {"silu_and_mul", silu_and_mul, METH_VARARGS, "silu_and_mul(gate_up, out, rows, size, threads)"},
