@@ -35,7 +35,12 @@ async def _health_over_probes() -> tuple[list[bool], bool, bool]:
                 await router.check_health()
                 while_slow.append(replica.healthy)
             servicer.delay_s = 0.0
-            await router.check_health()
+            # The first answered probe brings it back. On a loaded machine (CI's two cores) an answer can still
+            # miss the 0.2 s deadline, so a few probes are allowed: a replica that never recovers fails them all.
+            for _ in range(10):
+                await router.check_health()
+                if replica.healthy:
+                    break
             recovered = replica.healthy
         finally:
             stop = router.stop
