@@ -128,12 +128,13 @@ def build_tiny(name: str, seed: int = 0, **overrides: Any) -> TinyModel:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                           attn_implementation="eager").eval()
     if name in PERTURBED:
-        _perturb_constant_parameters(model, seed)
+        perturb_constant_parameters(model, seed)
     return TinyModel(name, config, model)
 
 
 @torch.no_grad()
-def _perturb_constant_parameters(model: Any, seed: int) -> None:
+def perturb_constant_parameters(model: Any, seed: int) -> None:
+    """Random offsets on the biases and norm weights transformers starts at constants (see PERTURBED)."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("bias") or "norm" in name:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.tiny_models import VOCAB, build_tiny
+from tokenmill.conformance.tiny import perturb_constant_parameters
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.model_runner import SequenceStep
 from tokenmill.interfaces import QuantizedWeight
@@ -25,18 +26,10 @@ def _engine(family: str, dtype: str = "bfloat16", quantize: str | None = None, k
     config = EngineConfig(backend="cpu", dtype=dtype, kv_cache_bytes=16 << 20, progress=False,
                           enable_prefix_caching=False, quantize=quantize, kv_cache_dtype=kv_cache_dtype)
     tiny = build_tiny(family)
-    _perturb_biases_and_norms(tiny.reference)
+    # transformers starts biases at zero and norm weights at one (Qwen2's, Qwen3's): a bias the C step dropped,
+    # or a norm weight it did not apply, would go unseen.
+    perturb_constant_parameters(tiny.reference, seed=0)
     return Engine(config, checkpoint=tiny.checkpoint())
-
-
-@torch.no_grad()
-def _perturb_biases_and_norms(model: torch.nn.Module) -> None:
-    """transformers starts biases at zero and norm weights at one: a bias the C step dropped, or a norm weight it
-    did not apply, would go unseen."""
-    generator = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
 def _tokens_and_logprobs(engine: Engine, prompts: list[list[int]]) -> list[list[tuple[int, float]]]:
