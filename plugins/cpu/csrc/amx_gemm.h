@@ -14,53 +14,23 @@
  * dequantized to bf16 in L1 as its B tile is needed, to the dense copy's values, so many rows read 0.625
  * (Q8_0: 1.06) bytes a weight instead of the dense copy's 2, and no dense copy need be kept.
  *
- * Linux hands out AMX's 8 KiB of tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM);
- * `amx_usable` asks once. TOKENMILL_CPU_AMX=0 keeps a process on the AVX512-BF16 kernel.
+ * Whether the process may use the tiles: amx_tiles.h (TOKENMILL_CPU_AMX=0 keeps the AVX512-BF16 kernel).
  */
 #ifndef TOKENMILL_AMX_GEMM_H
 #define TOKENMILL_AMX_GEMM_H
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && HAVE_BF16_GEMM
+#include "amx_tiles.h"
+
+#if HAVE_AMX_TILES && HAVE_BF16_GEMM
 #define HAVE_AMX_GEMM 1
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-#define AMX_TILE_ROWS 16 /* rows of x in an A tile, input pairs in a B tile */
 #define AMX_CHUNK_ROWS 32 /* rows of x per pass over a work item's weights: two A tiles */
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} AmxTileConfig;
-
-/* -1 not decided yet: TOKENMILL_CPU_AMX decides on first use, `amx_want` for a test or a benchmark. */
-static int amx_wanted = -1;
-static int amx_permitted = -1; /* -1 not asked yet; 0 no AMX, or the kernel refused its tile state */
-
-static void amx_want(int wanted) { amx_wanted = wanted; }
-
-static int amx_usable(void) {
-    if (amx_wanted < 0) {
-        const char *env = getenv("TOKENMILL_CPU_AMX");
-        amx_wanted = !(env && env[0] == '0');
-    }
-    if (!amx_wanted) return 0;
-    if (amx_permitted < 0) amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return amx_permitted;
-}
 
 /* Tiles 0-3 accumulate (A row tile 0 or 1 x panel 0 or 1), 4-5 hold x, 6-7 the two weight panels. */
 static void amx_configure(void) {
     AmxTileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = AMX_TILE_ROWS;
-        cfg.colsb[t] = 64;
-    }
+    for (int t = 0; t < 8; t++) amx_shape(&cfg, t, AMX_TILE_ROWS, 64);
     _tile_loadconfig(&cfg);
 }
 

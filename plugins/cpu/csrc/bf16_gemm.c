@@ -78,23 +78,6 @@ static PyObject *unpack_grouped(PyObject *self, PyObject *args) {
 
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
 
-static PyObject *amx(PyObject *self, PyObject *args) {
-#if HAVE_AMX_GEMM
-    return PyBool_FromLong(amx_usable());
-#else
-    Py_RETURN_FALSE;
-#endif
-}
-
-static PyObject *set_amx(PyObject *self, PyObject *args) {
-    int wanted;
-    if (!PyArg_ParseTuple(args, "p", &wanted)) return NULL;
-#if HAVE_AMX_GEMM
-    amx_want(wanted);
-#endif
-    return amx(self, NULL);
-}
-
 static PyObject *int8_rows(PyObject *self, PyObject *args) {
 #if HAVE_INT8_GEMM
     return PyLong_FromLong(INT8_MIN_ROWS);
@@ -120,9 +103,9 @@ static PyMethodDef methods[] = {
     {"unpack_grouped", unpack_grouped, METH_VARARGS,
      "unpack_grouped(packed, dst, out): the float32 (out, in) weight a packed grouped weight computes with."},
     {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernel."},
-    {"amx", amx, METH_NOARGS,
+    {"amx", amx_py_usable, METH_NOARGS,
      "Whether dense weights run on AMX tiles (amx_gemm.h): a build and a CPU with AMX, not TOKENMILL_CPU_AMX=0."},
-    {"set_amx", set_amx, METH_VARARGS,
+    {"set_amx", amx_py_want, METH_VARARGS,
      "set_amx(wanted): whether this module's dense linears may take AMX tiles (benchmarks, tests); returns amx()."},
     {"int8_rows", int8_rows, METH_NOARGS,
      "From how many rows Q4_1 and Q8_0 weights run against int8 activations (AVX512-VNNI); None without."},

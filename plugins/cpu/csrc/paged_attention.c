@@ -37,6 +37,10 @@ static PyMethodDef methods[] = {
      "decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, table_stride, num_seqs, num_heads, "
      "num_kv_heads, head_dim, block_size, window, dtype, scale, total_positions, threads, kv_dtype): data "
      "pointers of contiguous tensors; writes out."},
+    {"amx", amx_py_usable, METH_NOARGS, "amx(): whether bf16 caches of head size 64 are attended on AMX tiles."},
+    {"set_amx", amx_py_want, METH_VARARGS,
+     "set_amx(wanted): take the tiles where they can serve, or not (a test's or a benchmark's switch; "
+     "TOKENMILL_CPU_AMX=0 is the process's); returns amx()."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_paged_attention",
