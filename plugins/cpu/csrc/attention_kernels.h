@@ -17,7 +17,7 @@
  * followed by its bf16 scale (head_dim + 2 bytes). Codes are converted to float32 as they are loaded;
  * a key row's scale multiplies its converted row once, a value row's scale its softmax weight.
  *
- * Where the CPU has AMX (amx_tiles.h), bf16 caches of head size 64 take the tiles (`attend_amx`): the same
+ * Where the CPU has AMX (amx_tiles.h), bf16 caches of head size 64 or 128 take the tiles (`attend_amx`): the same
  * arithmetic with the products on the tiles, 1.2-1.6x faster over cold caches at 3-7 query heads per kv head.
  */
 #ifndef TOKENMILL_ATTENTION_KERNELS_H
@@ -474,26 +474,31 @@ static int attend_item_bf16(const Job *job, long seq, int kv_head, const long *r
 #endif
 
 #if HAVE_AMX_TILES
-#define AMX_ATTENTION_DIM 64 /* the head size the tile kernel takes */
+#define AMX_MAX_DIM 128 /* head sizes the tile kernel takes: 64 and 128 */
 #define AMX_MAX_GROUP AMX_TILE_ROWS /* query heads per kv head: rows of a tile */
 #define AMX_VALUE_STEP 32 /* positions per step of the weighted sum: an A tile's row of bf16 weights */
+#define AMX_VALUE_DIMS 64 /* dims per pass of the weighted sum: four accumulator tiles of 16 */
 
-/* Scores: tile 0 accumulates 16 positions x G query heads (float32); 1 and 4 hold the 16 positions' keys, dims
- * 0-31 and 32-63 (the cache rows as they are stored); 2 and 3 the query heads' dims 0-31 and 32-63 as B tiles,
- * 16 dim pairs x G heads. */
-static inline void amx_attention_scores_config(int G) {
+/* Scores: tile 0 accumulates 16 positions x G query heads (float32); 1 and 4 take turns holding 32 dims of the
+ * 16 positions' keys (the cache rows as they are stored); 2, 3 (and for head size 128, 5 and 6) the query heads'
+ * dims 0-31, 32-63 (64-95, 96-127) as B tiles, 16 dim pairs x G heads. */
+static inline void amx_attention_scores_config(int G, int D) {
     AmxTileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
     amx_shape(&cfg, 0, AMX_TILE_ROWS, 4 * G);
     amx_shape(&cfg, 1, AMX_TILE_ROWS, 64);
+    amx_shape(&cfg, 4, AMX_TILE_ROWS, 64);
     amx_shape(&cfg, 2, AMX_TILE_ROWS, 4 * G);
     amx_shape(&cfg, 3, AMX_TILE_ROWS, 4 * G);
-    amx_shape(&cfg, 4, AMX_TILE_ROWS, 64);
+    if (D == 128) {
+        amx_shape(&cfg, 5, AMX_TILE_ROWS, 4 * G);
+        amx_shape(&cfg, 6, AMX_TILE_ROWS, 4 * G);
+    }
     _tile_loadconfig(&cfg);
 }
 
-/* Weighted sum: tiles 0-3 accumulate G heads x 16 dims each (dims 0-15 .. 48-63); 4 and 5 hold the weights' two
+/* Weighted sum: tiles 0-3 accumulate G heads x 16 dims each (64 dims a pass); 4 and 5 hold the weights' two
  * bf16 parts, G heads x 32 positions; 6 and 7 values as B tiles, 16 position pairs x 16 dims x 2. */
 static inline void amx_attention_values_config(int G) {
     AmxTileConfig cfg;
@@ -505,21 +510,22 @@ static inline void amx_attention_values_config(int G) {
     _tile_loadconfig(&cfg);
 }
 
-/* Keys of positions c .. c+n-1 as 16 rows 128 bytes apart: the cache block itself when they are one run of
- * it, else copied into `gathered` (rows past n left as they are: their scores are never read). */
+/* Keys of positions c .. c+n-1 as 16 rows D apart: the cache block itself when they are one run of it, else
+ * copied into `gathered` (rows past n left as they are: their scores are never read). */
 static inline const uint16_t *amx_key_rows(const Job *job, const long *rows, int c, int n, uint16_t *gathered) {
     const uint16_t *cache = (const uint16_t *)job->k_cache;
-    if (n == CHUNK && rows[c + CHUNK - 1] == rows[c] + CHUNK - 1) return cache + rows[c] * AMX_ATTENTION_DIM;
-    for (int i = 0; i < n; i++)
-        memcpy(gathered + i * AMX_ATTENTION_DIM, cache + rows[c + i] * AMX_ATTENTION_DIM, AMX_ATTENTION_DIM * 2);
+    const int D = job->head_dim;
+    if (n == CHUNK && rows[c + CHUNK - 1] == rows[c] + CHUNK - 1) return cache + rows[c] * D;
+    for (int i = 0; i < n; i++) memcpy(gathered + i * D, cache + rows[c + i] * D, (size_t)D * 2);
     return gathered;
 }
 
-/* Values of positions c .. c+31 (zero past the span) as four B tiles: tile j holds dims 16j .. 16j+15 of each
- * position pair, position 2p's value of a dim beside position 2p+1's, the pairs tdpbf16ps multiplies by a
- * weight pair. */
-static inline void amx_value_tiles(const Job *job, const long *rows, int c, int span, uint16_t *tiles) {
-    const uint16_t *cache = (const uint16_t *)job->v_cache;
+/* Dims first .. first+63 of the values of positions c .. c+31 (zero past the span) as four B tiles: tile j holds
+ * dims first+16j .. first+16j+15 of each position pair, position 2p's value of a dim beside position 2p+1's, the
+ * pairs tdpbf16ps multiplies by a weight pair. */
+static inline void amx_value_tiles(const Job *job, const long *rows, int c, int span, int first, uint16_t *tiles) {
+    const uint16_t *cache = (const uint16_t *)job->v_cache + first;
+    const int D = job->head_dim;
     const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
@@ -527,12 +533,12 @@ static inline void amx_value_tiles(const Job *job, const long *rows, int c, int 
         const int i = c + 2 * p;
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
         if (i < span) {
-            a0 = _mm512_loadu_si512(cache + rows[i] * AMX_ATTENTION_DIM);
-            a1 = _mm512_loadu_si512(cache + rows[i] * AMX_ATTENTION_DIM + 32);
+            a0 = _mm512_loadu_si512(cache + rows[i] * D);
+            a1 = _mm512_loadu_si512(cache + rows[i] * D + 32);
         }
         if (i + 1 < span) {
-            b0 = _mm512_loadu_si512(cache + rows[i + 1] * AMX_ATTENTION_DIM);
-            b1 = _mm512_loadu_si512(cache + rows[i + 1] * AMX_ATTENTION_DIM + 32);
+            b0 = _mm512_loadu_si512(cache + rows[i + 1] * D);
+            b1 = _mm512_loadu_si512(cache + rows[i + 1] * D + 32);
         }
         _mm512_store_si512(tiles + 0 * 512 + p * 32, _mm512_permutex2var_epi16(a0, low, b0));
         _mm512_store_si512(tiles + 1 * 512 + p * 32, _mm512_permutex2var_epi16(a0, high, b0));
@@ -541,44 +547,55 @@ static inline void amx_value_tiles(const Job *job, const long *rows, int c, int 
     }
 }
 
-/* bf16 caches of head size 64 on AMX tiles, G <= 16 query heads per kv head: the same arithmetic as
+/* bf16 caches of head size 64 or 128 on AMX tiles, G <= 16 query heads per kv head: the same arithmetic as
  * attend_bf16 (bf16 products summed in float32, float32 softmax, each weight as two bf16), with the products
  * on the tiles. Scores are keys x queries, so a cache block's keys load as an A tile where they lie; the
- * weighted sum is weights x values, the values interleaved in pairs as B tiles. */
+ * weighted sum is weights x values, the values interleaved in pairs as B tiles, 64 dims a pass. */
 static void attend_amx(const Job *job, long seq, int kv_head, const long *rows, float *scores, uint16_t *weights,
                        int span) {
-    const int G = job->num_heads / job->num_kv_heads, D = AMX_ATTENTION_DIM;
+    const int G = job->num_heads / job->num_kv_heads, D = job->head_dim;
     const long q_base = (seq * job->num_heads + (long)kv_head * G) * D;
     const uint16_t *q = (const uint16_t *)job->q + q_base;
     const void *k_cache = job->k_cache, *v_cache = job->v_cache;
-    uint32_t q_pairs[2][AMX_TILE_ROWS * AMX_MAX_GROUP];
-    for (int half = 0; half < 2; half++)
+    uint32_t q_pairs[AMX_MAX_DIM / 32][AMX_TILE_ROWS * AMX_MAX_GROUP];
+    for (int w = 0; w < D / 32; w++)
         for (int p = 0; p < AMX_TILE_ROWS; p++)
-            for (int g = 0; g < G; g++) memcpy(&q_pairs[half][p * G + g], q + g * D + 32 * half + 2 * p, 4);
-    amx_attention_scores_config(G);
+            for (int g = 0; g < G; g++) memcpy(&q_pairs[w][p * G + g], q + g * D + 32 * w + 2 * p, 4);
+    amx_attention_scores_config(G, D);
     _tile_loadd(2, q_pairs[0], 4 * G);
     _tile_loadd(3, q_pairs[1], 4 * G);
-    uint16_t gathered[CHUNK * AMX_ATTENTION_DIM] __attribute__((aligned(64)));
+    if (D == 128) {
+        _tile_loadd(5, q_pairs[2], 4 * G);
+        _tile_loadd(6, q_pairs[3], 4 * G);
+    }
+    uint16_t gathered[CHUNK * AMX_MAX_DIM] __attribute__((aligned(64)));
     float chunk_scores[CHUNK * AMX_MAX_GROUP];
     __m512 max_score[AMX_MAX_GROUP];
     for (int g = 0; g < G; g++) max_score[g] = _mm512_set1_ps(-INFINITY);
     const __m512i by_position = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                     _mm512_set1_epi32(G));
     const __m512 scale = _mm512_set1_ps(job->scale);
+    const int W = D / 32; /* 64-byte lines a row */
     for (int i = 0; i < span && i < 2 * CHUNK; i++)
-        for (int w = 0; w < 2; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, 0), _MM_HINT_T0);
+        for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, 0), _MM_HINT_T0);
     for (int c = 0; c < span; c += CHUNK) {
         const int n = span - c < CHUNK ? span - c : CHUNK;
         for (int i = c + 2 * CHUNK; i < span && i < c + 3 * CHUNK; i++)
-            for (int w = 0; w < 2; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, 0), _MM_HINT_T0);
+            for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, 0), _MM_HINT_T0);
         for (int i = c; i < span && i < c + CHUNK; i++)
-            for (int w = 0; w < 2; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, 0), _MM_HINT_T1);
+            for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, 0), _MM_HINT_T1);
         const uint16_t *keys = amx_key_rows(job, rows, c, n, gathered);
         _tile_zero(0);
         _tile_loadd(1, keys, D * 2);
-        _tile_loadd(4, keys + 32, D * 2);
         _tile_dpbf16ps(0, 1, 2);
+        _tile_loadd(4, keys + 32, D * 2);
         _tile_dpbf16ps(0, 4, 3);
+        if (D == 128) {
+            _tile_loadd(1, keys + 64, D * 2);
+            _tile_dpbf16ps(0, 1, 5);
+            _tile_loadd(4, keys + 96, D * 2);
+            _tile_dpbf16ps(0, 4, 6);
+        }
         _tile_stored(0, chunk_scores, 4 * G);
         const __mmask16 valid = (__mmask16)((1u << n) - 1);
         for (int g = 0; g < G; g++) { /* head g's scores are every G-th of the tile's, from g */
@@ -601,41 +618,44 @@ static void attend_amx(const Job *job, long seq, int kv_head, const long *rows, 
         memset(rest + span, 0, (size_t)(padded - span) * 2);
     }
     amx_attention_values_config(G);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
     uint16_t values[4 * AMX_TILE_ROWS * 32] __attribute__((aligned(64)));
-    for (int c = 0; c < span; c += AMX_VALUE_STEP) {
-        for (int i = c + PREFETCH_AHEAD; i < span && i < c + PREFETCH_AHEAD + AMX_VALUE_STEP; i++)
-            for (int w = 0; w < 2; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, 0), _MM_HINT_T0);
-        amx_value_tiles(job, rows, c, span, values);
-        _tile_loadd(4, weights + c, padded * 2);
-        _tile_loadd(5, rests + c, padded * 2);
-        _tile_loadd(6, values, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(0, 5, 6);
-        _tile_loadd(7, values + 512, 64);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(1, 5, 7);
-        _tile_loadd(6, values + 1024, 64);
-        _tile_dpbf16ps(2, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_loadd(7, values + 1536, 64);
-        _tile_dpbf16ps(3, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
+    float out[AMX_MAX_GROUP][AMX_MAX_DIM];
+    for (int first = 0; first < D; first += AMX_VALUE_DIMS) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int c = 0; c < span; c += AMX_VALUE_STEP) {
+            if (first == 0)
+                for (int i = c + PREFETCH_AHEAD; i < span && i < c + PREFETCH_AHEAD + AMX_VALUE_STEP; i++)
+                    for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, 0), _MM_HINT_T0);
+            amx_value_tiles(job, rows, c, span, first, values);
+            _tile_loadd(4, weights + c, padded * 2);
+            _tile_loadd(5, rests + c, padded * 2);
+            _tile_loadd(6, values, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(0, 5, 6);
+            _tile_loadd(7, values + 512, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(1, 5, 7);
+            _tile_loadd(6, values + 1024, 64);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_loadd(7, values + 1536, 64);
+            _tile_dpbf16ps(3, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, &out[0][first], AMX_MAX_DIM * 4);
+        _tile_stored(1, &out[0][first + 16], AMX_MAX_DIM * 4);
+        _tile_stored(2, &out[0][first + 32], AMX_MAX_DIM * 4);
+        _tile_stored(3, &out[0][first + 48], AMX_MAX_DIM * 4);
     }
-    float out[AMX_MAX_GROUP][AMX_ATTENTION_DIM];
-    _tile_stored(0, &out[0][0], D * 4);
-    _tile_stored(1, &out[0][16], D * 4);
-    _tile_stored(2, &out[0][32], D * 4);
-    _tile_stored(3, &out[0][48], D * 4);
     for (int g = 0; g < G; g++) store_row(job->out, q_base + g * D, DTYPE_BF16, D, out[g], 1.f / total[g]);
 }
 
 static inline int amx_attention_takes(const Job *job) {
     const int G = job->num_heads / job->num_kv_heads;
-    return job->dtype == DTYPE_BF16 && job->kv_dtype == DTYPE_BF16 && job->head_dim == AMX_ATTENTION_DIM &&
+    return job->dtype == DTYPE_BF16 && job->kv_dtype == DTYPE_BF16 && (job->head_dim == 64 || job->head_dim == 128) &&
            G <= AMX_MAX_GROUP && amx_usable();
 }
 #endif
