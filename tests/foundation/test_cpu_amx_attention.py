@@ -99,3 +99,35 @@ def test_every_value_row_and_dim_counts(attend, head_dim) -> None:
         changed[block, 0, offset, dim] += 100
         moved = attend(True, query, keys, changed, tables, seq_lens, 70, 16, None, 0.125)
         assert not torch.equal(moved[..., dim], base[..., dim]), f"position {position}, dim {dim}"
+
+
+def prompt_rows(case, lengths: list[int]):
+    """Each sequence's last `lengths[s]` positions as rows of their own, as attention.py's `row_contexts` feeds a
+    prompt (or a draft) to the kernel: the sequence's block table again per row, one more position per row."""
+    query, keys, values, tables, seq_lens = case
+    generator = torch.Generator().manual_seed(7)
+    rows = [(seq, int(seq_lens[seq]) - length + r + 1) for seq, length in enumerate(lengths) for r in range(length)]
+    row_query = torch.randn(len(rows), query.shape[1], query.shape[2], generator=generator).to(torch.bfloat16)
+    row_tables = torch.stack([tables[seq] for seq, _ in rows])
+    return row_query, keys, values, row_tables, torch.tensor([n for _, n in rows], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv_heads,group", [(1, 1), (3, 3), (8, 4), (2, 7), (1, 16)], ids=str)
+@pytest.mark.parametrize("block_size,window", [(16, None), (8, None), (32, None), (16, 40)], ids=str)
+def test_a_prompts_rows_taken_together_equal_each_row_alone(attend, head_dim, kv_heads, group, block_size,
+                                                             window) -> None:
+    """Consecutive rows of one sequence share a pass on the tiles (up to 16 query heads); each row's output is
+    still bit for bit the one-token decode at its position, which the test above holds to float64. Prompts of
+    1 to 40 rows, a decode between them, and two sequences whose rows continue one another's lengths."""
+    seq_lens = [45, 46, 47, 9, 80]
+    case = paged_case(seq_lens, kv_heads, group, block_size, head_dim, seed=3)
+    rows = prompt_rows(case, [40, 1, 1, 9, 17])
+    query, keys, values, tables, lens = rows
+    batched = attend(True, *rows, int(lens.sum()), block_size, window, head_dim ** -0.5)
+    for row in range(len(lens)):
+        alone = attend(True, query[row:row + 1], keys, values, tables[row:row + 1], lens[row:row + 1],
+                       int(lens[row]), block_size, window, head_dim ** -0.5)
+        assert torch.equal(alone, batched[row:row + 1]), f"row {row} (context {int(lens[row])})"
+    reference = float64_attention(*rows, block_size, window, head_dim ** -0.5)
+    torch.testing.assert_close(batched.double(), reference, rtol=2 ** -7, atol=2e-3)

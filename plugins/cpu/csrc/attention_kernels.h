@@ -114,14 +114,16 @@ typedef struct {
     float *scores;
     uint16_t *weights; /* the scores as two bf16 (high part, then the rest), each group's row padded to even */
     long capacity; /* positions */
+    int group; /* query rows of scores per position */
 } Scratch;
 
 static int reserve(Scratch *s, long span, int group) {
-    if (span <= s->capacity) return 1;
+    if (span <= s->capacity && group <= s->group) return 1;
     free(s->rows);
     free(s->scores);
     free(s->weights);
     s->capacity = span * 2;
+    s->group = group;
     s->rows = (long *)malloc((size_t)s->capacity * sizeof(long));
     s->scores = (float *)malloc((size_t)s->capacity * group * sizeof(float));
     /* each group's row padded to a whole 32 positions, the tile kernel's step */
@@ -547,33 +549,57 @@ static inline void amx_value_tiles(const Job *job, const long *rows, int c, int 
     }
 }
 
-/* bf16 caches of head size 64 or 128 on AMX tiles, G <= 16 query heads per kv head: the same arithmetic as
- * attend_bf16 (bf16 products summed in float32, float32 softmax, each weight as two bf16), with the products
- * on the tiles. Scores are keys x queries, so a cache block's keys load as an A tile where they lie; the
- * weighted sum is weights x values, the values interleaved in pairs as B tiles, 64 dims a pass. */
-static void attend_amx(const Job *job, long seq, int kv_head, const long *rows, float *scores, uint16_t *weights,
-                       int span) {
+/* Columns of one tile pass: `rows` consecutive query rows of one sequence (prompt tokens or draft tokens
+ * attended row by row, each seeing the positions up to its own) times the G query heads of one kv head. */
+typedef struct {
+    const uint16_t *q[AMX_MAX_GROUP]; /* each column's query vector */
+    long out[AMX_MAX_GROUP]; /* each column's output offset */
+    int span[AMX_MAX_GROUP]; /* positions each column attends */
+    int count, longest;
+} AmxColumns;
+
+static inline void amx_columns(const Job *job, long first_row, int rows, int kv_head, int first, AmxColumns *cols) {
     const int G = job->num_heads / job->num_kv_heads, D = job->head_dim;
-    const long q_base = (seq * job->num_heads + (long)kv_head * G) * D;
-    const uint16_t *q = (const uint16_t *)job->q + q_base;
+    cols->count = rows * G;
+    cols->longest = 0;
+    for (int t = 0; t < rows; t++)
+        for (int g = 0; g < G; g++) {
+            const int col = t * G + g;
+            cols->out[col] = ((first_row + t) * job->num_heads + (long)kv_head * G + g) * D;
+            cols->q[col] = (const uint16_t *)job->q + cols->out[col];
+            cols->span[col] = job->seq_lens[first_row + t] - first;
+            if (cols->span[col] > cols->longest) cols->longest = cols->span[col];
+        }
+}
+
+/* bf16 caches of head size 64 or 128 on AMX tiles, up to 16 columns (query rows x heads, AmxColumns) per pass:
+ * the same arithmetic as attend_bf16 (bf16 products summed in float32, float32 softmax, each weight as two
+ * bf16), with the products on the tiles. Scores are keys x queries, so a cache block's keys load as an A tile
+ * where they lie; the weighted sum is weights x values, the values interleaved in pairs as B tiles, 64 dims a
+ * pass. A column's own result does not depend on the others beside it: a score tile's element is its own dot
+ * product, positions past a column's span are left out of its softmax and weigh exactly zero. So a prompt's
+ * rows taken together equal each taken alone, and each a one-token decode at its position. `rows` are the
+ * cache rows of the longest column's span (the others' are a prefix of it). */
+static void attend_amx(const Job *job, const AmxColumns *cols, const long *rows, float *scores, uint16_t *weights) {
+    const int C = cols->count, D = job->head_dim, span = cols->longest;
     const void *k_cache = job->k_cache, *v_cache = job->v_cache;
     uint32_t q_pairs[AMX_MAX_DIM / 32][AMX_TILE_ROWS * AMX_MAX_GROUP];
     for (int w = 0; w < D / 32; w++)
         for (int p = 0; p < AMX_TILE_ROWS; p++)
-            for (int g = 0; g < G; g++) memcpy(&q_pairs[w][p * G + g], q + g * D + 32 * w + 2 * p, 4);
-    amx_attention_scores_config(G, D);
-    _tile_loadd(2, q_pairs[0], 4 * G);
-    _tile_loadd(3, q_pairs[1], 4 * G);
+            for (int col = 0; col < C; col++) memcpy(&q_pairs[w][p * C + col], cols->q[col] + 32 * w + 2 * p, 4);
+    amx_attention_scores_config(C, D);
+    _tile_loadd(2, q_pairs[0], 4 * C);
+    _tile_loadd(3, q_pairs[1], 4 * C);
     if (D == 128) {
-        _tile_loadd(5, q_pairs[2], 4 * G);
-        _tile_loadd(6, q_pairs[3], 4 * G);
+        _tile_loadd(5, q_pairs[2], 4 * C);
+        _tile_loadd(6, q_pairs[3], 4 * C);
     }
     uint16_t gathered[CHUNK * AMX_MAX_DIM] __attribute__((aligned(64)));
     float chunk_scores[CHUNK * AMX_MAX_GROUP];
     __m512 max_score[AMX_MAX_GROUP];
-    for (int g = 0; g < G; g++) max_score[g] = _mm512_set1_ps(-INFINITY);
+    for (int col = 0; col < C; col++) max_score[col] = _mm512_set1_ps(-INFINITY);
     const __m512i by_position = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                    _mm512_set1_epi32(G));
+                                                    _mm512_set1_epi32(C));
     const __m512 scale = _mm512_set1_ps(job->scale);
     const int W = D / 32; /* 64-byte lines a row */
     for (int i = 0; i < span && i < 2 * CHUNK; i++)
@@ -596,28 +622,31 @@ static void attend_amx(const Job *job, long seq, int kv_head, const long *rows, 
             _tile_loadd(4, keys + 96, D * 2);
             _tile_dpbf16ps(0, 4, 6);
         }
-        _tile_stored(0, chunk_scores, 4 * G);
-        const __mmask16 valid = (__mmask16)((1u << n) - 1);
-        for (int g = 0; g < G; g++) { /* head g's scores are every G-th of the tile's, from g */
+        _tile_stored(0, chunk_scores, 4 * C);
+        for (int col = 0; col < C; col++) { /* column col's scores are every C-th of the tile's, from col */
+            const int own = cols->span[col] - c < n ? cols->span[col] - c : n;
+            if (own <= 0) continue;
+            const __mmask16 valid = (__mmask16)((1u << own) - 1);
             const __m512 score = _mm512_mul_ps(
-                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, _mm512_add_epi32(by_position, _mm512_set1_epi32(g)),
+                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, _mm512_add_epi32(by_position, _mm512_set1_epi32(col)),
                                          chunk_scores, 4), scale);
-            _mm512_mask_storeu_ps(scores + (long)g * span + c, valid, score);
-            max_score[g] = _mm512_mask_max_ps(max_score[g], valid, max_score[g], score);
+            _mm512_mask_storeu_ps(scores + (long)col * span + c, valid, score);
+            max_score[col] = _mm512_mask_max_ps(max_score[col], valid, max_score[col], score);
         }
     }
     const int padded = (span + AMX_VALUE_STEP - 1) / AMX_VALUE_STEP * AMX_VALUE_STEP;
-    uint16_t *const rests = weights + (long)G * padded;
+    uint16_t *const rests = weights + (long)C * padded;
     float total[AMX_MAX_GROUP];
-    for (int g = 0; g < G; g++) {
-        float *s = scores + (long)g * span;
-        uint16_t *w = weights + (long)g * padded, *rest = rests + (long)g * padded;
-        total[g] = softmax_numerators(s, span, _mm512_reduce_max_ps(max_score[g]));
-        split_weights(s, span, w, rest);
-        memset(w + span, 0, (size_t)(padded - span) * 2);
-        memset(rest + span, 0, (size_t)(padded - span) * 2);
+    for (int col = 0; col < C; col++) {
+        const int own = cols->span[col];
+        float *s = scores + (long)col * span;
+        uint16_t *w = weights + (long)col * padded, *rest = rests + (long)col * padded;
+        total[col] = softmax_numerators(s, own, _mm512_reduce_max_ps(max_score[col]));
+        split_weights(s, own, w, rest);
+        memset(w + own, 0, (size_t)(padded - own) * 2);
+        memset(rest + own, 0, (size_t)(padded - own) * 2);
     }
-    amx_attention_values_config(G);
+    amx_attention_values_config(C);
     uint16_t values[4 * AMX_TILE_ROWS * 32] __attribute__((aligned(64)));
     float out[AMX_MAX_GROUP][AMX_MAX_DIM];
     for (int first = 0; first < D; first += AMX_VALUE_DIMS) {
@@ -650,7 +679,7 @@ static void attend_amx(const Job *job, long seq, int kv_head, const long *rows, 
         _tile_stored(2, &out[0][first + 32], AMX_MAX_DIM * 4);
         _tile_stored(3, &out[0][first + 48], AMX_MAX_DIM * 4);
     }
-    for (int g = 0; g < G; g++) store_row(job->out, q_base + g * D, DTYPE_BF16, D, out[g], 1.f / total[g]);
+    for (int col = 0; col < C; col++) store_row(job->out, cols->out[col], DTYPE_BF16, D, out[col], 1.f / total[col]);
 }
 
 static inline int amx_attention_takes(const Job *job) {
@@ -702,19 +731,20 @@ static void attend_item_scalar(const Job *job, long seq, int kv_head, const long
         store_row(job->out, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, acc[g], 1.f / total[g]);
 }
 
-/* Work item seq * num_kv_heads + kv_head; returns 0 when scratch memory ran out. */
-static int attend_item(const Job *job, long item, Scratch *scratch) {
-    const int K = job->num_kv_heads, G = job->num_heads / job->num_kv_heads;
-    const long seq = item / K;
-    const int kv_head = (int)(item % K);
-    const int seq_len = job->seq_lens[seq];
+/* One kv head of `count` consecutive rows of one sequence (one row but on the tiles); 0 when scratch memory ran
+ * out. */
+static int attend_item(const Job *job, long seq, int count, int kv_head, Scratch *scratch) {
+    const int G = job->num_heads / job->num_kv_heads;
+    const int seq_len = job->seq_lens[seq + count - 1];
     const int first = job->window > 0 && seq_len > job->window ? seq_len - job->window : 0;
     const int span = seq_len - first;
-    if (!reserve(scratch, span, G)) return 0;
+    if (!reserve(scratch, span, count * G)) return 0;
     item_rows(job, job->block_tables + seq * job->table_stride, first, span, kv_head, scratch->rows);
 #if HAVE_AMX_TILES
     if (amx_attention_takes(job)) {
-        attend_amx(job, seq, kv_head, scratch->rows, scratch->scores, scratch->weights, span);
+        AmxColumns cols;
+        amx_columns(job, seq, count, kv_head, first, &cols);
+        attend_amx(job, &cols, scratch->rows, scratch->scores, scratch->weights);
         return 1;
     }
 #endif
@@ -736,22 +766,54 @@ static int attend_item(const Job *job, long item, Scratch *scratch) {
     return 1;
 }
 
+/* Whether row r + 1 is the token after row r in the same sequence: one position further over the same block
+ * table (a prompt or a draft attended row by row, attention.py's `row_contexts`), no window cutting either. */
+static inline int next_row_of_same_sequence(const Job *job, long r) {
+    const int len = job->seq_lens[r], next = job->seq_lens[r + 1];
+    if (next != len + 1 || (job->window > 0 && next > job->window)) return 0;
+    const int blocks = (next + job->block_size - 1) / job->block_size;
+    return memcmp(job->block_tables + r * job->table_stride, job->block_tables + (r + 1) * job->table_stride,
+                  (size_t)blocks * sizeof(int32_t)) == 0;
+}
+
+/* Splits rows into runs of at most `most` consecutive rows of one sequence; returns the number of runs.
+ * starts[i] is run i's first row; starts[runs] = num_rows. */
+static long row_runs(const Job *job, long num_rows, int most, long *starts) {
+    long runs = 0;
+    for (long r = 0; r < num_rows; r++)
+        if (r == 0 || r - starts[runs - 1] == most || !next_row_of_same_sequence(job, r - 1)) starts[runs++] = r;
+    starts[runs] = num_rows;
+    return runs;
+}
+
 /* Below this many (position x kv head) reads, waking a second thread costs more than it saves. */
 #define ATTENTION_PARALLEL_THRESHOLD 4096
 
-/* Every (sequence, kv head) of the job; 0 when scratch memory ran out. The extension links libgomp.so.1,
- * the soname PyTorch's own copy has, so once torch is imported this is PyTorch's intra-op thread pool:
- * no second pool spinning against it for the cores. */
+/* Every (row, kv head) of the job; 0 when scratch memory ran out. On the tiles, consecutive rows of one sequence
+ * share a pass (up to 16 query heads in all), so a prompt's keys and values are read once per few tokens
+ * instead of once per token. The extension links libgomp.so.1, the soname PyTorch's own copy has, so once torch
+ * is imported this is PyTorch's intra-op thread pool: no second pool spinning against it for the cores. */
 static int decode_attention_run(const Job *job, long num_seqs, long total_positions, int threads) {
-    const long items = num_seqs * job->num_kv_heads;
-    const int workers = total_positions * job->num_kv_heads >= ATTENTION_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
+    const int K = job->num_kv_heads;
+    int most = 1;
+#if HAVE_AMX_TILES
+    if (amx_attention_takes(job)) most = AMX_MAX_GROUP / (job->num_heads / K);
+#endif
+    long *starts = (long *)malloc((size_t)(num_seqs + 1) * sizeof(long));
+    if (!starts) return 0;
+    const long runs = row_runs(job, num_seqs, most, starts);
+    const long items = runs * K;
+    const int workers = total_positions * K >= ATTENTION_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
     int failed = 0;
 #pragma omp parallel num_threads(workers) reduction(| : failed)
     {
-        Scratch scratch = {NULL, NULL, NULL, 0};
+        Scratch scratch = {NULL, NULL, NULL, 0, 0};
 #pragma omp for schedule(dynamic, 1)
-        for (long item = 0; item < items; item++)
-            if (!failed && !attend_item(job, item, &scratch)) failed = 1;
+        for (long item = 0; item < items; item++) {
+            const long run = item / K;
+            if (!failed && !attend_item(job, starts[run], (int)(starts[run + 1] - starts[run]), (int)(item % K), &scratch))
+                failed = 1;
+        }
         free(scratch.rows);
         free(scratch.scores);
         free(scratch.weights);
@@ -759,6 +821,7 @@ static int decode_attention_run(const Job *job, long num_seqs, long total_positi
         if (amx_attention_takes(job)) _tile_release();
 #endif
     }
+    free(starts);
     return !failed;
 }
 
