@@ -31,6 +31,7 @@ dequantizes the rows it gathers. A bfloat16 cache under a float32 model is read 
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -116,22 +117,24 @@ class CPUKVCacheLayout(KVCacheLayout):
         return min(num_blocks, max(1, RESIDENT_CACHE_BYTES // self.bytes_per_block()))
 
 
-
-CACHE_LINE = 64
 # Cached prefixes kept resident beyond the working set's own blocks; 512 MiB holds ~23k tokens of
 # SmolLM2-135M, many system prompts and long documents.
 RESIDENT_CACHE_BYTES = 512 * 2**20
 
 
 def _zeros_committed_on_write(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor whose pages the OS commits on first write: numpy's zeros is calloc, which maps
-    fresh zero pages for large sizes, where torch.zeros writes every byte up front. With the block
-    manager handing out used blocks first, resident memory follows the working set, not the pool.
+    """A zero tensor whose pages the OS commits on first write (an anonymous mapping; torch.zeros would write
+    every byte up front), so with the block manager handing out used blocks first, resident memory follows the
+    working set, not the pool. On 4 KiB pages: a first write to a block on a transparent huge page zeroes 2 MiB
+    at once, and under a hypervisor that took 240 -> 400-520 ms for a 1,000-token prefill while the cache was
+    still cold (240 -> 285 ms on small pages); decode steps run as fast on either (benchmarks/NOTES.md 32).
     """
     num_bytes = math.prod(shape) * dtype.itemsize
-    buffer = np.zeros(num_bytes + CACHE_LINE, dtype=np.uint8)
-    start = -buffer.ctypes.data % CACHE_LINE  # blocks start on cache lines, as torch's allocator would
-    return torch.from_numpy(buffer[start : start + num_bytes]).view(dtype).view(shape)
+    mapping = mmap.mmap(-1, max(num_bytes, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    # numpy's array keeps the mapping alive for as long as the tensor lives.
+    return torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8, count=num_bytes)).view(dtype).view(shape)
 
 @dataclass
 class _Group:
