@@ -22,6 +22,9 @@ class EngineConfig:
     max_batch_total_tokens: int | None = None  # cap on tokens held in the KV cache (TGI's flag)
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
+    # Wall time a step beside running decodes should take: prompt chunks beside them are cut to fit
+    # (`tokenmill.prefill_pacing`); None: prompts take the whole step budget.
+    step_target_s: float | None = None
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     quantize: str | None = None

@@ -86,7 +86,8 @@ class Engine:
             device=self.device, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         if executor is None:
             buckets = self._build_paged_model(config)
-            scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs)
+            scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
+                                               step_target_s=config.step_target_s)
         else:
             buckets = None  # the model pads to its compiled shapes itself
             scheduler_config = self._use_slot_model(config, executor)
@@ -140,7 +141,7 @@ class Engine:
         self.runner = SlotRunner(model)
         self.block_manager = self._new_block_manager()
         return SchedulerConfig(config.max_num_batched_tokens, min(config.max_num_seqs, model.num_slots),
-                               model.mixes_prefill_and_decode, model.chunked_prefill)
+                               model.mixes_prefill_and_decode, model.chunked_prefill, config.step_target_s)
 
     def _new_block_manager(self) -> BlockManager:
         if isinstance(self.model, SlotModel):
@@ -406,6 +407,7 @@ class Engine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         self.last_step = self._step_stats(plan, num_new, [started, now, forwarded, filtered, time.monotonic()])
+        self.scheduler.observe_step(self.last_step.total_s)
         return outputs
 
     def _step_stats(self, plan: SchedulerOutput, num_new: int, marks: list[float]) -> StepStats:

@@ -3,7 +3,8 @@
 One rule for every request: each step grants it some of the tokens it has not computed yet.
 Decodes are served first (one token each), then requests part-way through their prompt, then waiting
 requests in arrival order; a long prompt is cut to the remaining budget (chunked prefill), so it never
-stalls running decodes. When blocks run out, the most recently arrived running request is preempted:
+stalls running decodes. With a step target (`tokenmill.prefill_pacing`), prompts beside running decodes
+get only the tokens that keep the step near it, so a decode's next token is not held up by a long prefill. When blocks run out, the most recently arrived running request is preempted:
 its blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.block_manager import BlockManager
 from tokenmill.interfaces import ShapeBuckets
+from tokenmill.prefill_pacing import PrefillPacer
 from tokenmill.request import FinishReason, Request, RequestStatus
 
 
@@ -25,10 +27,15 @@ class SchedulerConfig:
     # and feeds each prompt whole in one step.
     mix_prefill_and_decode: bool = True
     chunked_prefill: bool = True
+    # Wall time a step beside running decodes should take (`PrefillPacer`); None: prompts take the whole budget.
+    step_target_s: float | None = None
+    prefill_floor_tokens: int = 64  # prompt tokens a paced step may always feed
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
+        if self.step_target_s is not None and (self.step_target_s <= 0 or self.prefill_floor_tokens < 1):
+            raise ValueError("step_target_s must be positive and prefill_floor_tokens at least 1")
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,9 @@ class Scheduler:
         if buckets is not None:
             self.max_tokens_per_step = min(self.max_tokens_per_step, buckets.num_tokens[-1])
             self.max_seqs_per_step = min(self.max_seqs_per_step, buckets.num_seqs[-1])
+        # Paced only where a step mixes decodes with prompt chunks: elsewhere decodes never wait beside a prompt.
+        self.pacer = PrefillPacer(config.step_target_s, config.prefill_floor_tokens) \
+            if config.step_target_s is not None and config.mix_prefill_and_decode and config.chunked_prefill else None
 
     @property
     def num_waiting(self) -> int:
@@ -89,6 +99,12 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def observe_step(self, seconds: float) -> None:
+        """How long the last scheduled step took, start to finish (the pacer learns from it)."""
+        if self.pacer is not None and self.step_records:
+            record = self.step_records[-1]
+            self.pacer.observe(record.num_prefill_tokens, record.num_decode_tokens, seconds)
 
     def add_request(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -117,6 +133,10 @@ class Scheduler:
 
         # Decodes first, then prompts part-way through prefill; arrival order within each.
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.arrival_index))
+        # Prompt tokens this step may feed: all of the budget, or beside decodes what the pacer allows.
+        prompt_budget = budget
+        if self.pacer is not None and phase is None and any(self._is_decode(r) for r in order):
+            prompt_budget = self.pacer.prefill_tokens(budget)
         for request in order:
             if budget == 0 or len(scheduled) == self.max_seqs_per_step:
                 break
@@ -124,11 +144,15 @@ class Scheduler:
                 continue
             if phase is not None and (phase == "decode") != self._is_decode(request):
                 continue
-            num_new = min(request.num_pending_tokens, budget)
+            is_prompt = not self._is_decode(request)
+            if is_prompt and prompt_budget == 0:
+                continue
+            limit = min(budget, prompt_budget) if is_prompt else budget
+            num_new = min(request.num_pending_tokens, limit)
             while not self.blocks.append(request, num_new):
                 if request.draft_token_ids:  # a guess is not worth preempting anyone: drop it first
                     request.draft_token_ids = []
-                    num_new = min(request.num_pending_tokens, budget)
+                    num_new = min(request.num_pending_tokens, limit)
                     continue
                 victim = max((r for r in self.running if r.status is RequestStatus.RUNNING),
                              key=lambda r: r.arrival_index)
@@ -138,11 +162,14 @@ class Scheduler:
                                                               "KV-cache blocks the cache has")
                     failed.append(request)
                     break
+                victim_was_prompt = not self._is_decode(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 for item in [item for item in scheduled if item.request is victim]:
                     scheduled.remove(item)  # scheduled earlier in this step: give its tokens back
                     budget += item.num_new_tokens
+                    if victim_was_prompt:
+                        prompt_budget += item.num_new_tokens
                 if victim is request:
                     break
             if request.status is RequestStatus.RUNNING:
@@ -150,14 +177,16 @@ class Scheduler:
                 del request.draft_token_ids[max(0, num_new - (request.num_tokens - request.num_computed_tokens)):]
                 scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
+                if is_prompt:
+                    prompt_budget -= num_new
 
-        while phase != "decode" and self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs \
-                and len(scheduled) < self.max_seqs_per_step:
+        while phase != "decode" and self.waiting and not preempted and min(budget, prompt_budget) > 0 \
+                and len(self.running) < self.config.max_num_seqs and len(scheduled) < self.max_seqs_per_step:
             request = self.waiting[0]
             if not request.block_ids:
                 request.num_cached_tokens = self.blocks.allocate_prefix(request)
                 request.num_computed_tokens = request.num_cached_tokens
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, prompt_budget)
             if num_new < request.num_tokens - request.num_computed_tokens and not self.config.chunked_prefill:
                 self.blocks.free_request(request)
                 request.num_computed_tokens = 0
@@ -186,6 +215,7 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+            prompt_budget -= num_new
 
         self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         output = SchedulerOutput(scheduled, self.max_tokens_per_step - budget, preempted, failed)
