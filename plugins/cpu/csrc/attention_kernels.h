@@ -549,6 +549,30 @@ static inline void amx_value_tiles(const Job *job, const long *rows, int c, int 
     }
 }
 
+/* r[i] = row i of a 16 x 16 float32 matrix; afterwards r[j] is its column j. */
+static inline void transpose16_ps(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+    }
+}
+
 /* Columns of one tile pass: `rows` consecutive query rows of one sequence (prompt tokens or draft tokens
  * attended row by row, each seeing the positions up to its own) times the G query heads of one kv head. */
 typedef struct {
@@ -595,21 +619,23 @@ static void attend_amx(const Job *job, const AmxColumns *cols, const long *rows,
         _tile_loadd(6, q_pairs[3], 4 * C);
     }
     uint16_t gathered[CHUNK * AMX_MAX_DIM] __attribute__((aligned(64)));
-    float chunk_scores[CHUNK * AMX_MAX_GROUP];
+    float chunk_scores[CHUNK][AMX_MAX_GROUP] __attribute__((aligned(64))) = {{0}}; /* positions x columns */
     __m512 max_score[AMX_MAX_GROUP];
     for (int col = 0; col < C; col++) max_score[col] = _mm512_set1_ps(-INFINITY);
-    const __m512i by_position = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                    _mm512_set1_epi32(C));
     const __m512 scale = _mm512_set1_ps(job->scale);
     const int W = D / 32; /* 64-byte lines a row */
-    for (int i = 0; i < span && i < 2 * CHUNK; i++)
+    /* A one-token decode reads its keys and values cold; a prompt's rows read what the rows before them did. */
+    const int prefetch = C <= job->num_heads / job->num_kv_heads;
+    for (int i = 0; prefetch && i < span && i < 2 * CHUNK; i++)
         for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, 0), _MM_HINT_T0);
     for (int c = 0; c < span; c += CHUNK) {
         const int n = span - c < CHUNK ? span - c : CHUNK;
-        for (int i = c + 2 * CHUNK; i < span && i < c + 3 * CHUNK; i++)
-            for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, 0), _MM_HINT_T0);
-        for (int i = c; i < span && i < c + CHUNK; i++)
-            for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, 0), _MM_HINT_T1);
+        if (prefetch) {
+            for (int i = c + 2 * CHUNK; i < span && i < c + 3 * CHUNK; i++)
+                for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, k_cache, rows[i], w, 0), _MM_HINT_T0);
+            for (int i = c; i < span && i < c + CHUNK; i++)
+                for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, 0), _MM_HINT_T1);
+        }
         const uint16_t *keys = amx_key_rows(job, rows, c, n, gathered);
         _tile_zero(0);
         _tile_loadd(1, keys, D * 2);
@@ -622,14 +648,15 @@ static void attend_amx(const Job *job, const AmxColumns *cols, const long *rows,
             _tile_loadd(4, keys + 96, D * 2);
             _tile_dpbf16ps(0, 4, 6);
         }
-        _tile_stored(0, chunk_scores, 4 * C);
-        for (int col = 0; col < C; col++) { /* column col's scores are every C-th of the tile's, from col */
+        _tile_stored(0, chunk_scores, sizeof chunk_scores[0]);
+        __m512 by_column[CHUNK]; /* the tile's rows are positions; each column's 16 scores as one vector */
+        for (int i = 0; i < CHUNK; i++) by_column[i] = _mm512_load_ps(chunk_scores[i]);
+        transpose16_ps(by_column);
+        for (int col = 0; col < C; col++) {
             const int own = cols->span[col] - c < n ? cols->span[col] - c : n;
             if (own <= 0) continue;
             const __mmask16 valid = (__mmask16)((1u << own) - 1);
-            const __m512 score = _mm512_mul_ps(
-                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, _mm512_add_epi32(by_position, _mm512_set1_epi32(col)),
-                                         chunk_scores, 4), scale);
+            const __m512 score = _mm512_mul_ps(by_column[col], scale);
             _mm512_mask_storeu_ps(scores + (long)col * span + c, valid, score);
             max_score[col] = _mm512_mask_max_ps(max_score[col], valid, max_score[col], score);
         }
@@ -655,7 +682,7 @@ static void attend_amx(const Job *job, const AmxColumns *cols, const long *rows,
         _tile_zero(2);
         _tile_zero(3);
         for (int c = 0; c < span; c += AMX_VALUE_STEP) {
-            if (first == 0)
+            if (prefetch && first == 0)
                 for (int i = c + PREFETCH_AHEAD; i < span && i < c + PREFETCH_AHEAD + AMX_VALUE_STEP; i++)
                     for (int w = 0; w < W; w++) _mm_prefetch(bf16_word_address(job, v_cache, rows[i], w, 0), _MM_HINT_T0);
             amx_value_tiles(job, rows, c, span, first, values);
