@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import subprocess
@@ -212,6 +213,7 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
         metrics.configure(s.model_id, s.max_input_tokens, s.max_total_tokens, info.max_model_len,
                           info.kv_capacity_tokens, info.speculate)
         router.start()
+        gc.freeze()  # start-up's objects live as long as the router: no full collection walks them again
         service.ready = True
         logger.info("ready: http://%s:%s, %d model server(s)", options.hostname, options.port, len(router.replicas))
         if child is None:

@@ -11,6 +11,7 @@ NOT_SERVING, kills the other ranks and raises `ShardFailure`, for the process to
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import signal
@@ -172,6 +173,9 @@ async def run_model_server(config: EngineConfig, listen: str, model_id: str, gra
         on_listening(listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}")
     logger.info("model server listening on %s, warming up", listen)
     await _first_of(runner.call(engine.warmup), failure)
+    # What start-up built (the model's modules, the tokenizer: ~300k objects) lives as long as the process; out
+    # of the collector's sight, a full collection takes 0 instead of ~70 ms in the middle of a step.
+    gc.freeze()
     servicer.ready = True
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
     logger.info("model server ready on %s", listen)
