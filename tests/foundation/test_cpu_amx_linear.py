@@ -87,3 +87,29 @@ def test_gguf_blocks_on_the_tiles_compute_what_their_dense_copy_does(both_kernel
     for rows in (GGML_MAX_ROWS, 17, 64, 70, 200):
         x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
         assert torch.equal(run(x, prepared, True), run(x, dense, True)), f"{rows} rows"
+
+
+@pytest.mark.parametrize("shape,rows", [((576, 1536), 600), ((960, 576), 1400)], ids=str)
+def test_many_rows_run_in_blocks_of_rows_and_equal_the_rows_in_small_batches(both_kernels, shape, rows) -> None:
+    """Past 768 KB of x (256 rows of 1,536 inputs, 672 of 576) the rows go in blocks, every work item over
+    each block: several blocks and a padded tail here, each row as it is in a batch of 32."""
+    method, run = both_kernels
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    prepared = method.prepare(weight)
+    x = torch.randn(rows, shape[1], generator=generator).to(torch.bfloat16)
+    batched = run(x, prepared, True)
+    assert torch.equal(batched, torch.cat([run(x[i:i + 32], prepared, True) for i in range(0, rows, 32)]))
+    reference = x.float() @ weight.float().T
+    torch.testing.assert_close(batched.float(), reference, rtol=2 ** -8, atol=1e-3 * reference.abs().max().item())
+
+
+def test_gguf_blocks_over_many_rows_in_blocks_of_rows_compute_what_their_dense_copy_does(both_kernels) -> None:
+    method, run = both_kernels
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(72, 1536, generator=generator) * 0.05
+    blocks = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
+    dequantized = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_1).copy())
+    prepared = method.prepare_ggml(dequantized, GGMLWeight("Q4_1", torch.from_numpy(blocks.copy()), 1536))
+    x = torch.randn(600, 1536, generator=generator).to(torch.bfloat16)
+    assert torch.equal(run(x, prepared, True), run(x, method.prepare(dequantized), True))

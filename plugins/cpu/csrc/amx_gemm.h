@@ -24,6 +24,7 @@
 #if HAVE_AMX_TILES && HAVE_BF16_GEMM
 #define HAVE_AMX_GEMM 1
 #define AMX_CHUNK_ROWS 32 /* rows of x per pass over a work item's weights: two A tiles */
+#define AMX_X_BLOCK_BYTES (768 << 10) /* rows of x a block of many rows holds: a third of a 2 MB L2 */
 
 /* Tiles 0-3 accumulate (A row tile 0 or 1 x panel 0 or 1), 4-5 hold x, 6-7 the two weight panels. */
 static void amx_configure(void) {
@@ -192,6 +193,12 @@ static int amx_linear(const Gemm *g, int format, int threads) {
     }
     const long panels = num_panels(g), per_item = dense || unpacked ? PANELS_PER_BLOCK : 1;
     const long items = (panels + per_item - 1) / per_item, panel_words = g->k_pairs * 32;
+    /* Many rows (a prompt) go in blocks of rows whose x stays in L2 while every work item's panels pass over
+     * it: item by item over all rows read x again from L3 for each item (a 2,000-row gate_up: 96 times 2.3 MB),
+     * where blocks read each item's weights again per block instead. A row's arithmetic is the same either way. */
+    long block_rows = AMX_X_BLOCK_BYTES / (g->k_pairs * 4) / chunk * chunk;
+    if (block_rows < chunk) block_rows = chunk;
+    const long row_blocks = full ? (full + block_rows - 1) / block_rows : 1;
     const int workers = g->m * g->n * g->k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
     int failed = 0;
 #pragma omp parallel num_threads(workers) reduction(| : failed)
@@ -200,12 +207,15 @@ static int amx_linear(const Gemm *g, int format, int threads) {
         uint16_t *unpacked_panels = unpacked ? aligned_alloc(64, (size_t)(2 * panel_words) * sizeof(uint16_t)) : NULL;
         failed = unpacked && !unpacked_panels;
 #pragma omp for schedule(static)
-        for (long item = 0; item < items; item++) {
+        for (long job = 0; job < row_blocks * items; job++) {
             if (failed) continue;
+            const long item = job % items, block = job / items;
+            const long first_row = block * block_rows, end_row = first_row + block_rows < full ? first_row + block_rows : full;
+            const int has_tail = tail && block == row_blocks - 1;
             if (!dense && !unpacked) {
-                for (long m0 = 0; m0 < full; m0 += chunk)
+                for (long m0 = first_row; m0 < end_row; m0 += chunk)
                     amx_ggml_chunk(g, format, g->x + m0 * g->x_stride, g->x_stride, item, m0, chunk);
-                if (tail) amx_ggml_chunk(g, format, padded, g->k_pairs * 2, item, full, tail);
+                if (has_tail) amx_ggml_chunk(g, format, padded, g->k_pairs * 2, item, full, tail);
                 continue;
             }
             const long v0 = item * PANELS_PER_BLOCK;
@@ -216,9 +226,9 @@ static int amx_linear(const Gemm *g, int format, int threads) {
                 w0 = unpacked_panels;
             }
             const uint16_t *w1 = nv > 1 ? w0 + panel_words : w0;
-            for (long m0 = 0; m0 < full; m0 += chunk)
+            for (long m0 = first_row; m0 < end_row; m0 += chunk)
                 amx_chunk(g, g->x + m0 * g->x_stride, g->x_stride, w0, w1, v0, nv, m0, chunk);
-            if (tail) amx_chunk(g, padded, g->k_pairs * 2, w0, w1, v0, nv, full, tail);
+            if (has_tail) amx_chunk(g, padded, g->k_pairs * 2, w0, w1, v0, nv, full, tail);
         }
         free(unpacked_panels);
         _tile_release();
