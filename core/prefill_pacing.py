@@ -5,7 +5,8 @@ two cores with SmolLM2 that was a 700 ms gap in their streams, where a decode st
 pacer learns from finished steps what a prompt token costs and what the decodes alone cost, and gives the
 next step's prompts the tokens that keep it near `target_s` (the step budget still caps them). With no
 decode running, prompts get the whole budget: nothing is waiting on them, and a long prompt's first
-token comes soonest in one step. A floor keeps prompts moving when the decodes alone take the target.
+token comes soonest in one step. Where the decodes alone take more than half the target (a big model, many
+streams), prompts get as long as the decodes take, and at least a floor of tokens, so they keep moving.
 
 Estimates are exponential moving averages over steps (time is the engine's wall clock around a step, so
 Python, sampling and the forward all count). Until a prompt step has been seen, the budget is not cut.
@@ -44,7 +45,10 @@ class PrefillPacer:
         """Prompt tokens the next step may feed beside decodes, out of `budget`."""
         if not self.prefill_token_s:
             return budget
-        spare_s = self.target_s - (self.decode_step_s or 0.0)
+        decodes_s = self.decode_step_s or 0.0
+        # Where the decodes alone take more than half the target, prompts still get as long as they do: a
+        # paced step at most doubles a stream's gap, and a big model's prompts are not starved.
+        spare_s = max(self.target_s - decodes_s, decodes_s)
         return max(min(self.floor_tokens, budget), min(budget, int(spare_s / self.prefill_token_s)))
 
 

@@ -24,10 +24,12 @@ def test_the_pacer_gives_prompts_the_time_the_decodes_leave() -> None:
     assert pacer.prefill_token_s == pytest.approx(0.0002)
 
 
-def test_the_floor_keeps_prompts_moving_when_the_decodes_alone_take_the_target() -> None:
+def test_past_half_the_target_prompts_get_as_long_as_the_decodes_and_at_least_the_floor() -> None:
     pacer = PrefillPacer(target_s=0.1, floor_tokens=64)
-    pacer.observe(0, 64, 0.250)
-    pacer.observe(500, 0, 0.500)
+    pacer.observe(0, 64, 0.250)  # a big model's 64 streams alone take 250 ms
+    pacer.observe(500, 0, 0.500)  # 1 ms a prompt token
+    assert pacer.prefill_tokens(2048) == 250  # a paced step at most doubles a stream's gap
+    pacer.prefill_token_s = 0.010  # 25 tokens would fit: the floor's 64 go
     assert pacer.prefill_tokens(2048) == 64
     assert pacer.prefill_tokens(10) == 10
 
