@@ -4,8 +4,9 @@ One rule for every request: each step grants it some of the tokens it has not co
 Decodes are served first (one token each), then requests part-way through their prompt, then waiting
 requests in arrival order; a long prompt is cut to the remaining budget (chunked prefill), so it never
 stalls running decodes. With a step target (`tokenmill.prefill_pacing`), prompts beside running decodes
-get only the tokens that keep the step near it, so a decode's next token is not held up by a long prefill. When blocks run out, the most recently arrived running request is preempted:
-its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+get only the tokens that keep the step near it, so a decode's next token is not held up by a long prefill.
+When blocks run out, the most recently arrived running request is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed later.
 """
 
 from __future__ import annotations

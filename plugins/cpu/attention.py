@@ -126,8 +126,8 @@ def _zeros_committed_on_write(shape: tuple[int, ...], dtype: torch.dtype) -> tor
     """A zero tensor whose pages the OS commits on first write (an anonymous mapping; torch.zeros would write
     every byte up front), so with the block manager handing out used blocks first, resident memory follows the
     working set, not the pool. On 4 KiB pages: a first write to a block on a transparent huge page zeroes 2 MiB
-    at once, and under a hypervisor that took 240 -> 400-520 ms for a 1,000-token prefill while the cache was
-    still cold (240 -> 285 ms on small pages); decode steps run as fast on either (benchmarks/NOTES.md 32).
+    at once, and under a hypervisor that took a 1,000-token prefill from 240 to 400-520 ms while the cache was
+    still cold (240 throughout on small pages); decode steps run as fast on either (benchmarks/NOTES.md 32).
     """
     num_bytes = math.prod(shape) * dtype.itemsize
     mapping = mmap.mmap(-1, max(num_bytes, 1))

@@ -759,8 +759,8 @@ static void attend_item_scalar(const Job *job, long seq, int kv_head, const long
         store_row(job->out, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, acc[g], 1.f / total[g]);
 }
 
-/* One kv head of `count` consecutive rows of one sequence (one row but on the tiles); 0 when scratch memory ran
- * out. */
+/* One kv head of `count` consecutive rows of one sequence (more than one only on the tiles, `row_runs`); 0 when
+ * scratch memory ran out. */
 static int attend_item(const Job *job, long seq, int count, int kv_head, Scratch *scratch) {
     const int G = job->num_heads / job->num_kv_heads;
     const int seq_len = job->seq_lens[seq + count - 1];
