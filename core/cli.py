@@ -475,7 +475,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
          help="wall time an engine step should take while sequences are decoding: prompt chunks beside running "
               "decodes are cut to fit, learnt from the steps so far, so streams do not stall behind a long prefill "
               "(where the decodes alone take over half of it, prompts get as long as they do; at least 64 prompt "
-              "tokens a step); 0: off, prompts take --max-batch-prefill-tokens")
+              "tokens a step; a prompt that has waited ten targets gets the whole budget); 0: off, prompts take "
+              "--max-batch-prefill-tokens")
     flag("--kv-cache-bytes", "KV_CACHE_BYTES", None, int, help="KV-cache size (default: the backend's budget)")
     flag("--kv-cache-dtype", "KV_CACHE_DTYPE", "auto", kv_cache_dtype,
          help="what the KV cache stores keys and values as: auto (the model's dtype), bfloat16, fp8_e4m3 (fp8), "

@@ -8,6 +8,12 @@ decode running, prompts get the whole budget: nothing is waiting on them, and a 
 token comes soonest in one step. Where the decodes alone take more than half the target (a big model, many
 streams), prompts get as long as the decodes take, and at least a floor of tokens, so they keep moving.
 
+Pacing never holds a prompt back for long: once the oldest prompt still feeding has waited `PATIENCE_TARGETS`
+step targets (1 s at the default 100 ms), the step feeds the whole budget, as TGI forces a prefill after
+`--max-waiting-tokens` steps. Without that, a model whose decodes alone outlast the target (the 1B at 64
+streams: 190 ms) fed prompts slower than a closed loop brings them: they queued, fewer streams decoded, and
+throughput fell 7 % against no pacing, with TTFT p99 7.7 s against 4.0 s.
+
 Estimates are exponential moving averages over steps (time is the engine's wall clock around a step, so
 Python, sampling and the forward all count). Until a prompt step has been seen, the budget is not cut.
 """
@@ -20,6 +26,9 @@ from dataclasses import dataclass
 SMOOTHING = 0.25
 # Steps with fewer prompt tokens say little about a prompt token's own cost (the decodes beside dominate).
 MIN_OBSERVED_PREFILL = 32
+# How many step targets a prompt may wait, counted in the time of steps run since it arrived, before a step
+# feeds prompts the whole budget.
+PATIENCE_TARGETS = 10
 
 
 @dataclass
@@ -28,6 +37,11 @@ class PrefillPacer:
     floor_tokens: int  # prompt tokens a step may always feed, however slow the decodes alone are
     decode_step_s: float | None = None  # a step of decodes alone
     prefill_token_s: float | None = None  # one prompt token's share of a step
+    clock_s: float = 0.0  # the time of every step observed so far: how long a queued prompt has waited
+
+    @property
+    def patience_s(self) -> float:
+        return PATIENCE_TARGETS * self.target_s
 
     def __post_init__(self) -> None:
         if self.target_s <= 0 or self.floor_tokens < 1:
@@ -35,15 +49,19 @@ class PrefillPacer:
 
     def observe(self, num_prefill_tokens: int, num_decode_tokens: int, seconds: float) -> None:
         """A finished step: its prompt tokens, its decode tokens and how long it took."""
+        self.clock_s += seconds
         if num_prefill_tokens == 0 and num_decode_tokens > 0:
             self.decode_step_s = _moving(self.decode_step_s, seconds)
         elif num_prefill_tokens >= MIN_OBSERVED_PREFILL:
             decodes_s = (self.decode_step_s or 0.0) if num_decode_tokens else 0.0
             self.prefill_token_s = _moving(self.prefill_token_s, max(seconds - decodes_s, 0.0) / num_prefill_tokens)
 
-    def prefill_tokens(self, budget: int) -> int:
-        """Prompt tokens the next step may feed beside decodes, out of `budget`."""
+    def prefill_tokens(self, budget: int, queued_since_s: float | None = None) -> int:
+        """Prompt tokens the next step may feed beside decodes, out of `budget`; `queued_since_s` is the clock
+        when the oldest prompt still feeding arrived."""
         if not self.prefill_token_s:
+            return budget
+        if queued_since_s is not None and self.clock_s - queued_since_s >= self.patience_s:
             return budget
         decodes_s = self.decode_step_s or 0.0
         # Where the decodes alone take more than half the target, prompts still get as long as they do: a

@@ -47,6 +47,7 @@ class Request:
     finish_message: str = ""
     num_preemptions: int = 0
     adapter: int = 0  # the LoRA adapter's slot (`tokenmill.lora`); 0: the base model
+    queued_at_s: float = 0.0  # the prefill pacer's clock when it arrived (`tokenmill.prefill_pacing`)
     # Speculative decoding (`tokenmill.speculate`): tokens guessed to follow `token_ids`, fed with the last
     # token at the next step and verified there; never part of `token_ids` until verified.
     draft_token_ids: list[int] = field(default_factory=list)

@@ -109,6 +109,8 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        if self.pacer is not None:
+            request.queued_at_s = self.pacer.clock_s
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
@@ -137,7 +139,9 @@ class Scheduler:
         # Prompt tokens this step may feed: all of the budget, or beside decodes what the pacer allows.
         prompt_budget = budget
         if self.pacer is not None and phase is None and any(self._is_decode(r) for r in order):
-            prompt_budget = self.pacer.prefill_tokens(budget)
+            prompts = [r for r in order if not self._is_decode(r)] + list(self.waiting)[:1]
+            oldest = min((r.queued_at_s for r in prompts), default=None)
+            prompt_budget = self.pacer.prefill_tokens(budget, oldest)
         for request in order:
             if budget == 0 or len(scheduled) == self.max_seqs_per_step:
                 break

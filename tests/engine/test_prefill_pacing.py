@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tokenmill.block_manager import BlockManager
-from tokenmill.prefill_pacing import MIN_OBSERVED_PREFILL, PrefillPacer
+from tokenmill.prefill_pacing import MIN_OBSERVED_PREFILL, PATIENCE_TARGETS, PrefillPacer
 from tokenmill.scheduler import Scheduler, SchedulerConfig
 from tests.engine.test_scheduler import _add, _step
 
@@ -46,6 +46,21 @@ def test_estimates_follow_a_change_of_load_and_ignore_tiny_prompt_steps() -> Non
         for _ in range(30):
             pacer.observe(0, 8, seconds)
     assert pacer.decode_step_s == pytest.approx(0.050, rel=1e-3)
+
+
+def test_a_prompt_that_has_waited_the_patience_gets_the_whole_budget() -> None:
+    pacer = PrefillPacer(target_s=0.1, floor_tokens=16)
+    pacer.observe(0, 64, 0.250)
+    pacer.observe(500, 0, 0.500)  # 1 ms a prompt token: 250 beside the decodes
+    arrived = pacer.clock_s
+    assert pacer.prefill_tokens(2048, arrived) == 250
+    assert PATIENCE_TARGETS * pacer.target_s == pytest.approx(1.0)
+    for _ in range(3):  # 0.75 s of steps since it came: still paced
+        pacer.observe(0, 64, 0.250)
+        assert pacer.prefill_tokens(2048, arrived) == 250
+    pacer.observe(0, 64, 0.250)
+    assert pacer.prefill_tokens(2048, arrived) == 2048
+    assert pacer.prefill_tokens(2048, pacer.clock_s) == 250  # a prompt that just came is paced again
 
 
 def _paced(target_s: float | None, budget: int = 512) -> Scheduler:
@@ -120,3 +135,23 @@ def test_the_engine_times_each_step_for_the_pacer() -> None:
     engine.generate([list(range(5, 5 + MIN_OBSERVED_PREFILL))], SamplingParams(max_new_tokens=3, ignore_eos=True))
     pacer = engine.scheduler.pacer
     assert pacer.prefill_token_s is not None and pacer.decode_step_s is not None  # both kinds of step seen
+
+
+def test_a_slow_models_queued_prompts_are_fed_whole_once_they_have_waited() -> None:
+    rng = random.Random(4)
+    scheduler = _paced(0.1, budget=2048)
+    for index in range(4):
+        _add(scheduler, f"decoder{index}", 8, 400, index)
+    _step(scheduler, rng)
+    scheduler.pacer.observe(0, 4, 0.300)  # the decodes alone outlast the target, as the 1B's 64 streams do
+    scheduler.pacer.observe(1000, 0, 1.000)  # 1 ms a token: 300 tokens beside the decodes
+    long = _add(scheduler, "long", 3000, 4, 4)
+    fed = []
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        _step(scheduler, rng)
+        record = scheduler.step_records[-1]
+        assert record.num_decode_tokens == 4
+        fed.append(record.num_prefill_tokens)
+        scheduler.observe_step(0.300 + record.num_prefill_tokens * 0.001)
+    # Paced while it waited under 1 s (two steps of 0.6 s), then the whole budget a step.
+    assert fed == [300, 300, 2044, 356]
