@@ -26,10 +26,11 @@
 #define AMX_CHUNK_ROWS 32 /* rows of x per pass over a work item's weights: two A tiles */
 #define AMX_X_BLOCK_BYTES (768 << 10) /* rows of x a block of many rows holds: a third of a 2 MB L2 */
 /* How far ahead the kernels ask for their weights (software prefetch into L1): a weight tile that misses cache
- * holds up the products after it, and the hardware prefetcher starts over at each 4 KiB page. Measured (the 1B's dense linears at 64 rows, cold: 131.9 -> 118.8 ms; SmolLM2's
- * Q4_1 blocks at 16 rows 9.0 -> 8.0 ms, its 16-stream decode step 16.7 -> 13.4 ms); 32, 64 and 128 pairs, 2, 4
- * and 8 blocks within a few per cent of each other; blocks dequantized for many rows, 128 rows 23.3 -> 21.0 ms.
- * One A tile of rows (16 or fewer, dense) gains nothing. */
+ * holds up the products after it, and the hardware prefetcher starts over at each 4 KiB page. Measured: the 1B's
+ * dense linears at 64 rows, cold, 131.9 -> 118.8 ms; SmolLM2's Q4_1 blocks at 16 rows 9.0 -> 8.0 ms, at 128 rows
+ * (dequantized once for many rows) 23.3 -> 21.0 ms, its 16-stream decode step 16.7 -> 13.4 ms. 32, 64 and 128
+ * pairs, 2, 4 and 8 blocks are within a few per cent of each other; one A tile of rows (dense, 16 or fewer)
+ * gains nothing. */
 #define AMX_PREFETCH_PAIRS 32
 #define AMX_PREFETCH_BLOCKS 8
 
