@@ -59,6 +59,11 @@ typedef struct {
 } Gemm;
 
 static inline long num_panels(const Gemm *g) { return g->n / 16 + (g->n % 16 != 0); }
+/* How far ahead the AVX512 kernels ask for their weights (software prefetch into L1), as amx_gemm.h's do:
+ * measured on SmolLM2's decode steps, 4 streams 10.3 -> 9.45 ms, one 4.0 -> 3.9; without AMX, 16 streams
+ * 32.9 -> 30.5 ms. */
+#define DENSE_PREFETCH_PAIRS 16
+#define GGML_PREFETCH_BLOCKS 2
 
 /* Rows m0 .. m0+MT-1 of output panel v (features 16v .. 16v+15) from float32 accumulators. */
 static inline __attribute__((always_inline)) void store_panel(const Gemm *g, const __m512 *acc, long v, long m0,
@@ -78,6 +83,8 @@ static inline __attribute__((always_inline)) void dense_tile(const Gemm *g, cons
     const int32_t *x_pairs[ROWS_PER_TILE];
     for (int r = 0; r < MT; r++) x_pairs[r] = (const int32_t *)(g->x + (m0 + r) * g->x_stride);
     for (long p = 0; p < g->k_pairs; p++) {
+        _mm_prefetch((const char *)(w0 + (p + DENSE_PREFETCH_PAIRS) * 32), _MM_HINT_T0); /* never faults */
+        _mm_prefetch((const char *)(w1 + (p + DENSE_PREFETCH_PAIRS) * 32), _MM_HINT_T0);
         const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 32);
         const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 32);
         for (int r = 0; r < MT; r++) {
@@ -145,6 +152,9 @@ static inline __attribute__((always_inline)) void ggml_tile(const Gemm *g, const
         for (int r = 0; r < MT; r++) acc[j][r] = _mm512_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         __m512 sums[GGML_MAX_PANELS][ROWS_PER_TILE];
+        for (int j = 0; j < NP; j++)
+            for (long l = 0; l < block_bytes; l += 64)
+                _mm_prefetch((const char *)(panel[j] + (b + GGML_PREFETCH_BLOCKS) * block_bytes + l), _MM_HINT_T0);
         for (int j = 0; j < NP; j++)
             for (int r = 0; r < MT; r++) sums[j][r] = _mm512_setzero_ps();
         if (FORMAT == GEMM_Q4_1) {
