@@ -139,9 +139,10 @@ class Scheduler:
         # Prompt tokens this step may feed: all of the budget, or beside decodes what the pacer allows.
         prompt_budget = budget
         if self.pacer is not None and phase is None and any(self._is_decode(r) for r in order):
-            prompts = [r for r in order if not self._is_decode(r)] + list(self.waiting)[:1]
-            oldest = min((r.queued_at_s for r in prompts), default=None)
-            prompt_budget = self.pacer.prefill_tokens(budget, oldest)
+            queued = [r.queued_at_s for r in order if not self._is_decode(r)]
+            if self.waiting:  # in arrival order, a preempted request back at the front
+                queued.append(self.waiting[0].queued_at_s)
+            prompt_budget = self.pacer.prefill_tokens(budget, min(queued, default=None))
         for request in order:
             if budget == 0 or len(scheduled) == self.max_seqs_per_step:
                 break
