@@ -18,8 +18,8 @@
   32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
   no dense copy is kept.
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
-  without AVX512-BF16. At decode sizes `F.linear` re-lays the weight out on every call; the packed form
-  reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
+  without AVX512-BF16 that have AVX512BW (an AVX2-only CPU runs bf16 through `F.linear`). At decode
+  sizes `F.linear` re-lays the weight out on every call; the packed form reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
 - `Int8ActivationLinear` (`--quantize int8-activations`, where the CPU has AVX512-VNNI): a GGUF's Q4_1 and
   Q8_0 blocks run, from 8 rows, against activations quantized to int8 per 32 inputs (llama.cpp's
   arithmetic; vpdpbusd does twice vdpbf16ps's multiply-adds), and no dense copy is kept: at 64 decode
@@ -368,7 +368,10 @@ class Int8ActivationLinear(PackedBF16Linear):
 
 
 def onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    # oneDNN packs bf16 weights only where the CPU converts bf16 itself (AVX512BW/VL/DQ or AVX-NE-CONVERT):
+    # on an AVX2-only CPU (AMD Zen 1-3, Intel before Skylake-X) its reorder raises, and bf16 takes F.linear.
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class OneDNNPackedLinear(QuantMethod):

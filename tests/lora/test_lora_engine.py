@@ -15,6 +15,7 @@ from tokenmill.engine import Engine, EngineConfig
 from tokenmill.errors import ValidationError
 from tokenmill.loader import Checkpoint
 from tokenmill.plugins.cpu import lora as cpu_lora
+from tokenmill.plugins.cpu.quant import bf16_gemm_available
 from tokenmill.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -142,6 +143,7 @@ def test_an_adapter_written_by_peft_matches_peft_s_merged_model(tmp_path) -> Non
     assert got[0] != tiny.greedy(prompts[0], 16)
 
 
+@pytest.mark.skipif(not bf16_gemm_available(), reason="the decode stack needs AVX512-BF16 kernels")
 def test_bf16_decode_steps_with_adapters_leave_the_captured_decode_stack(tmp_path) -> None:
     tiny = build_tiny("llama")
     adapters = _adapters("llama", tiny, tmp_path)

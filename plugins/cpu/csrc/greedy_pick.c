@@ -28,6 +28,16 @@ static void pick_row(const float *row, long vocab, int64_t *token, float *logpro
     }
     max = _mm512_reduce_max_ps(lane_max);
     has_nan = nan_lanes != 0;
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 lane_max = _mm256_set1_ps(-INFINITY);
+    __m256 nan_lanes = _mm256_setzero_ps();
+    for (; i + 8 <= vocab; i += 8) {
+        const __m256 v = _mm256_loadu_ps(row + i);
+        nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        lane_max = _mm256_max_ps(lane_max, v);
+    }
+    max = reduce_max8(lane_max);
+    has_nan = _mm256_movemask_ps(nan_lanes) != 0;
 #endif
     for (; i < vocab; i++) {
         has_nan |= isnan(row[i]);
@@ -51,8 +61,19 @@ static void pick_row(const float *row, long vocab, int64_t *token, float *logpro
     __m512 lane_sum = _mm512_setzero_ps();
     for (; i + 16 <= vocab; i += 16) lane_sum = _mm512_add_ps(lane_sum, exp16(_mm512_sub_ps(_mm512_loadu_ps(row + i), m)));
     sum = _mm512_reduce_add_ps(lane_sum);
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* Two accumulators: 16 partial sums, as many as the AVX-512 path keeps, hold the rounding as low. */
+    const __m256 m = _mm256_set1_ps(max);
+    __m256 lane_sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; i + 16 <= vocab; i += 16) {
+        lane_sum[0] = _mm256_add_ps(lane_sum[0], exp8(_mm256_sub_ps(_mm256_loadu_ps(row + i), m)));
+        lane_sum[1] = _mm256_add_ps(lane_sum[1], exp8(_mm256_sub_ps(_mm256_loadu_ps(row + i + 8), m)));
+    }
+    sum = reduce_add8(_mm256_add_ps(lane_sum[0], lane_sum[1]));
 #endif
-    for (; i < vocab; i++) sum += expf(row[i] - max);
+    double tail = 0.0; /* the scalar build sums the whole row here: in double, or 49,152 terms drift */
+    for (; i < vocab; i++) tail += expf(row[i] - max);
+    sum += (float)tail;
     *logprob = -logf(sum);
 }
 
