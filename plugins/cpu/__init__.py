@@ -1,4 +1,4 @@
-"""The CPU backend: bf16 where the CPU has native bf16, batched paged attention, gloo, int8 weights.
+"""The CPU backend: bf16 where its kernels run it (native bf16 or AVX2), paged attention, gloo, int8 weights.
 
 Hook implementations only; each delegates to the module that does the work.
 """

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from tokenmill.interfaces import DevicePlatform, MemoryRequest
-from tokenmill.plugins.cpu.discover import has_native_bf16, memory_bytes, usable_cores
+from tokenmill.plugins.cpu.discover import bf16_description, bf16_is_faster, memory_bytes, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ def init_device() -> DevicePlatform:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already fixed once parallel work has run in this process
         logger.debug("inter-op threads already set")
-    dtypes = (torch.bfloat16, torch.float32) if has_native_bf16() else (torch.float32, torch.bfloat16)
-    description = f"{threads} threads, " + ("AVX512-BF16/AMX" if has_native_bf16() else "no native bf16")
+    dtypes = (torch.bfloat16, torch.float32) if bf16_is_faster() else (torch.float32, torch.bfloat16)
+    description = f"{threads} threads, {bf16_description()}"
     return DevicePlatform(
         device=torch.device("cpu"),
         supported_dtypes=(torch.float32, torch.bfloat16, torch.float16),

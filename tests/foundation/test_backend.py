@@ -17,10 +17,10 @@ def cpu():
 
 
 def test_cpu_prefers_bf16_when_the_cpu_has_it(cpu) -> None:
-    from tokenmill.plugins.cpu.discover import has_native_bf16
+    from tokenmill.plugins.cpu.discover import bf16_is_faster
 
     platform = cpu.init_device()
-    assert platform.preferred_dtype == (torch.bfloat16 if has_native_bf16() else torch.float32)
+    assert platform.preferred_dtype == (torch.bfloat16 if bf16_is_faster() else torch.float32)
     assert torch.get_num_threads() >= 1
 
 

@@ -17,10 +17,10 @@ from tests.tiny_models import VOCAB
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.layers.linear import Linear
 from tokenmill.plugins.cpu.decode_stack import CapturedForward
-from tokenmill.plugins.cpu.quant import GGML_MAX_ROWS, PackedGGMLWeight, bf16_gemm_available
+from tokenmill.plugins.cpu.quant import GGML_MAX_ROWS, PackedGGMLWeight, block_kernels_available
 from tokenmill.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the GGUF block kernels need AVX512-BF16")
+pytestmark = pytest.mark.skipif(not block_kernels_available(), reason="the GGUF block kernels need AVX512-BF16")
 
 # Fewer decodes than GGML_MAX_ROWS (the blocks' kernel: 20 at most of 32, 5 of AMX's 8), and 40-token
 # prompts beside them (the dense copy's).

@@ -10,11 +10,11 @@ from tokenmill.plugins.cpu.quant import (
     OneDNNPackedLinear,
     PackedBF16Linear,
     PackedGroupedWeight,
-    bf16_gemm_available,
+    block_kernels_available,
     onednn_linear_available,
 )
 
-pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="needs the AVX512-BF16 build")
+pytestmark = pytest.mark.skipif(not block_kernels_available(), reason="the block kernels need AVX512-BF16")
 
 OUT, IN = 50, 256  # 50 outputs: a partial panel of 16
 # GGUF's IQ4_NL values: int8, exact in bf16.

@@ -15,10 +15,16 @@ from tokenmill.model_runner import SequenceStep
 from tokenmill.interfaces import QuantizedWeight
 from tokenmill.layers.linear import Linear
 from tokenmill.plugins.cpu.decode_stack import CapturedForward, DecodeStack, compile_model
-from tokenmill.plugins.cpu.quant import PackedBF16Linear, PackedBF16Weight, PackedGroupedWeight, bf16_gemm_available
+from tokenmill.plugins.cpu.quant import (
+    PackedBF16Linear,
+    PackedBF16Weight,
+    PackedGroupedWeight,
+    bf16_gemm_available,
+    block_kernels_available,
+)
 from tokenmill.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the decode stack needs AVX512-BF16 kernels")
+pytestmark = pytest.mark.skipif(not bf16_gemm_available(), reason="the decode stack needs the bf16 kernels (AVX512-BF16 or AVX2)")
 
 
 def _engine(family: str, dtype: str = "bfloat16", quantize: str | None = None, kv_cache_dtype: str = "auto") -> Engine:
@@ -73,6 +79,7 @@ def _as_uint4_groups_of_32(prepared: PackedBF16Weight) -> QuantizedWeight:
     return QuantizedWeight("gptq", "uint4", codes.view_as(weight), scales, low, 32)
 
 
+@pytest.mark.skipif(not block_kernels_available(), reason="the block kernels need AVX512-BF16")
 def test_captured_steps_over_grouped_quantized_weights_match_the_module_forward_bit_for_bit() -> None:
     # A checkpoint's int4 weights: the C step calls their kernel as the modules do, at every row count (34
     # sequences cross the one where it dequantizes panels instead).

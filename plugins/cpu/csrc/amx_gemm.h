@@ -21,7 +21,7 @@
 
 #include "amx_tiles.h"
 
-#if HAVE_AMX_TILES && HAVE_BF16_GEMM
+#if HAVE_AMX_TILES && HAVE_AVX512_GEMM
 #define HAVE_AMX_GEMM 1
 #define AMX_CHUNK_ROWS 32 /* rows of x per pass over a work item's weights: two A tiles */
 #define AMX_X_BLOCK_BYTES (768 << 10) /* rows of x a block of many rows holds: a third of a 2 MB L2 */

@@ -19,6 +19,10 @@ static PyObject *linear(PyObject *self, PyObject *args) {
                           &threads) || !known_format(format))
         return NULL;
 #if HAVE_BF16_GEMM
+    if (format != GEMM_DENSE && !HAVE_AVX512_GEMM) {
+        PyErr_Format(PyExc_RuntimeError, "weight format %d (blocks) needs a build with AVX512-BF16", format);
+        return NULL;
+    }
     if (format == GEMM_GROUPED && ((const GroupedHeader *)w)->in_features != k_pairs * 2) {
         PyErr_Format(PyExc_ValueError, "the grouped weight has %d inputs, x %ld",
                      ((const GroupedHeader *)w)->in_features, k_pairs * 2);
@@ -36,7 +40,7 @@ static PyObject *linear(PyObject *self, PyObject *args) {
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
-    PyErr_SetString(PyExc_RuntimeError, "bf16 linear needs a build with AVX512-BF16");
+    PyErr_SetString(PyExc_RuntimeError, "bf16 linear needs a build with AVX512-BF16 or AVX2 and FMA");
     return NULL;
 #endif
 }
@@ -78,6 +82,8 @@ static PyObject *unpack_grouped(PyObject *self, PyObject *args) {
 
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
 
+static PyObject *blocks(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_AVX512_GEMM); }
+
 static PyObject *int8_rows(PyObject *self, PyObject *args) {
 #if HAVE_INT8_GEMM
     return PyLong_FromLong(INT8_MIN_ROWS);
@@ -102,7 +108,10 @@ static PyMethodDef methods[] = {
      "(grouped_kernels.h)."},
     {"unpack_grouped", unpack_grouped, METH_VARARGS,
      "unpack_grouped(packed, dst, out): the float32 (out, in) weight a packed grouped weight computes with."},
-    {"available", available, METH_NOARGS, "Whether this build has the AVX512-BF16 kernel."},
+    {"available", available, METH_NOARGS,
+     "Whether this build has the dense kernel (AVX512-BF16, or AVX2 and FMA: avx2_gemm.h)."},
+    {"blocks", blocks, METH_NOARGS,
+     "Whether this build runs weights from their blocks: GGUF's, grouped codes (formats 1-7; AVX512-BF16)."},
     {"amx", amx_py_usable, METH_NOARGS,
      "Whether dense weights run on AMX tiles (amx_gemm.h): a build and a CPU with AMX, not TOKENMILL_CPU_AMX=0."},
     {"set_amx", amx_py_want, METH_VARARGS,

@@ -29,10 +29,19 @@
 #include <string.h>
 #include "cpu_math.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define HAVE_BF16_GEMM 1
+#define HAVE_AVX512_GEMM 1
 #else
-#define HAVE_BF16_GEMM 0
+#define HAVE_AVX512_GEMM 0
+#endif
+/* Without AVX512-BF16, the dense format on AVX2 (avx2_gemm.h); the block formats (GGUF, grouped) not. */
+#if !HAVE_AVX512_GEMM && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_AVX2_GEMM 1
+#else
+#define HAVE_AVX2_GEMM 0
+#endif
+#define HAVE_BF16_GEMM (HAVE_AVX512_GEMM || HAVE_AVX2_GEMM)
+#if HAVE_BF16_GEMM
+#include <immintrin.h>
 #endif
 
 #define ROWS_PER_TILE 8 /* rows of x sharing each weight load (4 and 12 measured slower) */
@@ -59,6 +68,9 @@ typedef struct {
 } Gemm;
 
 static inline long num_panels(const Gemm *g) { return g->n / 16 + (g->n % 16 != 0); }
+#endif
+
+#if HAVE_AVX512_GEMM
 /* How far ahead the AVX512 kernels ask for their weights (software prefetch into L1), as amx_gemm.h's do:
  * measured on SmolLM2's decode steps, 4 streams 10.3 -> 9.45 ms, one 4.0 -> 3.9; without AMX, 16 streams
  * 32.9 -> 30.5 ms. */
@@ -257,7 +269,7 @@ static void block_sums(const Gemm *g, float *x_sums) {
  * Each output's arithmetic is the same whatever the tile, so a row's result does not depend on its batch
  * beyond the choice of this path by row count.
  */
-#if HAVE_BF16_GEMM && defined(__AVX512VNNI__)
+#if HAVE_AVX512_GEMM && defined(__AVX512VNNI__)
 #define HAVE_INT8_GEMM 1
 #define INT8_ROWS_PER_TILE 4
 #define INT8_MIN_ROWS 8 /* below this, the float32 block path above (benchmarks/NOTES.md section 23) */
@@ -432,12 +444,18 @@ static void pack_ggml_rows(int format, const uint8_t *src, uint8_t *dst, long ou
 
 #include "amx_gemm.h"
 
+#include "avx2_gemm.h"
+
 /* y (m, n) = x (m, 2 k_pairs) @ W^T with W packed in `format`; 0 when out of memory. Needs
  * HAVE_BF16_GEMM; ggml formats need 2 k_pairs to be a multiple of GGML_BLOCK, grouped weights to have
  * 2 k_pairs inputs (the caller checks). */
 static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y, long m, long n, long k_pairs,
                        long x_stride, long y_stride, int threads) {
-#if HAVE_BF16_GEMM
+#if HAVE_AVX2_GEMM
+    const Gemm g = {x, w, y, m, n, k_pairs, x_stride, y_stride};
+    if (format != GEMM_DENSE) return 0; /* bf16_gemm.c refuses the block formats first: they need AVX-512 */
+    return avx2_linear(&g, threads);
+#elif HAVE_AVX512_GEMM
     const Gemm g = {x, w, y, m, n, k_pairs, x_stride, y_stride};
     if (format == GEMM_GROUPED) return grouped_linear(g, (const GroupedHeader *)w, threads);
     if (format == GEMM_Q4_1_INT8 || format == GEMM_Q8_0_INT8) {

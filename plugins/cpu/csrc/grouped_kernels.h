@@ -198,7 +198,7 @@ static void unpack_grouped_rows(const uint8_t *packed, float *dst, long n) {
         }
 }
 
-#if HAVE_BF16_GEMM
+#if HAVE_AVX512_GEMM
 /* The 16 scales (or offsets) at `at`, as float32. */
 static inline __m512 grouped_load_scales(const GroupedHeader *h, const uint8_t *at) {
     return h->half_scales ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)at))
