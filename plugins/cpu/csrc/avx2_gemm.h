@@ -1,6 +1,6 @@
 /*
- * The dense linear of gemm_kernels.h on CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3, Intel before
- * Skylake-X): the same packed bf16 panels, read 256 bits at a time.
+ * The dense linear of gemm_kernels.h on CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3, Intel client
+ * cores and Xeons before Skylake-SP): the same packed bf16 panels, read 256 bits at a time.
  *
  * With no bf16 dot product, a pair's 32-bit word gives its even input's weight as float32 shifted up 16
  * bits and its odd one's masked. The rows of x are converted to float32 once per call, so each weight

@@ -33,8 +33,10 @@
 #else
 #define HAVE_AVX512_GEMM 0
 #endif
-/* Without AVX512-BF16, the dense format on AVX2 (avx2_gemm.h); the block formats (GGUF, grouped) not. */
-#if !HAVE_AVX512_GEMM && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* Without AVX-512, the dense format on AVX2 (avx2_gemm.h); the block formats (GGUF, grouped) not. A CPU with
+ * AVX-512 but not AVX512-BF16 (Skylake-X to Ice Lake) keeps float32 by default and oneDNN for bf16: MKL's
+ * 512-bit float32 GEMM there was not measured against these 256-bit panels. */
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define HAVE_AVX2_GEMM 1
 #else
 #define HAVE_AVX2_GEMM 0
