@@ -30,7 +30,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -319,6 +319,103 @@ static void attend_item_avx512_quantized(const Job *job, long seq, int kv_head, 
                                          int span) {
     attend_avx512(job, seq, kv_head, rows, scores, span, 1);
 }
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+/* attend_avx512's arithmetic in 8 lanes, for CPUs with AVX2 alone (bf16 or float32 caches; one-byte caches
+ * take the portable path). */
+#define HAVE_AVX2_ATTENTION 1
+#define MAX_VECS8 (MAX_HEAD_DIM / 8)
+#define CHUNK8 8
+
+/* 8 consecutive elements of a row as float32 lanes. */
+static inline __m256 load8(const void *base, long index, int dtype) {
+    if (dtype == DTYPE_BF16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + index));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
+    return _mm256_loadu_ps((const float *)base + index);
+}
+
+/* Lane i of the result is the sum of the 8 lanes of r[i]. */
+static inline __m256 sum_lanes8(const __m256 r[8]) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+    /* a: per 128-bit half, the partial sums of r[0..3]; b: of r[4..7]. */
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* s[i] = exp(s[i] - max) in place; returns their sum. */
+static inline float softmax_numerators8(float *s, int span, float max) {
+    const __m256 m = _mm256_set1_ps(max);
+    __m256 sum = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= span; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m));
+        _mm256_storeu_ps(s + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = reduce_add8(sum);
+    for (; i < span; i++) {
+        s[i] = expf(s[i] - max);
+        total += s[i];
+    }
+    return total;
+}
+
+/* One (sequence, kv head) work item, vectorised along the head dimension (head_dim % 8 == 0): keys 8
+ * positions at a time, converted to float32 once and shared by the group's query heads. */
+static void attend_item_avx2(const Job *job, long seq, int kv_head, const long *rows, float *scores, int span) {
+    const int D = job->head_dim, G = job->num_heads / job->num_kv_heads, V = D / 8;
+    __m256 q[MAX_GROUP][MAX_VECS8], acc[MAX_GROUP][MAX_VECS8];
+    float max_score[MAX_GROUP], total[MAX_GROUP], keys[CHUNK8 * MAX_HEAD_DIM];
+    for (int g = 0; g < G; g++) {
+        const long base = (seq * job->num_heads + (long)kv_head * G + g) * D;
+        for (int j = 0; j < V; j++)
+            q[g][j] = _mm256_mul_ps(load8(job->q, base + 8 * j, job->dtype), _mm256_set1_ps(job->scale));
+        max_score[g] = -INFINITY;
+    }
+    for (int c = 0; c < span; c += CHUNK8) {
+        const int n = span - c < CHUNK8 ? span - c : CHUNK8;
+        for (int i = 0; i < CHUNK8; i++) /* a short last chunk's missing keys are zeros, their lanes unused */
+            for (int j = 0; j < V; j++)
+                _mm256_storeu_ps(keys + i * D + 8 * j, i < n ? load8(job->k_cache, rows[c + i] * D + 8 * j, job->kv_dtype)
+                                                             : _mm256_setzero_ps());
+        for (int g = 0; g < G; g++) {
+            /* Eight independent chains, one per key, each summing over j in order. */
+            __m256 dots[CHUNK8];
+            for (int i = 0; i < CHUNK8; i++) dots[i] = _mm256_setzero_ps();
+            for (int j = 0; j < V; j++)
+                for (int i = 0; i < CHUNK8; i++)
+                    dots[i] = _mm256_fmadd_ps(q[g][j], _mm256_loadu_ps(keys + i * D + 8 * j), dots[i]);
+            float s[CHUNK8];
+            _mm256_storeu_ps(s, sum_lanes8(dots));
+            for (int i = 0; i < n; i++) {
+                scores[(long)g * span + c + i] = s[i];
+                max_score[g] = s[i] > max_score[g] ? s[i] : max_score[g];
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        total[g] = softmax_numerators8(scores + (long)g * span, span, max_score[g]);
+        for (int j = 0; j < V; j++) acc[g][j] = _mm256_setzero_ps();
+    }
+    for (int i = 0; i < span; i++) {
+        __m256 v[MAX_VECS8];
+        for (int j = 0; j < V; j++) v[j] = load8(job->v_cache, rows[i] * D + 8 * j, job->kv_dtype);
+        for (int g = 0; g < G; g++) {
+            const __m256 w = _mm256_set1_ps(scores[(long)g * span + i]);
+            for (int j = 0; j < V; j++) acc[g][j] = _mm256_fmadd_ps(w, v[j], acc[g][j]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float lanes[MAX_HEAD_DIM];
+        for (int j = 0; j < V; j++) _mm256_storeu_ps(lanes + 8 * j, acc[g][j]);
+        store_row(job->out, (seq * job->num_heads + (long)kv_head * G + g) * D, job->dtype, D, lanes, 1.f / total[g]);
+    }
+}
+#else
+#define HAVE_AVX2_ATTENTION 0
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -787,6 +884,12 @@ static int attend_item(const Job *job, long seq, int count, int kv_head, Scratch
             attend_item_avx512_quantized(job, seq, kv_head, scratch->rows, scratch->scores, span);
         else
             attend_item_avx512(job, seq, kv_head, scratch->rows, scratch->scores, span);
+        return 1;
+    }
+#endif
+#if HAVE_AVX2_ATTENTION
+    if (job->head_dim % 8 == 0 && !IS_QUANTIZED(job->kv_dtype)) {
+        attend_item_avx2(job, seq, kv_head, scratch->rows, scratch->scores, span);
         return 1;
     }
 #endif
