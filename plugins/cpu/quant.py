@@ -2,7 +2,8 @@
 
 - `PackedBF16Linear`: dense bf16 weights packed for the AVX512-BF16 kernel in csrc/gemm_kernels.h, the
   default where the CPU has AVX512-BF16 (on AVX2 alone, csrc/avx2_gemm.h runs the same panels in float32
-  arithmetic, dense weights only: 3.7x `F.linear`'s float32 at one row on a Zen 1 EPYC, NOTES section 35). Measured against oneDNN's packed weights over SmolLM2-135M's
+  arithmetic, dense weights only: 3.9x `F.linear`'s float32 at one row on a Zen 1 EPYC, NOTES section 35).
+  Measured against oneDNN's packed weights over SmolLM2-135M's
   linears: 1.8x faster at one token, ~1.2x at 16 to 64, 1.07x at 512, with the same results. Where the CPU
   has AMX (Sapphire Rapids on) the same packed weights run on its tiles (csrc/amx_gemm.h): on a Xeon
   with AMX, 1.4x oneDNN (which takes AMX too) and 5x AVX512-BF16 at 64 rows, 2.6x AVX512-BF16 at 16. A GGUF
@@ -19,8 +20,9 @@
   32 rows (GROUPED_MAX_ROWS) the kernel dequantizes each panel to bf16 in cache and runs the dense kernel:
   no dense copy is kept.
 - `OneDNNPackedLinear`: dense bf16 weights pre-packed once into oneDNN's blocked layout, for CPUs
-  without AVX512-BF16 that have AVX512BW (an AVX2-only CPU runs bf16 through `F.linear`). At decode
-  sizes `F.linear` re-lays the weight out on every call; the packed form reads it at memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
+  with AVX-512 but not AVX512-BF16 (an AVX2-only CPU takes the AVX2 panels, or `F.linear` without the
+  build). At decode sizes `F.linear` re-lays the weight out on every call; the packed form reads it at
+  memory speed (2x faster at one token, ~1.3x at 16 to 64), identical to `F.linear`.
 - `Int8ActivationLinear` (`--quantize int8-activations`, where the CPU has AVX512-VNNI): a GGUF's Q4_1 and
   Q8_0 blocks run, from 8 rows, against activations quantized to int8 per 32 inputs (llama.cpp's
   arithmetic; vpdpbusd does twice vdpbf16ps's multiply-adds), and no dense copy is kept: at 64 decode
@@ -376,7 +378,8 @@ class Int8ActivationLinear(PackedBF16Linear):
 
 def onednn_linear_available() -> bool:
     # oneDNN packs bf16 weights only where the CPU converts bf16 itself (AVX512BW/VL/DQ or AVX-NE-CONVERT):
-    # on an AVX2-only CPU (AMD Zen 1-3, Intel before Skylake-X) its reorder raises, and bf16 takes F.linear.
+    # on an AVX2-only CPU (AMD Zen 1-3, Intel before Skylake-X) its reorder raises: bf16 takes the AVX2 panels
+    # there (csrc/avx2_gemm.h), or F.linear in a build without the C extensions.
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
