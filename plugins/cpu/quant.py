@@ -2,7 +2,8 @@
 
 - `PackedBF16Linear`: dense bf16 weights packed for the AVX512-BF16 kernel in csrc/gemm_kernels.h, the
   default where the CPU has AVX512-BF16 (on AVX2 alone, csrc/avx2_gemm.h runs the same panels in float32
-  arithmetic, dense weights only: 3.9x `F.linear`'s float32 at one row on a Zen 1 EPYC, NOTES section 35).
+  arithmetic: 3.9x `F.linear`'s float32 at one row on a Zen 1 EPYC, NOTES section 35; and a GGUF's Q4_1 and
+  Q8_0 blocks at one row against int16 activations, 1.3-1.4x those panels there, section 36).
   Measured against oneDNN's packed weights over SmolLM2-135M's
   linears: 1.8x faster at one token, ~1.2x at 16 to 64, 1.07x at 512, with the same results. Where the CPU
   has AMX (Sapphire Rapids on) the same packed weights run on its tiles (csrc/amx_gemm.h): on a Xeon
@@ -50,9 +51,20 @@ except ImportError:  # pragma: no cover - depends on the build
 
 LANES = 16  # output features per packed weight vector
 GGML_BLOCK = 32  # inputs per Q4_1 block (fp16 d, fp16 m, 16 bytes of nibbles) and Q8_0 block (fp16 d, 32 int8)
-# From here on the dense copy is faster than the blocks (benchmarks.micro.linears): from 32 rows on
-# AVX512-BF16; from 8 on AMX tiles, which multiply 16 rows at once (4 rows: as fast as the blocks).
-GGML_MAX_ROWS = 8 if _bf16_gemm is not None and _bf16_gemm.amx() else 32
+
+
+def _ggml_max_rows() -> int:
+    """From how many rows the dense copy is faster than a GGUF's blocks (benchmarks.micro.linears): from 32 on
+    AVX512-BF16; from 8 on AMX tiles, which multiply 16 rows at once (4 rows: as fast as the blocks); from 2
+    on AVX2 alone (csrc/avx2_gemm.h), where both are bound by arithmetic and the blocks win at one row only."""
+    if _bf16_gemm is None:
+        return 32
+    if _bf16_gemm.amx():
+        return 8
+    return 32 if _bf16_gemm.blocks() else 2
+
+
+GGML_MAX_ROWS = _ggml_max_rows()
 DENSE_FORMAT = 0  # gemm_kernels.h's GEMM_DENSE
 GROUPED_FORMAT = 3  # gemm_kernels.h's GEMM_GROUPED
 CHECKPOINT_FORMATS = frozenset({"gptq", "awq", "fp8", "compressed-tensors", "gguf"})
@@ -77,9 +89,15 @@ def bf16_gemm_available() -> bool:
 
 
 def block_kernels_available() -> bool:
-    """Whether a GGUF's blocks and a checkpoint's grouped codes run from their own packed forms (AVX512-BF16);
-    on AVX2 (csrc/avx2_gemm.h) they are dequantized once into the dense layout."""
+    """Whether a checkpoint's grouped codes run from their own packed form (AVX512-BF16); on AVX2
+    (csrc/avx2_gemm.h) they are dequantized once into the dense layout."""
     return bf16_gemm_available() and _bf16_gemm.blocks()
+
+
+def ggml_kernels_available() -> bool:
+    """Whether a GGUF's Q4_1 and Q8_0 blocks run from their own packed form: on AVX512-BF16, and on AVX2
+    against int16 activations (csrc/avx2_gemm.h)."""
+    return bf16_gemm_available() and _bf16_gemm.ggml_blocks()
 
 
 def amx_available() -> bool:
@@ -258,7 +276,7 @@ class PackedBF16Linear(QuantMethod):
 
     def prepare_ggml(self, weight: torch.Tensor, ggml: GGMLWeight) -> PackedGGMLWeight | None:
         ggml_format = GGML_FORMATS.get(ggml.ggml_type)
-        if ggml_format is None or ggml.in_features % GGML_BLOCK or not block_kernels_available():
+        if ggml_format is None or ggml.in_features % GGML_BLOCK or not ggml_kernels_available():
             return None
         dense, codes = self._many_rows(weight, ggml_format)
         return PackedGGMLWeight(ggml_format, pack_ggml(ggml_format, ggml.blocks), dense, weight.shape[0],

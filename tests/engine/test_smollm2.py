@@ -12,10 +12,9 @@ from tokenmill.loader import default_model_path, load_checkpoint
 from tokenmill.plugins.cpu.decode_stack import CapturedForward
 from tokenmill.plugins.cpu.quant import (
     GGML_FORMATS,
-    PackedBF16Weight,
     PackedGGMLWeight,
     bf16_gemm_available,
-    block_kernels_available,
+    ggml_kernels_available,
 )
 from tokenmill.sampling_params import SamplingParams
 
@@ -138,11 +137,9 @@ def test_the_served_bf16_configuration_stays_within_bf16_drift(prompts, referenc
     engine = Engine(EngineConfig(backend="cpu", kv_cache_bytes=256 << 20, progress=False))
     if engine.dtype != torch.bfloat16:
         pytest.skip("this CPU serves float32 by default")
-    if block_kernels_available():  # what make serve runs: the GGUF's blocks, decodes in one C call
+    if ggml_kernels_available():  # what make serve runs: the GGUF's blocks, decodes in one C call
         assert isinstance(engine.model.layers[0].mlp.down_proj.quantized, PackedGGMLWeight)
         assert engine.model.lm_head.quantized.format is GGML_FORMATS["Q8_0"]  # the tied embedding's blocks
-    elif bf16_gemm_available():  # AVX2: dense bf16 panels
-        assert isinstance(engine.model.layers[0].mlp.down_proj.quantized, PackedBF16Weight)
     if bf16_gemm_available():
         assert isinstance(engine.runner.forward, CapturedForward)
     outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))  # one continuous batch

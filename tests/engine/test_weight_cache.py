@@ -14,7 +14,7 @@ import tokenmill.loader.checkpoint as loader
 from tests.loader.test_gguf_families import write_gguf
 from tests.tiny_models import VOCAB, build_tiny
 from tokenmill.engine import Engine, EngineConfig
-from tokenmill.plugins.cpu.quant import PackedBF16Weight, PackedGGMLWeight, bf16_gemm_available, block_kernels_available
+from tokenmill.plugins.cpu.quant import PackedBF16Weight, PackedGGMLWeight, bf16_gemm_available, ggml_kernels_available
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.weight_cache import ENTRY_DIR, KEPT_ENTRIES, _evict as evict
 
@@ -72,8 +72,8 @@ def test_the_second_start_restores_the_prepared_weights_and_generates_the_same(g
     engine = _start(gguf_path, cache_dir)
     assert tensor_reads == []  # nothing dequantized: the packed weights came from the entry
     down_proj = next(m for n, m in engine.model.named_modules() if n.endswith("layers.0.mlp.down_proj"))
-    # The GGUF's own blocks where the block kernels are built (AVX512-BF16), else the dense panels.
-    restored = PackedGGMLWeight if block_kernels_available() else PackedBF16Weight
+    # The GGUF's own blocks where their kernels are built (AVX512-BF16 or AVX2), else the dense panels.
+    restored = PackedGGMLWeight if ggml_kernels_available() else PackedBF16Weight
     assert isinstance(down_proj.quantized, restored) and down_proj.weight is None
     # Mapped from the file, yet on 64-byte boundaries as torch's allocations are (the kernels' loads).
     packed = [m.quantized for m in engine.model.modules() if getattr(m, "quantized", None) is not None]

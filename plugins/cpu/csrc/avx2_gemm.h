@@ -12,10 +12,16 @@
  * (four independent accumulator chains per row hide the FMA latency); more rows take one panel and up to
  * AVX2_ROWS rows per pass, each weight vector serving them all.
  *
- * No kernel reads GGUF blocks here: measured on an AMD EPYC (Zen 1, whose 256-bit ops split in two), the
- * exact Q4_1 blocks in float32 (128 + q as bf16 bits, as the AVX512 kernel does) took 19.2 ms for SmolLM2's
- * linears at one row against 13.3 ms for these dense panels, bound by the unpacking arithmetic and not by
- * bytes (benchmarks/NOTES.md section 35), so a GGUF's weights take the dense form on AVX2.
+ * A GGUF's Q4_1 and Q8_0 blocks (gemm_kernels.h's packed layouts, unchanged) run below GGML_MAX_ROWS rows
+ * against the activations as int16: per row and block of 32 inputs, x = c 2^k with k chosen from the
+ * block's largest |x| so the codes c fit 15 bits. For bf16 x that is exact for every input within a factor
+ * of 2^7 of the block's largest (smaller ones keep an absolute error under 2^(k-1)), finer than the bf16
+ * rounding of x the AVX512 kernel multiplies. vpmaddwd sums the integer products S = sum q c exactly in
+ * int32, and per block the output gains d 2^k S (Q4_1 also m sum(x), the float32 sum of x): the
+ * dequantized weight d q + m exactly, from 0.625 (Q8_0: 1.06) bytes a weight instead of 2. Exact float32
+ * blocks (128 + q as bf16 bits, as the AVX512 kernel does) were measured first on an AMD EPYC (Zen 1, whose
+ * 256-bit ops split in two): 19.2 ms for SmolLM2's linears at one row against 13.3 ms for the dense
+ * panels, bound by their float unpacking arithmetic (benchmarks/NOTES.md sections 35 and 36).
  */
 #ifndef TOKENMILL_AVX2_GEMM_H
 #define TOKENMILL_AVX2_GEMM_H
@@ -141,6 +147,216 @@ static int avx2_linear(const Gemm *g, int threads) {
         else avx2_item(g, xf, item, 1, AVX2_ROWS);
     }
     free(xf);
+    return 1;
+}
+/* ---- GGUF blocks against int16 activations ------------------------------------------------------ */
+
+#define AVX2_GGML_PREFETCH_BLOCKS 2
+
+/* Each row's blocks of 32 inputs quantized: codes (m, k) int16 with x = code 2^k (scales[r, b] = 2^k), and
+ * sums[r, b] the float32 sum of the block's x (Q4_1's minimums multiply it). */
+typedef struct {
+    int16_t *codes;
+    float *scales, *sums;
+} Int16Rows;
+
+/* The largest exponent k keeps |code| <= 32640: codes of a bf16 x (8 significant bits) are exact down to 2^7
+ * below the block's largest. k stays >= -112 so 2^-k is a normal float; a block of zeros gets codes 0. */
+static void avx2_quantize_block(const uint16_t *src, int16_t *codes, float *scale, float *sum) {
+    __m256 v[4];
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 8 * i))), 16));
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const float top = reduce_max8(
+        _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], magnitude), _mm256_and_ps(v[1], magnitude)),
+                      _mm256_max_ps(_mm256_and_ps(v[2], magnitude), _mm256_and_ps(v[3], magnitude))));
+    uint32_t bits;
+    memcpy(&bits, &top, sizeof bits);
+    int k = (int)((bits >> 23) & 0xFF) - 127 - 14;
+    if (k < -112) k = -112;
+    *scale = ldexpf(1.f, k);
+    const __m256 inverse = _mm256_set1_ps(ldexpf(1.f, -k));
+    __m256i c[4];
+    for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)); /* nearest even */
+    /* packs interleaves 128-bit halves; the permute puts the 16 codes back in order. */
+    _mm256_storeu_si256((__m256i *)codes, _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8));
+    _mm256_storeu_si256((__m256i *)(codes + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
+    *sum = reduce_add8(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+}
+
+static void avx2_quantize_rows(const Gemm *g, const Int16Rows *xq) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK;
+    for (long r = 0; r < g->m; r++)
+        for (long b = 0; b < blocks; b++)
+            avx2_quantize_block(g->x + r * g->x_stride + b * GGML_BLOCK, xq->codes + r * k + b * GGML_BLOCK,
+                                xq->scales + r * blocks + b, xq->sums + r * blocks + b);
+}
+
+/* One row against panel v of Q4_1 blocks, both halves at once (one broadcast pair of codes serves 16 outputs).
+ * Nibble t of a word stays in place, masked (the top one shifted down): its products come out 16^t times
+ * too large, exactly, so each t keeps its own int32 sum and the block shifts them back (the largest,
+ * t = 2: 4 x 2 x 15 x 256 x 32640 < 2^31). */
+AI void avx2_q4_1_row(const Gemm *g, const Int16Rows *xq, long v, long row) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK;
+    const uint8_t *panel = (const uint8_t *)g->w + v * blocks * Q4_BLOCK_BYTES;
+    const int32_t *x_pairs = (const int32_t *)(xq->codes + row * k);
+    const float *scales = xq->scales + row * blocks, *sums = xq->sums + row * blocks;
+    const __m256i masks[3] = {_mm256_set1_epi16(0x000F), _mm256_set1_epi16(0x00F0), _mm256_set1_epi16(0x0F00)};
+    __m256 acc[2][AVX2_ROWS] = {{_mm256_setzero_ps()}, {_mm256_setzero_ps()}};
+    for (long b = 0; b < blocks; b++) {
+        const uint8_t *block = panel + b * Q4_BLOCK_BYTES;
+        for (long l = 0; l < Q4_BLOCK_BYTES; l += 64)
+            _mm_prefetch((const char *)(block + AVX2_GGML_PREFETCH_BLOCKS * Q4_BLOCK_BYTES + l), _MM_HINT_T0);
+        const int32_t *pairs = x_pairs + b * (GGML_BLOCK / 2);
+        __m256i s[2][4];
+        for (int h = 0; h < 2; h++)
+            for (int t = 0; t < 4; t++) s[h][t] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i chunk[2] = {_mm256_loadu_si256((const __m256i *)(block + 64 + c * 64)),
+                                      _mm256_loadu_si256((const __m256i *)(block + 96 + c * 64))};
+            for (int t = 0; t < 4; t++) {
+                const __m256i x = _mm256_set1_epi32(pairs[4 * c + t]);
+                for (int h = 0; h < 2; h++) {
+                    const __m256i w = t == 3 ? _mm256_srli_epi16(chunk[h], 12) : _mm256_and_si256(chunk[h], masks[t]);
+                    s[h][t] = _mm256_add_epi32(s[h][t], _mm256_madd_epi16(w, x));
+                }
+            }
+        }
+        const __m256 scale = _mm256_set1_ps(scales[b]), sum = _mm256_set1_ps(sums[b]);
+        for (int h = 0; h < 2; h++) {
+            const __m256i total = _mm256_add_epi32(
+                _mm256_add_epi32(s[h][0], _mm256_srai_epi32(s[h][1], 4)),
+                _mm256_add_epi32(_mm256_srai_epi32(s[h][2], 8), s[h][3]));
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + 16 * h)));
+            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + 32 + 16 * h)));
+            acc[h][0] = _mm256_fmadd_ps(m, sum, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, scale), acc[h][0]));
+        }
+    }
+    avx2_store_panel(g, acc, v, row, 1);
+}
+
+/* One row against panel v of Q8_0 blocks, both halves at once. */
+AI void avx2_q8_0_row(const Gemm *g, const Int16Rows *xq, long v, long row) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK;
+    const uint8_t *panel = (const uint8_t *)g->w + v * blocks * Q8_BLOCK_BYTES;
+    const int32_t *x_pairs = (const int32_t *)(xq->codes + row * k);
+    const float *scales = xq->scales + row * blocks;
+    __m256 acc[2][AVX2_ROWS] = {{_mm256_setzero_ps()}, {_mm256_setzero_ps()}};
+    for (long b = 0; b < blocks; b++) {
+        const uint8_t *block = panel + b * Q8_BLOCK_BYTES;
+        for (long l = 0; l < Q8_BLOCK_BYTES; l += 64)
+            _mm_prefetch((const char *)(block + AVX2_GGML_PREFETCH_BLOCKS * Q8_BLOCK_BYTES + l), _MM_HINT_T0);
+        const int32_t *pairs = x_pairs + b * (GGML_BLOCK / 2);
+        __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int p = 0; p < GGML_BLOCK / 2; p++) {
+            const __m256i x = _mm256_set1_epi32(pairs[p]);
+            for (int h = 0; h < 2; h++)
+                s[h] = _mm256_add_epi32(s[h], _mm256_madd_epi16(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 32 + p * 32 + 16 * h))), x));
+        }
+        const __m256 scale = _mm256_set1_ps(scales[b]);
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + 16 * h)));
+            acc[h][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h]), _mm256_mul_ps(d, scale), acc[h][0]);
+        }
+    }
+    avx2_store_panel(g, acc, v, row, 1);
+}
+
+/* Rows m0 .. m0+MT-1 (MT <= 2) against panel v, both halves at once: one broadcast serves 16 outputs. Each
+ * block's integer sums take one int32 chain per row and half. */
+AI void avx2_ggml_pair_tile(const Gemm *g, const Int16Rows *xq, long v, long m0, const int MT, const int FORMAT) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK;
+    const long block_bytes = FORMAT == GEMM_Q4_1 ? Q4_BLOCK_BYTES : Q8_BLOCK_BYTES;
+    const uint8_t *panel = (const uint8_t *)g->w + v * blocks * block_bytes;
+    const int32_t *x_pairs[2];
+    const float *scales[2], *sums[2];
+    for (int r = 0; r < MT; r++) {
+        x_pairs[r] = (const int32_t *)(xq->codes + (m0 + r) * k);
+        scales[r] = xq->scales + (m0 + r) * blocks;
+        sums[r] = xq->sums + (m0 + r) * blocks;
+    }
+    const __m256i nibble = _mm256_set1_epi16(0x000F);
+    __m256 acc[2][AVX2_ROWS];
+    for (int h = 0; h < 2; h++)
+        for (int r = 0; r < MT; r++) acc[h][r] = _mm256_setzero_ps();
+    for (long b = 0; b < blocks; b++) {
+        const uint8_t *block = panel + b * block_bytes;
+        for (long l = 0; l < block_bytes; l += 64)
+            _mm_prefetch((const char *)(block + AVX2_GGML_PREFETCH_BLOCKS * block_bytes + l), _MM_HINT_T0);
+        const long pair0 = b * (GGML_BLOCK / 2);
+        __m256i s[2][2];
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < MT; r++) s[h][r] = _mm256_setzero_si256();
+        if (FORMAT == GEMM_Q4_1) {
+            for (int c = 0; c < 4; c++) {
+                const __m256i chunk[2] = {_mm256_loadu_si256((const __m256i *)(block + 64 + c * 64)),
+                                          _mm256_loadu_si256((const __m256i *)(block + 96 + c * 64))};
+                for (int t = 0; t < 4; t++) {
+                    __m256i w[2];
+                    for (int h = 0; h < 2; h++)
+                        w[h] = t == 3 ? _mm256_srli_epi16(chunk[h], 12)
+                                      : _mm256_and_si256(t ? _mm256_srli_epi16(chunk[h], 4 * t) : chunk[h], nibble);
+                    for (int r = 0; r < MT; r++) {
+                        const __m256i x = _mm256_set1_epi32(x_pairs[r][pair0 + 4 * c + t]);
+                        for (int h = 0; h < 2; h++) s[h][r] = _mm256_add_epi32(s[h][r], _mm256_madd_epi16(w[h], x));
+                    }
+                }
+            }
+        } else {
+            for (int p = 0; p < GGML_BLOCK / 2; p++) {
+                __m256i w[2];
+                for (int h = 0; h < 2; h++)
+                    w[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 32 + p * 32 + 16 * h)));
+                for (int r = 0; r < MT; r++) {
+                    const __m256i x = _mm256_set1_epi32(x_pairs[r][pair0 + p]);
+                    for (int h = 0; h < 2; h++) s[h][r] = _mm256_add_epi32(s[h][r], _mm256_madd_epi16(w[h], x));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + 16 * h)));
+            for (int r = 0; r < MT; r++)
+                acc[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h][r]), _mm256_mul_ps(d, _mm256_set1_ps(scales[r][b])),
+                                            acc[h][r]);
+            if (FORMAT == GEMM_Q4_1) {
+                const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + 32 + 16 * h)));
+                for (int r = 0; r < MT; r++) acc[h][r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sums[r][b]), acc[h][r]);
+            }
+        }
+    }
+    avx2_store_panel(g, acc, v, m0, MT);
+}
+
+/* Every row against panel v: a lone row by its own kernel, more in pairs (the dense panels are as fast from two
+ * rows, and quant.py's GGML_MAX_ROWS sends a step's rows there from two). */
+AI void avx2_ggml_panel(const Gemm *g, const Int16Rows *xq, long v, const int FORMAT) {
+    long m0 = 0;
+    for (; m0 + 2 <= g->m; m0 += 2) avx2_ggml_pair_tile(g, xq, v, m0, 2, FORMAT);
+    if (m0 == g->m) return;
+    if (FORMAT == GEMM_Q4_1) avx2_q4_1_row(g, xq, v, m0);
+    else avx2_q8_0_row(g, xq, v, m0);
+}
+
+/* y = x @ W^T for Q4_1 or Q8_0 blocks; 0 when out of memory. */
+static int avx2_ggml_linear(const Gemm *g, int format, int threads) {
+    const long k = g->k_pairs * 2, blocks = k / GGML_BLOCK;
+    Int16Rows xq = {malloc(sizeof(int16_t) * (size_t)(g->m * k + 1)), malloc(sizeof(float) * (size_t)(g->m * blocks + 1)),
+                    malloc(sizeof(float) * (size_t)(g->m * blocks + 1))};
+    if (!xq.codes || !xq.scales || !xq.sums) {
+        free(xq.codes), free(xq.scales), free(xq.sums);
+        return 0;
+    }
+    avx2_quantize_rows(g, &xq);
+    const long panels = num_panels(g);
+    const int workers = g->m * g->n * k >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
+#pragma omp parallel for num_threads(workers) schedule(static)
+    for (long v = 0; v < panels; v++) {
+        if (format == GEMM_Q4_1) avx2_ggml_panel(g, &xq, v, GEMM_Q4_1);
+        else avx2_ggml_panel(g, &xq, v, GEMM_Q8_0);
+    }
+    free(xq.codes), free(xq.scales), free(xq.sums);
     return 1;
 }
 #undef AI

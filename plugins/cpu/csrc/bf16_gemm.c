@@ -19,8 +19,8 @@ static PyObject *linear(PyObject *self, PyObject *args) {
                           &threads) || !known_format(format))
         return NULL;
 #if HAVE_BF16_GEMM
-    if (format != GEMM_DENSE && !HAVE_AVX512_GEMM) {
-        PyErr_Format(PyExc_RuntimeError, "weight format %d (blocks) needs a build with AVX512-BF16", format);
+    if (format != GEMM_DENSE && format != GEMM_Q4_1 && format != GEMM_Q8_0 && !HAVE_AVX512_GEMM) {
+        PyErr_Format(PyExc_RuntimeError, "weight format %d needs a build with AVX512-BF16", format);
         return NULL;
     }
     if (format == GEMM_GROUPED && ((const GroupedHeader *)w)->in_features != k_pairs * 2) {
@@ -84,6 +84,8 @@ static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromL
 
 static PyObject *blocks(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_AVX512_GEMM); }
 
+static PyObject *ggml_blocks(PyObject *self, PyObject *args) { return PyBool_FromLong(HAVE_BF16_GEMM); }
+
 static PyObject *int8_rows(PyObject *self, PyObject *args) {
 #if HAVE_INT8_GEMM
     return PyLong_FromLong(INT8_MIN_ROWS);
@@ -111,7 +113,9 @@ static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS,
      "Whether this build has the dense kernel (AVX512-BF16, or AVX2 and FMA: avx2_gemm.h)."},
     {"blocks", blocks, METH_NOARGS,
-     "Whether this build runs weights from their blocks: GGUF's, grouped codes (formats 1-7; AVX512-BF16)."},
+     "Whether this build runs every block format: GGUF's, grouped codes (formats 1-7; AVX512-BF16)."},
+    {"ggml_blocks", ggml_blocks, METH_NOARGS,
+     "Whether this build runs GGUF's Q4_1 and Q8_0 blocks (formats 1-2; AVX512-BF16, or AVX2: avx2_gemm.h)."},
     {"amx", amx_py_usable, METH_NOARGS,
      "Whether dense weights run on AMX tiles (amx_gemm.h): a build and a CPU with AMX, not TOKENMILL_CPU_AMX=0."},
     {"set_amx", amx_py_want, METH_VARARGS,

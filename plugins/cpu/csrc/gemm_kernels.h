@@ -33,7 +33,7 @@
 #else
 #define HAVE_AVX512_GEMM 0
 #endif
-/* Without AVX-512, the dense format on AVX2 (avx2_gemm.h); the block formats (GGUF, grouped) not. A CPU with
+/* Without AVX-512, the dense format and GGUF's Q4_1 and Q8_0 blocks on AVX2 (avx2_gemm.h); grouped codes not. A CPU with
  * AVX-512 but not AVX512-BF16 (Skylake-X to Ice Lake) keeps float32 by default and oneDNN for bf16: MKL's
  * 512-bit float32 GEMM there was not measured against these 256-bit panels. */
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -455,7 +455,8 @@ static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y
                        long x_stride, long y_stride, int threads) {
 #if HAVE_AVX2_GEMM
     const Gemm g = {x, w, y, m, n, k_pairs, x_stride, y_stride};
-    if (format != GEMM_DENSE) return 0; /* bf16_gemm.c refuses the block formats first: they need AVX-512 */
+    if (format == GEMM_Q4_1 || format == GEMM_Q8_0) return avx2_ggml_linear(&g, format, threads);
+    if (format != GEMM_DENSE) return 0; /* bf16_gemm.c refuses the other block formats first: they need AVX-512 */
     return avx2_linear(&g, threads);
 #elif HAVE_AVX512_GEMM
     const Gemm g = {x, w, y, m, n, k_pairs, x_stride, y_stride};
