@@ -153,6 +153,7 @@ def build_app(service: GenerationService, metrics: Metrics, grpc_address: str | 
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        await metrics.refresh()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -38,6 +38,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()  # tokenmill_* and vLLM's names; TGI's are in `self.tgi`
         self.tgi = TgiMetrics()
+        self.refreshers: list = []  # async callables a scrape awaits first (the model servers' batch samples)
         self.vllm: VllmSeries | None = None  # bound to the model's name by `configure`
         self.kv_usage = Gauge("tokenmill_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
         self.prefix_hit_rate = Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
@@ -108,8 +109,6 @@ class Metrics:
         self._observe_speculation(sum((speculation_from_pb(i.speculation) for i in infos), SpeculationStats()))
         if infos:
             self.tgi.max_total_tokens.set(sum(i.kv_capacity_tokens for i in infos))
-        self.tgi.observe_replica_batches({r.address: r.info.batch_metrics for r in router.replicas
-                                          if r.info is not None})
         for replica in router.replicas:
             self.replica_requests.labels(replica=replica.address).set(replica.num_requests)
             self.replica_healthy.labels(replica=replica.address).set(1 if replica.healthy and not replica.draining
@@ -186,6 +185,15 @@ class Metrics:
 
     def engine_request(self, num_prompt_tokens: int, max_new_tokens: int) -> EngineRequest:
         return EngineRequest(self, num_prompt_tokens, max_new_tokens)
+
+    async def observe_replica_batches(self, router) -> None:
+        """The model servers' batch samples, fetched for a scrape (`refreshers`)."""
+        self.tgi.observe_replica_batches(await router.batch_metrics())
+
+    async def refresh(self) -> None:
+        """What a scrape needs fresh before `render`."""
+        for refresher in self.refreshers:
+            await refresher()
 
     def render(self) -> bytes:
         return self.tgi.exposition().encode() + generate_latest(self.registry)

@@ -144,6 +144,18 @@ class ReplicaRouter:
         for callback in self.on_health:
             callback(self)
 
+    async def batch_metrics(self) -> dict[str, str]:
+        """Each healthy model server's batch samples (`BatchMetrics.snapshot`), by address, asked for at a /metrics
+        scrape rather than with every health probe. One that does not answer in time is left out."""
+        async def ask(replica: Replica) -> tuple[str, str]:
+            try:
+                info = await replica.stub.Info(pb.InfoRequest(with_batch_metrics=True), timeout=self.probe_timeout_s)
+            except grpc.aio.AioRpcError:
+                return replica.address, ""
+            return replica.address, info.batch_metrics
+
+        return dict(await asyncio.gather(*(ask(r) for r in list(self.replicas) if r.healthy)))
+
     def add_replica(self, address: str) -> Replica:
         """A model server joins the set; it gets requests once a health probe finds it ready."""
         replica = self._connect(address)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import logging
 import signal
@@ -179,6 +180,7 @@ async def _run_router(options: ServeOptions, addresses: tuple[str, ...], child: 
                               drain_timeout_s=options.graceful_shutdown_s)
     metrics = Metrics()
     router.on_health.append(metrics.observe_replicas)
+    metrics.refreshers.append(functools.partial(metrics.observe_replica_batches, router))
     placeholder = make_settings(options, options.engine.model_id or "loading", 2, "loading")
     service = GenerationService(router, None, placeholder, metrics)
     grpc_address = f"{options.hostname}:{options.grpc_port}" if options.grpc_port else None

@@ -43,7 +43,7 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
         self.ready = False
         self.failure: str | None = None  # why this replica can serve no more (a tensor-parallel rank died)
         self._calls: set[asyncio.Task] = set()
-        self.batch_metrics = BatchMetrics()  # the engine's steps, for the router's /metrics (sent with Info)
+        self.batch_metrics = BatchMetrics()  # the engine's steps, for the router's /metrics (sent with Info, if asked)
         runner.step_listeners.append(lambda eng, _: self.batch_metrics.observe_engine(eng))
 
     def fail(self, message: str) -> None:
@@ -96,7 +96,8 @@ class ModelServerServicer(pb_grpc.ModelServerServicer):
             # NaN where the backend's model owns its cache: prefix caching is unavailable, not at 0 %.
             prefix_cache_hit_rate=math.nan if engine.prefix_cache_hit_rate is None else engine.prefix_cache_hit_rate,
             num_preemptions=engine.scheduler.num_preemptions, num_compiles=engine.num_compiles,
-            ready=self.ready, batch_metrics=self.batch_metrics.snapshot(), adapters=engine.adapter_names,
+            ready=self.ready, adapters=engine.adapter_names,
+            batch_metrics=self.batch_metrics.snapshot() if request.with_batch_metrics else "",
             model_implementation=engine.model_implementation,
             speculate=engine.config.speculate, speculation=speculation_to_pb(engine.speculation),
             prefix_cache_block_size=blocks.block_size if engine.prefix_caching == "enabled" else 0,

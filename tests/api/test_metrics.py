@@ -4,6 +4,7 @@ request counted once, and vLLM's names as aliases."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -227,18 +228,26 @@ def _stats(step: int, prefill: int, decode: int, new: int = 0, seqs: int = 1, fa
 
 
 def test_the_router_sums_its_model_servers_batch_metrics() -> None:
-    """Behind `tokenmill serve` the steps run in the model servers: each sends its samples with its info."""
+    """Behind `tokenmill serve` the steps run in the model servers: each sends its samples when a scrape asks."""
     first, second = BatchMetrics(), BatchMetrics()
     first.observe(_stats(0, prefill=3, decode=0, new=1), current_max_tokens=10)
     first.observe(_stats(1, prefill=0, decode=1), current_max_tokens=10)
     second.observe(_stats(0, prefill=0, decode=2, seqs=2), current_max_tokens=20)
     second.observe(_stats(1, prefill=4, decode=1, new=1, seqs=2), current_max_tokens=20)
     second.observe(_stats(2, prefill=0, decode=2, seqs=2, failed=True), current_max_tokens=20)
+    servers = {"unix:a": first, "unix:b": second}
     replicas = [SimpleNamespace(address=address, healthy=True, draining=False, num_requests=0,
-                                info=pb.InfoResponse(ready=True, kv_capacity_tokens=100, batch_metrics=b.snapshot()))
-                for address, b in (("unix:a", first), ("unix:b", second))]
+                                info=pb.InfoResponse(ready=True, kv_capacity_tokens=100)) for address in servers]
+
+    async def batch_metrics() -> dict[str, str]:
+        return {address: b.snapshot() for address, b in servers.items()}
+
+    router = SimpleNamespace(replicas=replicas, prefix_lookups=0, prefix_hits=0, changes={}, batch_metrics=batch_metrics)
     metrics = Metrics()
-    metrics.observe_replicas(SimpleNamespace(replicas=replicas, prefix_lookups=0, prefix_hits=0, changes={}))
+    metrics.observe_replicas(router)
+    assert "tgi_batch_current_max_tokens 0.0" in metrics.render().decode()  # a health round alone brings none
+    metrics.refreshers.append(lambda: metrics.observe_replica_batches(router))
+    asyncio.run(metrics.refresh())  # what a scrape of the router's /metrics does first
     text = metrics.render().decode()
     assert 'tgi_batch_inference_count{method="decode"} 3.0' in text
     assert 'tgi_batch_inference_success{method="decode"} 2.0' in text

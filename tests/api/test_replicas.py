@@ -158,6 +158,8 @@ def test_a_disconnected_stream_frees_blocks_on_the_model_server(cluster) -> None
         time.sleep(0.3)
     assert _metric(url, "tokenmill_kv_cache_usage_ratio") == 0.0
     assert _metric(url, "tgi_batch_current_size") == 0
+    # The steps ran on the model servers: a scrape of the router fetches their batch samples.
+    assert _metric(url, "tgi_batch_inference_count", 'method="decode"') > 0
 
 
 def test_grammars_compile_on_the_model_servers_and_a_bad_one_is_a_422(cluster) -> None:
