@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
+from tests.conftest import bf16_copy
 from tokenmill.engine import Engine, EngineConfig
-from tokenmill.loader import default_model_path, load_checkpoint
+from tokenmill.loader import load_checkpoint
 from tokenmill.plugins.cpu.decode_stack import CapturedForward
 from tokenmill.plugins.cpu.quant import (
     GGML_FORMATS,
@@ -47,19 +48,10 @@ def prompts(engine) -> list[list[int]]:
     return [tok(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def _transformers_model(dtype: torch.dtype):
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    path = Path(default_model_path())
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
-
-
 @pytest.fixture(scope="module")
-def reference(prompts):
+def reference(prompts, transformers_smollm2):
     """transformers' own GGUF load and greedy generate: tokens, their logprobs, each step's top 5."""
-    model = _transformers_model(torch.float32)
+    model = transformers_smollm2
     results = []
     for prompt in prompts:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
@@ -127,8 +119,8 @@ def _tokens_before_parting(tokens: list[int], ref_tokens: list[int]) -> int:
 
 
 @pytest.fixture(scope="module")
-def transformers_bf16_tokens(prompts) -> list[list[int]]:
-    model = _transformers_model(torch.bfloat16)
+def transformers_bf16_tokens(prompts, transformers_smollm2) -> list[list[int]]:
+    model = bf16_copy(transformers_smollm2)
     return [model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                            pad_token_id=2)[0, len(prompt):].tolist() for prompt in prompts]
 
