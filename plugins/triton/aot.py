@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
@@ -92,15 +93,23 @@ def _compile(fn, signature, constexprs, target):
 
 
 def _compile_in_child(jobs) -> None:
+    """The jobs shared round-robin among one child per CPU core: LLVM compiles one kernel on one core."""
     request = [dict(module=fn.fn.__module__, name=fn.fn.__name__, signature=signature, constexprs=constexprs,
                     target=[target.backend, target.arch, target.warp_size])
                for fn, signature, constexprs, target in jobs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    child = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(request), capture_output=True,
-                           text=True, env=env)
-    if child.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compilation failed:\n{child.stderr[-6000:]}")
+    children = max(1, min(len(request), len(os.sched_getaffinity(0))))
+
+    def run(share: list[dict]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", __name__], input=json.dumps(share), capture_output=True,
+                              text=True, env=env)
+
+    with ThreadPoolExecutor(children) as pool:
+        results = list(pool.map(run, [request[i::children] for i in range(children)]))
+    failed = [child.stderr[-6000:] for child in results if child.returncode != 0]
+    if failed:
+        raise RuntimeError("ahead-of-time compilation failed:\n" + "\n".join(failed))
 
 
 def _serve_child() -> None:
