@@ -222,13 +222,14 @@ static int amx_linear(const Gemm *g, int format, int threads) {
     if (block_rows < chunk) block_rows = chunk;
     const long row_blocks = full ? (full + block_rows - 1) / block_rows : 1;
     const int workers = g->m * g->n * g->k_pairs * 2 >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
+    const long items_per_take = work_chunk(g->m, row_blocks * items, workers);
     int failed = 0;
 #pragma omp parallel num_threads(workers) reduction(| : failed)
     {
         amx_configure();
         uint16_t *unpacked_panels = unpacked ? aligned_alloc(64, (size_t)(2 * panel_words) * sizeof(uint16_t)) : NULL;
         failed = unpacked && !unpacked_panels;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, items_per_take)
         for (long job = 0; job < row_blocks * items; job++) {
             if (failed) continue;
             const long item = job % items, block = job / items;

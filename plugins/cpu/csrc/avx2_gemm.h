@@ -141,7 +141,8 @@ static int avx2_linear(const Gemm *g, int threads) {
     const int per_item = avx2_panels_per_item(g->m);
     const long items = (num_panels(g) + per_item - 1) / per_item;
     const int workers = g->m * g->n * k >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
-#pragma omp parallel for num_threads(workers) schedule(static)
+    const long items_per_take = work_chunk(g->m, items, workers);
+#pragma omp parallel for num_threads(workers) schedule(dynamic, items_per_take)
     for (long item = 0; item < items; item++) {
         if (per_item == 2) avx2_item(g, xf, item, 2, 2);
         else avx2_item(g, xf, item, 1, AVX2_ROWS);
@@ -351,7 +352,8 @@ static int avx2_ggml_linear(const Gemm *g, int format, int threads) {
     avx2_quantize_rows(g, &xq);
     const long panels = num_panels(g);
     const int workers = g->m * g->n * k >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
-#pragma omp parallel for num_threads(workers) schedule(static)
+    const long items_per_take = work_chunk(g->m, panels, workers);
+#pragma omp parallel for num_threads(workers) schedule(dynamic, items_per_take)
     for (long v = 0; v < panels; v++) {
         if (format == GEMM_Q4_1) avx2_ggml_panel(g, &xq, v, GEMM_Q4_1);
         else avx2_ggml_panel(g, &xq, v, GEMM_Q8_0);

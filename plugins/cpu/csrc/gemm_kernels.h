@@ -54,6 +54,18 @@
 #define GGML_MAX_PANELS 4 /* panels per work item at one or two rows */
 /* Below this many multiply-adds, waking a second thread costs more than it saves. */
 #define GEMM_PARALLEL_THRESHOLD 200000
+/* From this many rows, work items are handed out one at a time (OpenMP's dynamic schedule): when the OS
+ * preempts one compute thread (for the router, a client, a neighbour), the other takes its remaining items
+ * instead of waiting for it at the barrier. Below, a thread's items stay one contiguous half, as a static
+ * schedule gives: a row or two is bound by reading the weights, in order, and an item's outputs then share
+ * cache lines with the next item's. Either way each item writes its own outputs: the same result bit for bit. */
+#define DYNAMIC_MIN_ROWS 8
+
+/* The chunk for `schedule(dynamic, items_per_take)` over `items` work items of `rows` rows each. */
+static inline long work_chunk(long rows, long items, int workers) {
+    const long half = (items + workers - 1) / workers;
+    return rows >= DYNAMIC_MIN_ROWS || half < 1 ? 1 : half;
+}
 
 /* GROUPED: grouped_kernels.h. Q4_1_INT8, Q8_0_INT8: the same blocks, from INT8_MIN_ROWS rows against int8
  * activations (below, where the build has AVX512-VNNI). Q4_1_TILES, Q8_0_TILES: the same blocks dequantized
@@ -398,7 +410,8 @@ static int int8_linear(const Gemm *g, int format, int threads) {
     quantize_activations(g, format, codes, scales);
     const long items = (num_panels(g) + 1) / 2;
     const int workers = g->m * g->n * k >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
-#pragma omp parallel for num_threads(workers) schedule(static)
+    const long items_per_take = work_chunk(g->m, items, workers);
+#pragma omp parallel for num_threads(workers) schedule(dynamic, items_per_take)
     for (long item = 0; item < items; item++) {
         if (format == GEMM_Q4_1) int8_item(g, codes, scales, x_sums, item, GEMM_Q4_1);
         else int8_item(g, codes, scales, x_sums, item, GEMM_Q8_0);
@@ -485,7 +498,8 @@ static int gemm_linear(int format, const uint16_t *x, const void *w, uint16_t *y
         if (!x_sums) return 0;
         block_sums(&g, x_sums);
     }
-#pragma omp parallel for num_threads(workers) schedule(static)
+    const long items_per_take = work_chunk(m, items, workers);
+#pragma omp parallel for num_threads(workers) schedule(dynamic, items_per_take)
     for (long item = 0; item < items; item++) {
         if (format == GEMM_DENSE) dense_block(&g, item);
         else ggml_run(&g, x_sums, item, format);

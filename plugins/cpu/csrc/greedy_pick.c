@@ -84,7 +84,8 @@ static PyObject *pick(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KlKKlli", &logits, &stride, &tokens, &logprobs, &rows, &vocab, &threads))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1 && threads > 1)
+    /* Rows one at a time: a preempted thread leaves its rows to the other (see gemm_kernels.h's work_chunk). */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (rows > 1 && threads > 1)
     for (long r = 0; r < rows; r++)
         pick_row((const float *)logits + r * stride, vocab, (int64_t *)tokens + r, (float *)logprobs + r);
     Py_END_ALLOW_THREADS

@@ -479,6 +479,7 @@ static int grouped_linear(Gemm g, const GroupedHeader *h, int threads) {
     const long per_item = dense ? PANELS_PER_BLOCK : ggml_panels_per_item(g.m);
     const long items = (num_panels(&g) + per_item - 1) / per_item;
     const int workers = g.m * g.n * k >= GEMM_PARALLEL_THRESHOLD && threads > 1 ? threads : 1;
+    const long items_per_take = work_chunk(g.m, items, workers);
     int ok = 1;
 #pragma omp parallel num_threads(workers)
     {
@@ -487,7 +488,7 @@ static int grouped_linear(Gemm g, const GroupedHeader *h, int threads) {
 #pragma omp atomic write
             ok = 0;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, items_per_take)
         for (long item = 0; item < items; item++) {
             if (!dense) grouped_run(&g, h, x_sums, item);
             else if (scratch) grouped_dequantize_item(&g, h, item, scratch);
