@@ -34,6 +34,13 @@ SHAPES = {
                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          vocab_size=49152, rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True,
                          max_position_embeddings=8192),
+    # No small published model slides one window over every layer (Mistral-7B-v0.1 does, over 4,096
+    # positions): SmolLM2's shape as a Mistral with a 64-position window, crossed by the 100-token prompts.
+    "smollm2-135m-mistral-window64": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=576,
+                                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                          num_key_value_heads=3, head_dim=64, vocab_size=49152, rms_norm_eps=1e-5,
+                                          rope_theta=1e5, tie_word_embeddings=True, max_position_embeddings=8192,
+                                          sliding_window=64),
 }
 
 

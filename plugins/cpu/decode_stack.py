@@ -12,8 +12,9 @@ queries. Every kernel computes a row alone, the same whatever the batch, so a
 draft token's logits are those a one-token decode at its position gets: greedy output is the same with
 and without `--speculate`. Its RoPE reads the model's cos/sin table, so every scaling baked into that
 table (linear, llama3, yarn with its attention factor, a GGUF's rope_freqs) runs here as in the modules.
-Qwen2's q/k/v biases and Qwen3's q/k norms run in it too. Prefill chunks over longer contexts, and models or
-configurations it does not cover (other biases, sliding windows, mixture-of-experts layers, other linear
+Qwen2's q/k/v biases, Qwen3's q/k norms and one sliding window for every layer (Mistral's) run in it too.
+Prefill chunks over longer contexts, and models or configurations it does not cover (other biases, a window
+on some layers only (Gemma 2 and 3, Qwen2's max_window_layers), mixture-of-experts layers, other linear
 methods, RoPE computed per step: dynamic NTK, longrope), run module by module: `_layer_plan` takes a layer
 only if its MLP is exactly `LlamaMLP`. So do steps in which a token uses a LoRA adapter (the C step has no
 LoRA): base-model steps of a server with adapters still take the C path.
@@ -136,7 +137,7 @@ class DecodeStack:
             return None
         (attention,) = backends.values()
         spec = attention.spec
-        if not (isinstance(attention, CPUPagedAttention) and attention.kernel_decodes and spec.sliding_window is None
+        if not (isinstance(attention, CPUPagedAttention) and attention.kernel_decodes
                 and spec.dtype == torch.bfloat16 and spec.head_dim % 2 == 0 and model.norm.offset == 0.0
                 and (attention.format is not None or attention.storage_dtype == torch.bfloat16)):
             return None
@@ -182,7 +183,7 @@ class DecodeStack:
             num_kv_heads, head_dim, intermediate, GGML_MAX_ROWS, model.norm.eps, positions.data_ptr(), slots.data_ptr(),
             block_tables.data_ptr(), seq_lens.data_ptr(), block_tables.stride(0), self.block_size,
             int(seq_lens.sum()), model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), spec.scale,
-            torch.get_num_threads(), self.cache_code,
+            torch.get_num_threads(), self.cache_code, spec.sliding_window or 0,
         )
         return out
 

@@ -9,8 +9,9 @@
  *
  * Per layer: add + RMSNorm, fused QKV projection (plus its bias, Qwen2's), RMSNorm of each query and key
  * head (Qwen3's), rotary on queries and keys, the new keys and values written to their cache slots,
- * paged decode attention, output projection, add + RMSNorm, fused gate/up projection, SiLU-and-multiply,
- * down projection; then the final norm. Each row is one query
+ * paged decode attention (over the last `window` positions where every layer slides one, Mistral's; 0: all),
+ * output projection, add + RMSNorm, fused gate/up projection, SiLU-and-multiply, down projection; then the
+ * final norm. Each row is one query
  * token with a block table and context length of its own: a plain decode step has a row per sequence,
  * a verification step (speculative decoding) a row per fed token, each attending up to its own
  * position (decode_stack.py builds the per-row tables). All keys and values are written before any
@@ -118,12 +119,13 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         cos, sin;
     long num_layers, table_stride, block_size, total_positions;
     float eps, scale;
-    int kv_dtype;
+    int kv_dtype, window;
     Shape s;
-    if (!PyArg_ParseTuple(args, "KKKKlKllllllllfKKKKlllKKfii", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
+    if (!PyArg_ParseTuple(args, "KKKKlKllllllllfKKKKlllKKfiii", &hidden_in, &out, &plan_ptr, &caches_ptr, &num_layers,
                           &final_norm, &s.rows, &s.decode_rows, &s.hidden, &s.num_heads, &s.num_kv_heads, &s.head_dim,
                           &s.intermediate, &s.ggml_max_rows, &eps, &positions, &slots, &block_tables, &seq_lens,
-                          &table_stride, &block_size, &total_positions, &cos, &sin, &scale, &s.threads, &kv_dtype))
+                          &table_stride, &block_size, &total_positions, &cos, &sin, &scale, &s.threads, &kv_dtype,
+                          &window))
         return NULL;
 #if HAVE_BF16_GEMM
     if (s.num_heads % s.num_kv_heads || s.num_heads / s.num_kv_heads > MAX_GROUP || s.head_dim > MAX_HEAD_DIM ||
@@ -174,7 +176,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         for (long t = 0; t < rows; t++)
             memcpy(query + t * q_size, qkv + t * qkv_size, (size_t)q_size * sizeof(uint16_t));
         const Job job = {query, k_cache, v_cache, (const int32_t *)block_tables, (const int32_t *)seq_lens, attended,
-                         table_stride, (int)s.num_heads, (int)s.num_kv_heads, (int)s.head_dim, (int)block_size, 0,
+                         table_stride, (int)s.num_heads, (int)s.num_kv_heads, (int)s.head_dim, (int)block_size, window,
                          DTYPE_BF16, scale, kv_dtype};
         ok &= decode_attention_run(&job, rows, total_positions, s.threads);
         ok &= run_linear(&p->o, &s, attended, hidden);
