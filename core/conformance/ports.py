@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -27,6 +28,19 @@ def _bindable(port: int, host: str) -> bool:
     return True
 
 
+def _this_workers_share(low: int, high: int) -> tuple[int, int]:
+    """Under pytest-xdist, worker gwN's own slice of [low, high): two workers' picks never meet, where random
+    picks could (each process's `_handed_out` knows only its own). The servers a worker starts inherit its
+    environment, and so its slice."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if count < 2 or not (worker.startswith("gw") and worker[2:].isdigit()):
+        return low, high
+    width = (high - low) // count
+    start = low + int(worker[2:]) % count * width
+    return start, start + width
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody holds now, from below the kernel's ephemeral range.
 
@@ -36,8 +50,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     """
     low, _ = _ephemeral_range()
     if low > _LOWEST_PORT + 1_000:
+        first, end = _this_workers_share(_LOWEST_PORT, low)
         for _ in range(1_000):
-            port = random.randrange(_LOWEST_PORT, low)
+            port = random.randrange(first, end)
             if port not in _handed_out and _bindable(port, host):
                 _handed_out.add(port)
                 return port

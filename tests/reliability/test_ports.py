@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tokenmill.conformance.ports import _ephemeral_range, free_port
+from tokenmill.conformance.ports import _LOWEST_PORT, _ephemeral_range, free_port
 
 
 def test_ports_come_from_below_the_ephemeral_range_and_are_bindable() -> None:
@@ -29,3 +29,15 @@ def test_a_port_someone_listens_on_is_never_handed_out(monkeypatch) -> None:
         monkeypatch.setattr("tokenmill.conformance.ports._ephemeral_range", lambda: (max(taken, spare) + 1, 60_999))
         monkeypatch.setattr("tokenmill.conformance.ports.random.randrange", lambda low, high: next(choices))
         assert free_port() == spare
+
+
+def test_pytest_xdist_workers_pick_from_slices_of_their_own(monkeypatch) -> None:
+    low, _ = _ephemeral_range()
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    picked = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        picked[worker] = [free_port() for _ in range(20)]
+    middle = _LOWEST_PORT + (low - _LOWEST_PORT) // 2
+    assert all(_LOWEST_PORT <= port < middle for port in picked["gw0"])
+    assert all(middle <= port < low for port in picked["gw1"])
