@@ -32,7 +32,8 @@ serve: $(STAMP)
 	$(VENV)/bin/tokenmill serve $(ARGS)
 
 # Two pytest-xdist workers, each running whole modules (their module fixtures start servers once): much of
-# the suite waits on subprocesses and imports, so two cores do it in about 3/4 of the time of one worker.
+# the suite waits on subprocesses and imports, so on two cores it takes 14-17 minutes against ~27 in one
+# process (benchmarks/NOTES.md section 38; tests/conftest.py makes OpenMP threads sleep rather than spin).
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
