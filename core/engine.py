@@ -285,7 +285,7 @@ class Engine:
                           images=spans)
         state = RequestState(
             request,
-            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+            IncrementalDetokenizer(self.token_reader.decoder, prompt_token_ids, params.skip_special_tokens),
             StopChecker(params.stop, params.include_stop_str_in_output),
             time.monotonic(),
             # The first prompt token has no logprob (nothing precedes it); TGI still sends its text.

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
+from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker, TokenDecoder
 from tokenmill.grammar.matcher import GrammarMatcher
 from tokenmill.multimodal.encoder import RequestImages
 from tokenmill.outputs import RequestOutput, TokenInfo
@@ -40,7 +40,7 @@ class TokenReader:
     """Reads each newly sampled token of a request: its text, its logprobs and whether it ends the request."""
 
     def __init__(self, tokenizer: Any, eos_token_ids: set[int], max_model_len: int):
-        self.tokenizer = tokenizer
+        self.decoder = TokenDecoder(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
 
@@ -52,11 +52,11 @@ class TokenReader:
         logprob = logprobs[row] if logprobs is not None else None
         if logprob is not None:
             state.cumulative_logprob += logprob
-        special = token in self.tokenizer.all_special_ids
-        info = TokenInfo(token, logprob, self.tokenizer.decode([token]), special)
+        decoder = self.decoder
+        info = TokenInfo(token, logprob, decoder.token_text(token), token in decoder.special_ids)
         tops = []
         if params.top_n_tokens and top_ids is not None:
-            tops = [[TokenInfo(t, lp, self.tokenizer.decode([t]), t in self.tokenizer.all_special_ids)
+            tops = [[TokenInfo(t, lp, decoder.token_text(t), t in decoder.special_ids)
                      for t, lp in zip(top_ids[row][: params.top_n_tokens], top_lps[row][: params.top_n_tokens])]]
         # Until min_tokens are out nothing stops generation (the sampler holds the stop tokens back).
         armed = num_tokens - request.num_prompt_tokens >= params.min_tokens

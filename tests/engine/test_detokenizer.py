@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker
+from tokenmill.detokenizer import IncrementalDetokenizer, StopChecker, TokenDecoder
 from tokenmill.loader import load_checkpoint
 
 TEXTS = ["Plain ASCII text, with punctuation!", "Accents: café, naïve, déjà vu.", "CJK: 日本語のテキストです。",
@@ -25,6 +25,42 @@ def test_streamed_deltas_add_up_to_the_full_decode(tokenizer, text) -> None:
     deltas = [detok.add(i) for i in ids]
     assert "".join(deltas) == tokenizer.decode(ids)
     assert all("\ufffd" not in d for d in deltas)
+
+
+@pytest.mark.slow
+def test_the_decoder_gives_the_tokenizers_own_text_for_every_token_and_window(tokenizer) -> None:
+    decoder = TokenDecoder(tokenizer)
+    assert decoder._backend is not None  # the fast path is what is under test
+    specials = set(tokenizer.all_special_ids)
+    assert decoder.special_ids == specials
+    vocab = len(tokenizer)
+    for token in list(range(0, vocab, 7)) + sorted(specials):
+        assert decoder.token_text(token) == tokenizer.decode([token])
+    ids = tokenizer("".join(TEXTS), add_special_tokens=False).input_ids + sorted(specials)
+    for start in range(0, len(ids) - 6, 3):
+        window = ids[start : start + 6]
+        for skip in (True, False):
+            assert decoder.decode(window, skip) == tokenizer.decode(window, skip_special_tokens=skip,
+                                                                    clean_up_tokenization_spaces=False)
+
+
+class _CleaningTokenizer:
+    """A tokenizer whose decode cleans up spaces: the decoder must leave single tokens to it."""
+
+    is_fast, clean_up_tokenization_spaces, all_special_ids = True, True, [0]
+
+    def __init__(self, backend):
+        self._tokenizer = backend
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        return "cleaned:" + self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.slow
+def test_a_tokenizer_that_cleans_up_spaces_decodes_single_tokens_itself(tokenizer) -> None:
+    decoder = TokenDecoder(_CleaningTokenizer(tokenizer._tokenizer))
+    assert decoder.token_text(42) == "cleaned:" + tokenizer.decode([42])
+    assert decoder.decode([42, 43], True) == tokenizer.decode([42, 43], clean_up_tokenization_spaces=False)
 
 
 def test_stop_string_split_across_deltas_is_found_and_kept_for_tgi() -> None:
