@@ -190,19 +190,22 @@ static inline void amx_dequantize_panel(const Gemm *g, int format, long v, uint1
 }
 
 /* y = x @ W^T on the tiles, W dense (GEMM_DENSE: work items of two panels, 32 rows a pass) or ggml blocks
- * (GEMM_Q4_1, GEMM_Q8_0: up to 64 rows, items of one panel, in one pass; more, as dense items of two panels
- * dequantized once); 1 done, 0 out of memory, -1 not for this call
+ * (GEMM_Q4_1, GEMM_Q8_0: 64 rows, items of one panel, in one pass; any other count, as dense items of two
+ * panels dequantized once); 1 done, 0 out of memory, -1 not for this call
  * (no AMX, or inputs not a multiple of 32), where the AVX512-BF16 kernels run instead. Dense weights take
  * it at every row count, even one (where both kernels wait on memory and take the same time), so a row's
  * result never depends on its batch. */
 static int amx_linear(const Gemm *g, int format, int threads) {
     if (g->k_pairs % AMX_TILE_ROWS || !amx_usable()) return -1;
     const int dense = format == GEMM_DENSE;
-    /* Past one pass of the block kernel (64 rows), which would dequantize every block again on each pass,
-     * a ggml weight's two panels of a work item are dequantized once into a dense copy in L2 and run as
-     * dense panels: a 512-row prompt's linears in 0.67x the time, and faster than the dense weights, which
-     * stream from memory. */
-    const int unpacked = !dense && g->m > AMX_GGML_CHUNK_ROWS;
+    /* A ggml weight's two panels of a work item are dequantized once into a dense copy in L2 and run as dense
+     * panels, except for one whole pass of the block kernel (64 rows), where each block dequantized onto its
+     * tile feeds four tile products. Past 64 rows the block kernel would dequantize every block again on each
+     * pass (a 512-row prompt's linears take 0.67x the time unpacked, faster even than dense weights, which
+     * stream from memory). Below, a block feeds one to three products, right after its bf16 was stored for
+     * the tile load, and the step ran slower: SmolLM2's decode steps at 8 to 60 rows 7-16 % faster unpacked
+     * (benchmarks/NOTES.md section 39), at 64 the same within noise. */
+    const int unpacked = !dense && g->m != AMX_GGML_CHUNK_ROWS;
     const long chunk = dense || unpacked ? AMX_CHUNK_ROWS : AMX_GGML_CHUNK_ROWS;
     const long full = g->m / chunk * chunk, tail = g->m - full;
     uint16_t *padded = NULL;
