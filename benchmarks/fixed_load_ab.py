@@ -5,7 +5,10 @@
 Each variant is `tokenmill serve` with `make serve`'s defaults plus its flags (default: `default=''`);
 `--vllm` adds vLLM's CPU build as `make bench` tunes it. Passes alternate the servers (A B C, C B A, ...),
 one up at a time, and each level runs `make bench`'s closed loop (its prompts, 128 new tokens,
-`requests_for(c)` requests); medians over passes are printed. Used for benchmarks/NOTES.md sections 23-24.
+`requests_for(c)` requests); medians over passes are printed, and each pass's ratios to the first server.
+Before each server's share the machine is probed (bf16 matmul, read bandwidth): on a shared host its
+compute moved threefold within an hour, and the servers did not slow alike (benchmarks/NOTES.md section 39),
+so a ratio is read beside the probes of its pass. Used for benchmarks/NOTES.md sections 23-24 and 39.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.load import closed_loop
+from benchmarks.machine import bf16_matmul_gflops, read_bandwidth_gbs
 from benchmarks.run import requests_for
 from benchmarks.servers import RunningServer, ServerSpec
 from benchmarks.setup_vllm import export_hf_folder, install_vllm
 from benchmarks.specs import tokenmill_spec, vllm_spec
 from benchmarks.stats import summarise
+
+THREADS = 2  # the probes' threads: the cores the servers share
 
 
 def _spec(name: str, flags: str | None) -> ServerSpec:
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(args.passes):
         order = list(variants) if index % 2 == 0 else list(reversed(variants))
         for name in order:
+            print(f"pass {index + 1} {name:>12}: machine {bf16_matmul_gflops(THREADS):,.0f} GFLOP/s bf16 matmul, "
+                  f"{read_bandwidth_gbs(THREADS):.1f} GB/s read", flush=True)
             spec = _spec(name, variants[name])
             server = RunningServer(spec, logs)
             try:
@@ -65,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"errors {figures['errors']}", flush=True)
             finally:
                 server.stop()
+    first = next(iter(variants))
     for name, by_level in results.items():
         for level, values in by_level.items():
+            ratios = "" if name == first else "; per pass / " + first + ": " + ", ".join(
+                f"{v / base:.2f}x" for v, base in zip(values, results[first][level]))
             print(f"{name} c={level}: median {statistics.median(values):.1f} tok/s "
-                  f"({', '.join(f'{v:.1f}' for v in values)})")
+                  f"({', '.join(f'{v:.1f}' for v in values)}){ratios}")
     return 0
 
 
