@@ -25,10 +25,8 @@ from benchmarks.machine import bf16_matmul_gflops, read_bandwidth_gbs
 from benchmarks.run import requests_for
 from benchmarks.servers import RunningServer, ServerSpec
 from benchmarks.setup_vllm import export_hf_folder, install_vllm
-from benchmarks.specs import tokenmill_spec, vllm_spec
+from benchmarks.specs import THREADS, tokenmill_spec, vllm_spec
 from benchmarks.stats import summarise
-
-THREADS = 2  # the probes' threads: the cores the servers share
 
 
 def _spec(name: str, flags: str | None) -> ServerSpec:

@@ -238,10 +238,8 @@ static int amx_linear(const Gemm *g, int format, int threads) {
             const long item = job % items, block = job / items;
             const long first_row = block * block_rows, end_row = first_row + block_rows < full ? first_row + block_rows : full;
             const int has_tail = tail && block == row_blocks - 1;
-            if (!dense && !unpacked) {
-                for (long m0 = first_row; m0 < end_row; m0 += chunk)
-                    amx_ggml_chunk(g, format, g->x + m0 * g->x_stride, g->x_stride, item, m0, chunk);
-                if (has_tail) amx_ggml_chunk(g, format, padded, g->k_pairs * 2, item, full, tail);
+            if (!dense && !unpacked) { /* exactly one 64-row pass: no tail */
+                amx_ggml_chunk(g, format, g->x, g->x_stride, item, 0, AMX_GGML_CHUNK_ROWS);
                 continue;
             }
             const long v0 = item * PANELS_PER_BLOCK;
